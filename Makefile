@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make build` (the main job) and `make test`.
+# Each creates .venv if missing and installs what it needs, pinned by constraints.txt.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+
+# Extra flags for the build, e.g. `make build ARGS="--model tiny --batch 8"`.
+ARGS ?=
+
+.PHONY: build test bench clean
+
+$(VENV)/.runtime: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime
+	$(PIP) -e '.[dev]'
+	touch $@
+
+build: $(VENV)/.runtime
+	$(PY) -m capibara_export build --mesh 4x8 $(ARGS)
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q -p no:cacheprovider tests bench --benchmark-disable
+
+# The timed benchmark run (not part of make test): writes out.json.
+bench: $(VENV)/.dev
+	$(PY) -m pytest -q bench --benchmark-json out.json
+	$(PY) -m capibara_export bench-report out.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks

@@ -1,0 +1,31 @@
+"""Logical axis names: the only sharding vocabulary the model speaks.
+
+Every parameter carries a tuple of these names (its `out_sharding` metadata) and key
+activations are annotated with `constrain`. The model never sees a mesh: sharding plans
+in `sharding/` map these names to mesh axes, and the pipeline activates a plan with
+`jax.set_mesh(mesh)` and `flax.linen.logical_axis_rules(rules)` while it traces.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import linen
+
+BATCH = "batch"
+SEQ = "seq"            # text tokens
+PATCH = "patch"        # image tokens
+EMBED = "embed"        # model width (vision or text)
+HEADS = "heads"
+HEAD_DIM = "head_dim"
+MLP = "mlp"
+VOCAB = "vocab"
+CACHE_SEQ = "cache_seq"
+LAYERS = "layers"      # the scanned layer axis
+
+LOGICAL_AXES = (BATCH, SEQ, PATCH, EMBED, HEADS, HEAD_DIM, MLP, VOCAB, CACHE_SEQ, LAYERS)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """Pin an activation's sharding by logical names; a no-op unless the caller has
+    activated logical-axis rules and a mesh (Flax's `with_logical_constraint`)."""
+    return linen.with_logical_constraint(x, names)

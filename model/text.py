@@ -1,0 +1,144 @@
+"""BERT text tower with cross-attention to image tokens (BlipTextModel / BlipTextLMHeadModel).
+
+Post-LN blocks: self-attention, cross-attention over the image tokens, MLP. The same
+tower serves as the captioning decoder (causal, with the LM head tied to the word
+embeddings plus its own bias) and as the retrieval text encoder (bidirectional, no head).
+
+Decoding keeps a KV cache: `{"self_kv": (L, B, S, 2, N, H), "cross_kv": (L, B, P, 2, N, H)}`
+with keys and values fused on axis 3. The cross-attention keys and values depend only on
+the image, so they are computed once at prefill and read by every step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .axes import BATCH, CACHE_SEQ, EMBED, HEAD_DIM, HEADS, LAYERS, PATCH, SEQ, VOCAB, constrain
+from .config import TextConfig
+from .layers import Dense, LayerNorm, Mlp, attention, param, scan_layers, stack_layers, weight
+
+SELF_KV_NAMES = (LAYERS, BATCH, CACHE_SEQ, None, HEADS, HEAD_DIM)
+CROSS_KV_NAMES = (LAYERS, BATCH, PATCH, None, HEADS, HEAD_DIM)
+
+
+class TextBlock(nnx.Module):
+    def __init__(self, cfg: TextConfig, vision_width: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        n, h, d = cfg.heads, cfg.head_dim, cfg.width
+        self.self_qkv = Dense((d,), (3, n, h), (EMBED,), (None, HEADS, HEAD_DIM), **kw)
+        self.self_out = Dense((n, h), (d,), (HEADS, HEAD_DIM), (EMBED,), **kw)
+        self.ln_self = LayerNorm(d, cfg.ln_eps, dtype=dtype, param_dtype=param_dtype)
+        self.cross_q = Dense((d,), (n, h), (EMBED,), (HEADS, HEAD_DIM), **kw)
+        self.cross_kv = Dense((vision_width,), (2, n, h), (EMBED,), (None, HEADS, HEAD_DIM), **kw)
+        self.cross_out = Dense((n, h), (d,), (HEADS, HEAD_DIM), (EMBED,), **kw)
+        self.ln_cross = LayerNorm(d, cfg.ln_eps, dtype=dtype, param_dtype=param_dtype)
+        self.mlp = Mlp(d, cfg.mlp, **kw)
+        self.ln_mlp = LayerNorm(d, cfg.ln_eps, dtype=dtype, param_dtype=param_dtype)
+
+    def image_keys_values(self, image_bpd: jax.Array) -> jax.Array:
+        with jax.named_scope("cross_kv"):
+            return self.cross_kv(image_bpd)
+
+    def __call__(self, x_btd, self_mask, *, self_kv=None, pos=None, cross_kv=None):
+        """One block. With `self_kv` (B, S, 2, N, H) the new keys/values are written at
+        `pos` and attention reads the whole cache; returns (x, updated self_kv or None)."""
+        with jax.named_scope("self_attention"):
+            qkv = self.self_qkv(x_btd)
+            q, kv = qkv[:, :, 0], qkv[:, :, 1:]
+            if self_kv is not None:
+                self_kv = jax.lax.dynamic_update_slice(self_kv, kv.astype(self_kv.dtype), (0, pos, 0, 0, 0))
+                kv = self_kv
+            a = attention(q, kv[:, :, 0], kv[:, :, 1], self_mask)
+            x_btd = self.ln_self(x_btd + self.self_out(a))
+        if cross_kv is not None:
+            with jax.named_scope("cross_attention"):
+                q = self.cross_q(x_btd)
+                a = attention(q, cross_kv[:, :, 0], cross_kv[:, :, 1], None)
+                x_btd = self.ln_cross(x_btd + self.cross_out(a))
+        x_btd = self.ln_mlp(x_btd + self.mlp(x_btd))
+        return constrain(x_btd, (BATCH, SEQ, EMBED)), self_kv
+
+
+class TextTower(nnx.Module):
+    def __init__(self, cfg: TextConfig, vision_width: int, *, lm_head: bool, dtype, param_dtype,
+                 rngs: nnx.Rngs, remat: str = "none"):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.remat = remat
+        self.word_embed = param(rngs, (cfg.vocab_size, cfg.width), (VOCAB, EMBED), param_dtype)
+        self.pos_embed = param(rngs, (cfg.max_positions, cfg.width), (None, EMBED), param_dtype)
+        self.ln_embed = LayerNorm(cfg.width, cfg.ln_eps, dtype=dtype, param_dtype=param_dtype)
+        self.blocks = stack_layers(
+            lambda r: TextBlock(cfg, vision_width, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.depth, rngs)
+        if lm_head:
+            kw = dict(dtype=dtype, param_dtype=param_dtype)
+            self.head_dense = Dense((cfg.width,), (cfg.width,), (EMBED,), (EMBED,), rngs=rngs, **kw)
+            self.head_ln = LayerNorm(cfg.width, cfg.ln_eps, **kw)
+            self.head_bias = param(None, (cfg.vocab_size,), (VOCAB,), param_dtype, std=None)
+        else:
+            self.head_dense = self.head_ln = self.head_bias = None
+
+    # ------------------------------------------------------------------ pieces
+    def embed(self, ids_bt: jax.Array, start) -> jax.Array:
+        with jax.named_scope("text_embed"):
+            words = jnp.take(weight(self.word_embed, self.dtype), ids_bt, axis=0)
+            table = weight(self.pos_embed, self.dtype)
+            positions = jax.lax.dynamic_slice_in_dim(table, start, ids_bt.shape[1], axis=0)
+            return constrain(self.ln_embed(words + positions[None]), (BATCH, SEQ, EMBED))
+
+    def image_keys_values(self, image_bpd: jax.Array) -> jax.Array:
+        """Cross-attention keys/values for every layer: (L, B, P, 2, N, H)."""
+        def body(block, carry, _):
+            return carry, block.image_keys_values(image_bpd)
+
+        _, kv = scan_layers(self.blocks, body, None, remat=self.remat)
+        return constrain(kv, CROSS_KV_NAMES)
+
+    def logits(self, hidden_btd: jax.Array) -> jax.Array:
+        """LM head: dense, GELU, LN, then the tied embedding matrix plus bias; float32 out."""
+        if self.head_dense is None:
+            raise ValueError("this text tower has no LM head (it is the retrieval encoder)")
+        with jax.named_scope("lm_head"):
+            h = self.head_ln(jax.nn.gelu(self.head_dense(hidden_btd), approximate=False))
+            out = jnp.einsum("btd,vd->btv", h, weight(self.word_embed, self.dtype))
+            out = out + weight(self.head_bias, self.dtype)
+            return constrain(out.astype(jnp.float32), (BATCH, SEQ, VOCAB))
+
+    # ------------------------------------------------------------------ full passes
+    def __call__(self, ids_bt: jax.Array, mask_bt: jax.Array | None, image_bpd: jax.Array | None,
+                 *, causal: bool) -> jax.Array:
+        """Hidden states for a whole sequence (no cache): the decoder with `causal=True`,
+        the retrieval encoder with `causal=False`; no cross-attention when image is None."""
+        b, t = ids_bt.shape
+        x = self.embed(ids_bt, 0)
+        allowed = jnp.ones((b, 1, 1, t), bool) if mask_bt is None else mask_bt[:, None, None, :].astype(bool)
+        if causal:
+            allowed = allowed & jnp.tril(jnp.ones((t, t), bool))[None, None]
+
+        def body(block, x, _):
+            cross = None if image_bpd is None else block.image_keys_values(image_bpd)
+            x, _ = block(x, allowed, cross_kv=cross)
+            return x, None
+
+        x, _ = scan_layers(self.blocks, body, x, remat=self.remat)
+        return x
+
+    def decode(self, ids_bt: jax.Array, pos, cache: dict) -> tuple[jax.Array, dict]:
+        """Process `ids_bt` at positions pos..pos+T-1 against the cache; returns hidden
+        states and the cache with these positions written."""
+        t = ids_bt.shape[1]
+        cache_len = cache["self_kv"].shape[2]
+        x = self.embed(ids_bt, pos)
+        query_pos = pos + jnp.arange(t)
+        allowed = (jnp.arange(cache_len)[None, :] <= query_pos[:, None])[None, None]
+
+        def body(block, x, layer_cache):
+            self_kv, cross_kv = layer_cache
+            x, self_kv = block(x, allowed, self_kv=self_kv, pos=pos, cross_kv=cross_kv)
+            return x, self_kv
+
+        x, self_kv = scan_layers(self.blocks, body, x, xs=(cache["self_kv"], cache["cross_kv"]),
+                                 remat=self.remat)
+        return x, {"self_kv": constrain(self_kv, SELF_KV_NAMES), "cross_kv": cache["cross_kv"]}
