@@ -25,6 +25,12 @@ LAYERS = "layers"      # the scanned layer axis
 LOGICAL_AXES = (BATCH, SEQ, PATCH, EMBED, HEADS, HEAD_DIM, MLP, VOCAB, CACHE_SEQ, LAYERS)
 
 
+def is_names(x) -> bool:
+    """True for one array's logical names: a tuple of axis names and Nones (() for a scalar).
+    Use as `is_leaf` when mapping over trees of names."""
+    return isinstance(x, tuple) and all(e is None or isinstance(e, str) for e in x)
+
+
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """Pin an activation's sharding by logical names; a no-op unless the caller has
     activated logical-axis rules and a mesh (Flax's `with_logical_constraint`)."""

@@ -139,6 +139,12 @@ class BlipConfig:
             name=data.get("name", "custom"),
         )
 
+    def axis_sizes(self) -> dict[str, set[int]]:
+        """Every size each model-level logical axis takes (batch and sequence lengths are the program's)."""
+        v, t = self.vision, self.text
+        return {"embed": {v.width, t.width}, "heads": {v.heads, t.heads}, "head_dim": {v.head_dim, t.head_dim},
+                "mlp": {v.mlp, t.mlp}, "vocab": {t.vocab_size}, "patch": {v.tokens}, "layers": {v.depth, t.depth}}
+
     # ------------------------------------------------------------ parameter counts
     def param_breakdown(self) -> dict[str, int]:
         """Parameters per part; only the towers this config has are listed."""

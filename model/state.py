@@ -19,7 +19,10 @@ from .config import BlipConfig
 
 @functools.lru_cache(maxsize=64)
 def _abstract(config: BlipConfig, dtype, remat: str):
-    model = nnx.eval_shape(lambda: Blip(config, rngs=nnx.Rngs(0), dtype=dtype, remat=remat))
+    # Under an active mesh nnx.eval_shape would resolve the logical names against it;
+    # the model's structure must not depend on any mesh, so build it with none.
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        model = nnx.eval_shape(lambda: Blip(config, rngs=nnx.Rngs(0), dtype=dtype, remat=remat))
     return nnx.split(model)
 
 

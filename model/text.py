@@ -74,7 +74,8 @@ class TextTower(nnx.Module):
             lambda r: TextBlock(cfg, vision_width, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.depth, rngs)
         if lm_head:
             kw = dict(dtype=dtype, param_dtype=param_dtype)
-            self.head_dense = Dense((cfg.width,), (cfg.width,), (EMBED,), (EMBED,), rngs=rngs, **kw)
+            # A square kernel cannot name `embed` twice; its output axis stays unsharded.
+            self.head_dense = Dense((cfg.width,), (cfg.width,), (EMBED,), (None,), rngs=rngs, **kw)
             self.head_ln = LayerNorm(cfg.width, cfg.ln_eps, **kw)
             self.head_bias = param(None, (cfg.vocab_size,), (VOCAB,), param_dtype, std=None)
         else:

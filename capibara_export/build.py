@@ -1,0 +1,209 @@
+"""The compile matrix: every (entry × plan × precision × batch) unit for one target and mesh.
+
+A build reads each unit from the result cache or compiles it, writes every result to the
+cache as soon as it exists (so Ctrl-C loses at most the unit in flight), and assembles
+the build folder under a temporary name that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from model import BlipConfig, get_preset
+from model.config import ConfigError
+from model.hf import CheckpointError
+from sharding.plans import ShardingPlan, load_plans, select_plans
+from sharding.precision import DEFAULT_PRECISIONS, get_policy
+
+from .cache import ResultCache, cache_key, enable_jax_cache
+from .compile import Compiled, compile_unit
+from .hardware import Hardware
+from .programs import ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
+from .records import CompileRecord, Unit, toolchain, write_records
+from .targets import describe, get_target, hardware_for, make_mesh
+
+DEFAULT_OUT = Path("artifacts")
+DEFAULT_BATCHES = (32,)
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    target: str = "tpu-v4-32"
+    mesh: tuple[int, int] = (4, 8)
+    model: str = "base"
+    checkpoint: str | None = None
+    entries: tuple[str, ...] = SERVING_ENTRIES
+    plans: tuple[str, ...] = ()            # empty: every plan known (shipped + plan files)
+    plan_files: tuple[str, ...] = ()
+    precisions: tuple[str, ...] = DEFAULT_PRECISIONS
+    batches: tuple[int, ...] = DEFAULT_BATCHES
+    options: ProgramOptions = field(default_factory=ProgramOptions)
+    out: Path = DEFAULT_OUT
+    use_cache: bool = True
+    name: str | None = None
+
+    def folder_name(self) -> str:
+        return self.name or f"{self.model_name()}-{self.target}-{self.mesh[0]}x{self.mesh[1]}"
+
+    def model_name(self) -> str:
+        return Path(self.checkpoint).name if self.checkpoint else self.model
+
+
+@dataclass
+class BuildResult:
+    folder: Path
+    config: BlipConfig
+    records: list[CompileRecord]
+    compiled: dict[str, Compiled]           # units compiled in this run (not cache hits), by unit id
+    mesh: object
+    hardware: Hardware
+    plans: dict[str, ShardingPlan]
+    seconds: float = 0.0
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.records:
+            out[r.status] = out.get(r.status, 0) + 1
+        out["cached"] = sum(r.cached for r in self.records)
+        return out
+
+
+def model_config(request: BuildRequest) -> BlipConfig:
+    """The preset, or the config.json of --checkpoint (whose weights must also be there)."""
+    if not request.checkpoint:
+        return get_preset(request.model)
+    folder = Path(request.checkpoint)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: checkpoint folder does not exist")
+    try:
+        cfg = BlipConfig.from_hf(folder)
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+    if not ((folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()):
+        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    return cfg
+
+
+def validate(request: BuildRequest) -> None:
+    """Reject bad names before any compile: one clear error each."""
+    for entry in request.entries:
+        if entry not in ENTRIES:
+            raise ProgramError(f"unknown entry {entry!r}; choose from {', '.join(ENTRIES)}")
+    for precision in request.precisions:
+        get_policy(precision)
+    if any(b <= 0 for b in request.batches):
+        raise ProgramError(f"--batch sizes must be positive, got {list(request.batches)}")
+
+
+def config_hash(cfg: BlipConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def units(request: BuildRequest, cfg: BlipConfig, plans: list[ShardingPlan]) -> list[Unit]:
+    mesh = f"{request.mesh[0]}x{request.mesh[1]}"
+    options = asdict(request.options)
+    return [Unit(request.target, mesh, request.model_name(), config_hash(cfg), entry, plan.name, precision, batch,
+                 options)
+            for entry in request.entries for plan in plans for precision in request.precisions
+            for batch in request.batches]
+
+
+@contextlib.contextmanager
+def staged_folder(final: Path) -> Iterator[Path]:
+    """A temporary sibling folder that replaces `final` only if the block completes."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.parent / f".old-{final.name}-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+ProgressFn = Callable[[int, int, Unit, CompileRecord | None], None]
+
+
+def run_build(request: BuildRequest, progress: ProgressFn | None = None,
+              finish: Callable[[Path, "BuildResult"], None] | None = None) -> BuildResult:
+    """Compile (or read from cache) every unit and write the build folder.
+
+    `progress(i, n, unit, record)` is called before (record None) and after each unit.
+    `finish(staging_folder, result)` runs before the folder is renamed into place, so later
+    stages (analysis, report, export) land in the same all-or-nothing folder.
+    """
+    started = time.perf_counter()
+    validate(request)
+    cfg = model_config(request)
+    plans_by_name = load_plans(list(request.plan_files))
+    plans = select_plans(plans_by_name, list(request.plans) or None)
+    target = get_target(request.target)
+    mesh = make_mesh(target, request.mesh)
+    hardware = hardware_for(target, mesh)
+    mesh_info = describe(mesh)
+    cache_root = Path(request.out) / ".cache"
+    cache = ResultCache(cache_root, enabled=request.use_cache)
+    if request.use_cache and not target.deviceless:
+        enable_jax_cache(cache_root)
+
+    todo = units(request, cfg, plans)
+    records: list[CompileRecord] = []
+    compiled: dict[str, Compiled] = {}
+    hlo_texts: dict[str, str] = {}
+    plan_of = {p.name: p for p in plans}
+    for i, unit in enumerate(todo):
+        if progress:
+            progress(i, len(todo), unit, None)
+        plan = plan_of[unit.plan]
+        key = cache_key(unit.to_dict(), cfg.to_dict(), plan.to_dict(), mesh_info)
+        hit = cache.get(key)
+        if hit is not None:
+            record, hlo = hit
+            record.cached = True
+        else:
+            record, result = compile_unit(cfg, unit, plan, mesh, hardware, request.options)
+            record.cache_key = key
+            record.mesh = mesh_info
+            hlo = result.hlo_text if result else None
+            cache.put(key, record, hlo)
+            if result:
+                compiled[unit.id] = result
+        if hlo is not None:
+            hlo_texts[unit.id] = hlo
+            record.hlo_file = f"hlo/{unit.id}.hlo.gz"
+        records.append(record)
+        if progress:
+            progress(i + 1, len(todo), unit, record)
+
+    result = BuildResult(Path(request.out) / request.folder_name(), cfg, records, compiled, mesh, hardware,
+                         {p.name: p for p in plans})
+    with staged_folder(result.folder) as staging:
+        (staging / "hlo").mkdir()
+        for unit_id, text in hlo_texts.items():
+            (staging / "hlo" / f"{unit_id}.hlo.gz").write_bytes(gzip.compress(text.encode(), compresslevel=6))
+        write_records(staging / "records.jsonl", records)
+        (staging / "build.json").write_text(json.dumps({
+            "request": {**asdict(request), "out": str(request.out)},
+            "model_config": cfg.to_dict(), "model_hash": config_hash(cfg),
+            "target": asdict(target), "mesh": mesh_info, "hardware": asdict(hardware),
+            "plans": {p.name: p.to_dict() for p in plans}, "toolchain": toolchain(),
+        }, indent=2, default=str))
+        result.seconds = time.perf_counter() - started
+        if finish:
+            finish(staging, result)
+    return result

@@ -1,0 +1,126 @@
+"""Compile one unit: check the plan, lower, compile, and record what the program is.
+
+Every outcome is a record, never an exception: a plan that does not divide is `invalid`
+with its reason, a program over the memory budget is `does-not-fit` with the bytes it
+needs, and a compiler failure is `compile-error` with the compiler's first line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass
+
+import jax
+
+from model import BlipConfig
+from model.state import abstract_params, logical_names
+from sharding.plans import ShardingPlan
+from sharding.precision import get_policy
+from sharding.validity import check
+
+from .hardware import GiB, Hardware
+from .programs import Program, ProgramError, ProgramOptions, build_program, lower
+from .records import CompileRecord, Unit
+
+MEMORY_FRACTION = 0.9  # the seed's memory budget: a unit fits if its peak stays under 90% of HBM
+
+
+@dataclass
+class Compiled:
+    """What a successful compile leaves behind besides the record."""
+    program: Program
+    executable: jax.stages.Compiled
+    hlo_text: str
+
+
+def memory_stats(executable: jax.stages.Compiled) -> dict | None:
+    stats = executable.memory_analysis()
+    if stats is None:
+        return None
+    out = {name: int(getattr(stats, f"{name}_size_in_bytes"))
+           for name in ("argument", "output", "alias", "temp", "generated_code")}
+    reported_peak = int(getattr(stats, "peak_memory_in_bytes", 0) or 0)
+    derived = out["argument"] + out["output"] - out["alias"] + out["temp"] + out["generated_code"]
+    out["peak"] = reported_peak if reported_peak > 0 else derived
+    out["peak_source"] = "peak_memory_in_bytes" if reported_peak > 0 else "arguments+outputs-aliased+temp+code"
+    return out
+
+
+def cost_stats(executable: jax.stages.Compiled) -> dict | None:
+    cost = executable.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost:
+        return None
+    return {k: float(v) for k, v in cost.items() if isinstance(v, (int, float))}
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def fits(memory: dict, hardware: Hardware) -> tuple[bool, str]:
+    budget = hardware.hbm_bytes * MEMORY_FRACTION
+    if memory["peak"] <= budget:
+        return True, ""
+    return False, (f"needs {_gib(memory['peak'])} of {_gib(hardware.hbm_bytes)} per device "
+                   f"(budget {_gib(budget)} at memory_fraction {MEMORY_FRACTION})")
+
+
+_OOM = re.compile(r"RESOURCE_EXHAUSTED|[Rr]an out of memory|exceeds the .*memory|Out of memory")
+# "... required for HLO temporaries (24.44G) exceeds available HBM (15.25G)."
+_OOM_SIZES = re.compile(r"\(([\d.]+)([KMGT])\)\s*exceeds available HBM\s*\(([\d.]+)([KMGT])\)")
+_UNIT = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+
+
+def out_of_memory_reason(message: str) -> tuple[str, int | None]:
+    """The compiler's out-of-memory message as "needs X GiB of Y GiB", and the bytes needed."""
+    match = _OOM_SIZES.search(message)
+    if not match:
+        return message, None
+    need = float(match[1]) * _UNIT[match[2]]
+    have = float(match[3]) * _UNIT[match[4]]
+    return f"needs {_gib(need)} of {_gib(have)} per device (TPU compiler: {message})", int(need)
+
+
+def compile_unit(cfg: BlipConfig, unit: Unit, plan: ShardingPlan, mesh, hardware: Hardware,
+                 options: ProgramOptions) -> tuple[CompileRecord, Compiled | None]:
+    record = CompileRecord(unit=unit, status="invalid", plan_description=plan.description, hardware=hardware.name)
+    try:
+        program = build_program(cfg, unit.entry, get_policy(unit.precision), unit.batch, options)
+    except ProgramError as err:
+        record.reason = str(err)
+        return record, None
+    record.analytic_flops = int(program.analytic_flops)
+    validity = check(plan, logical_names(cfg), abstract_params(cfg), program.axis_sizes, dict(mesh.shape))
+    if not validity.ok:
+        record.reason = validity.reason
+        return record, None
+
+    t0 = time.perf_counter()
+    try:
+        lowered = lower(program, plan, mesh)
+        t1 = time.perf_counter()
+        executable = lowered.compile()
+    except Exception as err:  # XLA reports every failure as an exception; the record keeps its first line
+        message = (str(err).strip().splitlines() or [type(err).__name__])[0][:500]
+        if _OOM.search(message):
+            record.status = "does-not-fit"
+            record.reason, record.needed_bytes = out_of_memory_reason(message)
+        else:
+            record.status, record.reason = "compile-error", message
+        return record, None
+    t2 = time.perf_counter()
+    record.lower_s, record.compile_s = round(t1 - t0, 3), round(t2 - t1, 3)
+    record.memory = memory_stats(executable)
+    record.cost = cost_stats(executable)
+    hlo_text = executable.as_text()
+    record.hlo_sha256 = hashlib.sha256(hlo_text.encode()).hexdigest()
+    record.status = "ok"
+    if record.memory is not None:
+        ok, why = fits(record.memory, hardware)
+        if not ok:
+            record.status, record.reason, record.needed_bytes = "does-not-fit", why, record.memory["peak"]
+    return record, Compiled(program, executable, hlo_text)

@@ -1,0 +1,30 @@
+"""Process set-up that must happen before JAX initialises a backend.
+
+- JAX_PLATFORMS=cpu unless the target is `local`: with libtpu installed, a plain
+  `import jax` on a CPU host would try the TPU backend. Deviceless TPU topologies work
+  regardless.
+- The libtpu metadata variables, so a host with no TPU does not print libtpu's warnings
+  about missing worker hostnames for every build.
+- The number of simulated CPU devices for the `cpu` target.
+User-set variables always win.
+"""
+
+from __future__ import annotations
+
+import os
+
+ACCELERATOR_TYPES = {"tpu-v4-32": "v4-32", "tpu-v4-64": "v4-64", "tpu-v5e-32": "v5litepod-32"}
+
+
+def prepare(target: str | None = None, cpu_devices: int | None = None) -> None:
+    if target != "local":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_ID", "0")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", ACCELERATOR_TYPES.get(target or "", "v4-32"))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if cpu_devices:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", int(cpu_devices))

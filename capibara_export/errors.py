@@ -1,0 +1,12 @@
+"""The error types that mean "bad input": reported as one line and exit code 2, no traceback."""
+
+from model.config import ConfigError
+from model.hf import CheckpointError
+from model.processor import ProcessorError
+from sharding.plans import PlanError
+from sharding.precision import PrecisionError
+
+from .programs import ProgramError
+from .targets import TargetError
+
+USER_ERRORS = (ConfigError, CheckpointError, ProcessorError, PlanError, PrecisionError, ProgramError, TargetError)

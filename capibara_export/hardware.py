@@ -1,0 +1,89 @@
+"""Hardware constants, per device as JAX sees it: the one table the roofline reads.
+
+Figures from ../shared/REFERENCE.md ("Hardware" table), which cites Google's TPU v4/v5e
+docs, the jax-ml scaling-book, and measurements on the lent H100/H200 machines. A CPU
+host has no fixed figures; its entry is filled by a short calibration when asked for
+(`calibrate_cpu`), and says so in its `source`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+GiB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    peak_bf16_flops: float      # FLOP/s per device, dense bf16 matmul
+    peak_fp32_flops: float      # FLOP/s per device for f32 matmuls at JAX's default precision
+    hbm_bytes: int              # memory per device
+    hbm_bandwidth: float        # B/s per device
+    ici_link_bandwidth: float   # one-way B/s per link (0: no interconnect)
+    ici_hop_latency: float      # seconds per hop (the α of the α–β model)
+    torus_dims: int             # 3 for v4, 2 for v5e, 0 for none
+    source: str
+
+    def peak_flops(self, compute_dtype: str) -> float:
+        return self.peak_bf16_flops if compute_dtype == "bfloat16" else self.peak_fp32_flops
+
+
+HARDWARE: dict[str, Hardware] = {h.name: h for h in (
+    # TPU f32 matmuls at DEFAULT precision run as one bf16 MXU pass: same peak as bf16.
+    Hardware("tpu-v4-tensorcore", 1.375e14, 1.375e14, 16 * GiB, 0.6e12, 4.5e10, 1e-6, 3,
+             "REFERENCE.md: half of a TPU v4 chip (v4-32 default chip config, 2 devices per chip)"),
+    Hardware("tpu-v4-chip", 2.75e14, 2.75e14, 32 * GiB, 1.2e12, 4.5e10, 1e-6, 3,
+             "REFERENCE.md: TPU v4 chip in megacore mode (Google TPU v4 docs, scaling-book)"),
+    Hardware("tpu-v5e-chip", 1.97e14, 1.97e14, 16 * GiB, 8.1e11, 4.5e10, 1e-6, 2,
+             "REFERENCE.md: TPU v5e chip (Google TPU v5e docs)"),
+    # GPU f32 matmuls use TF32 by default in XLA: about half the bf16 dense rate.
+    Hardware("nvidia-h100", 7.9e14, 3.95e14, 80 * GiB, 3.0e12, 0.0, 0.0, 0,
+             "REFERENCE.md: measured on the lent H100 (8192^3 bf16 matmul, D2D copy)"),
+    Hardware("nvidia-h200", 7.9e14, 3.95e14, 141 * GiB, 4.3e12, 0.0, 0.0, 0,
+             "REFERENCE.md: measured on the lent H200"),
+)}
+
+# The simulated host mesh shares one host's cores and memory among all its devices.
+CPU_PLACEHOLDER = Hardware("cpu-host", 0.0, 0.0, 24 * GiB, 0.0, 0.0, 0.0, 0, "uncalibrated")
+
+
+def for_device_kind(kind: str) -> Hardware | None:
+    """The table entry for a device kind string as JAX reports it (GPU names vary)."""
+    k = kind.lower()
+    if "h200" in k:
+        return HARDWARE["nvidia-h200"]
+    if "h100" in k:
+        return HARDWARE["nvidia-h100"]
+    return None
+
+
+def calibrate_cpu(num_devices: int, seconds: float = 0.5) -> Hardware:
+    """Measure this host's f32 matmul rate and copy bandwidth, split evenly over the
+    simulated devices (they share the cores). Figures are `measured`, not datasheet."""
+    import jax
+    import jax.numpy as jnp
+
+    cpu = jax.devices("cpu")[0]
+    n = 512
+    a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
+    mm = jax.jit(lambda x: x @ x)
+    mm(a).block_until_ready()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        mm(a).block_until_ready()
+        reps += 1
+    flops = reps * 2 * n ** 3 / (time.perf_counter() - t0)
+    big = jax.device_put(jnp.ones((16 * 1024 * 1024,), jnp.float32), cpu)  # 64 MiB
+    cp = jax.jit(lambda x: x + 1.0)
+    cp(big).block_until_ready()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        cp(big).block_until_ready()
+        reps += 1
+    bandwidth = reps * 2 * big.nbytes / (time.perf_counter() - t0)
+    return replace(CPU_PLACEHOLDER, peak_bf16_flops=flops / num_devices, peak_fp32_flops=flops / num_devices,
+                   hbm_bandwidth=bandwidth / num_devices, hbm_bytes=CPU_PLACEHOLDER.hbm_bytes // num_devices,
+                   source=f"measured on this host at run time ({n}^3 f32 matmul, 64 MiB add), "
+                          f"divided by {num_devices} simulated devices")

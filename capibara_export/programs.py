@@ -1,0 +1,190 @@
+"""Entry programs: pure functions of (params, inputs) built from a model config and a
+precision policy, with abstract inputs and logical names for every argument and output.
+
+Nothing here knows a mesh. `lower` joins a program with a sharding plan and a mesh:
+parameters take the plan's parameter rules, inputs, outputs and the model's internal
+activation annotations take its activation rules. Inputs are ShapeDtypeStructs, so
+compiling `base` or `large` never materialises a weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen
+from jax.sharding import NamedSharding, PartitionSpec
+
+from model import BlipConfig, greedy_caption
+from model.axes import BATCH, EMBED, PATCH, VOCAB, is_names
+from model.state import abstract_params, bind, logical_names
+from model.text import CROSS_KV_NAMES, SELF_KV_NAMES
+from sharding.plans import ShardingPlan, param_specs
+from sharding.precision import PrecisionPolicy, abstract_store, storage_specs
+
+SERVING_ENTRIES = ("encode_image", "caption", "decode_step", "score")
+ENTRIES = SERVING_ENTRIES + ("train_step",)
+NEEDS_TOWER = {"caption": "caption", "decode_step": "caption", "train_step": "caption", "score": "retrieval"}
+
+
+class ProgramError(ValueError):
+    """An entry that cannot be built for this model and options (reported as invalid)."""
+
+
+@dataclass(frozen=True)
+class ProgramOptions:
+    max_new_tokens: int = 20      # caption: generated tokens (static loop length)
+    prompt_len: int = 1           # caption: decoder prompt length ([BOS] alone by default)
+    text_len: int = 32            # score / train_step: padded text length
+    remat: str = "none"           # train_step: none | full | dots-saveable
+    learning_rate: float = 1e-5   # train_step: AdamW
+
+    @property
+    def cache_len(self) -> int:
+        return self.prompt_len + self.max_new_tokens
+
+
+@dataclass
+class Program:
+    entry: str
+    fn: Callable
+    args: tuple                   # pytrees of ShapeDtypeStruct (QArray for int8 weights)
+    arg_names: tuple              # logical names per argument; "params" / "opt_state" for those
+    out_names: Any                # pytree of logical-name tuples, or "params"/"opt_state" markers
+    donate: tuple[int, ...] = ()
+    axis_sizes: dict[str, set[int]] = field(default_factory=dict)
+    analytic_flops: int = 0       # whole program, all devices (model config's count)
+    config: BlipConfig | None = None
+    policy: PrecisionPolicy | None = None
+    optimizer: Any = None         # train_step: the optax transformation (for opt_state specs)
+
+
+def _struct(shape, dtype) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+
+
+def build_program(cfg: BlipConfig, entry: str, policy: PrecisionPolicy, batch: int,
+                  options: ProgramOptions = ProgramOptions()) -> Program:
+    if entry not in ENTRIES:
+        raise ProgramError(f"unknown entry {entry!r}; choose from {', '.join(ENTRIES)}")
+    tower = NEEDS_TOWER.get(entry)
+    if tower and not cfg.has(tower):
+        raise ProgramError(f"{entry} needs the {tower} tower, which this model does not have "
+                           f"(towers: {', '.join(cfg.towers)})")
+    if entry == "train_step" and not policy.trainable:
+        raise ProgramError(f"{policy.name} is a serving precision; train_step needs float parameters")
+    if entry in ("caption", "decode_step") and options.cache_len > cfg.text.max_positions:
+        raise ProgramError(f"prompt_len + max_new_tokens = {options.cache_len} exceeds the text model's "
+                           f"{cfg.text.max_positions} positions")
+    if entry in ("score", "train_step") and options.text_len > cfg.text.max_positions:
+        raise ProgramError(f"text_len {options.text_len} exceeds the text model's {cfg.text.max_positions} positions")
+
+    v, t = cfg.vision, cfg.text
+    compute, out_dtype = policy.compute, jnp.dtype(policy.output_dtype)
+    names = logical_names(cfg)
+    params = abstract_store(abstract_params(cfg), names, policy)
+    pixels = _struct((batch, v.channels, v.image_size, v.image_size), jnp.float32)
+    pixel_names = (BATCH, None, None, None)
+    sizes = {**cfg.axis_sizes(), "batch": {batch}}
+    model = lambda p, remat="none": bind(cfg, p, compute, remat)  # noqa: E731
+
+    if entry == "encode_image":
+        def fn(p, px):
+            return model(p).encode_image(px).astype(out_dtype)
+        return Program(entry, fn, (params, pixels), ("params", pixel_names), (BATCH, PATCH, EMBED),
+                       axis_sizes=sizes, analytic_flops=cfg.flops_encode_image(batch), config=cfg, policy=policy)
+
+    if entry == "caption":
+        n_new = options.max_new_tokens
+
+        def fn(p, px, prompt):
+            return greedy_caption(model(p), px, prompt, n_new)
+        prompt = _struct((batch, options.prompt_len), jnp.int32)
+        return Program(entry, fn, (params, pixels, prompt), ("params", pixel_names, (BATCH, None)), (BATCH, None),
+                       axis_sizes={**sizes, "cache_seq": {options.cache_len}},
+                       analytic_flops=cfg.flops_caption(batch, n_new, options.prompt_len), config=cfg, policy=policy)
+
+    if entry == "decode_step":
+        def fn(p, ids, pos, cache):
+            return model(p).decode_step(ids, pos, cache)
+        s = options.cache_len
+        cache = {"self_kv": _struct((t.depth, batch, s, 2, t.heads, t.head_dim), compute),
+                 "cross_kv": _struct((t.depth, batch, v.tokens, 2, t.heads, t.head_dim), compute)}
+        cache_names = {"self_kv": SELF_KV_NAMES, "cross_kv": CROSS_KV_NAMES}
+        return Program(entry, fn, (params, _struct((batch, 1), jnp.int32), _struct((), jnp.int32), cache),
+                       ("params", (BATCH, None), (), cache_names), ((BATCH, VOCAB), cache_names), donate=(3,),
+                       axis_sizes={**sizes, "cache_seq": {s}},
+                       analytic_flops=cfg.flops_decode_step(batch, context=s), config=cfg, policy=policy)
+
+    text = _struct((batch, options.text_len), jnp.int32)
+    if entry == "score":
+        def fn(p, px, ids, mask):
+            m = model(p)
+            return m.score(m.encode_image(px), ids, mask)
+        out = {"itm_logits": (BATCH, None), "itm_prob": (BATCH,), "itc_similarity": (BATCH,)}
+        return Program(entry, fn, (params, pixels, text, text), ("params", pixel_names, (BATCH, None), (BATCH, None)),
+                       out, axis_sizes=sizes, analytic_flops=cfg.flops_score(batch, options.text_len),
+                       config=cfg, policy=policy)
+
+    # train_step: captioning loss (teacher forcing) and one AdamW update.
+    optimizer = optax.adamw(options.learning_rate)
+    opt_state = jax.eval_shape(optimizer.init, params)
+
+    def fn(p, state, px, ids, mask):
+        def loss_fn(p):
+            m = model(p, options.remat)
+            logits = m.decoder_logits(ids, mask, m.encode_image(px))
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
+            weights = mask[:, 1:].astype(jnp.float32)
+            return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, state = optimizer.update(grads, state, p)
+        return optax.apply_updates(p, updates), state, {"loss": loss}
+
+    return Program(entry, fn, (params, opt_state, pixels, text, text),
+                   ("params", "opt_state", pixel_names, (BATCH, None), (BATCH, None)),
+                   ("params", "opt_state", {"loss": ()}), donate=(0, 1), axis_sizes=sizes,
+                   analytic_flops=cfg.flops_train_step(batch, options.text_len), config=cfg, policy=policy,
+                   optimizer=optimizer)
+
+
+def _specs(program: Program, plan: ShardingPlan, names_or_marker, struct_tree=None):
+    """PartitionSpec tree for one argument or output description."""
+    cfg, policy = program.config, program.policy
+    if isinstance(names_or_marker, str):
+        names = logical_names(cfg)
+        pspecs = storage_specs(param_specs(plan, names), names, policy)
+        if names_or_marker == "params":
+            return pspecs
+        return optax.tree_map_params(program.optimizer, lambda _, spec: spec, struct_tree, pspecs,
+                                     transform_non_params=lambda x: jax.tree.map(lambda _: PartitionSpec(), x),
+                                     is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree.map(lambda n: plan.spec(n, "activations"), names_or_marker,
+                        is_leaf=is_names)
+
+
+def in_specs(program: Program, plan: ShardingPlan) -> tuple:
+    return tuple(_specs(program, plan, names, struct) for names, struct in zip(program.arg_names, program.args))
+
+
+def out_specs(program: Program, plan: ShardingPlan):
+    if program.entry == "train_step":
+        return (_specs(program, plan, "params"), _specs(program, plan, "opt_state", program.args[1]),
+                {"loss": PartitionSpec()})
+    return _specs(program, plan, program.out_names)
+
+
+def lower(program: Program, plan: ShardingPlan, mesh) -> jax.stages.Lowered:
+    """jit(...).lower(...) with every argument and output sharded by the plan on `mesh`."""
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    to_sharding = lambda tree: jax.tree.map(lambda s: NamedSharding(mesh, s), tree, is_leaf=is_spec)  # noqa: E731
+    in_shardings = tuple(to_sharding(s) for s in in_specs(program, plan))
+    out_shardings = to_sharding(out_specs(program, plan))
+    args = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), program.args, in_shardings)
+    jitted = jax.jit(program.fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                     donate_argnums=program.donate)
+    with jax.set_mesh(mesh), linen.logical_axis_rules(plan.flax_rules("activations")):
+        return jitted.lower(*args)

@@ -1,0 +1,120 @@
+"""The compile record: one JSON object per unit, one versioned schema.
+
+A unit is (target, mesh, model, entry, plan, precision, batch, program options). Its
+record says what happened (ok, invalid, does-not-fit, compile-error) and, when it
+compiled, what the compiled program is: timings, memory analysis, raw cost analysis,
+the optimized HLO's hash, and the toolchain that made it. Records are written one per
+line to `records.jsonl` in the build folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
+SCHEMA = "capibara-export/compile-record"
+SCHEMA_VERSION = 1
+
+STATUSES = ("ok", "invalid", "does-not-fit", "compile-error")
+
+_TOOLCHAIN_PACKAGES = ("jax", "jaxlib", "libtpu", "flax", "optax", "orbax-checkpoint", "tensorflow-cpu",
+                       "transformers", "numpy")
+
+
+@lru_cache(maxsize=1)
+def toolchain() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _TOOLCHAIN_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """Hash of every source file that shapes a compiled program: model, sharding and the
+    pipeline's program and compile code. Any edit there invalidates the result cache."""
+    root = Path(__file__).resolve().parent.parent
+    files = sorted([*root.glob("model/*.py"), *root.glob("sharding/*.py"), *root.glob("sharding/*.toml"),
+                    root / "capibara_export" / "programs.py", root / "capibara_export" / "compile.py",
+                    root / "capibara_export" / "targets.py"])
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(root).as_posix().encode())
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Unit:
+    target: str
+    mesh: str              # "4x8"
+    model: str             # preset or checkpoint name
+    model_hash: str        # hash of the model config
+    entry: str
+    plan: str
+    precision: str
+    batch: int
+    options: dict = field(default_factory=dict, hash=False)
+
+    @property
+    def id(self) -> str:
+        """Readable and unique within a build: entry-plan-precision-bN."""
+        return f"{self.entry}-{self.plan}-{self.precision}-b{self.batch}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CompileRecord:
+    unit: Unit
+    status: str
+    reason: str = ""
+    lower_s: float | None = None
+    compile_s: float | None = None
+    memory: dict | None = None        # bytes per device, from Compiled.memory_analysis()
+    needed_bytes: int | None = None   # does-not-fit: bytes per device the program needs
+    cost: dict | None = None          # Compiled.cost_analysis() as reported (scanned bodies counted once)
+    hlo_sha256: str | None = None
+    hlo_file: str | None = None       # optimized HLO text, relative to the build folder
+    analytic_flops: int | None = None  # the model config's count for the whole program
+    plan_description: str = ""
+    mesh: dict | None = None          # shape, axis names, device kind and order
+    hardware: str | None = None
+    toolchain: dict = field(default_factory=toolchain)
+    code_version: str = field(default_factory=code_version)
+    cache_key: str = ""
+    cached: bool = False              # true when this run read it from the result cache
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["unit"] = self.unit.to_dict()
+        d["unit_id"] = self.unit.id
+        return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CompileRecord:
+        if d.get("schema") != SCHEMA or d.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"record schema {d.get('schema')} v{d.get('schema_version')} is not "
+                             f"{SCHEMA} v{SCHEMA_VERSION}; rebuild with this version")
+        body = {k: v for k, v in d.items() if k not in ("schema", "schema_version", "unit_id")}
+        body["unit"] = Unit(**body["unit"])
+        return cls(**body)
+
+
+def write_records(path: Path, records: list[CompileRecord]) -> None:
+    path.write_text("".join(json.dumps(r.to_dict(), sort_keys=True) + "\n" for r in records))
+
+
+def read_records(path: Path) -> list[CompileRecord]:
+    return [CompileRecord.from_dict(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+

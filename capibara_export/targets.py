@@ -1,0 +1,135 @@
+"""Compilation targets: which devices a build compiles for, and the 2-D mesh over them.
+
+TPU targets need no TPU: their devices are deviceless descriptions from libtpu
+(jax.experimental.topologies.get_topology_desc), enough to compile real executables on
+a CPU host, as MaxText's train_compile.py does. `cpu` is N simulated host devices (they
+run programs, slowly); `local` is whatever JAX finds (one GPU, say).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .hardware import CPU_PLACEHOLDER, HARDWARE, Hardware, for_device_kind
+
+MESH_AXES = ("data", "model")
+
+
+class TargetError(ValueError):
+    """A target or mesh that cannot be built here; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    platform: str                 # tpu | cpu | local
+    description: str
+    topology: str | None = None   # libtpu topology name, e.g. v4:2x2x4
+    chip_config: str | None = None
+    devices: int | None = None    # fixed device count (TPU targets)
+    hardware: str | None = None   # key into hardware.HARDWARE
+
+    @property
+    def deviceless(self) -> bool:
+        return self.platform == "tpu"
+
+
+TARGETS: dict[str, Target] = {t.name: t for t in (
+    Target("tpu-v4-32", "tpu", "TPU v4-32 slice: topology v4:2x2x4, 16 chips, 32 TensorCore devices",
+           topology="v4:2x2x4", devices=32, hardware="tpu-v4-tensorcore"),
+    Target("tpu-v4-64", "tpu", "TPU v4-64 slice: topology v4:2x4x4, megacore, 32 chip devices",
+           topology="v4:2x4x4", chip_config="megacore", devices=32, hardware="tpu-v4-chip"),
+    Target("tpu-v5e-32", "tpu", "TPU v5e-32 slice: topology v5e:4x8, 32 chips",
+           topology="v5e:4x8", devices=32, hardware="tpu-v5e-chip"),
+    Target("cpu", "cpu", "N simulated host CPU devices (runs programs; for tests and small models)"),
+    Target("local", "local", "whatever devices JAX finds on this machine (e.g. one GPU)"),
+)}
+
+
+def get_target(name: str) -> Target:
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise TargetError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}") from None
+
+
+def parse_mesh(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", text or "")
+    if not match or 0 in (int(match[1]), int(match[2])):
+        raise TargetError(f"--mesh {text!r} is not of the form DATAxMODEL with positive sizes, e.g. 4x8")
+    return int(match[1]), int(match[2])
+
+
+def devices(target: Target) -> list:
+    """The target's devices (deviceless descriptions for TPU targets)."""
+    import jax
+
+    if target.platform == "tpu":
+        from jax.experimental import topologies
+
+        try:
+            kw = {"chip_config_name": target.chip_config} if target.chip_config else {}
+            topo = topologies.get_topology_desc(platform="tpu", topology_name=target.topology, **kw)
+        except Exception as err:  # libtpu missing or unusable: jax raises RuntimeError/ValueError variants
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise TargetError(f"target {target.name} needs libtpu to compile for TPU without a TPU "
+                              f"(pip install 'jax[tpu]==0.10.2'); libtpu said: {first[:200]}") from None
+        return list(topo.devices)
+    if target.platform == "cpu":
+        return jax.devices("cpu")
+    return jax.devices()
+
+
+def device_grid(devs: list, shape: tuple[int, int]) -> np.ndarray:
+    """Devices laid out as the (data, model) grid.
+
+    Devices are ordered by physical position (x, y, z, core on chip) and reshaped, so the
+    `model` axis (the last) runs over the two TensorCores of a chip and then along the
+    torus' longest dimension, where neighbours are one ICI hop apart. jax's
+    create_device_mesh does this for one device per chip but refuses v4's per-core devices.
+    """
+    def position(d):
+        coords = tuple(getattr(d, "coords", ()) or ())
+        return (*coords, getattr(d, "core_on_chip", 0), d.id)
+
+    return np.array(sorted(devs, key=position), dtype=object).reshape(shape)
+
+
+def make_mesh(target: Target, shape: tuple[int, int]):
+    import jax
+
+    devs = devices(target)
+    need = shape[0] * shape[1]
+    if len(devs) != need:
+        hint = {"tpu": f"{target.name} has {len(devs)} devices; use a mesh whose sizes multiply to {len(devs)} "
+                       f"(e.g. 4x8, 8x4, 2x16, 1x32)",
+                "cpu": f"{len(devs)} CPU devices are configured; the CLI sets jax_num_cpu_devices from --mesh, "
+                       f"in Python call jax.config.update('jax_num_cpu_devices', {need}) before using JAX",
+                "local": f"JAX found {len(devs)} {devs[0].platform} device(s) here; use a mesh that multiplies "
+                         f"to {len(devs)} (e.g. 1x{len(devs)})"}[target.platform]
+        raise TargetError(f"--mesh {shape[0]}x{shape[1]} needs {need} devices but {hint}")
+    return jax.sharding.Mesh(device_grid(devs, shape), MESH_AXES)
+
+
+def hardware_for(target: Target, mesh) -> Hardware:
+    """The hardware table entry for a target's devices (uncalibrated placeholder for CPU)."""
+    if target.hardware:
+        return HARDWARE[target.hardware]
+    kind = mesh.devices.flat[0].device_kind
+    found = for_device_kind(kind)
+    return found if found is not None else CPU_PLACEHOLDER
+
+
+def describe(mesh) -> dict:
+    """What a record or manifest says about a mesh: shape, axes, device kind and order."""
+    first = mesh.devices.flat[0]
+    return {
+        "shape": dict(mesh.shape),
+        "axis_names": list(mesh.axis_names),
+        "device_kind": first.device_kind,
+        "platform": first.platform,
+        "device_ids": [[int(d.id) for d in row] for row in mesh.devices],
+    }

@@ -1,0 +1,118 @@
+"""Sharding plans as data: ordered logical-axis → mesh-axis rules read from TOML.
+
+A plan says nothing about a particular model; `sharding.validity` checks one against a
+model config, a mesh and a batch size, and `param_specs` resolves it to PartitionSpecs
+with flax.linen.logical_to_mesh_axes (first match wins, each mesh axis once per array).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+from flax import linen
+from jax.sharding import PartitionSpec
+
+from model.axes import LOGICAL_AXES, is_names
+
+MESH_AXES = ("data", "model")
+SHIPPED = Path(__file__).with_name("plans.toml")
+
+Rules = tuple[tuple[str, tuple[str, ...]], ...]
+
+
+class PlanError(ValueError):
+    """A plan file or rule that cannot be used (unknown names, repeated mesh axes, bad syntax)."""
+
+
+@dataclass(frozen=True)
+class ShardingPlan:
+    name: str
+    description: str
+    params: Rules
+    activations: Rules
+    source: str = str(SHIPPED)
+
+    def flax_rules(self, kind: str) -> list[tuple[str, str | tuple[str, ...]]]:
+        """Rules in the form flax.linen.logical_axis_rules takes."""
+        rules = self.params if kind == "params" else self.activations
+        return [(logical, mesh[0] if len(mesh) == 1 else mesh) for logical, mesh in rules]
+
+    def spec(self, names: tuple[str | None, ...], kind: str) -> PartitionSpec:
+        return linen.logical_to_mesh_axes(names, self.flax_rules(kind))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "source": self.source,
+                "params": {k: list(v) for k, v in self.params},
+                "activations": {k: list(v) for k, v in self.activations}}
+
+
+def _rules(plan: str, kind: str, raw, where: str) -> Rules:
+    if not isinstance(raw, dict):
+        raise PlanError(f"{where}: plan {plan!r}: `{kind}` must be a table of logical axis = mesh axis/axes")
+    rules = []
+    for logical, mesh in raw.items():
+        if logical not in LOGICAL_AXES:
+            raise PlanError(f"{where}: plan {plan!r}: unknown logical axis {logical!r} in {kind}; "
+                            f"known: {', '.join(LOGICAL_AXES)}")
+        mesh_axes = (mesh,) if isinstance(mesh, str) else tuple(mesh) if isinstance(mesh, list) else None
+        if not mesh_axes or not all(isinstance(m, str) for m in mesh_axes):
+            raise PlanError(f"{where}: plan {plan!r}: {kind}.{logical} must be a mesh axis name or a "
+                            f"non-empty list of them, got {mesh!r}")
+        unknown = [m for m in mesh_axes if m not in MESH_AXES]
+        if unknown:
+            raise PlanError(f"{where}: plan {plan!r}: {kind}.{logical} names unknown mesh axis {unknown[0]!r}; "
+                            f"the mesh axes are {', '.join(MESH_AXES)}")
+        if len(set(mesh_axes)) != len(mesh_axes):
+            raise PlanError(f"{where}: plan {plan!r}: {kind}.{logical} uses mesh axis "
+                            f"{next(m for m in mesh_axes if mesh_axes.count(m) > 1)!r} twice in one array")
+        rules.append((logical, mesh_axes))
+    return tuple(rules)
+
+
+def parse_plans(text: str, where: str) -> dict[str, ShardingPlan]:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise PlanError(f"{where}: not valid TOML ({err})") from None
+    plans = {}
+    for name, body in raw.items():
+        if not isinstance(body, dict):
+            raise PlanError(f"{where}: top-level key {name!r} must be a plan table like [{name}]")
+        extra = set(body) - {"description", "params", "activations"}
+        if extra:
+            raise PlanError(f"{where}: plan {name!r}: unknown key(s) {sorted(extra)}; "
+                            "a plan has description, params and activations")
+        plans[name] = ShardingPlan(
+            name=name, description=str(body.get("description", "")),
+            params=_rules(name, "params", body.get("params", {}), where),
+            activations=_rules(name, "activations", body.get("activations", {}), where), source=where)
+    return plans
+
+
+def load_plans(extra_files: list[str | Path] = ()) -> dict[str, ShardingPlan]:
+    """The shipped plans plus any user plan files (a user plan may replace a shipped one)."""
+    plans = parse_plans(SHIPPED.read_text(), str(SHIPPED))
+    for f in extra_files:
+        path = Path(f)
+        if not path.is_file():
+            raise PlanError(f"{path}: plan file not found")
+        plans.update(parse_plans(path.read_text(), str(path)))
+    return plans
+
+
+def select_plans(plans: dict[str, ShardingPlan], names: list[str] | None) -> list[ShardingPlan]:
+    if not names:
+        return list(plans.values())
+    unknown = [n for n in names if n not in plans]
+    if unknown:
+        raise PlanError(f"unknown plan {unknown[0]!r}; available: {', '.join(plans)} (add one with --plan-file)")
+    return [plans[n] for n in names]
+
+
+def param_specs(plan: ShardingPlan, names_tree: dict) -> dict:
+    """PartitionSpec for every parameter, in the parameter tree's structure."""
+    return jax.tree.map(lambda names: plan.spec(names, "params"), names_tree,
+                        is_leaf=is_names)

@@ -1,0 +1,73 @@
+"""Whether a sharding plan can serve a given model, mesh and batch, with reasons.
+
+A plan is invalid when a dimension it shards does not divide evenly by the mesh axes it
+is sharded over (BLIP's 12 heads on the 8-way `model` axis, a batch of 1 over 32
+devices). Parameters are resolved exactly, one by one; activations are checked for every
+size each logical axis takes in the program (a conservative check: the model may not
+shard every such activation). An invalid plan is reported, never silently altered.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+
+from model.axes import is_names
+from .plans import ShardingPlan
+
+
+@dataclass(frozen=True)
+class Validity:
+    ok: bool
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons)
+
+
+def _mesh_size(entry, mesh_shape: dict[str, int]) -> int:
+    axes = (entry,) if isinstance(entry, str) else tuple(entry)
+    return math.prod(mesh_shape[a] for a in axes)
+
+
+def _describe(entry) -> str:
+    return entry if isinstance(entry, str) else " x ".join(entry)
+
+
+def param_problems(plan: ShardingPlan, names_tree: dict, shapes_tree: dict, mesh_shape: dict[str, int]) -> list[str]:
+    """One line per (logical axis, size, mesh axes) that does not divide, with a count of parameters."""
+    problems: dict[tuple, list[str]] = {}
+    flat_names = jax.tree_util.tree_flatten_with_path(names_tree, is_leaf=is_names)[0]
+    shapes = jax.tree.leaves(shapes_tree)
+    for (path, names), shape in zip(flat_names, shapes):
+        spec = plan.spec(names, "params")
+        for name, size, entry in zip(names, shape.shape, tuple(spec)):
+            if entry is not None and size % _mesh_size(entry, mesh_shape):
+                problems.setdefault((name, size, _describe(entry), _mesh_size(entry, mesh_shape)), []).append(
+                    ".".join(str(getattr(k, "key", k)) for k in path))
+    return [f"parameter axis {name}={size} does not divide over {mesh} ({n}) in {len(paths)} parameter(s), "
+            f"e.g. {paths[0]}" for (name, size, mesh, n), paths in problems.items()]
+
+
+def activation_problems(plan: ShardingPlan, axis_sizes: dict[str, set[int]], mesh_shape: dict[str, int]) -> list[str]:
+    out = []
+    for logical, mesh_axes in plan.activations:
+        n = _mesh_size(mesh_axes, mesh_shape)
+        for size in sorted(axis_sizes.get(logical, ())):
+            if size % n:
+                out.append(f"activation axis {logical}={size} does not divide over {_describe(mesh_axes)} ({n})")
+    return out
+
+
+def check(plan: ShardingPlan, names_tree: dict, shapes_tree: dict, axis_sizes: dict[str, set[int]],
+          mesh_shape: dict[str, int]) -> Validity:
+    unknown_mesh = {a for _, axes in plan.params + plan.activations for a in axes} - set(mesh_shape)
+    if unknown_mesh:
+        return Validity(False, (f"plan uses mesh axes {sorted(unknown_mesh)} that this mesh "
+                                f"({', '.join(mesh_shape)}) does not have",))
+    reasons = param_problems(plan, names_tree, shapes_tree, mesh_shape)
+    reasons += activation_problems(plan, axis_sizes, mesh_shape)
+    return Validity(not reasons, tuple(reasons))

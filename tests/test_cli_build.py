@@ -1,0 +1,124 @@
+"""`python -m capibara_export build` end to end, in a subprocess like a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TINY = ["--model", "tiny", "--quiet"]
+
+
+def run(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process; `env` entries set to None are removed from its environment."""
+    merged = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+    return subprocess.run([sys.executable, "-m", "capibara_export", *args], capture_output=True, text=True,
+                          timeout=timeout, env=merged)
+
+
+def records(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
+
+
+def test_build_writes_records_and_a_rerun_compiles_nothing(tmp_path):
+    args = ["build", "--mesh", "4x8", *TINY, "--entries", "encode_image,caption", "--plans", "replicated,fsdp",
+            "--precisions", "fp32,bf16", "--out", str(tmp_path)]
+    first = run(*args)
+    assert first.returncode == 0, first.stderr
+    folder = tmp_path / "tiny-tpu-v4-32-4x8"
+    recs = records(folder)
+    assert len(recs) == 8 and {r["status"] for r in recs} == {"ok"}
+    r = recs[0]
+    assert r["schema"] == "capibara-export/compile-record" and r["schema_version"] == 1
+    assert r["unit"]["target"] == "tpu-v4-32" and r["mesh"]["device_kind"] == "TPU v4"
+    assert r["memory"]["peak"] > 0 and r["cost"]["flops"] > 0 and len(r["hlo_sha256"]) == 64
+    assert r["toolchain"]["jax"] == "0.10.2" and r["toolchain"]["libtpu"] == "0.0.42.1"
+    assert (folder / r["hlo_file"]).is_file() and (folder / "build.json").is_file()
+    assert "encode_image" in first.stdout and "8 ok" in first.stderr
+
+    started = time.perf_counter()
+    second = run(*args)
+    assert second.returncode == 0, second.stderr
+    assert "8 from cache" in " ".join(second.stderr.split())
+    assert all(r["cached"] for r in records(folder))
+    assert [r["hlo_sha256"] for r in records(folder)] == [r["hlo_sha256"] for r in recs]
+    assert time.perf_counter() - started < 30
+
+
+@pytest.mark.parametrize("target, mesh", [("tpu-v4-64", "4x8"), ("tpu-v5e-32", "4x8"), ("tpu-v4-32", "8x4"),
+                                          ("tpu-v4-32", "2x16")])
+def test_other_targets_and_meshes_build(tmp_path, target, mesh):
+    result = run("build", "--target", target, "--mesh", mesh, *TINY, "--entries", "encode_image", "--plans",
+                 "fsdp", "--precisions", "bf16", "--out", str(tmp_path), "--no-cache")
+    assert result.returncode == 0, result.stderr
+    (rec,) = records(tmp_path / f"tiny-{target}-{mesh}")
+    assert rec["status"] == "ok" and rec["unit"]["target"] == target
+    assert rec["mesh"]["shape"] == dict(zip(("data", "model"), map(int, mesh.split("x"))))
+
+
+def _bad_plan(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[mine]\nparams = { hidden = 'model' }\n")
+    return ["--plan-file", str(path)]
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--mesh", "4x9"], {}, "--mesh 4x9 needs 36 devices but tpu-v4-32 has 32 devices"),
+    (["--mesh", "abc"], {}, "--mesh 'abc' is not of the form DATAxMODEL"),
+    (["--plans", "nope"], {}, "unknown plan 'nope'; available: replicated"),
+    ("bad-plan-file", {}, "plan 'mine': unknown logical axis 'hidden' in params"),
+    (["--precisions", "fp16"], {}, "unknown precision 'fp16'"),
+    (["--entries", "train"], {}, "unknown entry 'train'"),
+    (["--checkpoint", "/nonexistent/blip"], {}, "/nonexistent/blip: checkpoint folder does not exist"),
+    ([], "no-libtpu", "target tpu-v4-32 needs libtpu"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, env, message):
+    args = _bad_plan(tmp_path) if args == "bad-plan-file" else args
+    if env == "no-libtpu":  # shadow the libtpu package with one that fails to import, as if not installed
+        shadow = tmp_path / "shadow" / "libtpu"
+        shadow.mkdir(parents=True)
+        (shadow / "__init__.py").write_text("raise ImportError('simulated: libtpu is not installed')\n")
+        # importing jax in this test process exported TPU_LIBRARY_PATH; a fresh machine has none
+        env = {"PYTHONPATH": f"{shadow.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               "TPU_LIBRARY_PATH": None}
+    result = run("build", *TINY, "--out", str(tmp_path / "out"), *args, env=env)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("capibara-export: error: ") and message in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not any((tmp_path / "out").glob("tiny-*"))
+
+
+def test_a_unit_over_the_memory_budget_is_a_record_not_a_crash(tmp_path):
+    result = run("build", "--model", "base", "--quiet", "--entries", "encode_image", "--plans", "replicated",
+                 "--precisions", "fp32", "--batch", "1024", "--out", str(tmp_path), "--no-cache")
+    assert result.returncode == 0, result.stderr
+    (rec,) = records(tmp_path / "base-tpu-v4-32-4x8")
+    assert rec["status"] == "does-not-fit"
+    assert rec["reason"].startswith("needs ") and " GiB of " in rec["reason"] and rec["needed_bytes"] > 16 * 2 ** 30
+
+
+def test_ctrl_c_leaves_no_half_written_folder_and_the_next_run_resumes(tmp_path):
+    args = [sys.executable, "-m", "capibara_export", "build", *TINY, "--entries", "encode_image,caption,score",
+            "--precisions", "fp32,bf16", "--out", str(tmp_path)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = tmp_path / ".cache" / "results"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(results.glob("*/*.json"))) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "interrupted; finished units are cached" in err
+    assert [p.name for p in tmp_path.iterdir()] == [".cache"]
+    cached = len(list(results.glob("*/*.json")))
+    assert not list(results.glob("*/*.tmp"))
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{cached} from cache" in " ".join(resumed.stderr.split())

@@ -1,0 +1,92 @@
+"""Every valid plan's compiled program, run on the simulated 32-device CPU mesh, computes
+what the unsharded program computes (tiny model, real inputs)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from capibara_export.programs import SERVING_ENTRIES, build_program, in_specs, lower
+from capibara_export.targets import get_target, make_mesh
+from model import get_preset
+from model.state import bind, init_params, logical_names
+from sharding import get_policy, load_plans
+from sharding.precision import store
+
+pytestmark = pytest.mark.slow
+
+CFG = get_preset("tiny")
+BATCH = 32
+TOLERANCE = {"fp32": 1e-5, "bf16": 0.05, "int8-weights": 0.05}
+TIE_MARGIN = 0.1  # a bf16 caption may take the other branch only where two logits are this close
+
+
+def real_inputs(entry: str, program) -> tuple:
+    rng = np.random.default_rng(7)
+    t = CFG.text
+    pixels = rng.normal(size=program.args[1].shape).astype(np.float32) if entry != "decode_step" else None
+    if entry == "encode_image":
+        return (pixels,)
+    if entry == "caption":
+        return pixels, np.full(program.args[2].shape, t.bos_token_id, np.int32)
+    if entry == "score":
+        ids = rng.integers(5, 100, size=program.args[2].shape).astype(np.int32)
+        mask = (np.arange(ids.shape[1])[None] < rng.integers(4, ids.shape[1], size=(BATCH, 1))).astype(np.int32)
+        return pixels, ids, mask
+    cache = jax.tree.map(lambda s: (0.5 * rng.normal(size=s.shape)).astype(s.dtype), program.args[3])
+    return rng.integers(5, 100, size=(BATCH, 1)).astype(np.int32), np.int32(4), cache
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return make_mesh(get_target("cpu"), (4, 8))
+
+
+@pytest.fixture(scope="module")
+def float_params():
+    return init_params(CFG, seed=11)
+
+
+def _run(program, plan, mesh, args):
+    compiled = lower(program, plan, mesh).compile()
+    shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), in_specs(program, plan),
+                             is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    return jax.tree.map(np.asarray, compiled(*jax.device_put(args, shardings)))
+
+
+def _assert_captions_equal_up_to_ties(ours, ref, params, precision, pixels):
+    """Token ids equal, except that a row may diverge where the reference's two candidate
+    tokens had logits within TIE_MARGIN (bf16 rounding decides a near tie either way)."""
+    model = bind(CFG, params, get_policy(precision).compute)
+    for row in np.nonzero((ours != ref).any(axis=1))[0]:
+        k = int(np.argmax(ours[row] != ref[row]))
+        prefix = jnp.asarray(ref[row:row + 1, :k])
+        image = model.encode_image(jnp.asarray(pixels[row:row + 1]))
+        logits = np.asarray(model.decoder_logits(prefix, jnp.ones_like(prefix), image)[0, -1], np.float32)
+        margin = abs(logits[ref[row, k]] - logits[ours[row, k]])
+        assert margin < TIE_MARGIN, f"row {row} diverges at {k} with logit margin {margin:.3f}"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8-weights"])
+@pytest.mark.parametrize("entry", SERVING_ENTRIES)
+def test_every_valid_plan_matches_the_unsharded_program(entry, precision, mesh, float_params):
+    policy = get_policy(precision)
+    program = build_program(CFG, entry, policy, BATCH)
+    params = store(float_params, logical_names(CFG), policy)
+    args = (params, *real_inputs(entry, program))
+    reference = jax.tree.map(np.asarray, jax.jit(program.fn)(*jax.tree.map(jnp.asarray, args)))
+    plans = load_plans().values() if precision != "int8-weights" else [load_plans()["fsdp-tp"]]
+    for plan in plans:
+        out = _run(program, plan, mesh, args)
+        if entry == "caption" and precision != "fp32":
+            _assert_captions_equal_up_to_ties(out, reference, float_params, precision, args[1])
+            continue
+        for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(reference)):
+            if np.issubdtype(want.dtype, np.integer):
+                np.testing.assert_array_equal(got, want, err_msg=f"{entry}/{plan.name}/{precision}")
+            else:
+                np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32),
+                                           atol=TOLERANCE[precision], rtol=TOLERANCE[precision],
+                                           err_msg=f"{entry}/{plan.name}/{precision}")
