@@ -26,7 +26,7 @@ from sharding.precision import DEFAULT_PRECISIONS, get_policy
 
 from .cache import ResultCache, cache_key, enable_jax_cache
 from .compile import Compiled, compile_unit
-from .hardware import Hardware
+from .hardware import Hardware, calibrate_cpu
 from .programs import ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
 from .records import CompileRecord, Unit, toolchain, write_records
 from .targets import describe, get_target, hardware_for, make_mesh
@@ -155,6 +155,8 @@ def run_build(request: BuildRequest, progress: ProgressFn | None = None,
     target = get_target(request.target)
     mesh = make_mesh(target, request.mesh)
     hardware = hardware_for(target, mesh)
+    if hardware.name == "cpu-host":  # no datasheet for a host: measure it once per build
+        hardware = calibrate_cpu(mesh.devices.size)
     mesh_info = describe(mesh)
     cache_root = Path(request.out) / ".cache"
     cache = ResultCache(cache_root, enabled=request.use_cache)
@@ -164,7 +166,7 @@ def run_build(request: BuildRequest, progress: ProgressFn | None = None,
     todo = units(request, cfg, plans)
     records: list[CompileRecord] = []
     compiled: dict[str, Compiled] = {}
-    hlo_texts: dict[str, str] = {}
+    texts: dict[str, dict[str, str]] = {}
     plan_of = {p.name: p for p in plans}
     for i, unit in enumerate(todo):
         if progress:
@@ -173,19 +175,19 @@ def run_build(request: BuildRequest, progress: ProgressFn | None = None,
         key = cache_key(unit.to_dict(), cfg.to_dict(), plan.to_dict(), mesh_info)
         hit = cache.get(key)
         if hit is not None:
-            record, hlo = hit
+            record, unit_texts = hit
             record.cached = True
         else:
             record, result = compile_unit(cfg, unit, plan, mesh, hardware, request.options)
             record.cache_key = key
             record.mesh = mesh_info
-            hlo = result.hlo_text if result else None
-            cache.put(key, record, hlo)
+            unit_texts = {"hlo": result.hlo_text, "pre": result.pre_hlo_text} if result else {}
+            cache.put(key, record, unit_texts)
             if result:
                 compiled[unit.id] = result
-        if hlo is not None:
-            hlo_texts[unit.id] = hlo
-            record.hlo_file = f"hlo/{unit.id}.hlo.gz"
+        if unit_texts:
+            texts[unit.id] = unit_texts
+            record.hlo_file, record.pre_hlo_file = f"hlo/{unit.id}.hlo.gz", f"hlo/{unit.id}.pre.hlo.gz"
         records.append(record)
         if progress:
             progress(i + 1, len(todo), unit, record)
@@ -194,8 +196,10 @@ def run_build(request: BuildRequest, progress: ProgressFn | None = None,
                          {p.name: p for p in plans})
     with staged_folder(result.folder) as staging:
         (staging / "hlo").mkdir()
-        for unit_id, text in hlo_texts.items():
-            (staging / "hlo" / f"{unit_id}.hlo.gz").write_bytes(gzip.compress(text.encode(), compresslevel=6))
+        for unit_id, unit_texts in texts.items():
+            for name, text in unit_texts.items():
+                suffix = "hlo.gz" if name == "hlo" else "pre.hlo.gz"
+                (staging / "hlo" / f"{unit_id}.{suffix}").write_bytes(gzip.compress(text.encode(), compresslevel=6))
         write_records(staging / "records.jsonl", records)
         (staging / "build.json").write_text(json.dumps({
             "request": {**asdict(request), "out": str(request.out)},

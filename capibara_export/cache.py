@@ -3,7 +3,7 @@
 Keyed by everything that determines a compiled program: the unit (target, mesh, entry,
 plan name, precision, batch, program options), the model config, the plan's rules, the
 source code that builds programs (records.code_version) and the toolchain versions.
-Each entry is a record plus its optimized HLO, written atomically (temporary file then
+Each entry is a record plus its HLO texts (optimized and pre-partition), written atomically (temporary file then
 rename), so an interrupted build leaves only whole entries and the next run resumes.
 
 JAX's own persistent compilation cache is switched on for cpu/local targets; for
@@ -40,32 +40,38 @@ class ResultCache:
         self.root = Path(root) / "results"
         self.enabled = enabled
 
-    def _paths(self, key: str) -> tuple[Path, Path]:
-        folder = self.root / key[:2]
-        return folder / f"{key}.json", folder / f"{key}.hlo.gz"
+    TEXTS = ("hlo", "pre")  # optimized per-device HLO, pre-partition global HLO
 
-    def get(self, key: str) -> tuple[CompileRecord, str | None] | None:
+    def _path(self, key: str, suffix: str) -> Path:
+        return self.root / key[:2] / f"{key}.{suffix}"
+
+    def get(self, key: str) -> tuple[CompileRecord, dict[str, str]] | None:
         if not self.enabled:
             return None
-        rec_path, hlo_path = self._paths(key)
+        rec_path = self._path(key, "json")
         if not rec_path.is_file():
             return None
+        texts = {}
         try:
             record = CompileRecord.from_dict(json.loads(rec_path.read_text()))
-            hlo = gzip.decompress(hlo_path.read_bytes()).decode() if hlo_path.is_file() else None
+            for name in self.TEXTS:
+                path = self._path(key, f"{name}.gz")
+                if path.is_file():
+                    texts[name] = gzip.decompress(path.read_bytes()).decode()
         except (ValueError, OSError, EOFError):
             return None  # an unreadable entry is a miss; it is rewritten after compiling
-        if record.status == "ok" and hlo is None:
+        if record.status == "ok" and set(texts) != set(self.TEXTS):
             return None
-        return record, hlo
+        return record, texts
 
-    def put(self, key: str, record: CompileRecord, hlo_text: str | None) -> None:
+    def put(self, key: str, record: CompileRecord, texts: dict[str, str]) -> None:
+        """The texts first, the record last: a record on disk means its entry is whole."""
         if not self.enabled:
             return
-        rec_path, hlo_path = self._paths(key)
+        rec_path = self._path(key, "json")
         rec_path.parent.mkdir(parents=True, exist_ok=True)
-        if hlo_text is not None:
-            _atomic_write(hlo_path, gzip.compress(hlo_text.encode(), compresslevel=6))
+        for name, text in texts.items():
+            _atomic_write(self._path(key, f"{name}.gz"), gzip.compress(text.encode(), compresslevel=6))
         _atomic_write(rec_path, json.dumps(record.to_dict(), sort_keys=True).encode())
 
 

@@ -67,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
     _add_mesh_args(p)
     _add_model_args(p)
     p.add_argument("--batch", type=int, default=32, help="batch size to check (default 32)")
+
+    r = sub.add_parser("report", help="recompute analysis, selection and report.html for a build folder")
+    r.add_argument("build_dir", help="a folder written by `build`, e.g. artifacts/base-tpu-v4-32-4x8")
     return top
 
 
@@ -80,8 +83,11 @@ def _cpu_devices(args) -> int | None:
 
 
 def cmd_build(args) -> int:
+    from rich.markdown import Markdown
+
     from .build import BuildRequest, run_build
     from .console import build_progress, console, out, reasons_table, records_table
+    from .derive import derive
     from .programs import SERVING_ENTRIES, ProgramOptions
     from .targets import parse_mesh
 
@@ -92,17 +98,39 @@ def cmd_build(args) -> int:
         options=ProgramOptions(max_new_tokens=args.max_new_tokens, prompt_len=args.prompt_len,
                                text_len=args.text_len, remat=args.remat),
         out=Path(args.out), use_cache=not args.no_cache, name=args.name)
+    summary = {}
+
+    def finish(staging, result):
+        console.print("analysing, selecting plans and writing the report ...")
+        summary["text"] = derive(staging)[2]
+
     with build_progress(args.quiet) as progress:
-        result = run_build(request, progress=progress)
+        result = run_build(request, progress=progress, finish=finish)
     counts = result.counts()
     out.print(records_table(result.records, f"Build {result.folder} ({result.hardware.name}, "
                                             f"mesh {args.mesh})"))
     why = reasons_table(result.records)
     if why is not None:
         out.print(why)
+    out.print(Markdown(summary["text"]))
     console.print(f"{len(result.records)} units in {result.seconds:.1f}s: "
                   + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "invalid", "does-not-fit", "compile-error"))
-                  + f"; {counts['cached']} from cache. Records: {result.folder / 'records.jsonl'}")
+                  + f"; {counts['cached']} from cache. Report: {result.folder / 'report.html'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from rich.markdown import Markdown
+
+    from .console import out
+    from .derive import derive
+
+    folder = Path(args.build_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: build folder not found; pass the folder `build` printed")
+    _, _, summary = derive(folder)
+    out.print(Markdown(summary))
+    out.print(f"Report: {folder / 'report.html'}")
     return 0
 
 
@@ -131,7 +159,7 @@ def cmd_plans(args) -> int:
     return 0
 
 
-COMMANDS = {"build": cmd_build, "plans": cmd_plans}
+COMMANDS = {"build": cmd_build, "plans": cmd_plans, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

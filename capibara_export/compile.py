@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 
 import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from model import BlipConfig
 from model.state import abstract_params, logical_names
@@ -21,7 +23,7 @@ from sharding.precision import get_policy
 from sharding.validity import check
 
 from .hardware import GiB, Hardware
-from .programs import Program, ProgramError, ProgramOptions, build_program, lower
+from .programs import Program, ProgramError, ProgramOptions, build_program, in_specs, lower
 from .records import CompileRecord, Unit
 
 MEMORY_FRACTION = 0.9  # the seed's memory budget: a unit fits if its peak stays under 90% of HBM
@@ -32,7 +34,23 @@ class Compiled:
     """What a successful compile leaves behind besides the record."""
     program: Program
     executable: jax.stages.Compiled
-    hlo_text: str
+    hlo_text: str            # optimized, per device (after SPMD partitioning)
+    pre_hlo_text: str        # before optimization: global shapes, the model's own FLOPs
+
+
+def argument_bytes(program: Program, plan: ShardingPlan, mesh, argument_total: int) -> dict:
+    """Per-device argument bytes split into parameters and other inputs. Inputs come from
+    their shardings; parameters are the rest of the compiler's argument size, since jit
+    drops parameters an entry does not use (encode_image never reads the text towers).
+    For train_step "params" includes the optimizer state."""
+    inputs = 0
+    for names, arg, specs in zip(program.arg_names, program.args, in_specs(program, plan)):
+        if isinstance(names, str):  # "params" / "opt_state": parameter-sized, counted below
+            continue
+        for leaf, spec in zip(jax.tree.leaves(arg), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))):
+            shard = NamedSharding(mesh, spec).shard_shape(tuple(leaf.shape))
+            inputs += int(np.prod(shard, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    return {"params": max(argument_total - inputs, 0), "inputs": inputs}
 
 
 def memory_stats(executable: jax.stages.Compiled) -> dict | None:
@@ -115,6 +133,8 @@ def compile_unit(cfg: BlipConfig, unit: Unit, plan: ShardingPlan, mesh, hardware
     t2 = time.perf_counter()
     record.lower_s, record.compile_s = round(t1 - t0, 3), round(t2 - t1, 3)
     record.memory = memory_stats(executable)
+    if record.memory is not None:
+        record.memory["arguments_by_kind"] = argument_bytes(program, plan, mesh, record.memory["argument"])
     record.cost = cost_stats(executable)
     hlo_text = executable.as_text()
     record.hlo_sha256 = hashlib.sha256(hlo_text.encode()).hexdigest()
@@ -123,4 +143,4 @@ def compile_unit(cfg: BlipConfig, unit: Unit, plan: ShardingPlan, mesh, hardware
         ok, why = fits(record.memory, hardware)
         if not ok:
             record.status, record.reason, record.needed_bytes = "does-not-fit", why, record.memory["peak"]
-    return record, Compiled(program, executable, hlo_text)
+    return record, Compiled(program, executable, hlo_text, lowered.as_text(dialect="hlo"))

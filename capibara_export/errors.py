@@ -9,4 +9,5 @@ from sharding.precision import PrecisionError
 from .programs import ProgramError
 from .targets import TargetError
 
-USER_ERRORS = (ConfigError, CheckpointError, ProcessorError, PlanError, PrecisionError, ProgramError, TargetError)
+USER_ERRORS = (ConfigError, CheckpointError, ProcessorError, PlanError, PrecisionError, ProgramError, TargetError,
+               FileNotFoundError)

@@ -85,7 +85,8 @@ class CompileRecord:
     needed_bytes: int | None = None   # does-not-fit: bytes per device the program needs
     cost: dict | None = None          # Compiled.cost_analysis() as reported (scanned bodies counted once)
     hlo_sha256: str | None = None
-    hlo_file: str | None = None       # optimized HLO text, relative to the build folder
+    hlo_file: str | None = None       # optimized per-device HLO text, relative to the build folder
+    pre_hlo_file: str | None = None   # the program before partitioning (global shapes)
     analytic_flops: int | None = None  # the model config's count for the whole program
     plan_description: str = ""
     mesh: dict | None = None          # shape, axis names, device kind and order

@@ -132,4 +132,7 @@ def describe(mesh) -> dict:
         "device_kind": first.device_kind,
         "platform": first.platform,
         "device_ids": [[int(d.id) for d in row] for row in mesh.devices],
+        # physical torus position of each device in mesh order (TPU only): the roofline
+        # counts how many torus dimensions a collective's group spans
+        "device_coords": [list(getattr(d, "coords", ()) or ()) for d in mesh.devices.flat],
     }

@@ -1,0 +1,121 @@
+"""Normalised analysis of every compiled unit in a build folder: one versioned schema.
+
+Each section says where its figures come from:
+  compiled  read from the executable: memory analysis, optimized or pre-partition HLO
+  model     derived: the roofline, the model config's analytic FLOPs
+  measured  timed on a device (added by the benchmarks, never here)
+
+It is a pure function of the build folder (records.jsonl, build.json, hlo/), so
+`python -m capibara_export report BUILD_DIR` can always recompute it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from sharding.precision import get_policy
+
+from .collectives import collectives
+from .compile import MEMORY_FRACTION
+from .hardware import Hardware
+from .hlo import HloProgram
+from .hotspots import by_scope, classify, load_grid
+from .records import CompileRecord, read_records
+from .roofline import roofline
+
+SCHEMA = "capibara-export/analysis"
+SCHEMA_VERSION = 1
+
+
+def _text(folder: Path, relative: str | None) -> str | None:
+    if not relative or not (folder / relative).is_file():
+        return None
+    return gzip.decompress((folder / relative).read_bytes()).decode()
+
+
+def analyze_unit(record: CompileRecord, folder: Path, hardware: Hardware, mesh_shape: tuple[int, int],
+                 coords: list[list[int]] | None = None) -> dict:
+    out: dict = {"unit": record.unit.to_dict(), "status": record.status, "reason": record.reason,
+                 "plan_description": record.plan_description}
+    if record.status != "ok" or record.memory is None:
+        if record.needed_bytes:
+            out["memory"] = {"source": "compiled", "needed": record.needed_bytes, "hbm_bytes": hardware.hbm_bytes,
+                             "fits": False}
+        return out
+    devices = mesh_shape[0] * mesh_shape[1]
+    mem = dict(record.memory)
+    mem.update(source="compiled", hbm_bytes=hardware.hbm_bytes, fraction_of_hbm=mem["peak"] / hardware.hbm_bytes,
+               budget_fraction=MEMORY_FRACTION, fits=mem["peak"] <= MEMORY_FRACTION * hardware.hbm_bytes)
+    out["memory"] = mem
+
+    program = HloProgram(_text(folder, record.hlo_file) or "")
+    per_device, counted_once = program.costs(True), program.costs(False)
+    pre_text = _text(folder, record.pre_hlo_file)
+    global_costs = HloProgram(pre_text).costs(True) if pre_text else None
+    raw = record.cost or {}
+    out["flops"] = {
+        "source": "compiled",
+        "per_device": per_device.flops, "per_device_matmul": per_device.matmul_flops,
+        "transcendentals": per_device.transcendentals, "bytes_accessed": per_device.bytes,
+        "counted_once": {"flops": counted_once.flops, "bytes_accessed": counted_once.bytes},
+        "cost_analysis": {"flops": raw.get("flops"), "bytes_accessed": raw.get("bytes accessed"),
+                          "transcendentals": raw.get("transcendentals")},
+        "loops": [{"trip_count": loop.trip_count, "trip_count_source": loop.source, "runs": loop.multiplier}
+                  for loop in program.loops],
+        "global_matmul": global_costs.matmul_flops if global_costs else None,
+        "global": global_costs.flops if global_costs else None,
+        "redundancy": per_device.flops * devices / global_costs.flops if global_costs and global_costs.flops else None,
+    }
+    analytic = record.analytic_flops or 0
+    out["analytic"] = {"source": "model", "flops": analytic,
+                       "global_matmul_over_analytic": (global_costs.matmul_flops / analytic
+                                                       if global_costs and analytic else None)}
+    found = collectives(program, mesh_shape)
+    by_axis: dict[str, float] = {}
+    kinds: dict[tuple, dict] = {}
+    for c in found:
+        by_axis[c.axis] = by_axis.get(c.axis, 0.0) + c.total_bytes
+        row = kinds.setdefault((c.kind, c.axis, c.group_size), {"kind": c.kind, "axis": c.axis,
+                                                                "group_size": c.group_size, "bytes": 0.0, "count": 0.0})
+        row["bytes"] += c.total_bytes
+        row["count"] += c.times
+    out["collectives"] = {"source": "compiled", "bytes_by_axis": by_axis,
+                          "by_kind": sorted(kinds.values(), key=lambda r: -r["bytes"])}
+    optimal = raw.get("optimal_seconds")
+    out["roofline"] = roofline(per_device.flops, per_device.bytes, found, hardware,
+                               get_policy(record.unit.precision).compute_dtype, analytic, devices, optimal,
+                               coords).to_dict()
+    out["hotspots"] = {"source": "compiled", "scopes": by_scope(program, found)}
+    out["load_grid"] = load_grid(found, mesh_shape)
+    out["classification"] = classify(mem)
+    return out
+
+
+def build_hardware(build: dict) -> Hardware:
+    return Hardware(**build["hardware"])
+
+
+def analyze_build(folder: Path, hardware: Hardware | None = None) -> dict:
+    folder = Path(folder)
+    build = json.loads((folder / "build.json").read_text())
+    hardware = hardware or build_hardware(build)
+    shape = build["mesh"]["shape"]
+    mesh_shape = (int(shape["data"]), int(shape["model"]))
+    records = read_records(folder / "records.jsonl")
+    return {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+        "build": {"folder": folder.name, "target": build["request"]["target"], "mesh": build["mesh"],
+                  "model": build["request"]["checkpoint"] or build["request"]["model"],
+                  "hardware": asdict(hardware), "toolchain": build["toolchain"]},
+        "units": {r.unit.id: analyze_unit(r, folder, hardware, mesh_shape, build["mesh"].get("device_coords"))
+                  for r in records},
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=float))
+    tmp.replace(path)

@@ -1,0 +1,32 @@
+"""Everything derived from a build folder's compile records: analysis, selection, report.
+
+Run at the end of `build` (inside the staging folder, so it lands atomically) and by
+`python -m capibara_export report BUILD_DIR`, which recomputes it from the saved records
+and HLO text alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .analysis import analyze_build, write_json
+from .report import render_summary, write_report
+from .selection import select
+
+
+def derive(folder: Path) -> tuple[dict, dict, str]:
+    """Write analysis.json, selection.json, report.html and summary.md; return them."""
+    folder = Path(folder)
+    if not (folder / "records.jsonl").is_file() or not (folder / "build.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a build folder (no records.jsonl and build.json); "
+                                "run `python -m capibara_export build` first")
+    analysis = analyze_build(folder)
+    selection = select(analysis)
+    write_json(folder / "analysis.json", analysis)
+    write_json(folder / "selection.json", selection)
+    build = json.loads((folder / "build.json").read_text())
+    build["selection"] = selection["selections"]
+    write_json(folder / "build.json", build)
+    write_report(folder, analysis, selection)
+    return analysis, selection, render_summary(analysis, selection)

@@ -1,0 +1,446 @@
+"""Read optimized (or pre-partition) HLO text and count what one run of the program does.
+
+Written by hand: XLA's own HloCostAnalysis (behind `Compiled.cost_analysis()`) counts a
+while-loop body once, so a 12-layer scan reports a twelfth of its FLOPs, and no Python
+API exposes per-computation costs. This module parses the text, finds each loop's trip
+count (`known_trip_count` in the backend config when present, otherwise the loop
+condition `counter < N` and the counter's initial constant) and multiplies every
+computation by how many times it runs.
+
+Per instruction it counts, following HloCostAnalysis' conventions:
+  flops           dot: 2·|out|·|contracted|; convolution: 2·|out|·|kernel|/out_features;
+                  reduce: |in|; other element-wise arithmetic: |out|
+  transcendentals exp, log, tanh, rsqrt, sqrt, erf, logistic, power, ...: |out|
+  bytes accessed  for instructions outside fusions: operands read plus result written,
+                  where a fusion reading a stacked parameter through dynamic-slice reads
+                  only the slice, and an in-place dynamic-update-slice writes only the update
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+               "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "token": 0}
+
+TRANSCENDENTAL = {"exponential", "exponential-minus-one", "log", "log-plus-one", "tanh", "rsqrt", "sqrt", "cbrt",
+                  "erf", "logistic", "power", "sine", "cosine", "tan", "atan2"}
+ELEMENTWISE = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "negate", "abs", "compare", "select",
+               "and", "or", "xor", "not", "clamp", "remainder", "floor", "ceil", "round-nearest-even",
+               "round-nearest-afz", "sign", "convert", "shift-left", "shift-right-logical",
+               "shift-right-arithmetic", "is-finite", "real", "imag"}
+NO_MEMORY = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "call", "conditional",
+             "after-all", "partition-id", "replica-id", "opt-barrier", "iota", "add-dependency"}
+COLLECTIVES = {"all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute"}
+
+_HEAD = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*")
+_OPCODE = re.compile(r"\s*([\w\-]+)\(")
+_LEAF = re.compile(r"([a-z]+\d*)\[([\d,]*)\]")
+_CALLS = re.compile(r"\b(calls|to_apply|condition|body|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_DIMS = re.compile(r"(lhs_contracting_dims|dimensions)=\{([\d,]*)\}")
+_DIRECTION = re.compile(r"direction=(\w+)")
+_DIM_LABELS = re.compile(r"dim_labels=(\w+)_(\w+)->(\w+)")
+_WINDOW = re.compile(r"window=\{([^}]*)\}")
+_WINDOW_FIELD = re.compile(r"(\w+)=([\w\-]+)")
+
+
+def _matching(text: str, start: int, open_ch: str = "(", close_ch: str = ")") -> int:
+    """Index just past the bracket that closes text[start]."""
+    depth = 0
+    for i in range(start, len(text)):
+        c = text[i]
+        if c == open_ch:
+            depth += 1
+        elif c == close_ch:
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return len(text)
+
+
+def _split_top(text: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        if c in "({[":
+            depth += 1
+        elif c in ")}]":
+            depth -= 1
+        elif c == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+@dataclass
+class Shape:
+    leaves: list[tuple[str, tuple[int, ...]]]
+
+    @classmethod
+    def parse(cls, text: str) -> Shape:
+        return cls([(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _LEAF.findall(text)])
+
+    @property
+    def elements(self) -> int:
+        return sum(math.prod(dims) for _, dims in self.leaves)
+
+    @property
+    def bytes(self) -> float:
+        return sum(math.prod(dims) * DTYPE_BYTES.get(dt, 4) for dt, dims in self.leaves)
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        return self.leaves[0][1] if self.leaves else ()
+
+
+@dataclass
+class Instruction:
+    name: str
+    shape: Shape
+    opcode: str
+    operands: list[str]
+    attrs: str
+    is_root: bool = False
+
+    @cached_property
+    def op_name(self) -> str:
+        m = _OP_NAME.search(self.attrs)
+        return m.group(1) if m else ""
+
+    def called(self) -> list[tuple[str, str]]:
+        """(kind, computation) pairs this instruction calls."""
+        out = [(k, c) for k, c in _CALLS.findall(self.attrs)]
+        for group in _BRANCHES.findall(self.attrs):
+            out += [("branch", c.strip().lstrip("%")) for c in group.split(",") if c.strip()]
+        return out
+
+
+@dataclass
+class Computation:
+    name: str
+    instructions: list[Instruction] = field(default_factory=list)
+    is_entry: bool = False
+
+    @cached_property
+    def by_name(self) -> dict[str, Instruction]:
+        return {i.name: i for i in self.instructions}
+
+    @property
+    def root(self) -> Instruction | None:
+        return next((i for i in self.instructions if i.is_root), self.instructions[-1] if self.instructions else None)
+
+
+def parse_instruction(line: str) -> Instruction | None:
+    head = _HEAD.match(line)
+    if not head:
+        return None
+    rest = line[head.end():]
+    if rest.startswith("("):
+        end = _matching(rest, 0)
+        type_text, rest = rest[:end], rest[end:]
+    else:
+        space = rest.find(" ")
+        type_text, rest = (rest, "") if space < 0 else (rest[:space], rest[space:])
+    op = _OPCODE.match(rest)
+    if not op:
+        return None
+    open_at = op.end() - 1
+    close_at = _matching(rest, open_at)
+    operands = [o.split()[-1].lstrip("%") for o in _split_top(rest[open_at + 1:close_at - 1])]
+    return Instruction(head.group(2), Shape.parse(type_text), op.group(1), operands, rest[close_at:],
+                       is_root=bool(head.group(1)))
+
+
+def parse_module(text: str) -> dict[str, Computation]:
+    comps: dict[str, Computation] = {}
+    current: Computation | None = None
+    for line in text.splitlines():
+        if not line:
+            continue
+        if line[0] not in " \t}" and line.rstrip().endswith("{") and not line.startswith("HloModule"):
+            header = line.split("(")[0].split()
+            is_entry = header[0] == "ENTRY"
+            name = (header[1] if is_entry else header[0]).lstrip("%")
+            current = comps[name] = Computation(name, is_entry=is_entry)
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        if current is not None:
+            inst = parse_instruction(line)
+            if inst is not None:
+                current.instructions.append(inst)
+    return comps
+
+
+@dataclass
+class Costs:
+    flops: float = 0.0            # every floating-point operation, XLA's convention
+    matmul_flops: float = 0.0     # dots and convolutions only: what analytic model counts measure
+    transcendentals: float = 0.0
+    bytes: float = 0.0
+
+    def add(self, other: Costs, times: float = 1.0) -> None:
+        self.flops += other.flops * times
+        self.matmul_flops += other.matmul_flops * times
+        self.transcendentals += other.transcendentals * times
+        self.bytes += other.bytes * times
+
+
+@dataclass
+class Loop:
+    name: str
+    trip_count: int
+    source: str          # known_trip_count | condition | unknown (counted once)
+    multiplier: float    # how many times the loop instruction itself runs
+
+
+class HloProgram:
+    """One module's computations, loop trip counts and per-computation run counts."""
+
+    def __init__(self, text: str):
+        self.computations = parse_module(text)
+        self.entry = next(c for c in self.computations.values() if c.is_entry)
+        self.loops: list[Loop] = []
+        self.multiplier: dict[str, float] = {}
+        self.fused: set[str] = set()      # fusion bodies: no memory traffic of their own
+        self.applied: set[str] = set()    # reducers and comparators: counted at the calling op
+        self._visit(self.entry.name, 1.0)
+
+    # ---------------------------------------------------------------- loops
+    def _constant(self, comp: Computation, name: str) -> int | None:
+        inst = comp.by_name.get(name)
+        while inst is not None and inst.opcode in ("copy", "bitcast", "convert") and inst.operands:
+            inst = comp.by_name.get(inst.operands[0])
+        if inst is None or inst.opcode != "constant" or not inst.operands:
+            return None
+        try:
+            return int(inst.operands[0])  # constant(19): the literal is the "operand"
+        except ValueError:
+            return None
+
+    def trip_count(self, caller: Computation, inst: Instruction) -> tuple[int, str]:
+        known = _TRIP.search(inst.attrs)
+        if known:
+            return int(known.group(1)), "known_trip_count"
+        cond_name = dict(inst.called()).get("condition")
+        cond = self.computations.get(cond_name or "")
+        root = cond.root if cond else None
+        if root is None or root.opcode != "compare" or len(root.operands) != 2:
+            return 1, "unknown"
+        direction = (_DIRECTION.search(root.attrs) or [None, "LT"])[1]
+        a, b = (cond.by_name.get(o) for o in root.operands)
+        if a is not None and a.opcode == "constant":
+            a, b = b, a
+            direction = {"GT": "LT", "GE": "LE", "LT": "GT", "LE": "GE"}.get(direction, direction)
+        if a is None or b is None or a.opcode != "get-tuple-element" or b.opcode != "constant":
+            return 1, "unknown"
+        limit = self._constant(cond, b.name)
+        index = int(re.search(r"index=(\d+)", a.attrs).group(1))
+        init_tuple = caller.by_name.get(inst.operands[0]) if inst.operands else None
+        start = 0
+        if init_tuple is not None and init_tuple.opcode == "tuple" and index < len(init_tuple.operands):
+            value = self._constant(caller, init_tuple.operands[index])
+            start = 0 if value is None else value
+        if limit is None:
+            return 1, "unknown"
+        step = self._step(dict(inst.called()).get("body"), index)
+        span = {"LT": limit - start, "LE": limit - start + 1, "GT": start - limit, "GE": start - limit + 1,
+                "NE": abs(limit - start)}.get(direction)
+        if span is None:
+            return 1, "unknown"
+        return max(-(-span // step), 0), "condition"
+
+    def _step(self, body_name: str | None, index: int) -> int:
+        """How much the loop body adds to tuple element `index` per iteration (1 if unclear).
+        The compiler's windowed-einsum loops handle two chunks per iteration and count by 2."""
+        body = self.computations.get(body_name or "")
+        root = body.root if body else None
+        if root is None or root.opcode != "tuple" or index >= len(root.operands):
+            return 1
+        update = body.by_name.get(root.operands[index])
+        if update is None or update.opcode != "add" or len(update.operands) != 2:
+            return 1
+        for a, b in (update.operands, update.operands[::-1]):
+            counter = body.by_name.get(a)
+            if counter is not None and counter.opcode == "get-tuple-element" and f"index={index}" in counter.attrs:
+                step = self._constant(body, b)
+                return abs(step) if step else 1
+        return 1
+
+    def _visit(self, name: str, times: float) -> None:
+        comp = self.computations.get(name)
+        if comp is None:
+            return
+        self.multiplier[name] = self.multiplier.get(name, 0.0) + times
+        for inst in comp.instructions:
+            calls = inst.called()
+            if not calls:
+                continue
+            if inst.opcode == "while":
+                trips, source = self.trip_count(comp, inst)
+                self.loops.append(Loop(inst.name, trips, source, times))
+                for kind, callee in calls:
+                    if kind == "body":
+                        self._visit(callee, times * trips)
+                continue
+            for kind, callee in calls:
+                if kind == "to_apply" and inst.opcode != "call":
+                    self.applied.add(callee)
+                elif inst.opcode == "fusion" and kind == "calls":
+                    self.fused.add(callee)
+                    self._visit(callee, times)
+                else:
+                    self._visit(callee, times)
+
+    # ---------------------------------------------------------------- costs
+    def instruction_costs(self, comp: Computation, inst: Instruction) -> Costs:
+        c = Costs()
+        op, out = inst.opcode, inst.shape
+        if op == "dot":
+            lhs = comp.by_name.get(inst.operands[0]) if inst.operands else None
+            dims = dict(_DIMS.findall(inst.attrs)).get("lhs_contracting_dims", "")
+            contracted = math.prod(lhs.shape.dims[int(d)] for d in dims.split(",") if d) if lhs else 1
+            c.flops = c.matmul_flops = 2.0 * out.elements * contracted
+        elif op == "convolution":
+            c.flops = c.matmul_flops = self._convolution_flops(comp, inst)
+        elif op == "reduce":
+            src = comp.by_name.get(inst.operands[0]) if inst.operands else None
+            c.flops = float(src.shape.elements if src else out.elements)
+        elif op in TRANSCENDENTAL:
+            c.transcendentals = float(out.elements)
+        elif op in ELEMENTWISE:
+            c.flops = float(out.elements)
+        if comp.name not in self.fused and op not in NO_MEMORY and not op.endswith("-done"):
+            c.bytes = self._bytes(comp, inst)
+        return c
+
+    @staticmethod
+    def _convolution_flops(comp: Computation, inst: Instruction) -> float:
+        """2 · |out| · in_features · Π(valid window taps per output position).
+
+        The TPU compiler writes matmuls as convolutions, batched ones with the batch dims as
+        dilated spatial dims (lhs_dilate=n, window n, stride n-1): there only one tap per
+        output position is real, so taps are counted, not read off the window size."""
+        lhs = comp.by_name.get(inst.operands[0]) if inst.operands else None
+        kernel = comp.by_name.get(inst.operands[1]) if len(inst.operands) > 1 else None
+        labels = _DIM_LABELS.search(inst.attrs)
+        if lhs is None or kernel is None or not labels or "i" not in labels.group(2):
+            return 0.0
+        lhs_labels, rhs_labels, out_labels = labels.groups()
+        window = dict(_WINDOW_FIELD.findall(_WINDOW.search(inst.attrs).group(1))) if _WINDOW.search(inst.attrs) else {}
+        spatial = sorted(ch for ch in rhs_labels if ch.isdigit())
+        taps = 1.0
+        for n, d in enumerate(spatial):
+            def field_of(key, default, n=n):
+                values = window.get(key)
+                return values.split("x")[n] if values else default
+            size, stride = int(field_of("size", "1")), int(field_of("stride", "1"))
+            pad_lo = int(field_of("pad", "0_0").split("_")[0])
+            lhs_dil, rhs_dil = int(field_of("lhs_dilate", "1")), int(field_of("rhs_dilate", "1"))
+            in_size = lhs.shape.dims[lhs_labels.index(d)]
+            out_size = inst.shape.dims[out_labels.index(d)]
+            pos = (np.arange(out_size)[:, None] * stride + np.arange(size)[None, :] * rhs_dil - pad_lo)
+            valid = (pos >= 0) & (pos <= (in_size - 1) * lhs_dil) & (pos % lhs_dil == 0)
+            taps *= valid.sum() / max(out_size, 1)
+        in_features = kernel.shape.dims[rhs_labels.index("i")]
+        return 2.0 * inst.shape.elements * in_features * taps
+
+    def _operand_bytes(self, comp: Computation, name: str) -> float:
+        src = comp.by_name.get(name)
+        return src.shape.bytes if src is not None else 0.0
+
+    def _bytes(self, comp: Computation, inst: Instruction) -> float:
+        if inst.opcode in ("dynamic-slice", "slice", "gather"):
+            return 2.0 * inst.shape.bytes
+        if inst.opcode == "dynamic-update-slice" and len(inst.operands) > 1:
+            return 2.0 * self._operand_bytes(comp, inst.operands[1])
+        if inst.opcode == "fusion":
+            fused = self.computations.get(dict(inst.called()).get("calls", ""))
+            if fused is not None:
+                return self._fusion_bytes(comp, inst, fused)
+        return inst.shape.bytes + sum(self._operand_bytes(comp, o) for o in inst.operands)
+
+    def _fusion_bytes(self, comp: Computation, inst: Instruction, fused: Computation) -> float:
+        params = {i.name: int(i.operands[0]) for i in fused.instructions if i.opcode == "parameter"}
+        users: dict[str, list[Instruction]] = {}
+        for i in fused.instructions:
+            for o in i.operands:
+                users.setdefault(o, []).append(i)
+        total = 0.0
+        root = fused.root
+        dus_buffer = root.operands[0] if root is not None and root.opcode == "dynamic-update-slice" else None
+        for pname, index in params.items():
+            if index >= len(inst.operands):
+                continue
+            uses = users.get(pname, [])
+            if pname == dus_buffer:
+                continue  # updated in place: only the update is written
+            if uses and all(u.opcode in ("dynamic-slice", "slice", "gather") and u.operands[0] == pname for u in uses):
+                total += sum(u.shape.bytes for u in uses)
+            else:
+                total += self._operand_bytes(comp, inst.operands[index])
+        if dus_buffer is not None and len(root.operands) > 1:
+            update = fused.by_name.get(root.operands[1])
+            total += update.shape.bytes if update is not None else 0.0
+        else:
+            total += inst.shape.bytes
+        return total
+
+    def costs(self, loop_corrected: bool = True) -> Costs:
+        """Whole-program totals; with loop_corrected=False, each computation counts once
+        per call site, as XLA's cost analysis does (for cross-checking)."""
+        total = Costs()
+        for name, comp in self.computations.items():
+            if name in self.applied or name not in self.multiplier:
+                continue
+            times = self.multiplier[name] if loop_corrected else 1.0
+            for inst in comp.instructions:
+                total.add(self.instruction_costs(comp, inst), times)
+        return total
+
+    def instructions(self):
+        """(computation, instruction, times run) for every counted instruction."""
+        for name, comp in self.computations.items():
+            if name in self.applied or name not in self.multiplier:
+                continue
+            for inst in comp.instructions:
+                yield comp, inst, self.multiplier[name]
+
+    def scope_of(self, comp: Computation, inst: Instruction) -> str:
+        """The model scope an instruction belongs to, from its op_name metadata (for a
+        fusion without metadata, its root's)."""
+        name = inst.op_name
+        if not name and inst.opcode == "fusion":
+            fused = self.computations.get(dict(inst.called()).get("calls", ""))
+            name = fused.root.op_name if fused is not None and fused.root is not None else ""
+        return scope(name)
+
+
+_WRAPPER = re.compile(r"^(?:[\w\-]+\()+([^()]*?)\)+$")
+_INTERNAL = {"while", "body", "cond", "closed_call", "checkpoint", "remat", "rematted_computation", "pjit",
+             "core_call", "custom_jvp_call", "custom_vjp_call", "jvp", "transpose"}
+
+
+def scope(op_name: str) -> str:
+    """'jit(fn)/text_decoder/while/body/closed_call/self_attention/dot_general' → 'text_decoder/self_attention'."""
+    if not op_name:
+        return "(unattributed)"
+    parts = op_name.split("/")[:-1]
+    out = []
+    for p in parts:
+        if p.startswith("jit(") or p.startswith("vmap(") or p.startswith("dynamic_index"):
+            continue
+        inner = _WRAPPER.match(p)
+        p = inner.group(1) if inner else p
+        if p and p not in _INTERNAL and "(" not in p:
+            out.append(p)
+    return "/".join(dict.fromkeys(out)) or "(top level)"

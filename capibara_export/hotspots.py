@@ -1,0 +1,69 @@
+"""Where a compiled unit spends its work, and what to change about its sharding.
+
+- `by_scope`: FLOPs, bytes and collective bytes per model scope, read from each HLO op's
+  metadata (`op_name` carries the named scopes the model opens: vision/mlp, text_decoder/
+  cross_attention, lm_head, ...), loop trip counts included.
+- `load_grid` (the seed's detect_hotspots): per-device communication over the mesh, and
+  the devices whose load exceeds the mean by a threshold. SPMD programs give every device
+  the same memory, so unevenness shows up in who sends what.
+- `classify` (the seed's optimize_sharding): is the unit's per-device memory dominated by
+  batch-proportional bytes (activations, inputs) or hidden-proportional ones (weights)?
+  The first calls for sharding the batch, the second for sharding hidden dimensions.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from .collectives import Collective, device_traffic
+from .hlo import HloProgram
+
+BATCH_FAMILY = ("dp", "fsdp")
+HIDDEN_FAMILY = ("hidden", "fsdp-tp", "tp")
+
+
+def by_scope(program: HloProgram, found: list[Collective], top: int = 8) -> list[dict]:
+    """The `top` scopes by FLOPs, each with its share of FLOPs, bytes and collective bytes."""
+    acc: dict[str, dict[str, float]] = defaultdict(lambda: {"flops": 0.0, "bytes": 0.0, "comm_bytes": 0.0})
+    for comp, inst, times in program.instructions():
+        c = program.instruction_costs(comp, inst)
+        if c.flops or c.bytes:
+            row = acc[program.scope_of(comp, inst)]
+            row["flops"] += c.flops * times
+            row["bytes"] += c.bytes * times
+    for c in found:
+        acc[c.scope]["comm_bytes"] += c.total_bytes
+    totals = {k: sum(r[k] for r in acc.values()) or 1.0 for k in ("flops", "bytes", "comm_bytes")}
+    rows = [{"scope": s, **r, **{f"{k}_share": r[k] / totals[k] for k in totals}} for s, r in acc.items()]
+    rows.sort(key=lambda r: (r["flops"], r["bytes"]), reverse=True)
+    return rows[:top]
+
+
+def load_grid(found: list[Collective], mesh_shape: tuple[int, int], threshold: float = 1.25) -> dict:
+    grid = device_traffic(found, mesh_shape)
+    mean = float(grid.mean())
+    hot = [[int(r), int(c)] for r, c in zip(*np.nonzero(grid > threshold * mean))] if mean > 0 else []
+    return {"source": "compiled", "comm_bytes": grid.tolist(), "mean": mean, "max": float(grid.max()),
+            "min": float(grid.min()), "threshold": threshold, "hot_devices": hot,
+            "imbalance": float(grid.max() / mean) if mean > 0 else 1.0}
+
+
+def classify(memory: dict) -> dict:
+    """Batch-bound or hidden-bound, from the per-device memory breakdown, with a sentence."""
+    weights = float(memory.get("arguments_by_kind", {}).get("params", 0))
+    peak = float(memory.get("peak", 0)) or 1.0
+    activations = max(peak - weights, 0.0)
+    bound = "hidden" if weights >= activations else "batch"
+    share = (weights if bound == "hidden" else activations) / peak
+    gib = lambda x: f"{x / 1024 ** 3:.2f} GiB"  # noqa: E731
+    if bound == "hidden":
+        why = (f"weights are {gib(weights)} of the {gib(peak)} peak per device ({share:.0%}): hidden-bound; "
+               f"shard hidden dimensions ({', '.join(HIDDEN_FAMILY)}) to cut per-device bytes")
+    else:
+        why = (f"activations and inputs are {gib(activations)} of the {gib(peak)} peak per device ({share:.0%}): "
+               f"batch-bound; shard the batch ({', '.join(BATCH_FAMILY)}) to cut per-device bytes")
+    return {"source": "compiled", "bound": bound, "weights_bytes": weights, "activation_bytes": activations,
+            "dominant_share": share, "recommend": list(HIDDEN_FAMILY if bound == "hidden" else BATCH_FAMILY),
+            "reason": why}

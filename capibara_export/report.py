@@ -1,0 +1,207 @@
+"""The build report: a self-contained HTML page (tables and inline matplotlib figures) and
+a short Markdown summary. Every figure is explained in docs/report.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+GiB = 1024 ** 3
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _table(headers: list[str], rows: list[list], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _ms(s: float | None) -> str:
+    return "" if s is None else f"{s * 1e3:.3g}"
+
+
+def _ok_units(analysis: dict) -> list[tuple[str, dict]]:
+    return [(uid, a) for uid, a in analysis["units"].items() if a["status"] == "ok"]
+
+
+def grid_figure(analysis: dict, entry: str, batch: int) -> str | None:
+    """Plan × precision heatmaps of predicted latency and peak memory for one entry and batch."""
+    units = [a for a in analysis["units"].values() if a["unit"]["entry"] == entry and a["unit"]["batch"] == batch]
+    plans = list(dict.fromkeys(a["unit"]["plan"] for a in units))
+    precisions = list(dict.fromkeys(a["unit"]["precision"] for a in units))
+    if not plans:
+        return None
+    lat = np.full((len(plans), len(precisions)), np.nan)
+    mem = np.full_like(lat, np.nan)
+    for a in units:
+        i, j = plans.index(a["unit"]["plan"]), precisions.index(a["unit"]["precision"])
+        if a["status"] == "ok":
+            lat[i, j] = a["roofline"]["latency_s"] * 1e3
+            mem[i, j] = a["memory"]["peak"] / GiB
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(plans) + 1.6))
+    for ax, data, title, fmt in ((axes[0], lat, "predicted latency (ms)", "{:.3g}"),
+                                 (axes[1], mem, "peak memory per device (GiB)", "{:.2f}")):
+        masked = np.ma.masked_invalid(data)
+        cmap = plt.get_cmap("viridis_r").with_extremes(bad="#dddddd")
+        ax.imshow(masked, cmap=cmap, aspect="auto")
+        lo, hi = (np.nanmin(data), np.nanmax(data)) if np.isfinite(data).any() else (0.0, 1.0)
+        ax.set_xticks(range(len(precisions)), precisions)
+        ax.set_yticks(range(len(plans)), plans)
+        ax.set_title(f"{entry} b{batch}: {title}", fontsize=10)
+        for (i, j), v in np.ndenumerate(data):
+            light = np.isnan(v) or (v - lo) / ((hi - lo) or 1.0) < 0.6  # viridis_r is light at the low end
+            ax.text(j, i, "invalid" if np.isnan(v) else fmt.format(v), ha="center", va="center", fontsize=8,
+                    color="black" if light else "white")
+    return _png(fig)
+
+
+def pareto_figure(analysis: dict, selection: dict, entry: str) -> str | None:
+    chosen = {s["unit_id"] for s in selection["selections"] if s["unit_id"]}
+    front = {u for s in selection["selections"] for u in s["pareto"]}
+    points = [(uid, a) for uid, a in _ok_units(analysis) if a["unit"]["entry"] == entry]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for precision in dict.fromkeys(a["unit"]["precision"] for _, a in points):
+        sub = [(uid, a) for uid, a in points if a["unit"]["precision"] == precision]
+        ax.scatter([a["memory"]["peak"] / GiB for _, a in sub], [a["roofline"]["latency_s"] * 1e3 for _, a in sub],
+                   label=precision, alpha=0.8)
+        for uid, a in sub:
+            mark = "★ " if uid in chosen else ("◆ " if uid in front else "")
+            ax.annotate(mark + a["unit"]["plan"], (a["memory"]["peak"] / GiB, a["roofline"]["latency_s"] * 1e3),
+                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("peak memory per device (GiB)")
+    ax.set_ylabel("predicted latency (ms)")
+    ax.set_yscale("log")
+    ax.set_title(f"{entry}: latency vs memory (◆ Pareto front, ★ selected)", fontsize=10)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def load_figure(unit: dict, title: str) -> str:
+    grid = np.array(unit["load_grid"]["comm_bytes"]) / 2 ** 20
+    fig, ax = plt.subplots(figsize=(0.55 * grid.shape[1] + 1.8, 0.5 * grid.shape[0] + 1.2))
+    im = ax.imshow(grid, cmap="magma")
+    ax.set_xlabel("model")
+    ax.set_ylabel("data")
+    ax.set_title(title, fontsize=9)
+    for r, c in unit["load_grid"]["hot_devices"]:
+        ax.add_patch(plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=2))
+    fig.colorbar(im, ax=ax, label="MiB sent per run")
+    return _png(fig)
+
+
+def units_rows(analysis: dict) -> list[list]:
+    rows = []
+    for uid, a in analysis["units"].items():
+        u = a["unit"]
+        if a["status"] != "ok":
+            rows.append([u["entry"], u["plan"], u["precision"], u["batch"], a["status"], "", "", "", "", "", "", ""])
+            continue
+        r, f, m = a["roofline"], a["flops"], a["memory"]
+        rows.append([u["entry"], u["plan"], u["precision"], u["batch"], "ok", _ms(r["latency_s"]), r["binding"],
+                     f"{r['mfu']:.1%}", f"{m['peak'] / GiB:.2f}", "yes" if m["fits"] else "no",
+                     f"{sum(a['collectives']['bytes_by_axis'].values()) / 2 ** 20:.1f}",
+                     "" if f["redundancy"] is None else f"{f['redundancy']:.2f}"])
+    return rows
+
+
+def render_html(analysis: dict, selection: dict) -> str:
+    b = analysis["build"]
+    entries = list(dict.fromkeys(a["unit"]["entry"] for a in analysis["units"].values()))
+    batches = list(dict.fromkeys(a["unit"]["batch"] for a in analysis["units"].values()))
+    parts = [f"<h1>capibara-export build {html.escape(b['folder'])}</h1>",
+             f"<p>Target {html.escape(b['target'])}, mesh {html.escape(str(b['mesh']['shape']))} of "
+             f"{html.escape(b['mesh']['device_kind'])}, model {html.escape(str(b['model']))}, hardware constants "
+             f"{html.escape(b['hardware']['name'])} ({html.escape(b['hardware']['source'])}). jax "
+             f"{html.escape(b['toolchain']['jax'])}, libtpu {html.escape(b['toolchain']['libtpu'])}.</p>",
+             "<p>Figures are tagged: <b>compiled</b> (from the executable and its HLO), <b>model</b> "
+             "(the roofline and analytic counts), <b>measured</b> (timed; only in benchmark reports). "
+             "See docs/report.md.</p>",
+             "<h2>Selection</h2>",
+             _table(["entry", "batch", "precision", "plan", "why"],
+                    [[s["entry"], s["batch"], s["precision"], s["plan"] or "—", s["reason"]]
+                     for s in selection["selections"]], "selection")]
+    parts.append("<h2>Predicted latency and memory per plan × precision (model / compiled)</h2>")
+    for entry in entries:
+        for batch in batches:
+            fig = grid_figure(analysis, entry, batch)
+            if fig:
+                parts.append(fig)
+    parts.append("<h2>Pareto fronts (model latency vs compiled memory)</h2>")
+    parts += [f for f in (pareto_figure(analysis, selection, e) for e in entries) if f]
+    parts.append("<h2>Per-device communication load of the selected units (compiled)</h2>")
+    for s in selection["selections"]:
+        if s["unit_id"]:
+            unit = analysis["units"][s["unit_id"]]
+            lg = unit["load_grid"]
+            parts.append(load_figure(unit, f"{s['unit_id']}: imbalance {lg['imbalance']:.2f}, "
+                                           f"{len(lg['hot_devices'])} device(s) over {lg['threshold']}x mean"))
+    parts.append("<h2>Hotspots of the selected units (compiled, by model scope)</h2>")
+    for s in selection["selections"]:
+        if s["unit_id"]:
+            unit = analysis["units"][s["unit_id"]]
+            parts.append(f"<h3>{html.escape(s['unit_id'])}</h3><p>{html.escape(unit['classification']['reason'])}</p>")
+            parts.append(_table(["scope", "FLOPs share", "bytes share", "collective bytes share"],
+                                [[h["scope"], f"{h['flops_share']:.1%}", f"{h['bytes_share']:.1%}",
+                                  f"{h['comm_bytes_share']:.1%}"] for h in unit["hotspots"]["scopes"]]))
+    parts.append("<h2>All units</h2>")
+    parts.append(_table(["entry", "plan", "precision", "batch", "status", "latency ms", "bound", "MFU",
+                         "peak GiB/dev", "fits", "collective MiB", "redundancy"], units_rows(analysis), "units"))
+    parts.append("<h2>FLOP cross-check (compiled vs model)</h2>")
+    parts.append(_table(["unit", "HLO matmul FLOPs (global)", "analytic FLOPs", "ratio", "cost_analysis per device",
+                         "loop-corrected per device"],
+                        [[uid, f"{a['flops']['global_matmul'] or 0:.4g}", f"{a['analytic']['flops']:.4g}",
+                          f"{a['analytic']['global_matmul_over_analytic'] or 0:.3f}",
+                          f"{a['flops']['cost_analysis']['flops'] or 0:.4g}", f"{a['flops']['per_device']:.4g}"]
+                         for uid, a in _ok_units(analysis)]))
+    invalid = [[a["unit"]["entry"], a["unit"]["plan"], a["unit"]["precision"], a["status"], a["reason"]]
+               for a in analysis["units"].values() if a["status"] != "ok"]
+    if invalid:
+        parts.append("<h2>Units not built, and why</h2>")
+        parts.append(_table(["entry", "plan", "precision", "status", "reason"], invalid))
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1200px} table{border-collapse:collapse;margin:1em 0;"
+             "font-size:13px} td,th{border:1px solid #ccc;padding:3px 6px;text-align:left} th{background:#eee}"
+             " img{max-width:100%;margin:0.5em 0}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>capibara-export {html.escape(b['folder'])}"
+            f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def render_summary(analysis: dict, selection: dict) -> str:
+    counts: dict[str, int] = {}
+    for a in analysis["units"].values():
+        counts[a["status"]] = counts.get(a["status"], 0) + 1
+    lines = [f"## Build {analysis['build']['folder']}", "",
+             f"{len(analysis['units'])} units: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), "",
+             "| entry | batch | precision | plan | predicted ms | why |", "|---|---|---|---|---|---|"]
+    for s in selection["selections"]:
+        lines.append(f"| {s['entry']} | {s['batch']} | {s['precision']} | {s['plan'] or '—'} | "
+                     f"{_ms(s.get('predicted_latency_s'))} | {s['reason']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(folder: Path, analysis: dict, selection: dict) -> tuple[Path, Path]:
+    folder = Path(folder)
+    out = []
+    for name, text in (("report.html", render_html(analysis, selection)),
+                       ("summary.md", render_summary(analysis, selection))):
+        tmp = folder / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(folder / name)
+        out.append(folder / name)
+    return out[0], out[1]

@@ -1,0 +1,88 @@
+"""Roofline latency model for one compiled unit (per device; every figure is `model`).
+
+    compute  = F / P              F: loop-corrected FLOPs per device (optimized HLO),
+                                  P: the device's peak FLOP/s for the compute dtype
+    memory   = B / W_hbm          B: loop-corrected bytes accessed per device
+    comm     = Σ_axes Σ_c t(c)    over the collectives c on each mesh axis, with the
+                                  α–β model of the jax-ml scaling-book / Alpa:
+        all-gather, reduce-scatter   t = V·(n−1)/n / W + α·(n−1)
+        all-reduce                   t = 2·V·(n−1)/n / W + 2·α·(n−1)
+        all-to-all                   t = V·(n−1)/n / (4·W) + α·(n−1)
+        collective-permute           t = V / W + α
+      V: bytes per device, n: group size, α: per-hop latency (~1 µs).
+      W: one-way ICI link bandwidth times the number of torus dimensions the group spans
+      (a group over x, y and z drives three links at once). TPU slices smaller than a
+      full cube (v4 under 4x4x4, v5e under 16x16) have no wraparound links, so rings run
+      one way: W uses one link's one-way figure per dimension, not twice it. On a host
+      CPU, collectives are memory copies: W is the host memory bandwidth share of a device.
+    latency  = max(compute, memory, comm): the binding term is named. Overlap is
+               assumed perfect, so this is a lower bound.
+    MFU      = (model FLOPs / devices) / (latency · P): useful work only, so replicated
+               or redundant compute lowers it.
+
+Constants come from hardware.HARDWARE (../shared/REFERENCE.md). The TPU compiler's own
+`optimal_seconds` is reported beside this only when it is positive: for several f32 and
+2-D plans libtpu 0.0.42.1 returned large negative numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .collectives import Collective, dims_spanned
+from .hardware import Hardware
+
+
+@dataclass
+class Roofline:
+    compute_s: float
+    memory_s: float
+    comm_s: float
+    comm_s_by_axis: dict[str, float]
+    latency_s: float
+    binding: str
+    mfu: float
+    peak_flops: float
+    link_bandwidth: float
+    compiler_optimal_s: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"source": "model", **asdict(self)}
+
+
+def collective_seconds(c: Collective, bandwidth: float, hop_latency: float) -> float:
+    n = max(c.group_size, 1)
+    if c.axis == "none" or n <= 1 or bandwidth <= 0:
+        return 0.0
+    frac = (n - 1) / n
+    if c.kind == "all-reduce":
+        t = 2 * c.bytes * frac / bandwidth + 2 * hop_latency * (n - 1)
+    elif c.kind == "all-to-all":
+        t = c.bytes * frac / (4 * bandwidth) + hop_latency * (n - 1)
+    elif c.kind == "collective-permute":
+        t = c.bytes / bandwidth + hop_latency
+    else:  # all-gather, reduce-scatter
+        t = c.bytes * frac / bandwidth + hop_latency * (n - 1)
+    return t * c.times
+
+
+def roofline(flops: float, bytes_accessed: float, found: list[Collective], hardware: Hardware, compute_dtype: str,
+             model_flops: float, num_devices: int, compiler_optimal: float | None = None,
+             coords: list[list[int]] | None = None) -> Roofline:
+    peak = hardware.peak_flops(compute_dtype)
+    link = hardware.ici_link_bandwidth or hardware.hbm_bandwidth
+    compute = flops / peak if peak else 0.0
+    memory = bytes_accessed / hardware.hbm_bandwidth if hardware.hbm_bandwidth else 0.0
+    by_axis: dict[str, float] = {}
+    for c in found:
+        width = dims_spanned(c, coords or []) if hardware.ici_link_bandwidth else 1
+        t = collective_seconds(c, link * width, hardware.ici_hop_latency)
+        if t:
+            by_axis[c.axis] = by_axis.get(c.axis, 0.0) + t
+    comm = sum(by_axis.values())
+    terms = {"compute": compute, "memory": memory, "communication": comm}
+    binding = max(terms, key=terms.get)
+    latency = terms[binding]
+    mfu = (model_flops / num_devices) / (latency * peak) if latency > 0 and peak else 0.0
+    optimal = compiler_optimal if compiler_optimal is not None and compiler_optimal > 0 else None
+    return Roofline(compute, memory, comm, by_axis, latency, binding, mfu, peak, link, optimal)

@@ -1,0 +1,60 @@
+"""Plan selection: per (entry, batch, precision), the plan to serve and why.
+
+Units that did not compile, are invalid or do not fit the memory budget are dropped
+(never selected). Among the rest, the Pareto front on (predicted latency, peak memory per
+device) is kept and its fastest member chosen, ties going to the smaller footprint.
+Precision is not chosen here: it is a numerical decision for the serving team, so each
+precision gets its own selection.
+"""
+
+from __future__ import annotations
+
+SCHEMA = "capibara-export/selection"
+SCHEMA_VERSION = 1
+
+
+def _gib(n: float) -> str:
+    return f"{n / 1024 ** 3:.2f} GiB"
+
+
+def pareto(points: list[tuple[str, float, float]]) -> list[str]:
+    """Ids of the points no other point beats on both latency and memory."""
+    front = []
+    for uid, lat, mem in points:
+        dominated = any((l2 <= lat and m2 <= mem) and (l2 < lat or m2 < mem) for u2, l2, m2 in points if u2 != uid)
+        if not dominated:
+            front.append(uid)
+    return front
+
+
+def select(analysis: dict) -> dict:
+    groups: dict[tuple, list[dict]] = {}
+    for uid, a in analysis["units"].items():
+        u = a["unit"]
+        groups.setdefault((u["entry"], u["batch"], u["precision"]), []).append({"id": uid, **a})
+    selections = []
+    for (entry, batch, precision), units in sorted(groups.items()):
+        fitting = [u for u in units if u["status"] == "ok" and u.get("memory", {}).get("fits")]
+        dropped = {u["id"]: (u["reason"] or u["status"]) if u["status"] != "ok" else "over the memory budget"
+                   for u in units if u not in fitting}
+        entry_sel = {"entry": entry, "batch": batch, "precision": precision, "dropped": dropped}
+        if not fitting:
+            entry_sel.update(plan=None, unit_id=None, pareto=[],
+                             reason=f"no plan fits: {len(units)} considered, none compiled within the memory budget")
+            selections.append(entry_sel)
+            continue
+        points = [(u["id"], u["roofline"]["latency_s"], u["memory"]["peak"]) for u in fitting]
+        front = pareto(points)
+        by_id = {u["id"]: u for u in fitting}
+        best = min(front, key=lambda i: (by_id[i]["roofline"]["latency_s"], by_id[i]["memory"]["peak"]))
+        chosen = by_id[best]
+        r = chosen["roofline"]
+        others = [by_id[i]["unit"]["plan"] for i in front if i != best]
+        reason = (f"{chosen['unit']['plan']}: fastest predicted latency ({r['latency_s'] * 1e3:.3g} ms, "
+                  f"{r['binding']}-bound, MFU {r['mfu']:.0%}) of {len(fitting)} fitting plans, "
+                  f"{_gib(chosen['memory']['peak'])} per device"
+                  + (f"; also on the Pareto front: {', '.join(others)}" if others else ""))
+        entry_sel.update(plan=chosen["unit"]["plan"], unit_id=best, pareto=front, reason=reason,
+                         predicted_latency_s=r["latency_s"], peak_bytes=chosen["memory"]["peak"])
+        selections.append(entry_sel)
+    return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "selections": selections}

@@ -1,0 +1,160 @@
+"""Analysis that can be trusted: loop-corrected FLOPs against analytic counts, collectives
+against hand-derived expectations, hotspot classification, selection and the report."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from capibara_export.build import BuildRequest, run_build
+from capibara_export.collectives import collectives
+from capibara_export.derive import derive
+from capibara_export.hlo import HloProgram
+from capibara_export.selection import pareto, select
+from capibara_export.targets import get_target, make_mesh
+
+SERVING_PLANS = ("replicated", "dp", "fsdp", "fsdp-tp", "hidden")
+
+
+@pytest.fixture(scope="module")
+def cpu_mesh():
+    return make_mesh(get_target("cpu"), (4, 8))
+
+
+def _collectives_of(fn, in_specs, out_spec, shapes, mesh):
+    jitted = jax.jit(fn, in_shardings=tuple(NamedSharding(mesh, s) for s in in_specs),
+                     out_shardings=NamedSharding(mesh, out_spec))
+    text = jitted.lower(*(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)).compile().as_text()
+    return collectives(HloProgram(text), (4, 8))
+
+
+def test_tp_matmul_all_reduces_its_output_over_model(cpu_mesh):
+    """x·W with the contraction sharded over `model`: each device holds a partial (16, 32)
+    product, summed by one all-reduce over the 8 devices of its `model` row: 16·32·4 bytes."""
+    found = _collectives_of(lambda x, w: x @ w, (P(None, "model"), P("model", None)), P(),
+                            ((16, 64), (64, 32)), cpu_mesh)
+    (c,) = found
+    assert (c.kind, c.axis, c.group_size, c.bytes, c.times) == ("all-reduce", "model", 8, 16 * 32 * 4, 1)
+
+
+def test_gathering_a_batch_sharded_over_data_all_gathers_over_data(cpu_mesh):
+    found = _collectives_of(lambda x: x * 2.0, (P("data", None),), P(), ((16, 32),), cpu_mesh)
+    (c,) = found
+    assert (c.kind, c.axis, c.group_size, c.bytes) == ("all-gather", "data", 4, 16 * 32 * 4)
+
+
+@pytest.fixture(scope="module")
+def base_build(tmp_path_factory):
+    """base encode_image and caption, bf16, batch 32, every serving plan, on tpu-v4-32."""
+    out = tmp_path_factory.mktemp("base")
+    request = BuildRequest(entries=("encode_image", "caption"), plans=SERVING_PLANS, precisions=("bf16",),
+                           out=out)
+    result = run_build(request, finish=lambda staging, _: derive(staging))
+    return result.folder, json.loads((result.folder / "analysis.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", ["encode_image", "caption"])
+def test_loop_corrected_flops_match_the_analytic_count_for_every_plan(base_build, entry):
+    _, analysis = base_build
+    for plan in SERVING_PLANS:
+        a = analysis["units"][f"{entry}-{plan}-bf16-b32"]
+        analytic, flops = a["analytic"]["flops"], a["flops"]
+        # the whole program as compiled, before partitioning: plan-independent
+        assert flops["global_matmul"] == pytest.approx(analytic, rel=0.10), plan
+        # per device, after partitioning: the batch split 32 ways, or every device doing all of it
+        devices = {"replicated": 1, "hidden": None}.get(plan, 32)
+        if devices:
+            assert flops["per_device_matmul"] * devices == pytest.approx(analytic, rel=0.10), plan
+        # what cost_analysis alone reports: the 12 scanned layers counted once
+        assert flops["cost_analysis"]["flops"] < 0.3 * flops["per_device"], plan
+
+
+@pytest.mark.slow
+def test_roofline_names_a_binding_term_and_selection_only_picks_fitting_units(base_build):
+    folder, analysis = base_build
+    for a in analysis["units"].values():
+        if a["status"] == "ok":
+            r = a["roofline"]
+            assert r["binding"] in ("compute", "memory", "communication")
+            assert r["latency_s"] == max(r["compute_s"], r["memory_s"], r["comm_s"]) > 0
+            assert r["compiler_optimal_s"] is None or r["compiler_optimal_s"] > 0
+    selection = json.loads((folder / "selection.json").read_text())
+    for s in selection["selections"]:
+        assert analysis["units"][s["unit_id"]]["memory"]["fits"]
+        assert s["unit_id"] in s["pareto"]
+
+
+@pytest.mark.slow
+def test_report_holds_every_figure_and_table(base_build):
+    folder, _ = base_build
+    page = (folder / "report.html").read_text()
+    images = re.findall(r'<img alt="figure" src="data:image/png;base64,[A-Za-z0-9+/=]{1000,}"', page)
+    # 2 plan×precision grids, 2 Pareto fronts, 2 load grids of the selected units
+    assert len(images) == 6
+    for heading in ("Selection", "Pareto fronts", "Per-device communication load", "Hotspots of the selected units",
+                    "All units", "FLOP cross-check"):
+        assert f"<h2>{heading}" in page
+    assert page.count("<tr>") > 20 and "http" not in page.replace("http-equiv", "")  # self-contained
+    assert "| encode_image | 32 | bf16 |" in (folder / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_report_command_regenerates_from_the_folder(base_build):
+    folder, _ = base_build
+    (folder / "report.html").unlink()
+    result = subprocess.run([sys.executable, "-m", "capibara_export", "report", str(folder)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (folder / "report.html").is_file() and "Report:" in result.stdout
+    missing = subprocess.run([sys.executable, "-m", "capibara_export", "report", str(folder / "nope")],
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "build folder not found" in missing.stderr
+
+
+@pytest.mark.slow
+def test_classification_flips_from_batch_bound_to_hidden_bound_as_the_batch_shrinks(tmp_path):
+    request = BuildRequest(entries=("encode_image",), plans=("replicated",), precisions=("fp32",),
+                           batches=(256, 1), out=tmp_path)
+    folder = run_build(request, finish=lambda staging, _: derive(staging)).folder
+    units = json.loads((folder / "analysis.json").read_text())["units"]
+    big, small = units["encode_image-replicated-fp32-b256"], units["encode_image-replicated-fp32-b1"]
+    assert big["classification"]["bound"] == "batch" and big["classification"]["recommend"] == ["dp", "fsdp"]
+    assert small["classification"]["bound"] == "hidden" and "hidden" in small["classification"]["recommend"]
+    assert "shard the batch" in big["classification"]["reason"]
+
+
+def _unit(plan, status="ok", latency=1.0, peak=1.0, fits=True):
+    unit = {"unit": {"entry": "caption", "batch": 8, "precision": "bf16", "plan": plan}, "status": status,
+            "reason": "" if status == "ok" else "too big"}
+    if status == "ok":
+        unit.update(memory={"peak": peak, "fits": fits},
+                    roofline={"latency_s": latency, "binding": "compute", "mfu": 0.5})
+    return unit
+
+
+def test_selection_never_picks_a_unit_that_does_not_fit():
+    analysis = {"units": {"a": _unit("fast-but-too-big", latency=0.1, fits=False),
+                          "b": _unit("oom", status="does-not-fit"),
+                          "c": _unit("slow-small", latency=2.0, peak=1.0),
+                          "d": _unit("fast-large", latency=1.0, peak=3.0),
+                          "e": _unit("dominated", latency=2.5, peak=3.5)}}
+    (s,) = select(analysis)["selections"]
+    assert s["plan"] == "fast-large" and set(s["pareto"]) == {"c", "d"}
+    assert set(s["dropped"]) == {"a", "b"} and "Pareto front: slow-small" in s["reason"]
+
+
+def test_no_fitting_unit_selects_nothing_and_says_so():
+    (s,) = select({"units": {"b": _unit("oom", status="does-not-fit")}})["selections"]
+    assert s["plan"] is None and s["reason"].startswith("no plan fits")
+
+
+def test_pareto_front():
+    assert pareto([("a", 1, 5), ("b", 2, 2), ("c", 3, 3), ("d", 5, 1)]) == ["a", "b", "d"]

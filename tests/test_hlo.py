@@ -1,0 +1,106 @@
+"""HLO text parsing: trip counts, loop multipliers, FLOP conventions, replica groups."""
+
+import pytest
+
+from capibara_export.collectives import axis_of, parse_groups
+from capibara_export.hlo import HloProgram, scope
+
+LOOP = """HloModule m
+
+%body (p: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
+  %p = (s32[], f32[8,16]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[8,16]{1,0} get-tuple-element(%p), index=1
+  %w = f32[16,16]{1,0} constant({...})
+  %d = f32[8,16]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(f)/vision/while/body/closed_call/mlp/dot_general"}
+  %step = s32[] constant(STEP)
+  %n = s32[] add(%i, %step)
+  ROOT %t = (s32[], f32[8,16]) tuple(%n, %d)
+}
+
+%cond (p: (s32[], f32[8,16])) -> pred[] {
+  %p = (s32[], f32[8,16]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %limit = s32[] constant(LIMIT)
+  ROOT %lt = pred[] compare(%i, %limit), direction=LT
+}
+
+ENTRY %main (a: f32[8,16]) -> f32[8,16] {
+  %a = f32[8,16]{1,0} parameter(0)
+  %zero = s32[] constant(START)
+  %t = (s32[], f32[8,16]) tuple(%zero, %a)
+  %w = (s32[], f32[8,16]) while(%t), condition=%cond, body=%body BACKEND
+  ROOT %r = f32[8,16]{1,0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def loop_module(start=0, limit=12, step=1, backend=""):
+    return (LOOP.replace("START", str(start)).replace("LIMIT", str(limit)).replace("STEP", str(step))
+            .replace("BACKEND", backend))
+
+
+@pytest.mark.parametrize("start, limit, step, trips", [(0, 12, 1, 12), (1, 20, 1, 19), (0, 16, 2, 8), (0, 15, 2, 8)])
+def test_trip_count_from_the_loop_condition(start, limit, step, trips):
+    program = HloProgram(loop_module(start, limit, step))
+    (loop,) = program.loops
+    assert (loop.trip_count, loop.source) == (trips, "condition")
+    dot_flops = 2 * 8 * 16 * 16
+    assert program.costs(loop_corrected=True).matmul_flops == trips * dot_flops
+    assert program.costs(loop_corrected=False).matmul_flops == dot_flops
+
+
+def test_known_trip_count_wins_over_the_condition():
+    program = HloProgram(loop_module(0, 12, 1, ', backend_config={"known_trip_count":{"n":"5"}}'))
+    assert program.loops[0].trip_count == 5 and program.loops[0].source == "known_trip_count"
+
+
+def test_scope_strips_jax_internals():
+    assert scope("jit(fn)/text_decoder/while/body/closed_call/self_attention/dot_general") == \
+        "text_decoder/self_attention"
+    assert scope("jit(fn)/transpose(jvp(vision))/vision_blocks/while/body/mlp/dot_general") == \
+        "vision/vision_blocks/mlp"
+    assert scope("") == "(unattributed)"
+
+
+BATCHED_CONV = """HloModule m
+
+ENTRY %main (q: bf16[32,577,12,64], k: bf16[32,577,12,64]) -> f32[32,12,577,577] {
+  %q = bf16[32,577,12,64]{3,2,1,0} parameter(0)
+  %k = bf16[32,577,12,64]{3,2,1,0} parameter(1)
+  ROOT %s = f32[32,12,577,577]{3,2,1,0} convolution(%q, %k), window={size=32x12 stride=31x11 lhs_dilate=32x12}, dim_labels=0b1f_0o1i->01bf
+}
+"""
+
+
+def test_batched_matmul_written_as_dilated_convolution_counts_one_tap():
+    """TPU HLO writes attention scores as a convolution over dilated batch dims; only one
+    window tap per output is real, so the FLOPs are those of the batched matmul."""
+    program = HloProgram(BATCHED_CONV)
+    assert program.costs().matmul_flops == pytest.approx(2 * 32 * 12 * 577 * 577 * 64)
+
+
+@pytest.mark.parametrize("text, groups", [
+    ("{{0,1,2,3},{4,5,6,7}}", [[0, 1, 2, 3], [4, 5, 6, 7]]),
+    ("[2,4]<=[8]", [[0, 1, 2, 3], [4, 5, 6, 7]]),
+    ("[4,2]<=[2,4]T(1,0)", [[0, 4], [1, 5], [2, 6], [3, 7]]),
+    ("mesh['axis_0'=2,'axis_1'=4] {'axis_1'}", [[0, 1, 2, 3], [4, 5, 6, 7]]),
+    ("mesh['axis_0'=2,'axis_1'=4] {'axis_0'}", [[0, 4], [1, 5], [2, 6], [3, 7]]),
+])
+def test_replica_group_notations(text, groups):
+    assert parse_groups(text, 8) == groups
+
+
+def test_groups_map_to_mesh_axes():
+    assert axis_of([[0, 1, 2, 3], [4, 5, 6, 7]], (2, 4)) == ("model", 4)
+    assert axis_of([[0, 4], [1, 5]], (2, 4)) == ("data", 2)
+    assert axis_of([list(range(8))], (2, 4)) == ("data+model", 8)
+    assert axis_of([[3]], (2, 4)) == ("none", 1)
+
+
+def test_mesh_groups_with_a_device_order():
+    """CPU HLO: mesh['axis_0'=1,'axis_1'=8,'axis_2'=4], device_ids=([4,8]T(1,0)) {'axis_1'} are
+    the rows of a 4x8 device grid."""
+    groups = parse_groups("mesh['axis_0'=1,'axis_1'=8,'axis_2'=4], device_ids=([4,8]T(1,0)) {'axis_1'}", 32)
+    assert groups[0] == list(range(8)) and groups[3] == list(range(24, 32))
+    assert axis_of(groups, (4, 8)) == ("model", 8)
