@@ -14,6 +14,7 @@ only one.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -82,3 +83,18 @@ def enable_jax_cache(root: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@contextlib.contextmanager
+def jax_cache_disabled():
+    """Compile without JAX's persistent cache. An XLA:CPU executable loaded from that cache
+    re-serializes without its code ("Function wrapped_add not found" when loaded again),
+    so executables that are exported are always compiled fresh."""
+    import jax
+
+    previous = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", previous)

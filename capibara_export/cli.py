@@ -62,6 +62,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--name", help="build folder name (default MODEL-TARGET-MESH)")
     b.add_argument("--no-cache", action="store_true", help="ignore and do not write the result cache")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_export_args(b, standalone=False)
 
     p = sub.add_parser("plans", help="list sharding plans and whether each is valid for a model, mesh and batch")
     _add_mesh_args(p)
@@ -70,22 +71,62 @@ def parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="recompute analysis, selection and report.html for a build folder")
     r.add_argument("build_dir", help="a folder written by `build`, e.g. artifacts/base-tpu-v4-32-4x8")
+
+    e = sub.add_parser("export", help="write the serving bundle of an existing build folder")
+    e.add_argument("build_dir", help="a folder written by `build`")
+    _add_export_args(e, standalone=True)
+
+    v = sub.add_parser("verify", help="check a bundle's hashes and that every runnable artifact reproduces the model")
+    v.add_argument("bundle", help="a bundle folder, e.g. artifacts/base-tpu-v4-32-4x8/bundle")
+    v.add_argument("--json", action="store_true", help="print the equivalence matrix as JSON lines")
+
+    i = sub.add_parser("inspect", help="what a bundle holds, for whom, and until when it is valid")
+    i.add_argument("bundle")
     return top
 
 
-def _cpu_devices(args) -> int | None:
+def _add_export_args(p: argparse.ArgumentParser, standalone: bool) -> None:
+    if not standalone:
+        p.add_argument("--export", action="store_true", help="also write the serving bundle (BUILD/bundle)")
+    else:
+        p.add_argument("--checkpoint", metavar="DIR", help="weights to export (a Hugging Face BLIP folder)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="export random weights (outputs are meaningless; for testing the serving path)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --random-weights (default 0)")
+    p.add_argument("--export-precisions", type=_csv(), help="precisions to export (default: the build's)")
+    p.add_argument("--no-saved-model", action="store_true", help="skip the TF SavedModel (the slowest artifact)")
+
+
+def _environment(args) -> tuple[str | None, int | None]:
+    """(target, simulated CPU devices) this command needs, known before JAX starts.
+
+    verify and export read them from the bundle manifest or build.json: a CPU bundle's
+    executables need its mesh, and a TPU bundle's parameters are restored onto its plan's
+    shardings over as many simulated CPU devices."""
+    import json
+
+    if args.command in ("verify", "export"):
+        path = Path(args.bundle) / "manifest.json" if args.command == "verify" else Path(args.build_dir) / "build.json"
+        try:
+            data = json.loads(path.read_text())
+            shape = data["mesh"]["shape"]
+            target = data["target"]["name"]
+            return target, int(shape["data"]) * int(shape["model"])
+        except (OSError, ValueError, KeyError):
+            return None, None  # the command itself reports the missing or broken file
     if getattr(args, "target", None) != "cpu":
-        return None
+        return getattr(args, "target", None), None
     from .targets import parse_mesh
 
     rows, cols = parse_mesh(args.mesh)
-    return rows * cols
+    return args.target, rows * cols
 
 
 def cmd_build(args) -> int:
     from rich.markdown import Markdown
 
     from .build import BuildRequest, run_build
+    from .build import model_config as build_config
     from .console import build_progress, console, out, reasons_table, records_table
     from .derive import derive
     from .programs import SERVING_ENTRIES, ProgramOptions
@@ -100,9 +141,17 @@ def cmd_build(args) -> int:
         out=Path(args.out), use_cache=not args.no_cache, name=args.name)
     summary = {}
 
+    weights = None
+    if args.export:  # fail on missing weights before compiling anything
+        from .export.bundle import float_params
+
+        weights = float_params(build_config(request), args.checkpoint, args.seed if args.random_weights else None)
+
     def finish(staging, result):
         console.print("analysing, selecting plans and writing the report ...")
         summary["text"] = derive(staging)[2]
+        if weights is not None:
+            write_bundle(staging, result.mesh, weights, args, console)
 
     with build_progress(args.quiet) as progress:
         result = run_build(request, progress=progress, finish=finish)
@@ -116,6 +165,109 @@ def cmd_build(args) -> int:
     console.print(f"{len(result.records)} units in {result.seconds:.1f}s: "
                   + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "invalid", "does-not-fit", "compile-error"))
                   + f"; {counts['cached']} from cache. Report: {result.folder / 'report.html'}")
+    return 0
+
+
+def write_bundle(folder: Path, mesh, weights: tuple[dict, str], args, console) -> Path:
+    """Export the bundle of a build folder (staged or final) with the given weights."""
+    import json
+
+    from model import BlipConfig
+    from sharding.plans import ShardingPlan
+
+    from .export.bundle import ExportRequest, export_bundle
+    from .programs import ProgramOptions
+
+    build = json.loads((folder / "build.json").read_text())
+    request = build["request"]
+    precisions = tuple(args.export_precisions or request["precisions"])
+    req = ExportRequest(
+        build_folder=folder, config=BlipConfig.from_dict(build["model_config"]), params=weights[0], weights=weights[1],
+        precisions=precisions, selection=json.loads((folder / "selection.json").read_text())["selections"],
+        analysis=json.loads((folder / "analysis.json").read_text())["units"],
+        plans={k: ShardingPlan.from_dict(v) for k, v in build["plans"].items()}, target=build["target"],
+        mesh=mesh, mesh_info=build["mesh"], options=ProgramOptions(**request["options"]),
+        saved_model=not args.no_saved_model)
+    bundle = export_bundle(req, progress=lambda what: console.print(f"exporting {what} ..."))
+    console.print(f"bundle: {bundle} (verify it with: python -m capibara_export verify {bundle})")
+    return bundle
+
+
+def cmd_export(args) -> int:
+    import json
+
+    from model import BlipConfig
+
+    from .console import console
+    from .export.bundle import float_params
+    from .targets import get_target, make_mesh
+
+    folder = Path(args.build_dir)
+    if not (folder / "build.json").is_file() or not (folder / "selection.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a build folder with a selection; run `build` first")
+    build = json.loads(folder.joinpath("build.json").read_text())
+    cfg = BlipConfig.from_dict(build["model_config"])
+    weights = float_params(cfg, args.checkpoint, args.seed if args.random_weights else None)
+    shape = build["mesh"]["shape"]
+    mesh = make_mesh(get_target(build["request"]["target"]), (int(shape["data"]), int(shape["model"])))
+    write_bundle(folder, mesh, weights, args, console)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    import json as _json
+
+    from rich.table import Table
+
+    from .console import out
+    from .export.verify import Verifier
+
+    rows = Verifier(Path(args.bundle)).run()
+    if args.json:
+        for r in rows:
+            print(_json.dumps(r.__dict__))
+    else:
+        table = Table(title=f"Equivalence matrix: {args.bundle}", title_justify="left")
+        for col in ("artifact", "output", "max abs error", "tolerance", "result", "note"):
+            table.add_column(col, overflow="fold")
+        style = {"pass": "green", "FAIL": "red", "error": "red", "not runnable here": "yellow"}
+        for r in rows:
+            table.add_row(r.artifact, r.output, "" if r.max_abs_error is None else f"{r.max_abs_error:.3g}",
+                          "" if r.tolerance is None else f"{r.tolerance:.3g}", f"[{style[r.result]}]{r.result}[/]", r.note)
+        out.print(table)
+    failed = [r for r in rows if r.failed]
+    counts = {k: sum(r.result == k for r in rows) for k in ("pass", "FAIL", "error", "not runnable here")}
+    print(", ".join(f"{v} {k}" for k, v in counts.items()), file=sys.stderr)
+    if failed:
+        print(f"capibara-export: verify failed: {failed[0].artifact}: {failed[0].note or failed[0].result}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from rich.table import Table
+
+    from .console import out
+    from .export import manifest as mf
+
+    m = mf.read(Path(args.bundle))
+    out.print(f"[bold]{m['model']['name']}[/] bundle for {m['for']}")
+    out.print(f"made {m['created']} for {m['target']['name']} ({m['mesh']['device_kind']}, mesh {m['mesh']['shape']}); "
+              f"weights: {m['model']['weights']}")
+    out.print(f"toolchain: " + ", ".join(f"{k} {v}" for k, v in m["toolchain"].items()))
+    c = m["compatibility"]
+    out.print(f"jax.export artifacts valid until {c['valid_until']} (JAX releases from {c['oldest_jax_release']}); "
+              f"executables only with jax {m['toolchain']['jax']} / libtpu {m['toolchain']['libtpu']}")
+    table = Table(title="Artifacts", title_justify="left")
+    for col in ("path", "kind", "entry", "precision", "plan", "batch", "MiB", "sha256"):
+        table.add_column(col, overflow="fold")
+    for a in m["artifacts"]:
+        table.add_row(a["path"], a["kind"], a.get("entry", ""), a.get("precision", a.get("storage", "")),
+                      a.get("plan", ""), str(a.get("batch", "")), f"{a['size'] / 2 ** 20:.1f}", a["sha256"][:12])
+    out.print(table)
+    for s in m["selection"]:
+        out.print(f"selected {s['entry']} b{s['batch']} {s['precision']}: {s['reason']}")
     return 0
 
 
@@ -159,7 +311,8 @@ def cmd_plans(args) -> int:
     return 0
 
 
-COMMANDS = {"build": cmd_build, "plans": cmd_plans, "report": cmd_report}
+COMMANDS = {"build": cmd_build, "plans": cmd_plans, "report": cmd_report, "export": cmd_export,
+            "verify": cmd_verify, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     from .targets import TargetError  # no JAX import yet
 
     try:
-        environment.prepare(getattr(args, "target", None), _cpu_devices(args))
+        environment.prepare(*_environment(args))
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("capibara-export: interrupted; finished units are cached, run the same command again to resume",

@@ -6,8 +6,9 @@ from model.processor import ProcessorError
 from sharding.plans import PlanError
 from sharding.precision import PrecisionError
 
+from .export.manifest import BundleError
 from .programs import ProgramError
 from .targets import TargetError
 
 USER_ERRORS = (ConfigError, CheckpointError, ProcessorError, PlanError, PrecisionError, ProgramError, TargetError,
-               FileNotFoundError)
+               FileNotFoundError, BundleError)

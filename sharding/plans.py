@@ -48,6 +48,13 @@ class ShardingPlan:
                 "params": {k: list(v) for k, v in self.params},
                 "activations": {k: list(v) for k, v in self.activations}}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> ShardingPlan:
+        """A plan recorded by to_dict (in a build or bundle), re-checked like a plan file."""
+        where = d.get("source", "recorded plan")
+        return cls(d["name"], d.get("description", ""), _rules(d["name"], "params", d["params"], where),
+                   _rules(d["name"], "activations", d["activations"], where), where)
+
 
 def _rules(plan: str, kind: str, raw, where: str) -> Rules:
     if not isinstance(raw, dict):

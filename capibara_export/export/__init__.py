@@ -1,0 +1,1 @@
+"""Serving bundles: parameters, StableHLO, SavedModel, executables, manifest, verify."""

@@ -1,0 +1,228 @@
+"""Write a bundle for serving teams: parameters, portable and sharded StableHLO, TF
+SavedModels, serialized executables of the selected units, a manifest and a README.
+
+The bundle is assembled in a temporary folder and renamed into place at the end, so an
+interrupted export leaves no half-written bundle.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from model import BlipConfig
+from model.state import logical_names
+from sharding.plans import ShardingPlan, param_specs
+from sharding.precision import get_policy, storage_specs, store
+
+from ..build import config_hash, staged_folder
+from ..cache import jax_cache_disabled
+from ..programs import NEEDS_TOWER, SERVING_ENTRIES, ProgramError, ProgramOptions
+from ..records import toolchain
+from . import executables, manifest as mf, params as params_io, saved_model, stablehlo
+from .readme import render_readme
+from .serving import INPUT_NAMES, OUTPUT_NAMES, serving_function
+
+
+@dataclass
+class ExportRequest:
+    build_folder: Path
+    config: BlipConfig
+    params: dict                      # float parameters (nested), e.g. from a checkpoint
+    weights: str                      # where they came from, said in the manifest
+    precisions: tuple[str, ...]
+    selection: list[dict]             # selection.json's selections
+    analysis: dict                    # analysis.json's units
+    plans: dict[str, ShardingPlan]
+    target: dict                      # build.json's target
+    mesh: object                      # the jax Mesh of the build
+    mesh_info: dict
+    options: ProgramOptions = field(default_factory=ProgramOptions)
+    saved_model: bool = True
+
+
+def storage_form(precision: str) -> str:
+    policy = get_policy(precision)
+    return "int8-weights" if policy.int8_weights else policy.param_dtype
+
+
+def _entries(cfg: BlipConfig) -> list[str]:
+    return [e for e in SERVING_ENTRIES if cfg.has(NEEDS_TOWER.get(e, "caption"))]
+
+
+def _artifact(bundle: Path, path: Path, kind: str, **info) -> dict:
+    rel = path.relative_to(bundle).as_posix()
+    return {"path": rel, "kind": kind, "sha256": mf.artifact_hash(path), "size": mf.artifact_size(path), **info}
+
+
+LOAD = {
+    "params": "params = orbax.checkpoint.StandardCheckpointer().restore(os.path.abspath('{path}'))",
+    "jax.export": "exp = jax.export.deserialize(open('{path}', 'rb').read()); out = exp.call(params, *inputs)",
+    "jax.export-sharded": "exp = jax.export.deserialize(open('{path}', 'rb').read()); "
+                          "out = exp.call(params_sharded, *inputs_sharded)  # on the manifest's mesh",
+    "saved_model": "m = tf.saved_model.load('{path}'); out = m.signatures['caption'](pixel_values=..., prompt_ids=...)",
+    "executable": "python -m capibara_export verify BUNDLE runs it; in code: "
+                  "capibara_export.export.executables.load(bundle, manifest, artifact)",
+}
+
+
+def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _: None) -> Path:
+    started = time.perf_counter()
+    cfg, names = req.config, logical_names(req.config)
+    created = dt.date.today()
+    with staged_folder(Path(req.build_folder) / "bundle") as bundle:
+        artifacts: list[dict] = []
+        stored: dict[str, dict] = {}
+        for precision in req.precisions:
+            form = storage_form(precision)
+            if form in stored:
+                continue
+            progress(f"parameters ({form})")
+            flat = params_io.flatten(store(req.params, names, get_policy(precision)))
+            stored[form] = flat
+            folder = bundle / "params" / form
+            params_io.save(folder, flat)
+            artifacts.append(_artifact(bundle, folder, "params", storage=form, precisions=[
+                p for p in req.precisions if storage_form(p) == form],
+                inputs=[{"name": k, "shape": list(v.shape), "dtype": str(v.dtype)} for k, v in sorted(flat.items())],
+                shardings={s["plan"]: {k: str(v) for k, v in params_io.flatten(
+                    _param_specs(req, precision, s["plan"])).items()}
+                    for s in req.selection if s["plan"] and s["precision"] == precision},
+                load=LOAD["params"].format(path=folder.relative_to(bundle))))
+
+        for precision in req.precisions:
+            policy = get_policy(precision)
+            for entry in _entries(cfg):
+                progress(f"jax.export {entry} {precision}")
+                serving = serving_function(cfg, entry, policy, 1, req.options)
+                exported = stablehlo.export_portable(serving)
+                path = bundle / "stablehlo" / f"{entry}-{precision}.jaxexport"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                stablehlo.save(exported, path)
+                artifacts.append(_artifact(bundle, path, "jax.export", entry=entry, precision=precision,
+                                           params=f"params/{storage_form(precision)}",
+                                           platforms=list(exported.platforms), batch="b (symbolic)",
+                                           inputs=_named(entry, stablehlo.describe_avals(exported.in_avals)[
+                                               len(serving.flat_params):]),
+                                           outputs=stablehlo.describe_avals(exported.out_avals),
+                                           output_names=OUTPUT_NAMES[entry],
+                                           load=LOAD["jax.export"].format(path=path.relative_to(bundle))))
+            if req.saved_model:
+                servings = {e: serving_function(cfg, e, policy, 1, req.options)
+                            for e in saved_model.SIGNATURES if e in _entries(cfg)}
+                if servings:
+                    progress(f"SavedModel {precision}")
+                    folder = bundle / "saved_model" / precision
+                    signatures = saved_model.save(folder, servings, stored[storage_form(precision)],
+                                                  model_name=f"{cfg.name}-{precision}")
+                    artifacts.append(_artifact(bundle, folder, "saved_model", precision=precision,
+                                               signatures=signatures, platforms=list(stablehlo.PLATFORMS),
+                                               batch="None (polymorphic)",
+                                               inputs={e: list(INPUT_NAMES[e]) for e in signatures},
+                                               warmup="assets.extra/tf_serving_warmup_requests",
+                                               load=LOAD["saved_model"].format(path=folder.relative_to(bundle))))
+
+        for sel in req.selection:
+            if not sel["plan"] or sel["precision"] not in req.precisions:
+                continue
+            artifacts += _selected_unit(req, bundle, sel)
+
+        manifest = {
+            "schema": mf.SCHEMA, "schema_version": mf.SCHEMA_VERSION,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "for": "serving teams running the Mnemosyne semiotic model (BLIP layout: captioning, image-text "
+                   "matching, contrastive similarity)",
+            "toolchain": toolchain(),
+            "target": req.target,
+            "mesh": {**req.mesh_info, "devices": int(req.mesh.devices.size)},
+            "model": {"name": cfg.name, "config": cfg.to_dict(), "hash": config_hash(cfg), "towers": list(cfg.towers),
+                      "weights": req.weights, "options": asdict(req.options)},
+            "compatibility": mf.validity_window(created),
+            "selection": req.selection,
+            "plans": {name: plan.to_dict() for name, plan in req.plans.items()},
+            "artifacts": artifacts,
+            "export_seconds": round(time.perf_counter() - started, 1),
+        }
+        mf.write(bundle / "manifest.json", manifest)
+        (bundle / "README.md").write_text(render_readme(manifest))
+    return Path(req.build_folder) / "bundle"
+
+
+def _named(entry: str, avals: list[dict]) -> list[dict]:
+    names = INPUT_NAMES[entry]
+    if entry == "decode_step":  # (ids, position, cache leaves...)
+        names = names[:2] + tuple(f"cache/{k}" for k in ("cross_kv", "self_kv"))
+    return [{"name": n, **a} for n, a in zip(names, avals)]
+
+
+def _param_specs(req: ExportRequest, precision: str, plan_name: str) -> dict:
+    names = logical_names(req.config)
+    return storage_specs(param_specs(req.plans[plan_name], names), names, get_policy(precision))
+
+
+def _selected_unit(req: ExportRequest, bundle: Path, sel: dict) -> list[dict]:
+    """The sharded jax.export and the serialized executable of one selected unit."""
+    entry, precision, plan, batch = sel["entry"], sel["precision"], req.plans[sel["plan"]], sel["batch"]
+    try:
+        serving = serving_function(req.config, entry, get_policy(precision), batch, req.options)
+    except ProgramError:
+        return []
+    unit_id = sel["unit_id"]
+    summary = _analysis_summary(req.analysis.get(unit_id, {}))
+    common = dict(entry=entry, precision=precision, plan=plan.name, batch=batch, unit=unit_id,
+                  params=f"params/{storage_form(precision)}", analysis=summary,
+                  mesh_axes=list(req.mesh.axis_names), output_names=OUTPUT_NAMES[entry])
+    platform = req.mesh_info["platform"]
+    exported = stablehlo.export_sharded(serving, plan, req.mesh, platform)
+    path = bundle / "stablehlo" / f"{unit_id}.{platform}.jaxexport"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stablehlo.save(exported, path)
+    _, input_shardings, output_shardings = stablehlo.flat_shardings(serving, plan, req.mesh)
+    inputs = _named(entry, [{"shape": list(a.shape), "dtype": str(a.dtype), "sharding": str(sh.spec)}
+                            for a, sh in zip(jax.tree.leaves(serving.inputs), jax.tree.leaves(input_shardings))])
+    outputs = [{"shape": [str(d) for d in a.shape], "dtype": str(a.dtype), "sharding": str(sh.spec)}
+               for a, sh in zip(exported.out_avals, jax.tree.leaves(output_shardings))]
+    out = [_artifact(bundle, path, "jax.export-sharded", platforms=[platform], **common, inputs=inputs,
+                     outputs=outputs, load=LOAD["jax.export-sharded"].format(path=path.relative_to(bundle)))]
+    _, lower, abstract = stablehlo.sharded_jit(serving, plan, req.mesh)
+    with jax_cache_disabled():
+        compiled = lower(*abstract).compile()
+    folder = bundle / "executables"
+    folder.mkdir(exist_ok=True)
+    exe, trees = executables.save(compiled, folder, unit_id)
+    trees_art = _artifact(bundle, trees, "executable-trees", unit=unit_id)
+    out.append(_artifact(bundle, exe, "executable", platforms=[platform], trees=trees_art["path"], **common,
+                         inputs=inputs, outputs=outputs, load=LOAD["executable"]))
+    out.append(trees_art)
+    return out
+
+
+def _analysis_summary(unit: dict) -> dict:
+    if unit.get("status") != "ok":
+        return {}
+    r, m = unit["roofline"], unit["memory"]
+    return {"source": "model+compiled", "predicted_latency_s": r["latency_s"], "binding": r["binding"],
+            "mfu": r["mfu"], "peak_bytes_per_device": m["peak"], "fits": m["fits"]}
+
+
+def float_params(cfg: BlipConfig, checkpoint: str | None, random_seed: int | None) -> tuple[dict, str]:
+    """The weights to export: a checkpoint's, or random ones when explicitly asked for."""
+    if checkpoint:
+        from model.hf import load_checkpoint
+
+        loaded_cfg, params = load_checkpoint(checkpoint)
+        if loaded_cfg.towers != cfg.towers or loaded_cfg.vision != cfg.vision or loaded_cfg.text != cfg.text:
+            raise ProgramError(f"{checkpoint}: checkpoint layout differs from the build's model config")
+        return jax.tree.map(jnp.asarray, params), f"checkpoint {Path(checkpoint).resolve()}"
+    if random_seed is None:
+        raise ProgramError("export needs weights: pass --checkpoint DIR, or --random-weights for a bundle whose "
+                           "outputs are meaningless (for testing the serving path)")
+    from model.state import init_params
+
+    return init_params(cfg, random_seed), f"random (seed {random_seed}): outputs are meaningless"

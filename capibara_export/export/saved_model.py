@@ -1,0 +1,66 @@
+"""TF SavedModel through jax2tf with native serialization (the StableHLO runs inside
+tf.XlaCallModule): signatures caption, encode_image and score, polymorphic batch, the
+parameters as tf.Variables (so the file holds each weight once, not as graph constants),
+and TF Serving warmup requests under assets.extra.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .serving import INPUT_NAMES, ServingFunction, example_inputs
+from .stablehlo import PLATFORMS
+from .warmup import write_warmup
+
+SIGNATURES = ("caption", "encode_image", "score")
+_TF_DTYPES = {"float32": "float32", "int32": "int32", "bfloat16": "bfloat16", "int8": "int8"}
+
+
+def _variable_name(key: str) -> str:
+    return key.replace("/", "__").replace(".", "_")
+
+
+def _signature(module, keys: list[str], converted, entry: str):
+    """The function behind one signature: the variables as the flat params dict, then the inputs."""
+    output_name = {"caption": "token_ids", "encode_image": "image_embeds"}.get(entry)
+
+    def call(*args):
+        out = converted({k: module.params[_variable_name(k)] for k in keys}, *args)
+        return out if isinstance(out, dict) else {output_name: out}
+    return call
+
+
+def save(folder: Path, servings: dict[str, ServingFunction], flat_params: dict, model_name: str) -> list[str]:
+    """Write a SavedModel with one signature per entry in `servings`; returns the signatures."""
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    module = tf.Module()
+    keys = sorted(flat_params)
+    module.params = {_variable_name(k): tf.Variable(np.asarray(flat_params[k]), trainable=False,
+                                                    name=_variable_name(k)) for k in keys}
+    signatures, warmup = {}, []
+    for entry, serving in servings.items():
+        _, *inputs = serving.abstract(1)
+        names = INPUT_NAMES[entry]
+        converted = jax2tf.convert(serving.fn, native_serialization_platforms=PLATFORMS, with_gradient=False,
+                                   polymorphic_shapes=[None] + ["(b, ...)"] * len(inputs))
+        spec = [tf.TensorSpec([None, *s.shape[1:]], _TF_DTYPES[str(s.dtype)], name=n) for n, s in zip(names, inputs)]
+
+        fn = tf.function(_signature(module, keys, converted, entry), input_signature=spec, autograph=False)
+        setattr(module, entry, fn)
+        signatures[entry] = fn.get_concrete_function()
+        warmup.append((entry, dict(zip(names, example_inputs(serving, 1)))))
+    tf.saved_model.save(module, str(folder), signatures=signatures)
+    write_warmup(folder, model_name, warmup)
+    return list(signatures)
+
+
+def run(folder: Path, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(folder))
+    outputs = loaded.signatures[signature](**{k: tf.constant(v) for k, v in inputs.items()})
+    return {k: v.numpy() for k, v in outputs.items()}

@@ -1,0 +1,99 @@
+"""Serving functions: each entry program with the flat parameter dict as first argument,
+its inputs named, and the abstract arguments for a fixed or symbolic batch.
+
+Every exported format (jax.export, SavedModel, serialized executables) is made from these,
+so all of them share one calling convention, written once here and in the manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import numpy as np
+
+from model import BlipConfig
+from model.state import abstract_params, logical_names
+from sharding.precision import PrecisionPolicy, abstract_store
+
+from ..programs import Program, ProgramOptions, build_program
+from .params import flatten, unflatten
+
+INPUT_NAMES = {
+    "encode_image": ("pixel_values",),
+    "caption": ("pixel_values", "prompt_ids"),
+    "score": ("pixel_values", "input_ids", "attention_mask"),
+    "decode_step": ("input_ids", "position", "cache"),
+}
+OUTPUT_NAMES = {
+    "encode_image": "image_embeds",
+    "caption": "token_ids",
+    "score": "scores (itm_logits, itm_prob, itc_similarity)",
+    "decode_step": "(logits, cache)",
+}
+
+
+@dataclass
+class ServingFunction:
+    entry: str
+    policy: PrecisionPolicy
+    program: Program
+    fn: Callable                 # fn(flat_params, *inputs)
+    flat_params: dict            # name → ShapeDtypeStruct
+    inputs: tuple                # abstract inputs at the program's batch
+
+    def abstract(self, batch=None) -> tuple:
+        """(flat params, inputs) with the batch axis replaced, e.g. by a symbolic dimension."""
+        if batch is None:
+            return (self.flat_params, *self.inputs)
+
+        def swap(s, axis):
+            shape = list(s.shape)
+            shape[axis] = batch
+            return jax.ShapeDtypeStruct(tuple(shape), s.dtype)
+
+        inputs = []
+        for name, arg in zip(INPUT_NAMES[self.entry], self.inputs):
+            if name == "position":
+                inputs.append(arg)
+            elif name == "cache":  # (layers, batch, ...)
+                inputs.append(jax.tree.map(lambda s: swap(s, 1), arg))
+            else:
+                inputs.append(swap(arg, 0))
+        return (self.flat_params, *inputs)
+
+
+def serving_function(cfg: BlipConfig, entry: str, policy: PrecisionPolicy, batch: int,
+                     options: ProgramOptions = ProgramOptions()) -> ServingFunction:
+    program = build_program(cfg, entry, policy, batch, options)
+    template = abstract_store(abstract_params(cfg), logical_names(cfg), policy)
+
+    def fn(flat_params, *inputs):
+        return program.fn(unflatten(flat_params, template), *inputs)
+
+    flat = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flatten(template).items()}
+    return ServingFunction(entry, policy, program, fn, flat, tuple(program.args[1:]))
+
+
+def example_inputs(serving: ServingFunction, batch: int, seed: int = 0) -> tuple:
+    """Fixed, reproducible inputs for an entry (the ones `verify` compares on)."""
+    cfg = serving.program.config
+    rng = np.random.default_rng(seed)
+    _, *inputs = serving.abstract(batch)
+    out = []
+    for name, spec in zip(INPUT_NAMES[serving.entry], inputs):
+        if name == "pixel_values":
+            out.append(rng.normal(size=spec.shape).astype(np.float32))
+        elif name == "prompt_ids":
+            out.append(np.full(spec.shape, cfg.text.bos_token_id, np.int32))
+        elif name == "input_ids":
+            out.append(rng.integers(5, min(cfg.text.vocab_size, 100), size=spec.shape).astype(np.int32))
+        elif name == "attention_mask":
+            lengths = rng.integers(max(spec.shape[1] // 2, 1), spec.shape[1] + 1, size=(spec.shape[0], 1))
+            out.append((np.arange(spec.shape[1])[None] < lengths).astype(np.int32))
+        elif name == "position":
+            out.append(np.int32(1))  # the step after a one-token prompt
+        else:  # cache
+            out.append(jax.tree.map(lambda s: (0.5 * rng.normal(size=s.shape)).astype(s.dtype), spec))
+    return tuple(out)

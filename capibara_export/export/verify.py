@@ -1,0 +1,250 @@
+"""`verify`: prove a bundle is what its manifest says and computes what the model computes.
+
+1. Every artifact's sha256 against the manifest.
+2. Every artifact that can run here is reloaded and called on fixed inputs, and each
+   output is compared with the JAX reference: the model's own program, jitted on this
+   machine with the bundle's parameters. Tolerance by precision on the largest absolute
+   error, scaled by the reference's magnitude when that exceeds 1. Token ids must match
+   exactly; only in bf16/int8 may a row diverge, and only where the reference's logits for
+   the two tokens were a near tie (within the tolerance), which the note reports.
+3. Artifacts that cannot run here (executables for a TPU, a sharded export for devices
+   this machine lacks) are listed as "not runnable here", never as passed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from model import BlipConfig
+from model.state import abstract_params, bind, logical_names
+from sharding.plans import ShardingPlan, param_specs
+from sharding.precision import abstract_store, get_policy, storage_specs
+
+from ..programs import ProgramOptions
+from . import executables, manifest as mf, params as params_io, saved_model, stablehlo
+from .manifest import BundleError
+from .params import unflatten
+from .serving import INPUT_NAMES, example_inputs, serving_function
+
+TOLERANCE = {"fp32": 1e-5, "bf16-mixed": 2e-2, "bf16": 2e-2, "int8-weights": 2e-2}
+VERIFY_BATCH = 2
+
+
+@dataclass
+class Row:
+    artifact: str
+    output: str
+    max_abs_error: float | None
+    tolerance: float | None
+    result: str          # pass | FAIL | not runnable here | error
+    note: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.result in ("FAIL", "error")
+
+
+def _compare(artifact: str, got, want, precision: str, ties=None) -> list[Row]:
+    """Rows per output; `ties(got_ids, want_ids)` may accept caption rows that diverge at a
+    near-tie of the reference's logits (returns (accepted, note))."""
+    rows = []
+    flat_got = jax.tree_util.tree_flatten_with_path(got)[0]
+    flat_want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
+    for path, g in flat_got:
+        w = np.asarray(flat_want.get(path, np.nan))
+        g = np.asarray(g)
+        name = jax.tree_util.keystr(path) or "out"
+        if g.shape != w.shape:
+            rows.append(Row(artifact, name, None, None, "FAIL", f"shape {g.shape} != reference {w.shape}"))
+        elif np.issubdtype(w.dtype, np.integer):
+            mismatches = int(np.sum(g != w))
+            if mismatches == 0:
+                rows.append(Row(artifact, name, 0.0, 0.0, "pass", "token ids identical"))
+            else:
+                accepted, note = ties(g, w) if ties is not None and precision != "fp32" else (False, "")
+                rows.append(Row(artifact, name, float(mismatches), 0.0, "pass" if accepted else "FAIL",
+                                note or f"{mismatches} ids differ"))
+        else:
+            err = float(np.max(np.abs(g.astype(np.float64) - w.astype(np.float64)))) if g.size else 0.0
+            tol = TOLERANCE[precision] * max(1.0, float(np.max(np.abs(w.astype(np.float64)))) if w.size else 1.0)
+            rows.append(Row(artifact, name, err, tol, "pass" if err <= tol else "FAIL"))
+    return rows
+
+
+class Verifier:
+    def __init__(self, bundle: Path):
+        self.bundle = Path(bundle)
+        self.manifest = mf.read(self.bundle)
+        self.config = BlipConfig.from_dict(self.manifest["model"]["config"])
+        self.options = ProgramOptions(**self.manifest["model"]["options"])
+        self._params: dict[str, dict] = {}
+        self._reference: dict[tuple, object] = {}
+
+    def params(self, rel: str) -> dict:
+        if rel not in self._params:
+            self._params[rel] = params_io.restore(self.bundle / rel)
+        return self._params[rel]
+
+    def reference(self, entry: str, precision: str, params_rel: str, batch: int):
+        key = (entry, precision, batch)
+        if key not in self._reference:
+            serving = serving_function(self.config, entry, get_policy(precision), batch, self.options)
+            inputs = example_inputs(serving, batch)
+            out = jax.jit(serving.fn)(self.params(params_rel), *inputs)
+            self._reference[key] = (inputs, jax.tree.map(np.asarray, out))
+        return self._reference[key]
+
+    # -------------------------------------------------------------- per kind
+    def check_params(self, a: dict) -> list[Row]:
+        flat = self.params(a["path"])
+        expected = {i["name"]: (tuple(i["shape"]), i["dtype"]) for i in a["inputs"]}
+        got = {k: (tuple(v.shape), str(v.dtype)) for k, v in flat.items()}
+        if got != expected:
+            return [Row(a["path"], "restore", None, None, "FAIL", "restored tree differs from the manifest")]
+        rows = [Row(a["path"], "restore", None, None, "pass", f"{len(flat)} arrays as listed")]
+        for plan_name, specs in a.get("shardings", {}).items():
+            rows.append(self._restore_sharded(a, plan_name))
+        return rows
+
+    def _restore_sharded(self, a: dict, plan_name: str) -> Row:
+        """Restore onto the selected plan's PartitionSpecs, on a CPU mesh of the bundle's shape."""
+        shape = self.manifest["mesh"]["shape"]
+        n = int(shape["data"]) * int(shape["model"])
+        cpus = jax.devices("cpu")
+        if len(cpus) < n:
+            return Row(a["path"], f"restore sharded ({plan_name})", None, None, "not runnable here",
+                       f"needs {n} devices, {len(cpus)} here")
+        mesh = jax.sharding.Mesh(np.array(cpus[:n]).reshape(int(shape["data"]), int(shape["model"])),
+                                 ("data", "model"))
+        names = logical_names(self.config)
+        precision = a["precisions"][0]
+        plan = ShardingPlan.from_dict(self.manifest["plans"][plan_name])
+        specs = params_io.flatten(storage_specs(param_specs(plan, names), names, get_policy(precision)))
+        flat = self.params(a["path"])
+        abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, specs[k]))
+                    for k, v in flat.items()}
+        restored = params_io.restore(self.bundle / a["path"], abstract)
+        same = all(np.array_equal(np.asarray(restored[k]), np.asarray(flat[k])) for k in flat)
+        placed = all(restored[k].sharding.spec == specs[k] for k in flat)
+        ok = same and placed
+        return Row(a["path"], f"restore sharded ({plan_name})", None, None, "pass" if ok else "FAIL",
+                   f"{n} devices, plan {plan_name}" if ok else "values or placement differ")
+
+    def check_export(self, a: dict) -> list[Row]:
+        exported = stablehlo.load(self.bundle / a["path"])
+        inputs, want = self.reference(a["entry"], a["precision"], a["params"], VERIFY_BATCH)
+        got = exported.call(self.params(a["params"]), *inputs)
+        return _compare(a["path"], jax.tree.map(np.asarray, got), want, a["precision"], self._ties_for(a, VERIFY_BATCH))
+
+    def near_ties(self, precision: str, params_rel: str, pixels: np.ndarray):
+        """A check that accepts caption rows whose first differing token was a near tie: the
+        reference's logits for the two tokens within the precision's tolerance, where bf16
+        rounding in another compiler legitimately picks either. Anything else fails."""
+        def check(got: np.ndarray, want: np.ndarray) -> tuple[bool, str]:
+            model = bind(self.config, unflatten(self.params(params_rel), self._template(precision)), jnp.float32)
+            notes = []
+            for row in np.nonzero((got != want).any(axis=1))[0]:
+                k = int(np.argmax(got[row] != want[row]))
+                prefix = jnp.asarray(want[row:row + 1, :k])
+                image = model.encode_image(jnp.asarray(pixels[row:row + 1]))
+                logits = np.asarray(model.decoder_logits(prefix, jnp.ones_like(prefix), image)[0, -1])
+                margin = abs(float(logits[want[row, k]] - logits[got[row, k]]))
+                limit = TOLERANCE[precision] * max(1.0, float(np.abs(logits).max()))
+                if margin > limit:
+                    return False, f"row {row} diverges at token {k} with logit margin {margin:.3g} > {limit:.3g}"
+                notes.append(f"row {row} at token {k} (margin {margin:.2g})")
+            return True, "ids identical up to near-ties: " + ", ".join(notes)
+        return check
+
+    def _template(self, precision: str) -> dict:
+        return abstract_store(abstract_params(self.config), logical_names(self.config), get_policy(precision))
+
+    def check_saved_model(self, a: dict) -> list[Row]:
+        rows = []
+        params_rel = next(p["path"] for p in self.manifest["artifacts"]
+                          if p["kind"] == "params" and a["precision"] in p["precisions"])
+        for signature in a["signatures"]:
+            inputs, want = self.reference(signature, a["precision"], params_rel, VERIFY_BATCH)
+            got = saved_model.run(self.bundle / a["path"], signature, dict(zip(INPUT_NAMES[signature], inputs)))
+            if signature == "score":
+                got = {k: got[k] for k in want}
+            else:
+                got = next(iter(got.values()))
+            ties = self.near_ties(a["precision"], params_rel, inputs[0]) if signature == "caption" else None
+            rows += _compare(f"{a['path']}:{signature}", got, want, a["precision"], ties)
+        return rows
+
+    def _sharded_args(self, a: dict, compiled_shardings=None):
+        inputs, want = self.reference(a["entry"], a["precision"], a["params"], a["batch"])
+        args = (self.params(a["params"]), *inputs)
+        if compiled_shardings is not None:
+            args = jax.device_put(args, compiled_shardings)
+        return args, want
+
+    def _ties_for(self, a: dict, batch: int):
+        if a["entry"] != "caption":
+            return None
+        inputs, _ = self.reference(a["entry"], a["precision"], a["params"], batch)
+        return self.near_ties(a["precision"], a["params"], inputs[0])
+
+    def check_executable(self, a: dict) -> list[Row]:
+        try:
+            loaded = executables.load(self.bundle, self.manifest, a)
+        except BundleError as err:
+            if "not runnable here" in str(err):
+                return [Row(a["path"], "*", None, None, "not runnable here", str(err).split("not runnable here: ")[-1])]
+            raise
+        args, want = self._sharded_args(a, loaded.input_shardings[0])
+        return _compare(a["path"], jax.tree.map(np.asarray, loaded(*args)), want, a["precision"],
+                        self._ties_for(a, a["batch"]))
+
+    def check_sharded_export(self, a: dict) -> list[Row]:
+        ok, why = executables.runnable_here(self.manifest)
+        if not ok:
+            return [Row(a["path"], "*", None, None, "not runnable here", why)]
+        exported = stablehlo.load(self.bundle / a["path"])
+        args, want = self._sharded_args(a)
+        leaves, tree = jax.tree.flatten(args)
+        placed = [jax.device_put(x, s) for x, s in zip(leaves, exported.in_shardings_jax(self.mesh()))]
+        got = exported.call(*jax.tree.unflatten(tree, placed))
+        return _compare(a["path"], jax.tree.map(np.asarray, got), want, a["precision"], self._ties_for(a, a["batch"]))
+
+    def mesh(self) -> jax.sharding.Mesh:
+        """The bundle's mesh on this machine's devices of its platform, in the recorded order."""
+        m = self.manifest["mesh"]
+        by_id = {d.id: d for d in jax.devices(m["platform"])}
+        grid = np.array([[by_id[i] for i in row] for row in m["device_ids"]], dtype=object)
+        return jax.sharding.Mesh(grid, tuple(m["axis_names"]))
+
+    # -------------------------------------------------------------- all
+    def run(self) -> list[Row]:
+        rows: list[Row] = []
+        hash_failed = set()
+        for a in self.manifest["artifacts"]:
+            problem = mf.check_hash(self.bundle, a)
+            if problem:
+                rows.append(Row(a["path"], "sha256", None, None, "FAIL", problem))
+                hash_failed.add(a["path"])
+        checks = {"params": self.check_params, "jax.export": self.check_export, "saved_model": self.check_saved_model,
+                  "executable": self.check_executable, "jax.export-sharded": self.check_sharded_export}
+        for a in self.manifest["artifacts"]:
+            check = checks.get(a["kind"])
+            if check is None or a["path"] in hash_failed:
+                continue
+            depends = [a.get("params"), a.get("trees")]
+            if any(d in hash_failed for d in depends if d):
+                rows.append(Row(a["path"], "*", None, None, "FAIL", "depends on an artifact whose hash failed"))
+                continue
+            try:
+                rows += check(a)
+            except BundleError as err:
+                rows.append(Row(a["path"], "*", None, None, "FAIL", str(err)))
+            except Exception as err:  # a broken artifact surfaces as any library error; report it, go on
+                rows.append(Row(a["path"], "*", None, None, "error", f"{type(err).__name__}: {str(err)[:200]}"))
+        return rows
