@@ -82,6 +82,12 @@ def parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="what a bundle holds, for whom, and until when it is valid")
     i.add_argument("bundle")
+
+    br = sub.add_parser("bench-report", help="tabulate `pytest bench/ --benchmark-json` output; compare runs")
+    br.add_argument("json", help="pytest-benchmark JSON, e.g. out.json")
+    br.add_argument("--compare", metavar="OLD", help="an earlier JSON: list regressions, exit 1 if any")
+    br.add_argument("--threshold", type=float, default=0.10,
+                    help="relative median increase that counts as a regression (default 0.10)")
     return top
 
 
@@ -271,6 +277,40 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_bench_report(args) -> int:
+    from rich.table import Table
+
+    from .bench_report import HEADERS, compare, load, prediction_check, rows
+    from .console import out
+
+    benches = load(Path(args.json))
+    table = Table(title=f"Benchmarks in {args.json}", title_justify="left")
+    for h in HEADERS:
+        table.add_column(h, overflow="fold")
+    for row in rows(benches):
+        table.add_row(*row)
+    out.print(table)
+    for check in prediction_check(benches):
+        t = Table(title=f"Predicted vs measured: {check['group']} {check['entry']} "
+                        f"(Spearman rank correlation {check['rho']:.2f})", title_justify="left")
+        for h in ("plan", "predicted ms", "measured ms", "bound"):
+            t.add_column(h)
+        for plan, pred, meas, bound in check["plans"]:
+            t.add_row(plan, f"{pred * 1e3:.3g}", f"{meas * 1e3:.3g}", bound)
+        out.print(t)
+    if args.compare:
+        regressions = compare(benches, load(Path(args.compare)), args.threshold)
+        for name, before, after in regressions:
+            out.print(f"[red]regression[/] {name}: {before * 1e3:.3g} ms -> {after * 1e3:.3g} ms "
+                      f"(+{(after / before - 1):.0%})")
+        if regressions:
+            print(f"capibara-export: {len(regressions)} benchmark(s) slower than {args.compare} by more than "
+                  f"{args.threshold:.0%}", file=sys.stderr)
+            return 1
+        out.print(f"no regressions beyond {args.threshold:.0%} against {args.compare}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from rich.markdown import Markdown
 
@@ -312,7 +352,7 @@ def cmd_plans(args) -> int:
 
 
 COMMANDS = {"build": cmd_build, "plans": cmd_plans, "report": cmd_report, "export": cmd_export,
-            "verify": cmd_verify, "inspect": cmd_inspect}
+            "verify": cmd_verify, "inspect": cmd_inspect, "bench-report": cmd_bench_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,9 +6,10 @@ from model.processor import ProcessorError
 from sharding.plans import PlanError
 from sharding.precision import PrecisionError
 
+from .bench_report import BenchReportError
 from .export.manifest import BundleError
 from .programs import ProgramError
 from .targets import TargetError
 
 USER_ERRORS = (ConfigError, CheckpointError, ProcessorError, PlanError, PrecisionError, ProgramError, TargetError,
-               FileNotFoundError, BundleError)
+               FileNotFoundError, BundleError, BenchReportError)

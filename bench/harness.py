@@ -1,0 +1,135 @@
+"""Shared pieces of the benchmark suite: compiled programs on real inputs, timing rounds
+that end in block_until_ready, and the extra_info every benchmark carries.
+
+extra_info fields (all benchmarks): unit (entry, plan, precision, batch, target, model),
+memory_peak_bytes (compiled), flops (compiled, loop-corrected, per device) and
+analytic_flops (model), predicted_s (roofline, model), p50/p90/p99_s of the timed rounds
+(measured), achieved_flops_per_s and mfu against the device's peak (measured), items_per_s
+(images/s or tokens/s, measured), and for runtime benchmarks peer_ratio = peer median /
+our median (how many times faster than Hugging Face eager on the same config and inputs).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from capibara_export.hardware import Hardware, calibrate_cpu, for_device_kind
+from capibara_export.hlo import HloProgram
+from capibara_export.programs import ProgramOptions, build_program
+from capibara_export.roofline import roofline
+from model import get_preset
+from model.state import init_params, logical_names
+from sharding.precision import get_policy, store
+
+NEW_TOKENS = 20
+TEXT_LEN = 16
+OPTIONS = ProgramOptions(max_new_tokens=NEW_TOKENS, text_len=TEXT_LEN)
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+@functools.lru_cache(maxsize=4)
+def hardware(devices: int = 1) -> Hardware:
+    """The local device's constants: the table for a known GPU, a measurement for a CPU."""
+    found = for_device_kind(jax.devices()[0].device_kind)
+    return found if found is not None else calibrate_cpu(devices)
+
+
+@dataclass
+class Runnable:
+    """A compiled program with its real inputs, ready to time."""
+    entry: str
+    model: str
+    precision: str
+    batch: int
+    compiled: jax.stages.Compiled
+    args: tuple
+    flops: float            # per device, loop-corrected from the optimized HLO
+    bytes_accessed: float
+    analytic_flops: int
+    memory_peak: int
+
+    def __call__(self):
+        return jax.block_until_ready(self.compiled(*self.args))
+
+
+def real_inputs(entry: str, program, seed: int = 0) -> tuple:
+    cfg = program.config
+    rng = np.random.default_rng(seed)
+    if entry == "decode_step":
+        cache = jax.tree.map(lambda s: (0.5 * rng.normal(size=s.shape)).astype(s.dtype), program.args[3])
+        return (rng.integers(5, 100, size=program.args[1].shape).astype(np.int32), np.int32(1), cache)
+    pixels = rng.normal(size=program.args[1].shape).astype(np.float32)
+    if entry == "encode_image":
+        return (pixels,)
+    if entry == "caption":
+        return pixels, np.full(program.args[2].shape, cfg.text.bos_token_id, np.int32)
+    ids = rng.integers(5, min(cfg.text.vocab_size, 1000), size=program.args[2].shape).astype(np.int32)
+    return pixels, ids, np.ones_like(ids)
+
+
+@functools.lru_cache(maxsize=8)
+def float_params(model: str, seed: int = 0):
+    return init_params(get_preset(model), seed)
+
+
+def runnable(model: str, entry: str, precision: str, batch: int, params=None,
+             towers: tuple[str, ...] | None = None) -> Runnable:
+    """Compile one entry for the first local device (outside any timed region)."""
+    cfg = get_preset(model) if towers is None else get_preset(model).with_towers(*towers)
+    policy = get_policy(precision)
+    program = build_program(cfg, entry, policy, batch, OPTIONS)
+    params = store(params if params is not None else float_params(model), logical_names(cfg), policy)
+    device = jax.devices()[0]
+    args = jax.device_put((params, *real_inputs(entry, program)), device)
+    compiled = jax.jit(program.fn, donate_argnums=()).lower(*args).compile()
+    costs = HloProgram(compiled.as_text()).costs()
+    stats = compiled.memory_analysis()
+    peak = int(getattr(stats, "peak_memory_in_bytes", 0) or 0) if stats is not None else 0
+    return Runnable(entry, model, precision, batch, compiled, args, costs.flops, costs.bytes,
+                    program.analytic_flops, peak)
+
+
+def percentiles(rounds: list[float]) -> dict:
+    data = np.asarray(rounds)
+    return {f"p{q}_s": float(np.percentile(data, q)) for q in (50, 90, 99)}
+
+
+def attach(benchmark, *, entry: str, plan: str, precision: str, batch: int, target: str, model: str,
+           flops: float, analytic_flops: float, memory_peak: int, predicted_s: float, items: float,
+           item_name: str, devices: int = 1, compute_dtype: str = "float32", peer_s: float | None = None) -> None:
+    """Fill benchmark.extra_info; the measured fields only when timing is enabled."""
+    hw = hardware(devices)
+    info = benchmark.extra_info
+    info.update(unit={"entry": entry, "plan": plan, "precision": precision, "batch": batch, "target": target,
+                      "model": model},
+                memory_peak_bytes=memory_peak, flops=flops, analytic_flops=analytic_flops,
+                predicted_s=predicted_s, hardware=hw.name, peak_flops_per_s=hw.peak_flops(compute_dtype),
+                item=item_name)
+    stats = getattr(benchmark, "stats", None)
+    if stats is None or not getattr(stats, "stats", None):
+        info["timed"] = False  # --benchmark-disable: ran once as a test, nothing measured
+        return
+    rounds = list(stats.stats.data)
+    median = float(np.median(rounds))
+    peak = hw.peak_flops(compute_dtype) * devices
+    info.update(timed=True, **percentiles(rounds), achieved_flops_per_s=flops * devices / median,
+                mfu=(analytic_flops / median) / peak if peak else None, items_per_s=items / median,
+                peer_ratio=(peer_s / median) if peer_s else None)
+
+
+def predicted(run: Runnable, devices: int = 1, collectives=()) -> float:
+    policy = get_policy(run.precision)
+    return roofline(run.flops, run.bytes_accessed, list(collectives), hardware(devices), policy.compute_dtype,
+                    run.analytic_flops, devices).latency_s
+
+
+def to_jnp(tree):
+    return jax.tree.map(jnp.asarray, tree)

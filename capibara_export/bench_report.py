@@ -1,0 +1,87 @@
+"""`bench-report`: read a pytest-benchmark JSON file and say what it measured.
+
+- a table of every benchmark: its unit, median and p90/p99, achieved FLOP/s, MFU,
+  images or tokens per second, the roofline prediction and the ratio to the peer;
+- the prediction check: per group with predictions (the plans on the CPU mesh), predicted
+  against measured latency and their Spearman rank correlation;
+- `--compare OLD`: benchmarks whose median grew beyond the threshold, with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from scipy.stats import spearmanr
+
+
+class BenchReportError(ValueError):
+    pass
+
+
+@dataclass
+class Bench:
+    name: str
+    group: str
+    median: float
+    info: dict
+
+
+def load(path: Path) -> list[Bench]:
+    path = Path(path)
+    if not path.is_file():
+        raise BenchReportError(f"{path}: not found; write it with `pytest bench/ --benchmark-json {path}`")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise BenchReportError(f"{path}: not valid JSON ({err.msg})") from None
+    if "benchmarks" not in data:
+        raise BenchReportError(f"{path}: no 'benchmarks' list; is this pytest-benchmark output?")
+    return [Bench(b["fullname"], b.get("group") or "", float(b["stats"]["median"]), b.get("extra_info", {}))
+            for b in data["benchmarks"]]
+
+
+def _fmt(x, unit: str = "", scale: float = 1.0, digits: int = 3) -> str:
+    return "" if x is None else f"{x * scale:.{digits}g}{unit}"
+
+
+def rows(benches: list[Bench]) -> list[list[str]]:
+    out = []
+    for b in benches:
+        u, i = b.info.get("unit", {}), b.info
+        out.append([b.group, u.get("entry", ""), u.get("plan", ""), u.get("precision", ""), str(u.get("batch", "")),
+                    _fmt(b.median, scale=1e3), _fmt(i.get("p90_s"), scale=1e3), _fmt(i.get("p99_s"), scale=1e3),
+                    _fmt(i.get("achieved_flops_per_s"), scale=1e-9), _fmt(i.get("mfu"), "%", 100, 2),
+                    _fmt(i.get("items_per_s"), f" {i.get('item', '')}/s"),
+                    _fmt(i.get("predicted_s") or None, scale=1e3), _fmt(i.get("peer_ratio"), "x")])
+    return out
+
+
+HEADERS = ["group", "entry", "plan", "precision", "batch", "median ms", "p90 ms", "p99 ms", "GFLOP/s", "MFU",
+           "throughput", "predicted ms", "vs peer"]
+
+
+def prediction_check(benches: list[Bench]) -> list[dict]:
+    """Per (group, entry) with at least 3 predicted units: Spearman ρ of predicted vs measured."""
+    groups: dict[tuple, list[Bench]] = {}
+    for b in benches:
+        if b.info.get("predicted_s") and b.info.get("timed") and b.group.startswith("plans"):
+            groups.setdefault((b.group, b.info["unit"]["entry"]), []).append(b)
+    out = []
+    for (group, entry), items in sorted(groups.items()):
+        if len(items) < 3:
+            continue
+        predicted = [b.info["predicted_s"] for b in items]
+        measured = [b.median for b in items]
+        rho = float(spearmanr(predicted, measured).statistic)
+        out.append({"group": group, "entry": entry, "rho": rho,
+                    "plans": [(b.info["unit"]["plan"], b.info["predicted_s"], b.median, b.info.get("binding", ""))
+                              for b in sorted(items, key=lambda b: b.median)]})
+    return out
+
+
+def compare(new: list[Bench], old: list[Bench], threshold: float) -> list[tuple[str, float, float]]:
+    before = {b.name: b.median for b in old}
+    return [(b.name, before[b.name], b.median) for b in new
+            if b.name in before and b.median > before[b.name] * (1 + threshold)]

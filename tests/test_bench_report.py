@@ -1,0 +1,57 @@
+"""bench-report: the table, the prediction check and regression comparison."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from capibara_export.bench_report import compare, load, prediction_check, rows
+
+
+def _bench(name, group, median, **info):
+    return {"fullname": f"bench/test_x.py::{name}", "group": group, "stats": {"median": median},
+            "extra_info": {"timed": True, **info}}
+
+
+def _write(path, medians):
+    plans = {"replicated": 0.004, "dp": 0.001, "fsdp": 0.002, "hidden": 0.003}
+    benchmarks = [_bench(f"test_plan[{p}]", "plans cpu-4x8 tiny", medians.get(p, predicted * 2),
+                         unit={"entry": "encode_image", "plan": p, "precision": "fp32", "batch": 32},
+                         predicted_s=predicted, binding="memory")
+                  for p, predicted in plans.items()]
+    benchmarks.append(_bench("test_runtime[tiny-caption-fp32-1]", "runtime tiny", 0.002,
+                             unit={"entry": "caption", "plan": "single-device", "precision": "fp32", "batch": 1},
+                             p90_s=0.0025, p99_s=0.003, mfu=0.05, items_per_s=10000, item="tokens",
+                             achieved_flops_per_s=1e10, peer_ratio=12.5, predicted_s=0.004))
+    path.write_text(json.dumps({"benchmarks": benchmarks}))
+    return path
+
+
+def test_table_and_rank_correlation(tmp_path):
+    benches = load(_write(tmp_path / "a.json", {}))
+    table = rows(benches)
+    caption = next(r for r in table if r[1] == "caption")
+    assert caption[4] == "1" and caption[5] == "2" and caption[-1] == "12.5x" and caption[9] == "5%"
+    (check,) = prediction_check(benches)
+    assert check["rho"] == pytest.approx(1.0) and [p[0] for p in check["plans"]][0] == "dp"
+    shuffled = load(_write(tmp_path / "b.json", {"dp": 0.009, "replicated": 0.001}))
+    assert prediction_check(shuffled)[0]["rho"] < 0.5
+
+
+def test_compare_finds_regressions_beyond_the_threshold(tmp_path):
+    old = load(_write(tmp_path / "old.json", {}))
+    new = load(_write(tmp_path / "new.json", {"dp": 0.0021 * 1.2, "fsdp": 0.0041}))
+    slower = compare(new, old, 0.10)
+    assert [name.split("::")[-1] for name, _, _ in slower] == ["test_plan[dp]"]
+
+
+def test_cli_exit_codes(tmp_path):
+    old, new = _write(tmp_path / "old.json", {}), _write(tmp_path / "new.json", {"dp": 0.01})
+    cmd = [sys.executable, "-m", "capibara_export", "bench-report"]
+    ok = subprocess.run(cmd + [str(old), "--compare", str(old)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "Spearman rank correlation 1.00" in ok.stdout
+    bad = subprocess.run(cmd + [str(new), "--compare", str(old)], capture_output=True, text=True)
+    assert bad.returncode == 1 and "1 benchmark(s) slower" in bad.stderr
+    missing = subprocess.run(cmd + [str(tmp_path / "nope.json")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "not found" in missing.stderr
