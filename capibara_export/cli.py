@@ -83,6 +83,23 @@ def parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="what a bundle holds, for whom, and until when it is valid")
     i.add_argument("bundle")
 
+    a = sub.add_parser("analyze", help="captions, readings, cultural codes and text relations for image files")
+    a.add_argument("images", nargs="+", help="image files")
+    a.add_argument("--checkpoint", action="append", default=[], metavar="DIR",
+                   help="a Hugging Face BLIP folder; give a captioning and a retrieval folder for every capability")
+    a.add_argument("--bundle", metavar="DIR", help="an exported bundle (with its processor/)")
+    a.add_argument("--random-weights", action="store_true", help="random weights: outputs are meaningless")
+    a.add_argument("--model", default="tiny", help="preset for --random-weights (default tiny)")
+    a.add_argument("--k", type=int, default=3, help="readings per image (0: captions only; default 3)")
+    a.add_argument("--text", help="relate this text to each image (anchorage, relay or contradiction)")
+    a.add_argument("--culture", action="store_true", help="zero-shot cultural and artistic codes")
+    a.add_argument("--codes", metavar="TOML", help="your own codes catalogue (default: the shipped one)")
+    a.add_argument("--precision", default=None, help="fp32 (default) or bf16")
+    a.add_argument("--batch", type=int, default=8, help="images per device batch (default 8)")
+    a.add_argument("--workers", type=int, default=2, help="decoding/preprocessing threads (default 2)")
+    a.add_argument("--json", action="store_true", help="one JSON line per image, then one with the metrics")
+    a.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace here")
+
     br = sub.add_parser("bench-report", help="tabulate `pytest bench/ --benchmark-json` output; compare runs")
     br.add_argument("json", help="pytest-benchmark JSON, e.g. out.json")
     br.add_argument("--compare", metavar="OLD", help="an earlier JSON: list regressions, exit 1 if any")
@@ -193,7 +210,7 @@ def write_bundle(folder: Path, mesh, weights: tuple[dict, str], args, console) -
         analysis=json.loads((folder / "analysis.json").read_text())["units"],
         plans={k: ShardingPlan.from_dict(v) for k, v in build["plans"].items()}, target=build["target"],
         mesh=mesh, mesh_info=build["mesh"], options=ProgramOptions(**request["options"]),
-        saved_model=not args.no_saved_model)
+        saved_model=not args.no_saved_model, processor_from=Path(args.checkpoint) if args.checkpoint else None)
     bundle = export_bundle(req, progress=lambda what: console.print(f"exporting {what} ..."))
     console.print(f"bundle: {bundle} (verify it with: python -m capibara_export verify {bundle})")
     return bundle
@@ -311,6 +328,56 @@ def cmd_bench_report(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    import json as _json
+    import warnings
+
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from .console import console, out
+    from .semiotic import ImagePipeline, MnemosyneSemioModule, SemioticError, profile_usage
+    from .semiotic.profiling import trace
+
+    sources = [bool(args.checkpoint), bool(args.bundle), args.random_weights]
+    if sum(sources) != 1:
+        raise SemioticError("give exactly one of --checkpoint DIR (repeatable), --bundle DIR or --random-weights")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if args.bundle:
+            module = MnemosyneSemioModule.from_bundle(args.bundle, args.precision)
+        elif args.checkpoint:
+            module = MnemosyneSemioModule.from_checkpoints(args.checkpoint, args.precision or "fp32")
+        else:
+            module = MnemosyneSemioModule.random(args.model, precision=args.precision or "fp32")
+    for w in caught:
+        console.print(f"[yellow]warning:[/] {w.message}")
+    pipeline = ImagePipeline(module, workers=args.workers, batch_size=args.batch)
+    with trace(args.profile), Progress(console=console, disable=args.json or not sys.stderr.isatty()) as bar:
+        task = bar.add_task("analysing", total=len(args.images))
+        results, stats = pipeline.run(args.images, k=args.k, text=args.text, culture=args.culture or bool(args.codes),
+                                      progress=lambda r: bar.advance(task))
+    metrics = {**module.metrics(), "pipeline": {"images_per_s": stats.images_per_s, "seconds": stats.seconds,
+                                                "errors": stats.errors}, "usage": profile_usage()}
+    if args.json:
+        for r in results:
+            print(_json.dumps(r.to_dict(), default=float))
+        print(_json.dumps({"metrics": metrics}, default=float))
+    else:
+        table = Table(title="Images", title_justify="left")
+        for col in ("image", "caption / error", "polysemy", "relation"):
+            table.add_column(col, overflow="fold")
+        for r in results:
+            relation = f"{r.relation['verdict']} (match {r.relation['itm_prob']:.2f})" if r.relation else ""
+            poly = r.interpretation.get("polysemy_index") if r.interpretation else None
+            table.add_row(r.source, r.caption or f"[red]{r.error}[/]", "" if poly is None else f"{poly:.3f}", relation)
+        out.print(table)
+        out.print(f"{stats.images} images in {stats.seconds:.2f}s ({stats.images_per_s:.1f} images/s), "
+                  f"{stats.errors} error(s); embedding cache hit rate "
+                  f"{metrics['cache']['embeddings']['hit_rate']:.0%}")
+    return 0 if stats.images else 1
+
+
 def cmd_report(args) -> int:
     from rich.markdown import Markdown
 
@@ -352,7 +419,7 @@ def cmd_plans(args) -> int:
 
 
 COMMANDS = {"build": cmd_build, "plans": cmd_plans, "report": cmd_report, "export": cmd_export,
-            "verify": cmd_verify, "inspect": cmd_inspect, "bench-report": cmd_bench_report}
+            "verify": cmd_verify, "inspect": cmd_inspect, "bench-report": cmd_bench_report, "analyze": cmd_analyze}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,9 @@ from sharding.precision import PrecisionError
 from .bench_report import BenchReportError
 from .export.manifest import BundleError
 from .programs import ProgramError
+from .semiotic.codes import CodesError
+from .semiotic.module import SemioticError
 from .targets import TargetError
 
 USER_ERRORS = (ConfigError, CheckpointError, ProcessorError, PlanError, PrecisionError, ProgramError, TargetError,
-               FileNotFoundError, BundleError, BenchReportError)
+               FileNotFoundError, BundleError, BenchReportError, SemioticError, CodesError)

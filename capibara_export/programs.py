@@ -19,6 +19,7 @@ from flax import linen
 from jax.sharding import NamedSharding, PartitionSpec
 
 from model import BlipConfig, greedy_caption
+from model.generate import beam_search, caption_from_image
 from model.axes import BATCH, EMBED, PATCH, VOCAB, is_names
 from model.state import abstract_params, bind, logical_names
 from model.text import CROSS_KV_NAMES, SELF_KV_NAMES
@@ -26,8 +27,13 @@ from sharding.plans import ShardingPlan, param_specs
 from sharding.precision import PrecisionPolicy, abstract_store, storage_specs
 
 SERVING_ENTRIES = ("encode_image", "caption", "decode_step", "score")
-ENTRIES = SERVING_ENTRIES + ("train_step",)
-NEEDS_TOWER = {"caption": "caption", "decode_step": "caption", "train_step": "caption", "score": "retrieval"}
+# What the semiotic module runs: everything after the image encoder, from image tokens, so
+# one encoding serves captions, readings and scores of the same image.
+SEMIOTIC_ENTRIES = ("caption_image", "readings", "score_image", "image_features", "text_features")
+ENTRIES = SERVING_ENTRIES + ("train_step",) + SEMIOTIC_ENTRIES
+NEEDS_TOWER = {"caption": "caption", "decode_step": "caption", "train_step": "caption", "score": "retrieval",
+               "caption_image": "caption", "readings": "caption", "score_image": "retrieval",
+               "image_features": "retrieval", "text_features": "retrieval"}
 
 
 class ProgramError(ValueError):
@@ -41,6 +47,7 @@ class ProgramOptions:
     text_len: int = 32            # score / train_step: padded text length
     remat: str = "none"           # train_step: none | full | dots-saveable
     learning_rate: float = 1e-5   # train_step: AdamW
+    beams: int = 3                # readings: beam width (the most readings one call returns)
 
     @property
     def cache_len(self) -> int:
@@ -76,10 +83,10 @@ def build_program(cfg: BlipConfig, entry: str, policy: PrecisionPolicy, batch: i
                            f"(towers: {', '.join(cfg.towers)})")
     if entry == "train_step" and not policy.trainable:
         raise ProgramError(f"{policy.name} is a serving precision; train_step needs float parameters")
-    if entry in ("caption", "decode_step") and options.cache_len > cfg.text.max_positions:
+    if entry in ("caption", "decode_step", "caption_image", "readings") and options.cache_len > cfg.text.max_positions:
         raise ProgramError(f"prompt_len + max_new_tokens = {options.cache_len} exceeds the text model's "
                            f"{cfg.text.max_positions} positions")
-    if entry in ("score", "train_step") and options.text_len > cfg.text.max_positions:
+    if entry in ("score", "train_step", "score_image", "text_features") and options.text_len > cfg.text.max_positions:
         raise ProgramError(f"text_len {options.text_len} exceeds the text model's {cfg.text.max_positions} positions")
 
     v, t = cfg.vision, cfg.text
@@ -120,6 +127,10 @@ def build_program(cfg: BlipConfig, entry: str, policy: PrecisionPolicy, batch: i
                        analytic_flops=cfg.flops_decode_step(batch, context=s), config=cfg, policy=policy)
 
     text = _struct((batch, options.text_len), jnp.int32)
+    image = _struct((batch, v.tokens, v.width), jnp.float32)
+    image_names = (BATCH, PATCH, EMBED)
+    if entry in SEMIOTIC_ENTRIES:
+        return _semiotic_program(cfg, entry, policy, batch, options, params, image, image_names, text, sizes, model)
     if entry == "score":
         def fn(p, px, ids, mask):
             m = model(p)
@@ -149,6 +160,44 @@ def build_program(cfg: BlipConfig, entry: str, policy: PrecisionPolicy, batch: i
                    ("params", "opt_state", {"loss": ()}), donate=(0, 1), axis_sizes=sizes,
                    analytic_flops=cfg.flops_train_step(batch, options.text_len), config=cfg, policy=policy,
                    optimizer=optimizer)
+
+
+def _semiotic_program(cfg, entry, policy, batch, options, params, image, image_names, text, sizes, model) -> Program:
+    prompt = _struct((batch, options.prompt_len), jnp.int32)
+    text_names = (BATCH, None)
+    common = dict(axis_sizes={**sizes, "cache_seq": {options.cache_len}}, config=cfg, policy=policy)
+    n_new, k = options.max_new_tokens, options.beams
+    if entry == "caption_image":
+        def fn(p, img, prompt):
+            return caption_from_image(model(p), img, prompt, n_new)
+        return Program(entry, fn, (params, image, prompt), ("params", image_names, text_names), text_names,
+                       analytic_flops=cfg.flops_caption(batch, n_new, options.prompt_len)
+                       - cfg.flops_encode_image(batch), **common)
+    if entry == "readings":
+        def fn(p, img, prompt):
+            return beam_search(model(p), img, prompt, n_new, k)
+        return Program(entry, fn, (params, image, prompt), ("params", image_names, text_names),
+                       ((BATCH, None, None), (BATCH, None)),
+                       analytic_flops=k * (cfg.flops_caption(batch, n_new, options.prompt_len)
+                                           - cfg.flops_encode_image(batch)), **common)
+    if entry == "score_image":
+        def fn(p, img, ids, mask):
+            return model(p).score(img, ids, mask)
+        out = {"itm_logits": (BATCH, None), "itm_prob": (BATCH,), "itc_similarity": (BATCH,)}
+        return Program(entry, fn, (params, image, text, text), ("params", image_names, text_names, text_names), out,
+                       analytic_flops=cfg.flops_score(batch, options.text_len) - cfg.flops_encode_image(batch),
+                       **common)
+    if entry == "image_features":
+        def fn(p, img):
+            return model(p).image_features(img)
+        return Program(entry, fn, (params, image), ("params", image_names), (BATCH, None),
+                       analytic_flops=2 * batch * cfg.vision.width * cfg.projection_dim, **common)
+
+    def fn(p, ids, mask):
+        return model(p).text_features(ids, mask)
+    return Program(entry, fn, (params, text, text), ("params", text_names, text_names), (BATCH, None),
+                   analytic_flops=batch * options.text_len * cfg.flops_text_token(options.text_len, cross=False,
+                                                                                  lm_head=False), **common)
 
 
 def _specs(program: Program, plan: ShardingPlan, names_or_marker, struct_tree=None):

@@ -89,16 +89,23 @@ class Blip(nnx.Module):
         with jax.named_scope("itm_head"):
             return self.itm_head(hidden[:, 0]).astype(jnp.float32)
 
-    def itc_features(self, image_bpd, ids_bt, mask_bt) -> tuple[jax.Array, jax.Array]:
-        """L2-normalised image and text embeddings (B, projection_dim) for contrastive similarity."""
+    def image_features(self, image_bpd) -> jax.Array:
+        """L2-normalised image embedding (B, projection_dim) for contrastive similarity."""
+        self._tower("retrieval")
+        with jax.named_scope("itc_heads"):
+            return _normalize(self.vision_proj(image_bpd[:, 0]).astype(jnp.float32))
+
+    def text_features(self, ids_bt, mask_bt) -> jax.Array:
+        """L2-normalised text embedding (B, projection_dim): the text encoder without the image."""
         encoder = self._tower("retrieval")
         with jax.named_scope("text_encoder"):
             hidden = encoder(ids_bt, mask_bt, None, causal=False)
         with jax.named_scope("itc_heads"):
-            img = self.vision_proj(image_bpd[:, 0]).astype(jnp.float32)
-            txt = self.text_proj(hidden[:, 0]).astype(jnp.float32)
-        normalize = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # noqa: E731
-        return normalize(img), normalize(txt)
+            return _normalize(self.text_proj(hidden[:, 0]).astype(jnp.float32))
+
+    def itc_features(self, image_bpd, ids_bt, mask_bt) -> tuple[jax.Array, jax.Array]:
+        """Image and text embeddings for contrastive similarity (row i with row i: their dot product)."""
+        return self.image_features(image_bpd), self.text_features(ids_bt, mask_bt)
 
     def score(self, image_bpd, ids_bt, mask_bt) -> dict:
         """Pairwise scores for row i's image with row i's text."""
@@ -107,3 +114,7 @@ class Blip(nnx.Module):
         return {"itm_logits": itm, "itm_prob": jax.nn.softmax(itm, axis=-1)[:, 1],
                 "itc_similarity": jnp.sum(img * txt, axis=-1)}
 
+
+
+def _normalize(x: jax.Array) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)

@@ -29,10 +29,14 @@ def caption_prompt(text_cfg: TextConfig, prompt_ids: list[int] | None = None) ->
 
 def greedy_caption(model: Blip, pixels_bchw: jax.Array, prompt_bp: jax.Array, max_new_tokens: int) -> jax.Array:
     """Token ids (B, P + max_new_tokens): the prompt followed by the greedy continuation."""
+    return caption_from_image(model, model.encode_image(pixels_bchw), prompt_bp, max_new_tokens)
+
+
+def caption_from_image(model: Blip, image_bpd: jax.Array, prompt_bp: jax.Array, max_new_tokens: int) -> jax.Array:
+    """Greedy caption from already encoded image tokens (so one encoding serves many calls)."""
     t = model.config.text
     b, p = prompt_bp.shape
-    image = model.encode_image(pixels_bchw)
-    logits, cache = model.prefill(prompt_bp, image, p + max_new_tokens)
+    logits, cache = model.prefill(prompt_bp, image_bpd, p + max_new_tokens)
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     out = jnp.full((b, max_new_tokens), t.pad_token_id, jnp.int32).at[:, 0].set(first)
     done = first == t.sep_token_id
@@ -47,3 +51,61 @@ def greedy_caption(model: Blip, pixels_bchw: jax.Array, prompt_bp: jax.Array, ma
 
     out, _, _ = jax.lax.fori_loop(1, max_new_tokens, step, (out, done, cache))
     return jnp.concatenate([prompt_bp.astype(jnp.int32), out], axis=1)
+
+
+def beam_search(model: Blip, image_bpd: jax.Array, prompt_bp: jax.Array, max_new_tokens: int,
+                beams: int) -> tuple[jax.Array, jax.Array]:
+    """The `beams` best continuations per image by summed log-probability, as one jit-able
+    program: (ids (B, K, P + max_new_tokens), log_probs (B, K)), best first.
+
+    Beams are distinct token sequences by construction: only the first beam is live at
+    the start, and every step keeps the top-K distinct (beam, token) extensions. A beam
+    that emits [SEP] is finished: it keeps its score and emits PAD. Scores are summed
+    log-probabilities divided by the generated length (length-normalised, as Hugging
+    Face's default length_penalty=1.0 does), so finished short readings compete fairly.
+    """
+    t = model.config.text
+    b, p = prompt_bp.shape
+    k = beams
+    image = jnp.repeat(image_bpd, k, axis=0)                       # (B·K, P, D): beam-major within an image
+    prompt = jnp.repeat(prompt_bp, k, axis=0)
+    logits, cache = model.prefill(prompt, image, p + max_new_tokens)
+    neg = jnp.float32(-1e9)
+    score = jnp.tile(jnp.array([0.0] + [neg] * (k - 1), jnp.float32), b).reshape(b, k)
+    out = jnp.full((b, k, max_new_tokens), t.pad_token_id, jnp.int32)
+    done = jnp.zeros((b, k), bool)
+    length = jnp.zeros((b, k), jnp.float32)
+
+    def select(i, logits, out, score, done, length, cache):
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, k, -1)
+        vocab = logp.shape[-1]
+        # a finished beam has one continuation, PAD, at no cost
+        pad_only = jnp.full((vocab,), neg).at[t.pad_token_id].set(0.0)
+        logp = jnp.where(done[..., None], pad_only, logp)
+        candidates = (score[..., None] + logp).reshape(b, k * vocab)
+        top, flat = jax.lax.top_k(candidates, k)
+        parent, token = flat // vocab, (flat % vocab).astype(jnp.int32)
+        gather = lambda x: jnp.take_along_axis(x, parent, axis=1)  # noqa: E731
+        out = jnp.take_along_axis(out, parent[..., None], axis=1)
+        out = jax.lax.dynamic_update_slice_in_dim(out, token[..., None], i, axis=2)
+        was_done = gather(done)
+        length = gather(length) + (~was_done).astype(jnp.float32)
+        done = was_done | (token == t.sep_token_id)
+        rows = (jnp.arange(b)[:, None] * k + parent).reshape(-1)
+        cache = {"self_kv": jnp.take(cache["self_kv"], rows, axis=1), "cross_kv": cache["cross_kv"]}
+        return out, top, done, length, cache
+
+    out, score, done, length, cache = select(0, logits, out, score, done, length, cache)
+
+    def step(i, state):
+        out, score, done, length, cache = state
+        previous = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=2).reshape(b * k, 1)
+        logits, cache = model.decode_step(previous, p + i - 1, cache)
+        return select(i, logits, out, score, done, length, cache)
+
+    out, score, done, length, _ = jax.lax.fori_loop(1, max_new_tokens, step, (out, score, done, length, cache))
+    normalised = score / jnp.maximum(length, 1.0)
+    order = jnp.argsort(-normalised, axis=1)
+    out = jnp.take_along_axis(out, order[..., None], axis=1)
+    ids = jnp.concatenate([jnp.broadcast_to(prompt_bp[:, None].astype(jnp.int32), (b, k, p)), out], axis=2)
+    return ids, jnp.take_along_axis(normalised, order, axis=1)

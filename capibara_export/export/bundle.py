@@ -23,7 +23,7 @@ from sharding.precision import get_policy, storage_specs, store
 
 from ..build import config_hash, staged_folder
 from ..cache import jax_cache_disabled
-from ..programs import NEEDS_TOWER, SERVING_ENTRIES, ProgramError, ProgramOptions
+from ..programs import NEEDS_TOWER, SEMIOTIC_ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
 from ..records import toolchain
 from . import executables, manifest as mf, params as params_io, saved_model, stablehlo
 from .readme import render_readme
@@ -45,6 +45,7 @@ class ExportRequest:
     mesh_info: dict
     options: ProgramOptions = field(default_factory=ProgramOptions)
     saved_model: bool = True
+    processor_from: Path | None = None   # a checkpoint folder holding the tokenizer; None: synthetic
 
 
 def storage_form(precision: str) -> str:
@@ -53,7 +54,8 @@ def storage_form(precision: str) -> str:
 
 
 def _entries(cfg: BlipConfig) -> list[str]:
-    return [e for e in SERVING_ENTRIES if cfg.has(NEEDS_TOWER.get(e, "caption"))]
+    """Portable exports: the serving entries and the semiotic module's, for the towers present."""
+    return [e for e in SERVING_ENTRIES + SEMIOTIC_ENTRIES if cfg.has(NEEDS_TOWER.get(e, "caption"))]
 
 
 def _artifact(bundle: Path, path: Path, kind: str, **info) -> dict:
@@ -133,6 +135,12 @@ def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _
                 continue
             artifacts += _selected_unit(req, bundle, sel)
 
+        progress("tokenizer and image processor")
+        folder = bundle / "processor"
+        source = write_processor(folder, cfg, req.processor_from)
+        artifacts.append(_artifact(bundle, folder, "processor", source=source,
+                                   load="model.processor.Preprocessor.from_folder(bundle / 'processor', config)"))
+
         manifest = {
             "schema": mf.SCHEMA, "schema_version": mf.SCHEMA_VERSION,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -152,6 +160,27 @@ def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _
         mf.write(bundle / "manifest.json", manifest)
         (bundle / "README.md").write_text(render_readme(manifest))
     return Path(req.build_folder) / "bundle"
+
+
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
+                   "preprocessor_config.json", "processor_config.json")
+
+
+def write_processor(folder: Path, cfg: BlipConfig, checkpoint: Path | None) -> str:
+    """The tokenizer and image processor serving needs: the checkpoint's own, or a synthetic
+    vocabulary for random weights (documented as such)."""
+    import shutil
+
+    from model.processor import write_synthetic_processor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if checkpoint is not None and (Path(checkpoint) / "tokenizer_config.json").is_file():
+        for name in PROCESSOR_FILES:
+            if (Path(checkpoint) / name).is_file():
+                shutil.copy2(Path(checkpoint) / name, folder / name)
+        return f"copied from {Path(checkpoint).resolve()}"
+    write_synthetic_processor(folder, cfg)
+    return "synthetic vocabulary (random weights or a checkpoint without a tokenizer): decoded text is meaningless"
 
 
 def _named(entry: str, avals: list[dict]) -> list[dict]:

@@ -25,12 +25,22 @@ INPUT_NAMES = {
     "caption": ("pixel_values", "prompt_ids"),
     "score": ("pixel_values", "input_ids", "attention_mask"),
     "decode_step": ("input_ids", "position", "cache"),
+    "caption_image": ("image_embeds", "prompt_ids"),
+    "readings": ("image_embeds", "prompt_ids"),
+    "score_image": ("image_embeds", "input_ids", "attention_mask"),
+    "image_features": ("image_embeds",),
+    "text_features": ("input_ids", "attention_mask"),
 }
 OUTPUT_NAMES = {
     "encode_image": "image_embeds",
     "caption": "token_ids",
     "score": "scores (itm_logits, itm_prob, itc_similarity)",
     "decode_step": "(logits, cache)",
+    "caption_image": "token_ids",
+    "readings": "(token_ids (B, beams, L), length-normalised log-probs (B, beams))",
+    "score_image": "scores (itm_logits, itm_prob, itc_similarity)",
+    "image_features": "L2-normalised ITC image embedding",
+    "text_features": "L2-normalised ITC text embedding",
 }
 
 
@@ -83,7 +93,7 @@ def example_inputs(serving: ServingFunction, batch: int, seed: int = 0) -> tuple
     _, *inputs = serving.abstract(batch)
     out = []
     for name, spec in zip(INPUT_NAMES[serving.entry], inputs):
-        if name == "pixel_values":
+        if name in ("pixel_values", "image_embeds"):
             out.append(rng.normal(size=spec.shape).astype(np.float32))
         elif name == "prompt_ids":
             out.append(np.full(spec.shape, cfg.text.bos_token_id, np.int32))

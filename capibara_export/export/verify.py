@@ -136,6 +136,14 @@ class Verifier:
         return Row(a["path"], f"restore sharded ({plan_name})", None, None, "pass" if ok else "FAIL",
                    f"{n} devices, plan {plan_name}" if ok else "values or placement differ")
 
+    def check_processor(self, a: dict) -> list[Row]:
+        from model.processor import Preprocessor
+
+        pre = Preprocessor.from_folder(self.bundle / a["path"], self.config)
+        ids, _ = pre.texts(["a picture"], 8)
+        return [Row(a["path"], "load", None, None, "pass", f"tokenizer of {len(pre.tokenizer)} tokens, "
+                                                            f"images to {self.config.vision.image_size}px")]
+
     def check_export(self, a: dict) -> list[Row]:
         exported = stablehlo.load(self.bundle / a["path"])
         inputs, want = self.reference(a["entry"], a["precision"], a["params"], VERIFY_BATCH)
@@ -232,7 +240,8 @@ class Verifier:
                 rows.append(Row(a["path"], "sha256", None, None, "FAIL", problem))
                 hash_failed.add(a["path"])
         checks = {"params": self.check_params, "jax.export": self.check_export, "saved_model": self.check_saved_model,
-                  "executable": self.check_executable, "jax.export-sharded": self.check_sharded_export}
+                  "executable": self.check_executable, "jax.export-sharded": self.check_sharded_export,
+                  "processor": self.check_processor}
         for a in self.manifest["artifacts"]:
             check = checks.get(a["kind"])
             if check is None or a["path"] in hash_failed:

@@ -1,0 +1,165 @@
+"""Engines: one model's semiotic programs on the local device, batched to compiled sizes.
+
+Both kinds call the same serving functions (capibara_export.export.serving): a
+`CheckpointEngine` jit-compiles them over parameters in memory (JAX's persistent cache
+keeps the compiled programs across runs); a `BundleEngine` calls a bundle's jax.export
+artifacts with its orbax parameters. Requests are padded up to the next compiled batch
+size (repeating the last row), so a handful of programs serve any number of images;
+`program_stats` counts first calls per (program, batch) (compiles) against reuses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from model import BlipConfig
+from model.processor import Preprocessor
+from model.state import logical_names
+from sharding.precision import get_policy, store
+
+from ..export import manifest as mf, params as params_io, stablehlo
+from ..export.serving import serving_function
+from ..programs import ProgramOptions
+
+BATCH_SIZES = (1, 4, 8)
+
+
+@dataclass
+class ProgramStats:
+    compiles: int = 0
+    reuses: int = 0
+
+    def to_dict(self) -> dict:
+        total = self.compiles + self.reuses
+        return {"compiles": self.compiles, "reuses": self.reuses, "reuse_rate": self.reuses / total if total else 0.0}
+
+
+@dataclass
+class Engine:
+    name: str
+    config: BlipConfig
+    preprocessor: Preprocessor
+    options: ProgramOptions
+    precision: str = "fp32"
+    batch_sizes: tuple[int, ...] = BATCH_SIZES
+    stats: ProgramStats = field(default_factory=ProgramStats)
+
+    def __post_init__(self):
+        self._seen: set[tuple[str, int]] = set()
+
+    def has(self, tower: str) -> bool:
+        return self.config.has(tower)
+
+    # ------------------------------------------------------------ batching
+    def bucket(self, n: int) -> int:
+        return next((b for b in self.batch_sizes if b >= n), self.batch_sizes[-1])
+
+    def run(self, entry: str, *inputs):
+        """Run `entry` over inputs whose first axis is the batch (any size)."""
+        n = len(inputs[0])
+        size = self.bucket(n)
+        outs = []
+        for start in range(0, n, size):
+            chunk = [x[start:start + size] for x in inputs]
+            rows = len(chunk[0])
+            padded = [np.concatenate([c, np.repeat(c[-1:], size - rows, axis=0)]) if rows < size else c
+                      for c in chunk]
+            key = (entry, size)
+            if key in self._seen:
+                self.stats.reuses += 1
+            else:
+                self._seen.add(key)
+                self.stats.compiles += 1
+            out = self._call(entry, size, padded)
+            outs.append(jax.tree.map(lambda x: np.asarray(x)[:rows], out))
+        return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+    def _call(self, entry: str, batch: int, inputs: list):
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ programs
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        return self.run("encode_image", pixels)
+
+    def prompt(self, n: int, text: str | None = None) -> np.ndarray:
+        return np.tile(self.preprocessor.prompt(text)[None], (n, 1))
+
+    def caption(self, embeds: np.ndarray, prompt: str | None = None) -> np.ndarray:
+        return self.run("caption_image", embeds, self.prompt(len(embeds), prompt))
+
+    def readings(self, embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.run("readings", embeds, self.prompt(len(embeds)))
+
+    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        return self.preprocessor.texts(texts, self.options.text_len)
+
+    def score(self, embeds: np.ndarray, texts: list[str]) -> dict:
+        ids, mask = self.tokenize(texts)
+        return self.run("score_image", embeds, ids, mask)
+
+    def image_features(self, embeds: np.ndarray) -> np.ndarray:
+        return self.run("image_features", embeds)
+
+    def text_features(self, texts: list[str]) -> np.ndarray:
+        ids, mask = self.tokenize(texts)
+        return self.run("text_features", ids, mask)
+
+
+class CheckpointEngine(Engine):
+    """Jit-compiled serving functions over parameters held in memory."""
+
+    def __init__(self, name: str, config: BlipConfig, params: dict, preprocessor: Preprocessor,
+                 options: ProgramOptions, precision: str = "fp32", batch_sizes=BATCH_SIZES):
+        super().__init__(name, config, preprocessor, options, precision, tuple(batch_sizes))
+        policy = get_policy(precision)
+        self._flat = jax.device_put(params_io.flatten(store(params, logical_names(config), policy)))
+        self._compiled: dict[tuple[str, int], object] = {}
+
+    def _call(self, entry, batch, inputs):
+        key = (entry, batch)
+        if key not in self._compiled:
+            serving = serving_function(self.config, entry, get_policy(self.precision), batch, self.options)
+            self._compiled[key] = jax.jit(serving.fn)
+        return self._compiled[key](self._flat, *inputs)
+
+
+class BundleEngine(Engine):
+    """A bundle's portable jax.export artifacts and parameters (no model code in the loop)."""
+
+    def __init__(self, bundle: Path, precision: str | None = None, batch_sizes=BATCH_SIZES):
+        bundle = Path(bundle)
+        manifest = mf.read(bundle)
+        config = BlipConfig.from_dict(manifest["model"]["config"])
+        exports = {(a["entry"], a["precision"]): a for a in manifest["artifacts"] if a["kind"] == "jax.export"}
+        available = sorted({p for _, p in exports})
+        precision = precision or ("fp32" if "fp32" in available else available[0])
+        if precision not in available:
+            raise mf.BundleError(f"{bundle}: no jax.export artifacts in {precision}; it has {', '.join(available)}")
+        if not any(e == "readings" for e, _ in exports):
+            raise mf.BundleError(f"{bundle}: has no semiotic programs (readings, score_image, ...); "
+                                 "re-export it with this version of capibara-export")
+        for a in manifest["artifacts"]:
+            problem = mf.check_hash(bundle, a) if a["kind"] in ("jax.export", "params", "processor") else None
+            if problem:
+                raise mf.BundleError(problem)
+        processor = bundle / "processor"
+        if not processor.is_dir():
+            raise mf.BundleError(f"{bundle}: no processor/ (tokenizer); re-export the bundle")
+        super().__init__(f"bundle:{bundle.resolve()}:{precision}", config, Preprocessor.from_folder(processor, config),
+                         ProgramOptions(**manifest["model"]["options"]), precision, tuple(batch_sizes))
+        self.bundle, self.manifest = bundle, manifest
+        self._exports = {e: bundle / a["path"] for (e, p), a in exports.items() if p == precision}
+        params_rel = exports[(next(iter(self._exports)), precision)]["params"]
+        self._flat = params_io.restore(bundle / params_rel)
+        self._loaded: dict[str, object] = {}
+
+    def _call(self, entry, batch, inputs):
+        if entry not in self._exports:
+            raise mf.BundleError(f"{self.bundle}: no {entry} program for this model's towers")
+        if entry not in self._loaded:
+            self._loaded[entry] = stablehlo.load(self._exports[entry])
+        return self._loaded[entry].call(self._flat, *inputs)
