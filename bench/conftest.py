@@ -1,18 +1,11 @@
-"""Benchmark-wide setup. JAX runs on the host CPU (simulated as 32 devices for the mesh
-benchmarks) unless the caller chose platforms, as bench/gpu.sh does for a GPU."""
+"""Benchmark-wide setup: the CLI's process environment, with the CPU simulated as 32
+devices for the mesh benchmarks. JAX_PLATFORMS set by the caller wins (bench/gpu.sh)."""
 
-import os
+import pytest
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_ID", "0"), ("TPU_WORKER_HOSTNAMES", "localhost"),
-                   ("TPU_ACCELERATOR_TYPE", "v4-32")):
-    os.environ.setdefault(key, value)  # deviceless TPU compiles without libtpu's host warnings
+from capibara_export import environment
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
-
-jax.config.update("jax_num_cpu_devices", 32)
+environment.prepare(target=None, cpu_devices=32)
 
 
 @pytest.fixture(scope="session")

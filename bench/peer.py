@@ -55,8 +55,8 @@ def our_params(model: str) -> dict:
     return params_from_hf_tensors(get_preset(model).with_towers("caption"), _FLOAT_WEIGHTS[model])
 
 
-def caption_fn(model: str, pixels: np.ndarray, precision: str, new_tokens: int):
-    """A callable running greedy generate with exactly `new_tokens` new tokens."""
+def _timed_call(model: str, pixels: np.ndarray, precision: str, forward):
+    """A callable running `forward(net, pixels)` without gradients, synchronised on GPU."""
     import torch
 
     hf, device = hf_model(model)
@@ -66,26 +66,18 @@ def caption_fn(model: str, pixels: np.ndarray, precision: str, new_tokens: int):
 
     def run():
         with torch.no_grad():
-            out = net.generate(pixel_values=px, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                               do_sample=False, num_beams=1)
+            out = forward(net, px)
         if device == "cuda":
             torch.cuda.synchronize()
         return out
     return run
+
+
+def caption_fn(model: str, pixels: np.ndarray, precision: str, new_tokens: int):
+    """Greedy generate with exactly `new_tokens` new tokens."""
+    return _timed_call(model, pixels, precision, lambda net, px: net.generate(
+        pixel_values=px, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1))
 
 
 def vision_fn(model: str, pixels: np.ndarray, precision: str):
-    import torch
-
-    hf, device = hf_model(model)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    net = hf.to(dtype)
-    px = torch.from_numpy(np.array(pixels)).to(device=device, dtype=dtype)
-
-    def run():
-        with torch.no_grad():
-            out = net.vision_model(pixel_values=px).last_hidden_state
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out
-    return run
+    return _timed_call(model, pixels, precision, lambda net, px: net.vision_model(pixel_values=px).last_hidden_state)

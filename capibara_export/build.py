@@ -13,14 +13,15 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 from model import BlipConfig, get_preset
-from model.config import ConfigError
-from model.hf import CheckpointError
+from model.hf import checkpoint_config
 from sharding.plans import ShardingPlan, load_plans, select_plans
 from sharding.precision import DEFAULT_PRECISIONS, get_policy
 
@@ -79,18 +80,7 @@ class BuildResult:
 
 def model_config(request: BuildRequest) -> BlipConfig:
     """The preset, or the config.json of --checkpoint (whose weights must also be there)."""
-    if not request.checkpoint:
-        return get_preset(request.model)
-    folder = Path(request.checkpoint)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: checkpoint folder does not exist")
-    try:
-        cfg = BlipConfig.from_hf(folder)
-    except ConfigError as err:
-        raise CheckpointError(str(err)) from None
-    if not ((folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()):
-        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-    return cfg
+    return checkpoint_config(request.checkpoint) if request.checkpoint else get_preset(request.model)
 
 
 def validate(request: BuildRequest) -> None:
@@ -115,6 +105,28 @@ def units(request: BuildRequest, cfg: BlipConfig, plans: list[ShardingPlan]) -> 
                  options)
             for entry in request.entries for plan in plans for precision in request.precisions
             for batch in request.batches]
+
+
+@contextlib.contextmanager
+def interrupt_between_units() -> Iterator[dict]:
+    """The first Ctrl-C becomes a request honoured between units; a second one interrupts
+    at once. (A KeyboardInterrupt that lands in a garbage-collection callback, such as
+    XLA's, is printed and swallowed by Python, so a plain Ctrl-C could be lost.)"""
+    state = {"requested": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def handler(signum, frame):
+        if state["requested"]:
+            signal.default_int_handler(signum, frame)
+        state["requested"] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
@@ -168,29 +180,33 @@ def run_build(request: BuildRequest, progress: ProgressFn | None = None,
     compiled: dict[str, Compiled] = {}
     texts: dict[str, dict[str, str]] = {}
     plan_of = {p.name: p for p in plans}
-    for i, unit in enumerate(todo):
-        if progress:
-            progress(i, len(todo), unit, None)
-        plan = plan_of[unit.plan]
-        key = cache_key(unit.to_dict(), cfg.to_dict(), plan.to_dict(), mesh_info)
-        hit = cache.get(key)
-        if hit is not None:
-            record, unit_texts = hit
-            record.cached = True
-        else:
-            record, result = compile_unit(cfg, unit, plan, mesh, hardware, request.options)
-            record.cache_key = key
-            record.mesh = mesh_info
-            unit_texts = {"hlo": result.hlo_text, "pre": result.pre_hlo_text} if result else {}
-            cache.put(key, record, unit_texts)
-            if result:
-                compiled[unit.id] = result
-        if unit_texts:
-            texts[unit.id] = unit_texts
-            record.hlo_file, record.pre_hlo_file = f"hlo/{unit.id}.hlo.gz", f"hlo/{unit.id}.pre.hlo.gz"
-        records.append(record)
-        if progress:
-            progress(i + 1, len(todo), unit, record)
+    with interrupt_between_units() as interrupt:
+        for i, unit in enumerate(todo):
+            if interrupt["requested"]:
+                raise KeyboardInterrupt
+            if progress:
+                progress(i, len(todo), unit, None)
+            plan = plan_of[unit.plan]
+            key = cache_key(unit.to_dict(), cfg.to_dict(), plan.to_dict(), mesh_info)
+            hit = cache.get(key)
+            if hit is not None:
+                record, unit_texts = hit
+                record.cached = True
+            else:
+                record, fresh = compile_unit(cfg, unit, plan, mesh, hardware, request.options)
+                record.cache_key, record.mesh = key, mesh_info
+                unit_texts = {"hlo": fresh.hlo_text, "pre": fresh.pre_hlo_text} if fresh else {}
+                cache.put(key, record, unit_texts)
+                if fresh:
+                    compiled[unit.id] = fresh
+            if unit_texts:
+                texts[unit.id] = unit_texts
+                record.hlo_file, record.pre_hlo_file = f"hlo/{unit.id}.hlo.gz", f"hlo/{unit.id}.pre.hlo.gz"
+            records.append(record)
+            if progress:
+                progress(i + 1, len(todo), unit, record)
+        if interrupt["requested"]:
+            raise KeyboardInterrupt
 
     result = BuildResult(Path(request.out) / request.folder_name(), cfg, records, compiled, mesh, hardware,
                          {p.name: p for p in plans})
@@ -211,3 +227,4 @@ def run_build(request: BuildRequest, progress: ProgressFn | None = None,
         if finish:
             finish(staging, result)
     return result
+

@@ -117,6 +117,10 @@ def _add_export_args(p: argparse.ArgumentParser, standalone: bool) -> None:
                    help="export random weights (outputs are meaningless; for testing the serving path)")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-weights (default 0)")
     p.add_argument("--export-precisions", type=_csv(), help="precisions to export (default: the build's)")
+    p.add_argument("--export-entries", type=_csv(),
+                   help="portable programs and SavedModel signatures to export (default: all the towers allow; "
+                        "the semiotic module needs caption_image, readings, score_image, image_features, "
+                        "text_features)")
     p.add_argument("--no-saved-model", action="store_true", help="skip the TF SavedModel (the slowest artifact)")
 
 
@@ -210,7 +214,8 @@ def write_bundle(folder: Path, mesh, weights: tuple[dict, str], args, console) -
         analysis=json.loads((folder / "analysis.json").read_text())["units"],
         plans={k: ShardingPlan.from_dict(v) for k, v in build["plans"].items()}, target=build["target"],
         mesh=mesh, mesh_info=build["mesh"], options=ProgramOptions(**request["options"]),
-        saved_model=not args.no_saved_model, processor_from=Path(args.checkpoint) if args.checkpoint else None)
+        saved_model=not args.no_saved_model, processor_from=Path(args.checkpoint) if args.checkpoint else None,
+        entries=tuple(args.export_entries) if args.export_entries else None)
     bundle = export_bundle(req, progress=lambda what: console.print(f"exporting {what} ..."))
     console.print(f"bundle: {bundle} (verify it with: python -m capibara_export verify {bundle})")
     return bundle

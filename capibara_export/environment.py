@@ -5,6 +5,8 @@
   regardless.
 - The libtpu metadata variables, so a host with no TPU does not print libtpu's warnings
   about missing worker hostnames for every build.
+- ALLOW_MULTIPLE_LIBTPU_LOAD, so two processes can compile for TPU at once (otherwise
+  the second fails on libtpu's lockfile, /tmp/libtpu_lockfile).
 - The number of simulated CPU devices for the `cpu` target.
 User-set variables always win.
 """
@@ -24,6 +26,7 @@ def prepare(target: str | None = None, cpu_devices: int | None = None) -> None:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", ACCELERATOR_TYPES.get(target or "", "v4-32"))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if cpu_devices:
         import jax
 

@@ -75,6 +75,10 @@ def devices(target: Target) -> list:
             topo = topologies.get_topology_desc(platform="tpu", topology_name=target.topology, **kw)
         except Exception as err:  # libtpu missing or unusable: jax raises RuntimeError/ValueError variants
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if "lockfile" in first:
+                raise TargetError(f"target {target.name}: another process holds libtpu; set "
+                                  "ALLOW_MULTIPLE_LIBTPU_LOAD=1 in that process too (capibara-export sets it "
+                                  f"for itself); libtpu said: {first[:200]}") from None
             raise TargetError(f"target {target.name} needs libtpu to compile for TPU without a TPU "
                               f"(pip install 'jax[tpu]==0.10.2'); libtpu said: {first[:200]}") from None
         return list(topo.devices)

@@ -231,9 +231,7 @@ def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
         if absent:
             raise CheckpointError(f"{index}: lists shard(s) that are not in the folder: {', '.join(absent)}")
     else:
-        hint = " (found pytorch_model.bin: re-save it with safe_serialization=True)" \
-            if (folder / "pytorch_model.bin").exists() else ""
-        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
+        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
     tensors: dict[str, np.ndarray] = {}
     for f in files:
         try:
@@ -243,8 +241,8 @@ def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def load_checkpoint(folder: str | Path) -> tuple[BlipConfig, dict]:
-    """(config, float32 params) from a Hugging Face BLIP folder."""
+def checkpoint_config(folder: str | Path) -> BlipConfig:
+    """The config of a checkpoint folder, after checking the folder and its weights file exist."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder does not exist")
@@ -252,6 +250,17 @@ def load_checkpoint(folder: str | Path) -> tuple[BlipConfig, dict]:
         cfg = BlipConfig.from_hf(folder)
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
+    if not ((folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()):
+        hint = " (found pytorch_model.bin: re-save it with safe_serialization=True)" \
+            if (folder / "pytorch_model.bin").exists() else ""
+        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
+    return cfg
+
+
+def load_checkpoint(folder: str | Path) -> tuple[BlipConfig, dict]:
+    """(config, float32 params) from a Hugging Face BLIP folder."""
+    folder = Path(folder)
+    cfg = checkpoint_config(folder)
     params = params_from_hf_tensors(cfg, read_safetensors(folder), source=str(folder))
     check_shapes(params, abstract_params(cfg), str(folder))
     return cfg, params

@@ -17,7 +17,7 @@ from capibara_export.export import manifest as mf
 from capibara_export.export.warmup import read_fields
 
 pytestmark = pytest.mark.slow
-KINDS = {"params", "jax.export", "jax.export-sharded", "saved_model", "executable", "executable-trees"}
+KINDS = {"params", "jax.export", "jax.export-sharded", "saved_model", "executable", "executable-trees", "processor"}
 
 
 def cli(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
@@ -27,8 +27,10 @@ def cli(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
 
 
 def build_bundle(out: Path, *extra) -> Path:
-    result = cli("build", "--model", "tiny", "--quiet", "--entries", "encode_image,caption,score,decode_step",
-                 "--plans", "dp", "--precisions", "fp32,bf16", "--export", "--random-weights", "--out", out, *extra)
+    """A tiny bundle: the portable exports cover every entry; executables and sharded
+    exports are made for the selected encode_image and caption units."""
+    result = cli("build", "--model", "tiny", "--quiet", "--entries", "encode_image,caption", "--plans", "dp",
+                 "--export", "--random-weights", "--out", out, *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     (folder,) = [p for p in out.iterdir() if not p.name.startswith(".")]
     return folder / "bundle"
@@ -42,7 +44,7 @@ def verify(bundle: Path) -> tuple[int, list[dict], str]:
 
 @pytest.fixture(scope="module")
 def cpu_bundle(tmp_path_factory) -> Path:
-    return build_bundle(tmp_path_factory.mktemp("cpu"), "--target", "cpu")
+    return build_bundle(tmp_path_factory.mktemp("cpu"), "--target", "cpu", "--precisions", "fp32,bf16")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def cpu_verified(cpu_bundle):
 
 @pytest.fixture(scope="module")
 def tpu_bundle(tmp_path_factory) -> Path:
-    return build_bundle(tmp_path_factory.mktemp("tpu"))
+    return build_bundle(tmp_path_factory.mktemp("tpu"), "--precisions", "fp32")
 
 
 def test_cpu_bundle_holds_every_kind_and_verifies(cpu_bundle, cpu_verified):
@@ -177,7 +179,8 @@ def test_export_without_weights_is_refused_before_compiling(tmp_path):
 
 def test_base_saved_model_holds_each_weight_once_and_the_bundle_verifies(tmp_path):
     result = cli("build", "--model", "base", "--quiet", "--entries", "encode_image,caption,score", "--plans", "dp",
-                 "--precisions", "bf16", "--export", "--random-weights", "--out", tmp_path)
+                 "--precisions", "bf16", "--export", "--random-weights", "--out", tmp_path,
+                 "--export-entries", "encode_image,caption,score")
     assert result.returncode == 0, result.stderr[-3000:]
     bundle = tmp_path / "base-tpu-v4-32-4x8" / "bundle"
     from model import get_preset
@@ -189,3 +192,5 @@ def test_base_saved_model_holds_each_weight_once_and_the_bundle_verifies(tmp_pat
     assert code == 0, err
     assert not [r for r in rows if r["result"] in ("FAIL", "error")]
     assert np.sum([r["result"] == "pass" for r in rows]) >= 12
+    exported = {a.get("entry") for a in mf.read(bundle)["artifacts"] if a["kind"] == "jax.export"}
+    assert exported == {"encode_image", "caption", "score"}  # --export-entries

@@ -46,6 +46,7 @@ class ExportRequest:
     options: ProgramOptions = field(default_factory=ProgramOptions)
     saved_model: bool = True
     processor_from: Path | None = None   # a checkpoint folder holding the tokenizer; None: synthetic
+    entries: tuple[str, ...] | None = None  # portable exports to write (default: every entry the towers allow)
 
 
 def storage_form(precision: str) -> str:
@@ -100,7 +101,7 @@ def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _
 
         for precision in req.precisions:
             policy = get_policy(precision)
-            for entry in _entries(cfg):
+            for entry in [e for e in _entries(cfg) if req.entries is None or e in req.entries]:
                 progress(f"jax.export {entry} {precision}")
                 serving = serving_function(cfg, entry, policy, 1, req.options)
                 exported = stablehlo.export_portable(serving)
@@ -116,8 +117,8 @@ def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _
                                            output_names=OUTPUT_NAMES[entry],
                                            load=LOAD["jax.export"].format(path=path.relative_to(bundle))))
             if req.saved_model:
-                servings = {e: serving_function(cfg, e, policy, 1, req.options)
-                            for e in saved_model.SIGNATURES if e in _entries(cfg)}
+                servings = {e: serving_function(cfg, e, policy, 1, req.options) for e in saved_model.SIGNATURES
+                            if e in _entries(cfg) and (req.entries is None or e in req.entries)}
                 if servings:
                     progress(f"SavedModel {precision}")
                     folder = bundle / "saved_model" / precision

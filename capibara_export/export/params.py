@@ -48,9 +48,14 @@ def save(folder: Path, flat: dict) -> None:
     checkpointer.wait_until_finished()
 
 
-def restore(folder: Path, abstract: dict | None = None) -> dict:
+def restore(folder: Path, abstract: dict | None = None, partial: bool = False) -> dict:
     """The flat dict; with `abstract` (ShapeDtypeStructs carrying shardings) each array is
-    placed with its sharding as it is read."""
-    checkpointer = ocp.StandardCheckpointer()
+    placed with its sharding as it is read; `partial` restores only the arrays named there."""
     path = Path(folder).absolute()
-    return checkpointer.restore(path, abstract) if abstract is not None else checkpointer.restore(path)
+    if abstract is None:
+        return ocp.StandardCheckpointer().restore(path)
+    if partial:
+        args = ocp.args.PyTreeRestore(item=abstract, restore_args=jax.tree.map(
+            lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), abstract), partial_restore=True)
+        return ocp.PyTreeCheckpointer().restore(path, args=args)
+    return ocp.StandardCheckpointer().restore(path, abstract)
