@@ -46,6 +46,8 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _DIMS = re.compile(r"(lhs_contracting_dims|dimensions)=\{([\d,]*)\}")
+_GEMM_TARGET = re.compile(r'custom_call_target="(__cublas\$gemm|__cublas\$lt\$matmul[\w$]*)"')
+_GEMM_CONTRACTING = re.compile(r'"lhs_contracting_dimensions":\[([^\]]*)\]')
 _DIRECTION = re.compile(r"direction=(\w+)")
 _DIM_LABELS = re.compile(r"dim_labels=(\w+)_(\w+)->(\w+)")
 _WINDOW = re.compile(r"window=\{([^}]*)\}")
@@ -312,6 +314,8 @@ class HloProgram:
             c.flops = c.matmul_flops = 2.0 * out.elements * contracted
         elif op == "convolution":
             c.flops = c.matmul_flops = self._convolution_flops(comp, inst)
+        elif op == "custom-call" and _GEMM_TARGET.search(inst.attrs):
+            c.flops = c.matmul_flops = self._gemm_flops(comp, inst)
         elif op == "reduce":
             src = comp.by_name.get(inst.operands[0]) if inst.operands else None
             c.flops = float(src.shape.elements if src else out.elements)
@@ -322,6 +326,18 @@ class HloProgram:
         if comp.name not in self.fused and op not in NO_MEMORY and not op.endswith("-done"):
             c.bytes = self._bytes(comp, inst)
         return c
+
+    @staticmethod
+    def _gemm_flops(comp: Computation, inst: Instruction) -> float:
+        """A GPU matmul the compiler handed to cuBLAS: a custom-call whose result is the first
+        tuple leaf (the second is cuBLAS's workspace) and whose contracting dims sit in the
+        backend_config JSON."""
+        found = _GEMM_CONTRACTING.search(inst.attrs)
+        lhs = comp.by_name.get(inst.operands[0]) if inst.operands else None
+        if not found or lhs is None or not inst.shape.leaves:
+            return 0.0
+        dims = [int(d.strip().strip('"')) for d in found.group(1).split(",") if d.strip()]
+        return 2.0 * math.prod(inst.shape.leaves[0][1]) * math.prod(lhs.shape.dims[d] for d in dims)
 
     @staticmethod
     def _convolution_flops(comp: Computation, inst: Instruction) -> float:

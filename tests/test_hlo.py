@@ -80,6 +80,22 @@ def test_batched_matmul_written_as_dilated_convolution_counts_one_tap():
     assert program.costs().matmul_flops == pytest.approx(2 * 32 * 12 * 577 * 577 * 64)
 
 
+CUBLAS_GEMM = """HloModule m
+
+ENTRY %main (a: bf16[32,768], b: bf16[768,3072]) -> bf16[32,3072] {
+  %a = bf16[32,768]{1,0} parameter(0)
+  %b = bf16[768,3072]{1,0} parameter(1)
+  %g = (bf16[32,3072]{1,0}, s8[4194304]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"alpha_real":1,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  ROOT %r = bf16[32,3072]{1,0} get-tuple-element(%g), index=0
+}
+"""
+
+
+def test_gpu_cublas_gemm_custom_call_counts_as_a_matmul():
+    """GPU HLO hands matmuls to cuBLAS as custom-calls; the workspace leaf is not output."""
+    assert HloProgram(CUBLAS_GEMM).costs().matmul_flops == 2 * 32 * 3072 * 768
+
+
 @pytest.mark.parametrize("text, groups", [
     ("{{0,1,2,3},{4,5,6,7}}", [[0, 1, 2, 3], [4, 5, 6, 7]]),
     ("[2,4]<=[8]", [[0, 1, 2, 3], [4, 5, 6, 7]]),
