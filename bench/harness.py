@@ -75,6 +75,13 @@ def real_inputs(entry: str, program, seed: int = 0) -> tuple:
     return pixels, ids, np.ones_like(ids)
 
 
+def pixels(model: str, batch: int) -> np.ndarray:
+    """The image batch `runnable(model, "encode_image", ...)` times, for the peer's inputs."""
+    program = build_program(get_preset(model).with_towers("caption"), "encode_image", get_policy("fp32"), batch,
+                            OPTIONS)
+    return real_inputs("encode_image", program)[0]
+
+
 @functools.lru_cache(maxsize=8)
 def float_params(model: str, seed: int = 0):
     return init_params(get_preset(model), seed)

@@ -8,6 +8,8 @@ its ratio to the peer in extra_info.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -15,7 +17,9 @@ from bench import harness, peer
 from bench.harness import NEW_TOKENS, attach, on_gpu, predicted, runnable
 
 MODELS = ["base"] if on_gpu() else ["tiny", "small"]
-BATCHES = [1, 32] if on_gpu() else [1]
+# CAPIBARA_BENCH_BATCHES="1" (or "32") runs one batch size per process: bench/gpu.sh
+# writes one JSON per batch so a late failure cannot lose the earlier numbers.
+BATCHES = [int(b) for b in os.environ.get("CAPIBARA_BENCH_BATCHES", "1,32" if on_gpu() else "1").split(",")]
 PRECISIONS = ["fp32", "bf16"]
 ROUNDS = 20 if on_gpu() else 5
 PEER_ENTRIES = ("caption", "encode_image")
@@ -28,8 +32,8 @@ def _items(entry: str, batch: int) -> tuple[float, str]:
 
 
 def _pixels(model: str, batch: int) -> np.ndarray:
-    run = runnable(model, "encode_image", "fp32", batch, towers=("caption",), params=_params(model))
-    return np.asarray(run.args[1])
+    """The pixels our encode_image benchmark feeds (same seed), without compiling anything."""
+    return harness.pixels(model, batch)
 
 
 def _params(model: str):

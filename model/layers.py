@@ -5,11 +5,18 @@ must (a) carry logical axis names without eager sharding (the model never sees a
 (b) accept int8 `QArray` values, and (c) be cast to the compute dtype at the point of use
 so f32 parameters feed bf16 matmuls one scanned layer at a time. Layer norms keep their
 statistics in f32 whatever the compute dtype.
+
+On a local GPU (and only there) two kernel choices change, see `gpu_kernels`: unmasked
+bf16 self-attention goes to cuDNN's fused flash attention, and the layer loops are
+unrolled so XLA can put a whole decode step into one CUDA graph instead of paying a
+host round trip per layer. TPU programs are traced on a CPU host (the build pins
+JAX_PLATFORMS=cpu) and keep XLA's attention and rolled loops.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Sequence
 
 import jax
@@ -86,11 +93,19 @@ class Mlp(nnx.Module):
             return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
+def gpu_kernels() -> bool:
+    """True when tracing for a local GPU with the fused kernels on. CAPIBARA_GPU_KERNELS=xla
+    turns them off (to compare, or if a cuDNN version rejects a shape)."""
+    return jax.default_backend() == "gpu" and os.environ.get("CAPIBARA_GPU_KERNELS", "fused") != "xla"
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
     """Softmax attention over (batch, len, heads, head_dim) tensors; mask is boolean,
     broadcastable to (batch, heads, q_len, k_len), True where attending is allowed."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    fused = (mask is None and q.shape[1] == k.shape[1] and q.dtype in (jnp.bfloat16, jnp.float16)
+             and gpu_kernels())
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn" if fused else None)
 
 
 def stack_layers(create: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -118,4 +133,4 @@ def scan_layers(stack: nnx.Module, body: Callable, carry, xs=None, remat: str = 
         raise ValueError(f"unknown remat policy {remat!r}; choose one of {sorted(REMAT_POLICIES)}")
     if remat != "none":
         step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    return jax.lax.scan(step, carry, (state, xs))
+    return jax.lax.scan(step, carry, (state, xs), unroll=True if gpu_kernels() else 1)
