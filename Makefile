@@ -23,7 +23,7 @@ build: $(VENV)/.runtime
 	$(PY) -m capibara_export build --mesh 4x8 $(ARGS)
 
 test: $(VENV)/.dev
-	$(PY) -m pytest -q -p no:cacheprovider tests bench --benchmark-disable
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests bench --benchmark-disable
 
 # The timed benchmark run (not part of make test): writes out.json.
 bench: $(VENV)/.dev

@@ -178,9 +178,9 @@ def test_export_without_weights_is_refused_before_compiling(tmp_path):
 
 
 def test_base_saved_model_holds_each_weight_once_and_the_bundle_verifies(tmp_path):
-    result = cli("build", "--model", "base", "--quiet", "--entries", "encode_image,caption,score", "--plans", "dp",
+    result = cli("build", "--model", "base", "--quiet", "--entries", "encode_image,caption", "--plans", "dp",
                  "--precisions", "bf16", "--export", "--random-weights", "--out", tmp_path,
-                 "--export-entries", "encode_image,caption,score")
+                 "--export-entries", "encode_image,caption")
     assert result.returncode == 0, result.stderr[-3000:]
     bundle = tmp_path / "base-tpu-v4-32-4x8" / "bundle"
     from model import get_preset
@@ -191,6 +191,6 @@ def test_base_saved_model_holds_each_weight_once_and_the_bundle_verifies(tmp_pat
     code, rows, err = verify(bundle)
     assert code == 0, err
     assert not [r for r in rows if r["result"] in ("FAIL", "error")]
-    assert np.sum([r["result"] == "pass" for r in rows]) >= 12
+    assert np.sum([r["result"] == "pass" for r in rows]) >= 7  # params, 2 entries × (stablehlo, saved_model, ...)
     exported = {a.get("entry") for a in mf.read(bundle)["artifacts"] if a["kind"] == "jax.export"}
-    assert exported == {"encode_image", "caption", "score"}  # --export-entries
+    assert exported == {"encode_image", "caption"}  # --export-entries
