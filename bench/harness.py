@@ -111,8 +111,10 @@ def percentiles(rounds: list[float]) -> dict:
 
 def attach(benchmark, *, entry: str, plan: str, precision: str, batch: int, target: str, model: str,
            flops: float, analytic_flops: float, memory_peak: int, predicted_s: float, items: float,
-           item_name: str, devices: int = 1, compute_dtype: str = "float32", peer_s: float | None = None) -> None:
-    """Fill benchmark.extra_info; the measured fields only when timing is enabled."""
+           item_name: str, devices: int = 1, compute_dtype: str = "float32", peer_s: float | None = None,
+           runs_the_program: bool = True) -> None:
+    """Fill benchmark.extra_info; the measured fields only when timing is enabled. Achieved
+    FLOP/s and MFU only where the timed rounds run the program (not compiles or loads)."""
     hw = hardware(devices)
     info = benchmark.extra_info
     info.update(unit={"entry": entry, "plan": plan, "precision": precision, "batch": batch, "target": target,
@@ -127,8 +129,9 @@ def attach(benchmark, *, entry: str, plan: str, precision: str, batch: int, targ
     rounds = list(stats.stats.data)
     median = float(np.median(rounds))
     peak = hw.peak_flops(compute_dtype) * devices
-    info.update(timed=True, **percentiles(rounds), achieved_flops_per_s=flops * devices / median,
-                mfu=(analytic_flops / median) / peak if peak else None, items_per_s=items / median,
+    runs = runs_the_program and analytic_flops > 0
+    info.update(timed=True, **percentiles(rounds), achieved_flops_per_s=flops * devices / median if runs else None,
+                mfu=(analytic_flops / median) / peak if peak and runs else None, items_per_s=items / median,
                 peer_ratio=(peer_s / median) if peer_s else None)
 
 

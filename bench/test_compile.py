@@ -56,7 +56,7 @@ def test_compile_cold(benchmark, target, plan, precision):
     attach(benchmark, entry=ENTRY, plan=plan, precision=precision, batch=BATCH, target=target, model=MODEL,
            flops=costs.flops, analytic_flops=program.analytic_flops, memory_peak=memory["peak"],
            predicted_s=prediction.latency_s if prediction else 0.0, items=1, item_name="compiles", devices=32,
-           compute_dtype=policy.compute_dtype)
+           compute_dtype=policy.compute_dtype, runs_the_program=False)
     assert memory["peak"] > 0 and costs.flops > 0
 
 
@@ -71,4 +71,4 @@ def test_compile_warm(benchmark, target, tmp_path):
     assert all(r.cached for r in result.records)
     attach(benchmark, entry=ENTRY, plan="all", precision="+".join(PRECISIONS), batch=BATCH, target=target,
            model=MODEL, flops=0, analytic_flops=0, memory_peak=0, predicted_s=0.0, items=len(result.records),
-           item_name="units", devices=32)
+           item_name="units", devices=32, runs_the_program=False)

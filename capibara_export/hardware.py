@@ -25,6 +25,10 @@ class Hardware:
     ici_hop_latency: float      # seconds per hop (the α of the α–β model)
     torus_dims: int             # 3 for v4, 2 for v5e, 0 for none
     source: str
+    # False where a collective stalls every device until all arrive (the simulated CPU mesh:
+    # 32 devices share 2 cores and rendezvous in host memory), so it adds to the compute
+    # and memory time instead of hiding under it.
+    overlaps_communication: bool = True
 
     def peak_flops(self, compute_dtype: str) -> float:
         return self.peak_bf16_flops if compute_dtype == "bfloat16" else self.peak_fp32_flops
@@ -61,29 +65,48 @@ def for_device_kind(kind: str) -> Hardware | None:
 
 def calibrate_cpu(num_devices: int, seconds: float = 0.5) -> Hardware:
     """Measure this host's f32 matmul rate and copy bandwidth, split evenly over the
-    simulated devices (they share the cores). Figures are `measured`, not datasheet."""
+    simulated devices (they share the cores), and, with more than one device, the fixed
+    cost of a collective among them: a tiny all-gather over every device minus a tiny
+    elementwise program on the same devices, divided by the n-1 hops of the α-β model.
+    Figures are `measured`, not datasheet."""
     import jax
     import jax.numpy as jnp
 
     cpu = jax.devices("cpu")[0]
     n = 512
     a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
-    mm = jax.jit(lambda x: x @ x)
-    mm(a).block_until_ready()
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        mm(a).block_until_ready()
-        reps += 1
-    flops = reps * 2 * n ** 3 / (time.perf_counter() - t0)
+    flops = 2 * n ** 3 / _seconds_per_call(jax.jit(lambda x: x @ x), a, seconds)
     big = jax.device_put(jnp.ones((16 * 1024 * 1024,), jnp.float32), cpu)  # 64 MiB
-    cp = jax.jit(lambda x: x + 1.0)
-    cp(big).block_until_ready()
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        cp(big).block_until_ready()
-        reps += 1
-    bandwidth = reps * 2 * big.nbytes / (time.perf_counter() - t0)
+    bandwidth = 2 * big.nbytes / _seconds_per_call(jax.jit(lambda x: x + 1.0), big, seconds)
+    hop, hop_note = 0.0, ""
+    if num_devices > 1:
+        hop = _collective_hop_seconds(jax.devices("cpu")[:num_devices], seconds)
+        hop_note = f", collective hop {hop * 1e6:.0f} us (tiny all-gather over {num_devices} devices)"
     return replace(CPU_PLACEHOLDER, peak_bf16_flops=flops / num_devices, peak_fp32_flops=flops / num_devices,
                    hbm_bandwidth=bandwidth / num_devices, hbm_bytes=CPU_PLACEHOLDER.hbm_bytes // num_devices,
-                   source=f"measured on this host at run time ({n}^3 f32 matmul, 64 MiB add), "
+                   ici_hop_latency=hop, overlaps_communication=False,
+                   source=f"measured on this host at run time ({n}^3 f32 matmul, 64 MiB add{hop_note}), "
                           f"divided by {num_devices} simulated devices")
+
+
+def _seconds_per_call(fn, arg, seconds: float) -> float:
+    fn(arg).block_until_ready()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn(arg).block_until_ready()
+        reps += 1
+    return (time.perf_counter() - t0) / reps
+
+
+def _collective_hop_seconds(devices: list, seconds: float) -> float:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(devices), ("all",))
+    x = jax.device_put(jnp.ones((len(devices), 8), jnp.float32), NamedSharding(mesh, PartitionSpec("all")))
+    gather = jax.jit(lambda v: jax.lax.with_sharding_constraint(v, NamedSharding(mesh, PartitionSpec())))
+    local = jax.jit(lambda v: v + 1.0)
+    extra = _seconds_per_call(gather, x, seconds) - _seconds_per_call(local, x, seconds)
+    return max(extra, 0.0) / (len(devices) - 1)

@@ -16,7 +16,9 @@
       one way: W uses one link's one-way figure per dimension, not twice it. On a host
       CPU, collectives are memory copies: W is the host memory bandwidth share of a device.
     latency  = max(compute, memory, comm): the binding term is named. Overlap is
-               assumed perfect, so this is a lower bound.
+               assumed perfect, so this is a lower bound. Where the hardware says
+               collectives do not overlap (the simulated CPU mesh, whose α is measured
+               by hardware.calibrate_cpu), latency = max(compute, memory) + comm.
     MFU      = (model FLOPs / devices) / (latency · P): useful work only, so replicated
                or redundant compute lowers it.
 
@@ -82,7 +84,7 @@ def roofline(flops: float, bytes_accessed: float, found: list[Collective], hardw
     comm = sum(by_axis.values())
     terms = {"compute": compute, "memory": memory, "communication": comm}
     binding = max(terms, key=terms.get)
-    latency = terms[binding]
+    latency = terms[binding] if hardware.overlaps_communication else max(compute, memory) + comm
     mfu = (model_flops / num_devices) / (latency * peak) if latency > 0 and peak else 0.0
     optimal = compiler_optimal if compiler_optimal is not None and compiler_optimal > 0 else None
     return Roofline(compute, memory, comm, by_axis, latency, binding, mfu, peak, link, optimal)
