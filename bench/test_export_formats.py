@@ -54,13 +54,22 @@ def test_jax_export_cold_load(benchmark, setup):
     np.testing.assert_array_equal(out, reference)
 
 
+def _time_writes(benchmark, kind: str, write, folder, prefix: str) -> None:
+    """Each round writes a fresh folder (no overwrite shortcuts); every one must hold files."""
+    benchmark.group = "export write"
+    written = []
+
+    def once():
+        written.append(folder / f"{prefix}{len(written)}")
+        write(written[-1])
+    benchmark.pedantic(once, rounds=ROUNDS)
+    _info(benchmark, kind)
+    assert written and all(sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) > 0 for p in written)
+
+
 def test_saved_model(benchmark, setup):
     serving, flat, inputs, reference, folder = setup
-    benchmark.group = "export write"
-    counter = iter(range(100))
-    benchmark.pedantic(lambda: saved_model.save(folder / f"sm{next(counter)}", {ENTRY: serving}, flat, MODEL),
-                       rounds=ROUNDS)
-    _info(benchmark, "saved_model")
+    _time_writes(benchmark, "saved_model", lambda p: saved_model.save(p, {ENTRY: serving}, flat, MODEL), folder, "sm")
 
 
 def test_saved_model_cold_load(benchmark, setup):
@@ -75,10 +84,7 @@ def test_saved_model_cold_load(benchmark, setup):
 
 def test_params_checkpoint(benchmark, setup):
     serving, flat, inputs, reference, folder = setup
-    benchmark.group = "export write"
-    counter = iter(range(100))
-    benchmark.pedantic(lambda: params_io.save(folder / f"params{next(counter)}", flat), rounds=ROUNDS)
-    _info(benchmark, "params")
+    _time_writes(benchmark, "params", lambda p: params_io.save(p, flat), folder, "params")
 
 
 def test_params_cold_restore(benchmark, setup):
