@@ -98,7 +98,8 @@ def build_hardware(build: dict) -> Hardware:
     return Hardware(**build["hardware"])
 
 
-def analyze_build(folder: Path, hardware: Hardware | None = None) -> dict:
+def analyze_build(folder: Path, hardware: Hardware | None = None, name: str | None = None) -> dict:
+    """`name`: the build folder's final name when `folder` is still the staging folder."""
     folder = Path(folder)
     build = json.loads((folder / "build.json").read_text())
     hardware = hardware or build_hardware(build)
@@ -107,7 +108,7 @@ def analyze_build(folder: Path, hardware: Hardware | None = None) -> dict:
     records = read_records(folder / "records.jsonl")
     return {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
-        "build": {"folder": folder.name, "target": build["request"]["target"], "mesh": build["mesh"],
+        "build": {"folder": name or folder.name, "target": build["request"]["target"], "mesh": build["mesh"],
                   "model": build["request"]["checkpoint"] or build["request"]["model"],
                   "hardware": asdict(hardware), "toolchain": build["toolchain"]},
         "units": {r.unit.id: analyze_unit(r, folder, hardware, mesh_shape, build["mesh"].get("device_coords"))

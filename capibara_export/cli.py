@@ -79,15 +79,21 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check a bundle's hashes and that every runnable artifact reproduces the model")
     v.add_argument("bundle", help="a bundle folder, e.g. artifacts/base-tpu-v4-32-4x8/bundle")
     v.add_argument("--json", action="store_true", help="print the equivalence matrix as JSON lines")
+    _add_trust_args(v, executables=True)
 
     i = sub.add_parser("inspect", help="what a bundle holds, for whom, and until when it is valid")
     i.add_argument("bundle")
+    _add_trust_args(i, executables=False)
+
+    k = sub.add_parser("keygen", help="make an ed25519 key pair for signing bundles (export --sign-key)")
+    k.add_argument("folder", help="where to write signing.pem (private, mode 600) and signing.pub.pem")
 
     a = sub.add_parser("analyze", help="captions, readings, cultural codes and text relations for image files")
     a.add_argument("images", nargs="+", help="image files")
     a.add_argument("--checkpoint", action="append", default=[], metavar="DIR",
                    help="a Hugging Face BLIP folder; give a captioning and a retrieval folder for every capability")
     a.add_argument("--bundle", metavar="DIR", help="an exported bundle (with its processor/)")
+    a.add_argument("--trust-key", metavar="PUB", help="with --bundle: require the bundle's signature by this key")
     a.add_argument("--random-weights", action="store_true", help="random weights: outputs are meaningless")
     a.add_argument("--model", default="tiny", help="preset for --random-weights (default tiny)")
     a.add_argument("--k", type=int, default=3, help="readings per image (0: captions only; default 3)")
@@ -122,6 +128,24 @@ def _add_export_args(p: argparse.ArgumentParser, standalone: bool) -> None:
                         "the semiotic module needs caption_image, readings, score_image, image_features, "
                         "text_features)")
     p.add_argument("--no-saved-model", action="store_true", help="skip the TF SavedModel (the slowest artifact)")
+    p.add_argument("--sign-key", metavar="PEM", help="sign the manifest with this ed25519 private key "
+                                                     "(make one with `keygen`)")
+
+
+def _add_trust_args(p: argparse.ArgumentParser, executables: bool) -> None:
+    p.add_argument("--trust-key", metavar="PUB", help="ed25519 public key (PEM) that must have signed the manifest; "
+                                                      "checked before any artifact is read")
+    if executables:
+        p.add_argument("--allow-unsigned-executables", action="store_true",
+                       help="load serialized executables (compiled code) from a bundle whose signature was not "
+                            "checked; only for bundles from a source you trust")
+
+
+def _policy(args):
+    from .export.trust import TrustPolicy
+
+    return TrustPolicy(trust_key=Path(args.trust_key) if getattr(args, "trust_key", None) else None,
+                       allow_unsigned_executables=getattr(args, "allow_unsigned_executables", False))
 
 
 def _environment(args) -> tuple[str | None, int | None]:
@@ -134,7 +158,9 @@ def _environment(args) -> tuple[str | None, int | None]:
 
     if args.command in ("verify", "export"):
         path = Path(args.bundle) / "manifest.json" if args.command == "verify" else Path(args.build_dir) / "build.json"
-        try:
+        try:  # a regular file of bounded size: a bundle is input from elsewhere (the command checks it fully)
+            if path.is_symlink() or not path.is_file() or path.stat().st_size > 16 * 2 ** 20:
+                return None, None
             data = json.loads(path.read_text())
             shape = data["mesh"]["shape"]
             target = data["target"]["name"]
@@ -176,9 +202,9 @@ def cmd_build(args) -> int:
 
     def finish(staging, result):
         console.print("analysing, selecting plans and writing the report ...")
-        summary["text"] = derive(staging)[2]
+        summary["text"] = derive(staging, name=result.folder.name)[2]
         if weights is not None:
-            write_bundle(staging, result.mesh, weights, args, console)
+            summary["bundle"] = write_bundle(staging, result.mesh, weights, args, console, final_folder=result.folder)
 
     with build_progress(args.quiet) as progress:
         result = run_build(request, progress=progress, finish=finish)
@@ -192,11 +218,15 @@ def cmd_build(args) -> int:
     console.print(f"{len(result.records)} units in {result.seconds:.1f}s: "
                   + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "invalid", "does-not-fit", "compile-error"))
                   + f"; {counts['cached']} from cache. Report: {result.folder / 'report.html'}")
+    if "bundle" in summary:
+        print_bundle_next_steps(summary["bundle"], bool(args.sign_key), console)
     return 0
 
 
-def write_bundle(folder: Path, mesh, weights: tuple[dict, str], args, console) -> Path:
-    """Export the bundle of a build folder (staged or final) with the given weights."""
+def write_bundle(folder: Path, mesh, weights: tuple[dict, str], args, console, final_folder: Path | None = None) -> Path:
+    """Export the bundle of a build folder (staged or final) with the given weights; returns
+    where the bundle will be once the folder is in place (`final_folder`, default `folder`)."""
+    final_folder = final_folder or folder
     import json
 
     from model import BlipConfig
@@ -215,10 +245,15 @@ def write_bundle(folder: Path, mesh, weights: tuple[dict, str], args, console) -
         plans={k: ShardingPlan.from_dict(v) for k, v in build["plans"].items()}, target=build["target"],
         mesh=mesh, mesh_info=build["mesh"], options=ProgramOptions(**request["options"]),
         saved_model=not args.no_saved_model, processor_from=Path(args.checkpoint) if args.checkpoint else None,
-        entries=tuple(args.export_entries) if args.export_entries else None)
-    bundle = export_bundle(req, progress=lambda what: console.print(f"exporting {what} ..."))
-    console.print(f"bundle: {bundle} (verify it with: python -m capibara_export verify {bundle})")
-    return bundle
+        entries=tuple(args.export_entries) if args.export_entries else None,
+        sign_key=Path(args.sign_key) if args.sign_key else None)
+    export_bundle(req, progress=lambda what: console.print(f"exporting {what} ..."))
+    return Path(final_folder) / "bundle"
+
+
+def print_bundle_next_steps(bundle: Path, signed: bool, console) -> None:
+    trust = " --trust-key signing.pub.pem" if signed else " --allow-unsigned-executables"
+    console.print(f"bundle: {bundle} (verify it with: python -m capibara_export verify {bundle}{trust})")
 
 
 def cmd_export(args) -> int:
@@ -238,7 +273,7 @@ def cmd_export(args) -> int:
     weights = float_params(cfg, args.checkpoint, args.seed if args.random_weights else None)
     shape = build["mesh"]["shape"]
     mesh = make_mesh(get_target(build["request"]["target"]), (int(shape["data"]), int(shape["model"])))
-    write_bundle(folder, mesh, weights, args, console)
+    print_bundle_next_steps(write_bundle(folder, mesh, weights, args, console), bool(args.sign_key), console)
     return 0
 
 
@@ -250,7 +285,7 @@ def cmd_verify(args) -> int:
     from .console import out
     from .export.verify import Verifier
 
-    rows = Verifier(Path(args.bundle)).run()
+    rows = Verifier(Path(args.bundle), _policy(args)).run()
     if args.json:
         for r in rows:
             print(_json.dumps(r.__dict__))
@@ -258,13 +293,15 @@ def cmd_verify(args) -> int:
         table = Table(title=f"Equivalence matrix: {args.bundle}", title_justify="left")
         for col in ("artifact", "output", "max abs error", "tolerance", "result", "note"):
             table.add_column(col, overflow="fold")
-        style = {"pass": "green", "FAIL": "red", "error": "red", "not runnable here": "yellow"}
+        style = {"pass": "green", "FAIL": "red", "error": "red", "not runnable here": "yellow",
+                 "not loaded (unsigned)": "yellow"}
         for r in rows:
             table.add_row(r.artifact, r.output, "" if r.max_abs_error is None else f"{r.max_abs_error:.3g}",
                           "" if r.tolerance is None else f"{r.tolerance:.3g}", f"[{style[r.result]}]{r.result}[/]", r.note)
         out.print(table)
     failed = [r for r in rows if r.failed]
-    counts = {k: sum(r.result == k for r in rows) for k in ("pass", "FAIL", "error", "not runnable here")}
+    counts = {k: sum(r.result == k for r in rows)
+              for k in ("pass", "FAIL", "error", "not runnable here", "not loaded (unsigned)")}
     print(", ".join(f"{v} {k}" for k, v in counts.items()), file=sys.stderr)
     if failed:
         print(f"capibara-export: verify failed: {failed[0].artifact}: {failed[0].note or failed[0].result}",
@@ -274,28 +311,24 @@ def cmd_verify(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from rich.table import Table
-
     from .console import out
-    from .export import manifest as mf
+    from .export.describe import describe_bundle
+    from .export.loading import open_bundle
 
-    m = mf.read(Path(args.bundle))
-    out.print(f"[bold]{m['model']['name']}[/] bundle for {m['for']}")
-    out.print(f"made {m['created']} for {m['target']['name']} ({m['mesh']['device_kind']}, mesh {m['mesh']['shape']}); "
-              f"weights: {m['model']['weights']}")
-    out.print(f"toolchain: " + ", ".join(f"{k} {v}" for k, v in m["toolchain"].items()))
-    c = m["compatibility"]
-    out.print(f"jax.export artifacts valid until {c['valid_until']} (JAX releases from {c['oldest_jax_release']}); "
-              f"executables only with jax {m['toolchain']['jax']} / libtpu {m['toolchain']['libtpu']}")
-    table = Table(title="Artifacts", title_justify="left")
-    for col in ("path", "kind", "entry", "precision", "plan", "batch", "MiB", "sha256"):
-        table.add_column(col, overflow="fold")
-    for a in m["artifacts"]:
-        table.add_row(a["path"], a["kind"], a.get("entry", ""), a.get("precision", a.get("storage", "")),
-                      a.get("plan", ""), str(a.get("batch", "")), f"{a['size'] / 2 ** 20:.1f}", a["sha256"][:12])
-    out.print(table)
-    for s in m["selection"]:
-        out.print(f"selected {s['entry']} b{s['batch']} {s['precision']}: {s['reason']}")
+    opened = open_bundle(Path(args.bundle), _policy(args))
+    for line in describe_bundle(opened):
+        out.print(line)
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    from .console import console
+    from .export.trust import fingerprint, keygen, read_key
+
+    private, public = keygen(Path(args.folder))
+    console.print(f"private key: {private} (keep it secret; sign with: export BUILD --sign-key {private} ...)")
+    console.print(f"public key:  {public} ({fingerprint(read_key(public, private=False))}; give it to serving "
+                  f"teams: verify BUNDLE --trust-key {public})")
     return 0
 
 
@@ -350,7 +383,7 @@ def cmd_analyze(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if args.bundle:
-            module = MnemosyneSemioModule.from_bundle(args.bundle, args.precision)
+            module = MnemosyneSemioModule.from_bundle(args.bundle, args.precision, policy=_policy(args))
         elif args.checkpoint:
             module = MnemosyneSemioModule.from_checkpoints(args.checkpoint, args.precision or "fp32")
         else:
@@ -424,7 +457,7 @@ def cmd_plans(args) -> int:
 
 
 COMMANDS = {"build": cmd_build, "plans": cmd_plans, "report": cmd_report, "export": cmd_export,
-            "verify": cmd_verify, "inspect": cmd_inspect, "bench-report": cmd_bench_report, "analyze": cmd_analyze}
+            "verify": cmd_verify, "inspect": cmd_inspect, "keygen": cmd_keygen, "bench-report": cmd_bench_report, "analyze": cmd_analyze}
 
 
 def main(argv: list[str] | None = None) -> int:

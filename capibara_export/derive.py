@@ -15,13 +15,14 @@ from .report import render_summary, write_report
 from .selection import select
 
 
-def derive(folder: Path) -> tuple[dict, dict, str]:
-    """Write analysis.json, selection.json, report.html and summary.md; return them."""
+def derive(folder: Path, name: str | None = None) -> tuple[dict, dict, str]:
+    """Write analysis.json, selection.json, report.html and summary.md; return them. `name`
+    is the folder's final name when `folder` is a staging folder (what the report shows)."""
     folder = Path(folder)
     if not (folder / "records.jsonl").is_file() or not (folder / "build.json").is_file():
         raise FileNotFoundError(f"{folder}: not a build folder (no records.jsonl and build.json); "
                                 "run `python -m capibara_export build` first")
-    analysis = analyze_build(folder)
+    analysis = analyze_build(folder, name=name)
     selection = select(analysis)
     write_json(folder / "analysis.json", analysis)
     write_json(folder / "selection.json", selection)

@@ -109,7 +109,9 @@ def test_a_second_call_on_the_same_image_hits_the_embedding_cache(module, images
 
 
 def test_analyze_culture_scores_the_catalogue_and_accepts_your_own(module, images, tmp_path):
+    before = module.metrics()["counts"].get("culture", 0)
     result = module.analyze_culture(images["photo.jpg"], top=3)
+    assert module.metrics()["counts"]["culture"] == before + 1  # once per call, not twice
     assert set(result["categories"]) == {"movement", "genre", "medium", "symbol"}
     for rows in result["categories"].values():
         assert len(rows) == 3 and all(0 <= r["probability"] <= 1 for r in rows)

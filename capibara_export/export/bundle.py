@@ -25,9 +25,11 @@ from ..build import config_hash, staged_folder
 from ..cache import jax_cache_disabled
 from ..programs import NEEDS_TOWER, SEMIOTIC_ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
 from ..records import toolchain
-from . import executables, manifest as mf, params as params_io, saved_model, stablehlo
+from . import compatibility, executables, manifest as mf, params as params_io, saved_model, schema, stablehlo, trust
+from .loading import PROCESSOR_FILES
+from .manifest import BundleError
 from .readme import render_readme
-from .serving import INPUT_NAMES, OUTPUT_NAMES, serving_function
+from .serving import describe, input_names, output_names, partition_spec_json, serving_function
 
 
 @dataclass
@@ -47,6 +49,7 @@ class ExportRequest:
     saved_model: bool = True
     processor_from: Path | None = None   # a checkpoint folder holding the tokenizer; None: synthetic
     entries: tuple[str, ...] | None = None  # portable exports to write (default: every entry the towers allow)
+    sign_key: Path | None = None           # ed25519 private key (PEM) that signs the manifest
 
 
 def storage_form(precision: str) -> str:
@@ -64,21 +67,16 @@ def _artifact(bundle: Path, path: Path, kind: str, **info) -> dict:
     return {"path": rel, "kind": kind, "sha256": mf.artifact_hash(path), "size": mf.artifact_size(path), **info}
 
 
-LOAD = {
-    "params": "params = orbax.checkpoint.StandardCheckpointer().restore(os.path.abspath('{path}'))",
-    "jax.export": "exp = jax.export.deserialize(open('{path}', 'rb').read()); out = exp.call(params, *inputs)",
-    "jax.export-sharded": "exp = jax.export.deserialize(open('{path}', 'rb').read()); "
-                          "out = exp.call(params_sharded, *inputs_sharded)  # on the manifest's mesh",
-    "saved_model": "m = tf.saved_model.load('{path}'); out = m.signatures['caption'](pixel_values=..., prompt_ids=...)",
-    "executable": "python -m capibara_export verify BUNDLE runs it; in code: "
-                  "capibara_export.export.executables.load(bundle, manifest, artifact)",
-}
-
-
 def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _: None) -> Path:
     started = time.perf_counter()
     cfg, names = req.config, logical_names(req.config)
-    created = dt.date.today()
+    unknown = sorted(set(req.entries or ()) - set(_entries(cfg)))
+    if unknown:
+        raise ProgramError(f"--export-entries {','.join(unknown)}: not an entry of this model; "
+                           f"choose from {','.join(_entries(cfg))}")
+    if req.sign_key is not None:
+        trust.sign(b"", req.sign_key)  # a bad key fails here, before minutes of exporting
+    batches = sorted({1, *(s["batch"] for s in req.selection if s["plan"])})
     with staged_folder(Path(req.build_folder) / "bundle") as bundle:
         artifacts: list[dict] = []
         stored: dict[str, dict] = {}
@@ -93,11 +91,10 @@ def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _
             params_io.save(folder, flat)
             artifacts.append(_artifact(bundle, folder, "params", storage=form, precisions=[
                 p for p in req.precisions if storage_form(p) == form],
-                inputs=[{"name": k, "shape": list(v.shape), "dtype": str(v.dtype)} for k, v in sorted(flat.items())],
-                shardings={s["plan"]: {k: str(v) for k, v in params_io.flatten(
+                arrays=[{"name": k, "shape": list(v.shape), "dtype": str(v.dtype)} for k, v in sorted(flat.items())],
+                shardings={s["plan"]: {k: partition_spec_json(v) for k, v in params_io.flatten(
                     _param_specs(req, precision, s["plan"])).items()}
-                    for s in req.selection if s["plan"] and s["precision"] == precision},
-                load=LOAD["params"].format(path=folder.relative_to(bundle))))
+                    for s in req.selection if s["plan"] and s["precision"] == precision}))
 
         for precision in req.precisions:
             policy = get_policy(precision)
@@ -108,14 +105,11 @@ def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _
                 path = bundle / "stablehlo" / f"{entry}-{precision}.jaxexport"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 stablehlo.save(exported, path)
-                artifacts.append(_artifact(bundle, path, "jax.export", entry=entry, precision=precision,
-                                           params=f"params/{storage_form(precision)}",
-                                           platforms=list(exported.platforms), batch="b (symbolic)",
-                                           inputs=_named(entry, stablehlo.describe_avals(exported.in_avals)[
-                                               len(serving.flat_params):]),
-                                           outputs=stablehlo.describe_avals(exported.out_avals),
-                                           output_names=OUTPUT_NAMES[entry],
-                                           load=LOAD["jax.export"].format(path=path.relative_to(bundle))))
+                artifacts.append(_artifact(
+                    bundle, path, "jax.export", entry=entry, precision=precision,
+                    params=f"params/{storage_form(precision)}", platforms=list(exported.platforms), batch="b",
+                    inputs=describe(input_names(entry, serving.inputs), exported.in_avals[len(serving.flat_params):]),
+                    outputs=_outputs(entry, exported)))
             if req.saved_model:
                 servings = {e: serving_function(cfg, e, policy, 1, req.options) for e in saved_model.SIGNATURES
                             if e in _entries(cfg) and (req.entries is None or e in req.entries)}
@@ -123,13 +117,11 @@ def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _
                     progress(f"SavedModel {precision}")
                     folder = bundle / "saved_model" / precision
                     signatures = saved_model.save(folder, servings, stored[storage_form(precision)],
-                                                  model_name=f"{cfg.name}-{precision}")
+                                                  model_name=f"{cfg.name}-{precision}", batch_sizes=batches)
                     artifacts.append(_artifact(bundle, folder, "saved_model", precision=precision,
-                                               signatures=signatures, platforms=list(stablehlo.PLATFORMS),
-                                               batch="None (polymorphic)",
-                                               inputs={e: list(INPUT_NAMES[e]) for e in signatures},
-                                               warmup="assets.extra/tf_serving_warmup_requests",
-                                               load=LOAD["saved_model"].format(path=folder.relative_to(bundle))))
+                                               signatures=signatures, default_signature=saved_model.DEFAULT,
+                                               platforms=list(stablehlo.PLATFORMS), batch="b",
+                                               warmup={"path": saved_model.WARMUP, "batch_sizes": batches}))
 
         for sel in req.selection:
             if not sel["plan"] or sel["precision"] not in req.precisions:
@@ -139,8 +131,8 @@ def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _
         progress("tokenizer and image processor")
         folder = bundle / "processor"
         source = write_processor(folder, cfg, req.processor_from)
-        artifacts.append(_artifact(bundle, folder, "processor", source=source,
-                                   load="model.processor.Preprocessor.from_folder(bundle / 'processor', config)"))
+        artifacts.append(_artifact(bundle, folder, "processor", source=source))
+        schema.write_documents(bundle)
 
         manifest = {
             "schema": mf.SCHEMA, "schema_version": mf.SCHEMA_VERSION,
@@ -152,19 +144,25 @@ def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _
             "mesh": {**req.mesh_info, "devices": int(req.mesh.devices.size)},
             "model": {"name": cfg.name, "config": cfg.to_dict(), "hash": config_hash(cfg), "towers": list(cfg.towers),
                       "weights": req.weights, "options": asdict(req.options)},
-            "compatibility": mf.validity_window(created),
+            "compatibility": compatibility.window(toolchain()["jaxlib"]),
             "selection": req.selection,
             "plans": {name: plan.to_dict() for name, plan in req.plans.items()},
             "artifacts": artifacts,
             "export_seconds": round(time.perf_counter() - started, 1),
         }
-        mf.write(bundle / "manifest.json", manifest)
+        problem = schema.validate(manifest)
+        if problem:
+            raise BundleError(f"internal: the manifest being written does not match its schema: {problem}")
+        data = mf.write(bundle / "manifest.json", manifest)
+        if req.sign_key is not None:
+            (bundle / trust.SIGNATURE_FILE).write_bytes(trust.sign(data, req.sign_key))
         (bundle / "README.md").write_text(render_readme(manifest))
     return Path(req.build_folder) / "bundle"
 
 
-PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
-                   "preprocessor_config.json", "processor_config.json")
+def _outputs(entry: str, exported, shardings=None) -> list[dict]:
+    example = jax.tree_util.tree_unflatten(exported.out_tree, list(exported.out_avals))
+    return describe(output_names(entry, example), exported.out_avals, shardings)
 
 
 def write_processor(folder: Path, cfg: BlipConfig, checkpoint: Path | None) -> str:
@@ -184,13 +182,6 @@ def write_processor(folder: Path, cfg: BlipConfig, checkpoint: Path | None) -> s
     return "synthetic vocabulary (random weights or a checkpoint without a tokenizer): decoded text is meaningless"
 
 
-def _named(entry: str, avals: list[dict]) -> list[dict]:
-    names = INPUT_NAMES[entry]
-    if entry == "decode_step":  # (ids, position, cache leaves...)
-        names = names[:2] + tuple(f"cache/{k}" for k in ("cross_kv", "self_kv"))
-    return [{"name": n, **a} for n, a in zip(names, avals)]
-
-
 def _param_specs(req: ExportRequest, precision: str, plan_name: str) -> dict:
     names = logical_names(req.config)
     return storage_specs(param_specs(req.plans[plan_name], names), names, get_policy(precision))
@@ -204,22 +195,19 @@ def _selected_unit(req: ExportRequest, bundle: Path, sel: dict) -> list[dict]:
     except ProgramError:
         return []
     unit_id = sel["unit_id"]
-    summary = _analysis_summary(req.analysis.get(unit_id, {}))
-    common = dict(entry=entry, precision=precision, plan=plan.name, batch=batch, unit=unit_id,
-                  params=f"params/{storage_form(precision)}", analysis=summary,
-                  mesh_axes=list(req.mesh.axis_names), output_names=OUTPUT_NAMES[entry])
     platform = req.mesh_info["platform"]
+    common = dict(entry=entry, precision=precision, plan=plan.name, batch=batch, unit=unit_id,
+                  params=f"params/{storage_form(precision)}", analysis=_analysis_summary(req.analysis.get(unit_id, {})),
+                  mesh_axes=list(req.mesh.axis_names), platforms=[platform])
     exported = stablehlo.export_sharded(serving, plan, req.mesh, platform)
     path = bundle / "stablehlo" / f"{unit_id}.{platform}.jaxexport"
     path.parent.mkdir(parents=True, exist_ok=True)
     stablehlo.save(exported, path)
     _, input_shardings, output_shardings = stablehlo.flat_shardings(serving, plan, req.mesh)
-    inputs = _named(entry, [{"shape": list(a.shape), "dtype": str(a.dtype), "sharding": str(sh.spec)}
-                            for a, sh in zip(jax.tree.leaves(serving.inputs), jax.tree.leaves(input_shardings))])
-    outputs = [{"shape": [str(d) for d in a.shape], "dtype": str(a.dtype), "sharding": str(sh.spec)}
-               for a, sh in zip(exported.out_avals, jax.tree.leaves(output_shardings))]
-    out = [_artifact(bundle, path, "jax.export-sharded", platforms=[platform], **common, inputs=inputs,
-                     outputs=outputs, load=LOAD["jax.export-sharded"].format(path=path.relative_to(bundle)))]
+    inputs = describe(input_names(entry, serving.inputs), jax.tree.leaves(serving.inputs),
+                      jax.tree.leaves(input_shardings))
+    outputs = _outputs(entry, exported, jax.tree.leaves(output_shardings))
+    out = [_artifact(bundle, path, "jax.export-sharded", **common, inputs=inputs, outputs=outputs)]
     _, lower, abstract = stablehlo.sharded_jit(serving, plan, req.mesh)
     with jax_cache_disabled():
         compiled = lower(*abstract).compile()
@@ -227,8 +215,11 @@ def _selected_unit(req: ExportRequest, bundle: Path, sel: dict) -> list[dict]:
     folder.mkdir(exist_ok=True)
     exe, trees = executables.save(compiled, folder, unit_id)
     trees_art = _artifact(bundle, trees, "executable-trees", unit=unit_id)
-    out.append(_artifact(bundle, exe, "executable", platforms=[platform], trees=trees_art["path"], **common,
-                         inputs=inputs, outputs=outputs, load=LOAD["executable"]))
+    tools = toolchain()
+    out.append(_artifact(bundle, exe, "executable", trees=trees_art["path"], **common, inputs=inputs, outputs=outputs,
+                         requires={"jax": tools["jax"], "jaxlib": tools["jaxlib"], "libtpu": tools["libtpu"],
+                                   "devices": int(req.mesh.devices.size),
+                                   "device_order": "mesh.device_ids, row-major"}))
     out.append(trees_art)
     return out
 

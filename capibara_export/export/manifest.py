@@ -1,32 +1,35 @@
-"""The bundle manifest (versioned schema), artifact hashing, and the trust checks that run
-before anything in a bundle is loaded.
+"""The bundle manifest (versioned schema), artifact hashing, and the structural checks that
+run before anything in a bundle is read.
 
-Bundles are trusted input: a serialized executable is a pickle plus compiled code. Loading
-one is allowed only after its sha256 matches the manifest and the manifest's toolchain
-and topology match this machine; a mismatch is refused with one line naming both sides.
+A bundle is input from elsewhere. Every path the manifest names must stay inside the
+bundle: relative, no `..`, no symlink anywhere on the way or inside a folder artifact, and
+only regular files and folders (a device or FIFO would hang a reader). Those checks run
+when the manifest is parsed, so every command refuses such a bundle before it hashes or
+opens anything. Signatures (trust.py) and the per-kind checks (executables, SavedModel
+ops, compatibility window) come after; docs/artifacts.md has the whole policy.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
-from pathlib import Path
+import os
+import stat
+from pathlib import Path, PurePosixPath
 
 from ..records import toolchain
 
 SCHEMA = "capibara-export/bundle-manifest"
-SCHEMA_VERSION = 1
-# jax.export: artifacts stay loadable by JAX releases up to 6 months newer (backward
-# compatibility) and by releases at most 1 month older (forward); see docs/artifacts.md.
-EXPORT_BACKWARD_DAYS = 182
-EXPORT_FORWARD_DAYS = 30
+SCHEMA_VERSION = 2
+MAX_MANIFEST_BYTES = 16 * 2 ** 20
 # What a serialized executable is tied to: any difference and it must be rebuilt.
 EXECUTABLE_TOOLCHAIN = ("jax", "jaxlib", "libtpu")
+# Manifest fields of an artifact that name a path in the bundle.
+PATH_FIELDS = ("path", "trees", "params")
 
 
 class BundleError(ValueError):
-    """A bundle that is incomplete, altered, or made for another toolchain or machine."""
+    """A bundle that is incomplete, altered, unsafe, or made for another toolchain or machine."""
 
 
 def sha256(path: Path) -> str:
@@ -37,10 +40,25 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _walk(folder: Path) -> list[Path]:
+    """Every regular file under a folder artifact, refusing links and special files."""
+    files = []
+    for root, dirs, names in os.walk(folder, followlinks=False):
+        for name in dirs + names:
+            p = Path(root) / name
+            mode = os.lstat(p).st_mode
+            if stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise BundleError(f"{p.relative_to(folder.parent)}: a link or special file inside a bundle "
+                                  "artifact; bundles hold only regular files and folders")
+            if stat.S_ISREG(mode):
+                files.append(p)
+    return sorted(files)
+
+
 def folder_sha256(folder: Path) -> str:
     """One hash over every file of a folder artifact (SavedModel, orbax checkpoint)."""
     digest = hashlib.sha256()
-    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+    for f in _walk(Path(folder)):
         digest.update(f.relative_to(folder).as_posix().encode())
         digest.update(sha256(f).encode())
     return digest.hexdigest()
@@ -51,38 +69,80 @@ def artifact_hash(path: Path) -> str:
 
 
 def artifact_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    return sum(p.stat().st_size for p in _walk(path)) if path.is_dir() else path.stat().st_size
 
 
-def validity_window(created: dt.date) -> dict:
-    return {"created": created.isoformat(),
-            "valid_until": (created + dt.timedelta(days=EXPORT_BACKWARD_DAYS)).isoformat(),
-            "oldest_jax_release": (created - dt.timedelta(days=EXPORT_FORWARD_DAYS)).isoformat(),
-            "rule": "jax.export artifacts load in JAX releases from about 1 month before `created` "
-                    "to 6 months after it"}
+def confined(bundle: Path, rel) -> Path:
+    """The bundle path a manifest names, refused if it could lead anywhere else."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
+        raise BundleError(f"manifest path {rel!r} is not a relative POSIX path inside the bundle")
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or any(part in ("..", "") for part in rel.split("/")):
+        raise BundleError(f"manifest path {rel!r} points outside the bundle (absolute or ..); refusing this bundle")
+    here = Path(bundle)
+    for part in pure.parts:
+        here = here / part
+        try:
+            mode = os.lstat(here).st_mode
+        except FileNotFoundError:
+            return Path(bundle) / rel  # reported as missing by the hash check
+        if stat.S_ISLNK(mode):
+            raise BundleError(f"manifest path {rel!r} goes through a symbolic link; refusing this bundle")
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise BundleError(f"manifest path {rel!r} is not a regular file or folder; refusing this bundle")
+    return here
 
 
-def write(path: Path, manifest: dict) -> None:
-    path.write_text(json.dumps(manifest, indent=1, sort_keys=False, default=str))
+def write(path: Path, manifest: dict) -> bytes:
+    data = json.dumps(manifest, indent=1, sort_keys=False).encode()
+    path.write_bytes(data)
+    return data
+
+
+def read_bytes(bundle: Path) -> bytes:
+    """The manifest's bytes: a regular file, bounded in size (read once, then checked)."""
+    path = Path(bundle) / "manifest.json"
+    if not Path(bundle).is_dir():
+        raise BundleError(f"{bundle}: bundle folder not found; pass the folder `export` printed")
+    if path.is_symlink() or not path.is_file():
+        raise BundleError(f"{bundle}: no manifest.json (or not a regular file); this is not a capibara-export bundle")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path}: {path.stat().st_size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}")
+    return path.read_bytes()
+
+
+def parse(bundle: Path, data: bytes) -> dict:
+    """The manifest from its bytes: JSON, this schema version, every path confined."""
+    path = Path(bundle) / "manifest.json"
+    try:
+        manifest = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(f"{path}: not valid JSON ({getattr(err, 'msg', err)})") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: not a JSON object")
+    if manifest.get("schema") != SCHEMA or manifest.get("schema_version") != SCHEMA_VERSION:
+        raise BundleError(f"{path}: schema {manifest.get('schema')} v{manifest.get('schema_version')} is not "
+                          f"{SCHEMA} v{SCHEMA_VERSION}; re-export the bundle with this capibara-export")
+    from .schema import validate
+
+    problem = validate(manifest)
+    if problem:
+        raise BundleError(f"{path}: {problem}")
+    for a in manifest["artifacts"]:
+        for key in PATH_FIELDS:
+            if key in a:
+                confined(bundle, a[key])
+    return manifest
 
 
 def read(bundle: Path) -> dict:
-    path = Path(bundle) / "manifest.json"
-    if not path.is_file():
-        raise BundleError(f"{bundle}: no manifest.json; this is not a capibara-export bundle")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise BundleError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    if manifest.get("schema") != SCHEMA or manifest.get("schema_version") != SCHEMA_VERSION:
-        raise BundleError(f"{path}: schema {manifest.get('schema')} v{manifest.get('schema_version')} is not "
-                          f"{SCHEMA} v{SCHEMA_VERSION}")
-    return manifest
+    """Read and check a manifest (paths confined); signatures are checked by `trust`."""
+    return parse(bundle, read_bytes(bundle))
 
 
 def check_hash(bundle: Path, artifact: dict) -> str | None:
     """None when the artifact's bytes are what the manifest says, else the problem."""
-    path = Path(bundle) / artifact["path"]
+    path = confined(bundle, artifact["path"])
     if not path.exists():
         return f"{artifact['path']}: missing from the bundle"
     actual = artifact_hash(path)

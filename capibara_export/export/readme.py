@@ -1,61 +1,167 @@
-"""The README.md inside each bundle: what is here and how to load and call each kind."""
+"""The README.md inside each bundle: what is here, the trust and compatibility rules, and
+recipes in plain JAX / TensorFlow / transformers that run as written from the bundle folder
+(tests/test_bundle_readme.py runs every code block in a fresh process that never imports
+capibara-export)."""
 
 from __future__ import annotations
+
+# Rebuilds a treedef from the JSON tree description (executables/<unit>.trees.json).
+_TREE_RECIPE = '''def rebuild(d):
+    (kind, v), = d.items()
+    if kind == "leaf": return LEAF
+    if kind == "none": return None
+    if kind == "dict": return {k: rebuild(x) for k, x in v}
+    items = [rebuild(x) for x in v]
+    return tuple(items) if kind == "tuple" else items'''
+
+
+def _block(*lines: str) -> list[str]:
+    return ["```python", *lines, "```", ""]
+
+
+def _header(m: dict) -> list[str]:
+    c, tools, mesh = m["compatibility"], m["toolchain"], m["mesh"]
+    loads = c["loads_in"]
+    return [
+        f"# {m['model']['name']} bundle for serving",
+        "",
+        f"Made {m['created']} by capibara-export for {m['target']['name']} ({mesh['device_kind']}, mesh "
+        f"{mesh['shape']}, {mesh['devices']} devices), jax {tools['jax']}, jaxlib {tools['jaxlib']}, libtpu "
+        f"{tools['libtpu']}. Weights: {m['model']['weights']}.",
+        "",
+        "## Trust and compatibility",
+        "",
+        "- `manifest.json` lists every file with its sha256 and is described by `manifest.schema.json` "
+        "(JSON Schema); `ARTIFACTS.md` documents the format. A signed bundle has `manifest.json.sig` "
+        "(ed25519): check it with `python -m capibara_export verify . --trust-key PUB.pem` before using anything.",
+        "- Serialized executables (`executables/`) are compiled code inside a pickle: load them only from a bundle "
+        "whose signature you checked. They run only with exactly "
+        f"jax {tools['jax']}, jaxlib {tools['jaxlib']}, libtpu {tools['libtpu']}, on {mesh['devices']} "
+        f"{mesh['device_kind']} devices in the order of `mesh.device_ids`, at the batch size they were compiled "
+        "for (another batch fails with a shape error, missing devices with `No matching device found`). Plain "
+        "JAX does not check the toolchain: the recipe below does.",
+        f"- `jax.export` artifacts (`stablehlo/`) were serialized by jaxlib {c['serialized_by']['jaxlib']} (released "
+        f"{c['serialized_by']['released']}). JAX's compatibility promise is by jaxlib build: they load in a "
+        f"jaxlib released {loads['jaxlib_released_from']} .. {loads['jaxlib_released_until']} (3 weeks older to "
+        f"6 months newer; known releases: {', '.join(loads['known_releases'])}; {c['source']}). Newer JAX needs "
+        f"Python >= 3.12 and the `flatbuffers` package.",
+        "",
+        "## Calling convention",
+        "",
+        "Every program takes the parameters as one flat dict (`params/<storage>/`, an orbax checkpoint; "
+        "`manifest.json` lists its arrays) and then its inputs, in the order and with the shapes the manifest "
+        "lists (`inputs`, `outputs`: name, shape, dtype; `b` is the batch). pixel_values come from the "
+        "processor below (bicubic resize, CLIP mean/std, NCHW, float32). The caption prompt is "
+        f"{m['model']['options']['prompt_len']} token(s) (`[BOS]` = {m['model']['config']['text']['bos_token_id']} "
+        "for an unprompted caption); caption outputs are the prompt then "
+        f"{m['model']['options']['max_new_tokens']} new token ids, PAD after [SEP]. score and text programs take "
+        f"{m['model']['options']['text_len']}-token right-padded `input_ids` with an `attention_mask`.",
+        "",
+    ]
 
 
 def render_readme(manifest: dict) -> str:
     m = manifest
-    exports = [a for a in m["artifacts"] if a["kind"] == "jax.export"]
-    example = next((a for a in exports if a["entry"] == "caption"), exports[0] if exports else None)
-    saved = next((a for a in m["artifacts"] if a["kind"] == "saved_model"), None)
+    arts = m["artifacts"]
     size = m["model"]["config"]["vision"]["image_size"]
     bos = m["model"]["config"]["text"]["bos_token_id"]
-    call = (["ids = exp.call(params, pixels, prompt)                   # (2, 1 + max_new_tokens)"]
-            if example and example["entry"] == "caption" else ["out = exp.call(params, pixels)"])
-    lines = [
-        f"# {m['model']['name']} bundle for serving",
-        "",
-        f"Made {m['created']} by capibara-export for {m['target']['name']} ({m['mesh']['device_kind']}, mesh "
-        f"{m['mesh']['shape']}), jax {m['toolchain']['jax']}, jaxlib {m['toolchain']['jaxlib']}, "
-        f"libtpu {m['toolchain']['libtpu']}. Weights: {m['model']['weights']}.",
-        "",
-        f"jax.export artifacts load in JAX releases from {m['compatibility']['oldest_jax_release']} "
-        f"to {m['compatibility']['valid_until']}. Serialized executables load only with exactly the toolchain "
-        "above, on the same topology.",
-        "",
-        "**Bundles are trusted input.** Executables are pickled compiled code: check hashes first with "
-        "`python -m capibara_export verify <this folder>`, which refuses a mismatch.",
-        "",
-        "## Calling convention",
-        "",
-        "Every program takes the parameters as one flat dict (`params/<storage>/`, an orbax checkpoint) and "
-        "then its inputs: encode_image(pixel_values), caption(pixel_values, prompt_ids), "
-        "score(pixel_values, input_ids, attention_mask), decode_step(input_ids, position, cache). "
-        "pixel_values come from transformers' BlipImageProcessor (bicubic resize, CLIP mean/std, NCHW, float32); "
-        "prompt_ids is `[[BOS]]` per row for an unprompted caption. Caption outputs are token ids "
-        "(prompt, then the continuation, PAD after [SEP]); decode them with the checkpoint's tokenizer.",
-        "",
-        "## Load and call (ten lines)",
-        "",
-        "```python",
-        "import os, jax, numpy as np, orbax.checkpoint as ocp, tensorflow as tf",
-        f"params = ocp.StandardCheckpointer().restore(os.path.abspath('{example['params'] if example else ''}'))",
-        f"exp = jax.export.deserialize(open('{example['path'] if example else ''}', 'rb').read())",
-        f"pixels = np.zeros((2, 3, {size}, {size}), np.float32)   # from BlipImageProcessor",
-        f"prompt = np.full((2, 1), {bos}, np.int32)               # [BOS]: model.config.text.bos_token_id",
-        *call,
-        f"sm = tf.saved_model.load('{saved['path'] if saved else 'saved_model/<precision>'}')  # or TF Serving",
-        "out = sm.signatures['caption'](pixel_values=tf.constant(pixels), prompt_ids=tf.constant(prompt))",
-        "```",
-        "",
-        "## What is here",
-        "",
-        "| path | kind | entry | precision | plan | batch | size |",
-        "|---|---|---|---|---|---|---|",
+    lines = _header(m)
+    lines += ["## Recipes", "", "Run each from this folder.", ""]
+    export = next((a for a in arts if a["kind"] == "jax.export" and a["entry"] == "caption"), None)
+    if export:
+        lines += ["### A portable jax.export program (any single CPU, GPU or TPU device)", ""] + _block(
+            "import json, os, jax, numpy as np, orbax.checkpoint as ocp",
+            "m = json.load(open('manifest.json'))",
+            "art = next(a for a in m['artifacts'] if a['kind'] == 'jax.export' and a['entry'] == 'caption')",
+            "params = ocp.StandardCheckpointer().restore(os.path.abspath(art['params']))",
+            "exp = jax.export.deserialize(bytearray(open(art['path'], 'rb').read()))",
+            f"pixels = np.zeros((2, 3, {size}, {size}), np.float32)",
+            f"prompt = np.full((2, 1), {bos}, np.int32)",
+            "ids = exp.call(params, pixels, prompt)",
+            "print([o['name'] for o in art['outputs']], ids.shape)")
+    saved = next((a for a in arts if a["kind"] == "saved_model"), None)
+    if saved:
+        sig = next(s for s in saved["signatures"] if s["name"] == saved["default_signature"])
+        feeds = ", ".join(f"{t['name']}=tf.zeros([2, {', '.join(str(d) for d in t['shape'][1:])}], tf.{t['dtype']})"
+                          for t in sig["inputs"])
+        lines += ["### The TF SavedModel (TF Serving: `serving_default` is the caption signature)", ""] + _block(
+            "import tensorflow as tf",
+            f"sm = tf.saved_model.load('{saved['path']}')",
+            "print(sorted(sm.signatures))",
+            f"out = sm.signatures['{saved['default_signature']}']({feeds})",
+            "print({k: v.shape for k, v in out.items()})")
+        lines += [f"Warmup requests for every signature at batch sizes {saved['warmup']['batch_sizes']} are in "
+                  f"`{saved['path']}/{saved['warmup']['path']}`.", ""]
+    lines += ["### The tokenizer and image processor", ""] + _block(
+        "from PIL import Image",
+        "from transformers import BlipProcessor",
+        "proc = BlipProcessor.from_pretrained('processor')",
+        "batch = proc(images=Image.new('RGB', (640, 480)), text='a picture of', return_tensors='np')",
+        "print(batch['pixel_values'].shape)")
+    sharded = next((a for a in arts if a["kind"] == "jax.export-sharded" and a["entry"] in ("encode_image", "caption")),
+                   None)
+    cpu_flag = [f"os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count={m['mesh']['devices']}')"
+                "  # a CPU bundle: simulated devices"] if m["mesh"]["platform"] == "cpu" else []
+    mesh_lines = [
+        "from jax.sharding import Mesh, NamedSharding, PartitionSpec",
+        "m = json.load(open('manifest.json'))",
+        "by_id = {d.id: d for d in jax.devices()}",
+        "mesh = Mesh(np.array([[by_id[i] for i in row] for row in m['mesh']['device_ids']]), m['mesh']['axis_names'])",
+        "spec = lambda s: NamedSharding(mesh, PartitionSpec(*[tuple(x) if isinstance(x, list) else x for x in s]))",
     ]
-    for a in m["artifacts"]:
+    if sharded:
+        lines += [f"### The selected plan's sharded program on its mesh ({m['mesh']['devices']} "
+                  f"{m['mesh']['device_kind']} devices)", "",
+                  "Each device restores only its shards of the parameters (the manifest's shardings for the plan).",
+                  ""] + _block(
+            "import json, os",
+            *cpu_flag,
+            "import jax, numpy as np, orbax.checkpoint as ocp",
+            *mesh_lines,
+            f"art = next(a for a in m['artifacts'] if a['path'] == '{sharded['path']}')",
+            "store = next(a for a in m['artifacts'] if a['path'] == art['params'])",
+            "plan = store['shardings'][art['plan']]",
+            "abstract = {t['name']: jax.ShapeDtypeStruct(t['shape'], t['dtype'], sharding=spec(plan[t['name']]))",
+            "            for t in store['arrays']}",
+            "params = ocp.StandardCheckpointer().restore(os.path.abspath(art['params']), abstract)",
+            "inputs = [jax.device_put(np.zeros(t['shape'], t['dtype']), spec(t['sharding'])) for t in art['inputs']]",
+            "exp = jax.export.deserialize(bytearray(open(art['path'], 'rb').read()))",
+            "out = exp.call(params, *inputs)",
+            "print(art['entry'], out.shape, out.sharding.spec)")
+    exe = next((a for a in arts if a["kind"] == "executable" and a["entry"] in ("encode_image", "caption")), None)
+    if exe:
+        lines += ["### A serialized executable (plain JAX; signed bundles only)", "",
+                  "JAX's `deserialize_and_load` unpickles the payload with no restriction: use it only on a bundle "
+                  "whose signature you checked (capibara-export's own loader also refuses any class outside "
+                  "JAX's serializer). The trees file is JSON; `rebuild` turns it into JAX treedefs.", ""] + _block(
+            "import json, os",
+            *cpu_flag,
+            "import jax, jaxlib, numpy as np, orbax.checkpoint as ocp",
+            "from jax.experimental import serialize_executable",
+            *mesh_lines,
+            f"art = next(a for a in m['artifacts'] if a['path'] == '{exe['path']}')",
+            "need = art['requires']",
+            "assert (jax.__version__, jaxlib.__version__) == (need['jax'], need['jaxlib']), 'rebuild the bundle'",
+            "LEAF = object()",
+            *_TREE_RECIPE.splitlines(),
+            "trees = json.load(open(art['trees']))",
+            "in_tree, out_tree = (jax.tree_util.tree_structure(rebuild(trees[k]), is_leaf=lambda x: x is LEAF)",
+            "                     for k in ('in_tree', 'out_tree'))",
+            "devices = [by_id[i] for row in m['mesh']['device_ids'] for i in row]  # need['devices'], in this order",
+            "compiled = serialize_executable.deserialize_and_load(open(art['path'], 'rb').read(), in_tree, out_tree,",
+            "                                                     backend=m['mesh']['platform'],"
+            " execution_devices=devices)",
+            "store = next(a for a in m['artifacts'] if a['path'] == art['params'])",
+            "plan = store['shardings'][art['plan']]",
+            "abstract = {t['name']: jax.ShapeDtypeStruct(t['shape'], t['dtype'], sharding=spec(plan[t['name']]))",
+            "            for t in store['arrays']}",
+            "params = ocp.StandardCheckpointer().restore(os.path.abspath(art['params']), abstract)",
+            "inputs = [jax.device_put(np.zeros(t['shape'], t['dtype']), spec(t['sharding'])) for t in art['inputs']]",
+            "out = compiled(params, *inputs)",
+            "print(art['entry'], out.shape)")
+    lines += ["## What is here", "", "| path | kind | entry | precision | plan | batch | size |", "|---|---|---|---|---|---|---|"]
+    for a in arts:
         lines.append(f"| {a['path']} | {a['kind']} | {a.get('entry', '')} | {a.get('precision', a.get('storage', ''))} "
                      f"| {a.get('plan', '')} | {a.get('batch', '')} | {a['size'] / 2 ** 20:.1f} MiB |")
-    lines += ["", "manifest.json lists every file's sha256, input and output specs and shardings; "
-              "docs/artifacts.md in capibara-export documents the schema.", ""]
+    lines += ["", "`python -m capibara_export inspect .` prints every program's inputs, outputs and requirements.", ""]
     return "\n".join(lines)

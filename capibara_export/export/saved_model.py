@@ -15,6 +15,8 @@ from .stablehlo import PLATFORMS
 from .warmup import write_warmup
 
 SIGNATURES = ("caption", "encode_image", "score")
+DEFAULT = "serving_default"      # TF Serving's default signature key: the caption signature, or the first there is
+WARMUP = "assets.extra/tf_serving_warmup_requests"
 _TF_DTYPES = {"float32": "float32", "int32": "int32", "bfloat16": "bfloat16", "int8": "int8"}
 
 
@@ -32,8 +34,11 @@ def _signature(module, keys: list[str], converted, entry: str):
     return call
 
 
-def save(folder: Path, servings: dict[str, ServingFunction], flat_params: dict, model_name: str) -> list[str]:
-    """Write a SavedModel with one signature per entry in `servings`; returns the signatures."""
+def save(folder: Path, servings: dict[str, ServingFunction], flat_params: dict, model_name: str,
+         batch_sizes=(1,)) -> list[dict]:
+    """Write a SavedModel with one signature per entry in `servings` plus `serving_default`
+    (caption, else the first), and TF Serving warmup requests for every signature at every
+    batch size; returns the signatures as the manifest describes them."""
     import tensorflow as tf
     from jax.experimental import jax2tf
 
@@ -52,10 +57,24 @@ def save(folder: Path, servings: dict[str, ServingFunction], flat_params: dict, 
         fn = tf.function(_signature(module, keys, converted, entry), input_signature=spec, autograph=False)
         setattr(module, entry, fn)
         signatures[entry] = fn.get_concrete_function()
-        warmup.append((entry, dict(zip(names, example_inputs(serving, 1)))))
+    default = "caption" if "caption" in signatures else next(iter(signatures))
+    signatures[DEFAULT] = signatures[default]
+    for name in signatures:
+        entry = default if name == DEFAULT else name
+        for batch in batch_sizes:
+            warmup.append((name, dict(zip(INPUT_NAMES[entry], example_inputs(servings[entry], batch)))))
     tf.saved_model.save(module, str(folder), signatures=signatures)
     write_warmup(folder, model_name, warmup)
-    return list(signatures)
+    return [_describe_signature(name, fn, default if name == DEFAULT else name) for name, fn in signatures.items()]
+
+
+def _describe_signature(name: str, concrete, entry: str) -> dict:
+    def spec(key, t):
+        return {"name": key, "shape": ["b" if d is None else int(d) for d in t.shape], "dtype": t.dtype.name}
+    inputs = [spec(t.name, t) for t in concrete.structured_input_signature[1].values()] or \
+        [spec(t.name, t) for t in concrete.structured_input_signature[0]]
+    outputs = [spec(k, t) for k, t in sorted(concrete.structured_outputs.items())]
+    return {"name": name, "entry": entry, "inputs": inputs, "outputs": outputs}
 
 
 def run(folder: Path, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

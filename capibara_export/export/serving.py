@@ -31,17 +31,62 @@ INPUT_NAMES = {
     "image_features": ("image_embeds",),
     "text_features": ("input_ids", "attention_mask"),
 }
-OUTPUT_NAMES = {
+# The name of an entry's output, or of each element when it returns a tuple; dict outputs
+# are named by their keys (`describe_outputs`), in JAX's flattening order.
+OUTPUT_ROOTS = {
     "encode_image": "image_embeds",
     "caption": "token_ids",
-    "score": "scores (itm_logits, itm_prob, itc_similarity)",
-    "decode_step": "(logits, cache)",
+    "score": None,
+    "decode_step": ("logits", "cache"),
     "caption_image": "token_ids",
-    "readings": "(token_ids (B, beams, L), length-normalised log-probs (B, beams))",
-    "score_image": "scores (itm_logits, itm_prob, itc_similarity)",
-    "image_features": "L2-normalised ITC image embedding",
-    "text_features": "L2-normalised ITC text embedding",
+    "readings": ("token_ids", "log_probs"),
+    "score_image": None,
+    "image_features": "image_features",
+    "text_features": "text_features",
 }
+
+
+def partition_spec_json(spec) -> list:
+    """A PartitionSpec as JSON: one entry per dimension, null (replicated), an axis name,
+    or a list of axis names."""
+    return [None if p is None else p if isinstance(p, str) else list(p) for p in spec]
+
+
+def describe(names: list[str], avals, shardings=None) -> list[dict]:
+    """[{name, shape, dtype[, sharding]}]: dims are ints, or strings when symbolic ("b")."""
+    out = []
+    shardings = list(shardings) if shardings is not None else [None] * len(avals)
+    for name, aval, sharding in zip(names, avals, shardings):
+        item = {"name": name, "shape": [d if isinstance(d, int) else str(d) for d in aval.shape],
+                "dtype": str(aval.dtype)}
+        if sharding is not None:
+            item["sharding"] = partition_spec_json(getattr(sharding, "spec", sharding))
+        out.append(item)
+    return out
+
+
+def input_names(entry: str, inputs) -> list[str]:
+    """One name per flattened input leaf (the cache's leaves by key)."""
+    names = []
+    for name, arg in zip(INPUT_NAMES[entry], inputs):
+        leaves = jax.tree_util.tree_flatten_with_path(arg)[0]
+        names += [name + (jax.tree_util.keystr(path, simple=True, separator="/") and "/" +
+                          jax.tree_util.keystr(path, simple=True, separator="/")) for path, _ in leaves]
+    return names
+
+
+def output_names(entry: str, out_tree_example) -> list[str]:
+    """One name per flattened output leaf, in JAX's order."""
+    root = OUTPUT_ROOTS[entry]
+    names = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(out_tree_example)[0]:
+        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        if isinstance(root, tuple):
+            keys[0] = root[int(keys[0])]
+        elif root is not None:
+            keys.insert(0, root)
+        names.append("/".join(keys))
+    return names
 
 
 @dataclass

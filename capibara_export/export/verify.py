@@ -1,5 +1,8 @@
 """`verify`: prove a bundle is what its manifest says and computes what the model computes.
 
+0. The bundle is opened as input from elsewhere (loading.py): signature when a trusted key
+   is given, schema, paths confined; each artifact is read without running it (pickle
+   globals, SavedModel ops, custom calls, compatibility window) before anything loads it.
 1. Every artifact's sha256 against the manifest.
 2. Every artifact that can run here is reloaded and called on fixed inputs, and each
    output is compared with the JAX reference: the model's own program, jitted on this
@@ -8,7 +11,8 @@
    exactly; only in bf16/int8 may a row diverge, and only where the reference's logits for
    the two tokens were a near tie (within the tolerance), which the note reports.
 3. Artifacts that cannot run here (executables for a TPU, a sharded export for devices
-   this machine lacks) are listed as "not runnable here", never as passed.
+   this machine lacks) are listed as "not runnable here", and executables of a bundle
+   whose signature was not checked as "not loaded (unsigned)": never as passed.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ from sharding.precision import abstract_store, get_policy, storage_specs
 
 from ..programs import ProgramOptions
 from . import executables, manifest as mf, params as params_io, saved_model, stablehlo
+from .loading import inspect_artifact, open_bundle
 from .manifest import BundleError
 from .params import unflatten
 from .serving import INPUT_NAMES, example_inputs, serving_function
+from .trust import TrustPolicy
 
 TOLERANCE = {"fp32": 1e-5, "bf16-mixed": 2e-2, "bf16": 2e-2, "int8-weights": 2e-2}
 VERIFY_BATCH = 2
@@ -43,7 +49,7 @@ class Row:
     output: str
     max_abs_error: float | None
     tolerance: float | None
-    result: str          # pass | FAIL | not runnable here | error
+    result: str          # pass | FAIL | not runnable here | not loaded (unsigned) | error
     note: str = ""
 
     @property
@@ -78,10 +84,14 @@ def _compare(artifact: str, got, want, precision: str, ties=None) -> list[Row]:
     return rows
 
 
+UNSIGNED = "not loaded (unsigned)"
+
+
 class Verifier:
-    def __init__(self, bundle: Path):
+    def __init__(self, bundle: Path, policy: TrustPolicy = TrustPolicy()):
         self.bundle = Path(bundle)
-        self.manifest = mf.read(self.bundle)
+        self.opened = open_bundle(self.bundle, policy)
+        self.manifest = self.opened.manifest
         self.config = BlipConfig.from_dict(self.manifest["model"]["config"])
         self.options = ProgramOptions(**self.manifest["model"]["options"])
         self._params: dict[str, dict] = {}
@@ -89,7 +99,7 @@ class Verifier:
 
     def params(self, rel: str) -> dict:
         if rel not in self._params:
-            self._params[rel] = params_io.restore(self.bundle / rel)
+            self._params[rel] = params_io.restore(mf.confined(self.bundle, rel))
         return self._params[rel]
 
     def reference(self, entry: str, precision: str, params_rel: str, batch: int):
@@ -104,7 +114,7 @@ class Verifier:
     # -------------------------------------------------------------- per kind
     def check_params(self, a: dict) -> list[Row]:
         flat = self.params(a["path"])
-        expected = {i["name"]: (tuple(i["shape"]), i["dtype"]) for i in a["inputs"]}
+        expected = {i["name"]: (tuple(i["shape"]), i["dtype"]) for i in a["arrays"]}
         got = {k: (tuple(v.shape), str(v.dtype)) for k, v in flat.items()}
         if got != expected:
             return [Row(a["path"], "restore", None, None, "FAIL", "restored tree differs from the manifest")]
@@ -142,7 +152,7 @@ class Verifier:
             note += (f"; {len(keys)} of {len(flat)} arrays (all would take "
                      f"{sum(host_bytes.values()) / 2 ** 30:.1f} GiB of host memory across the simulated devices)")
         abstract = {k: jax.ShapeDtypeStruct(flat[k].shape, flat[k].dtype, sharding=shardings[k]) for k in keys}
-        restored = params_io.restore(self.bundle / a["path"], abstract, partial=True)
+        restored = params_io.restore(mf.confined(self.bundle, a["path"]), abstract, partial=True)
         same = all(np.array_equal(np.asarray(restored[k]), np.asarray(flat[k])) for k in keys)
         placed = all(restored[k].sharding.spec == specs[k] for k in keys)
         ok = same and placed
@@ -152,13 +162,13 @@ class Verifier:
     def check_processor(self, a: dict) -> list[Row]:
         from model.processor import Preprocessor
 
-        pre = Preprocessor.from_folder(self.bundle / a["path"], self.config)
+        pre = Preprocessor.from_folder(mf.confined(self.bundle, a["path"]), self.config)
         ids, _ = pre.texts(["a picture"], 8)
         return [Row(a["path"], "load", None, None, "pass", f"tokenizer of {len(pre.tokenizer)} tokens, "
                                                             f"images to {self.config.vision.image_size}px")]
 
     def check_export(self, a: dict) -> list[Row]:
-        exported = stablehlo.load(self.bundle / a["path"])
+        exported = stablehlo.load(mf.confined(self.bundle, a["path"]))
         inputs, want = self.reference(a["entry"], a["precision"], a["params"], VERIFY_BATCH)
         got = exported.call(self.params(a["params"]), *inputs)
         return _compare(a["path"], jax.tree.map(np.asarray, got), want, a["precision"], self._ties_for(a, VERIFY_BATCH))
@@ -190,14 +200,15 @@ class Verifier:
         rows = []
         params_rel = next(p["path"] for p in self.manifest["artifacts"]
                           if p["kind"] == "params" and a["precision"] in p["precisions"])
-        for signature in a["signatures"]:
-            inputs, want = self.reference(signature, a["precision"], params_rel, VERIFY_BATCH)
-            got = saved_model.run(self.bundle / a["path"], signature, dict(zip(INPUT_NAMES[signature], inputs)))
-            if signature == "score":
+        for sig in a["signatures"]:
+            signature, entry = sig["name"], sig["entry"]
+            inputs, want = self.reference(entry, a["precision"], params_rel, VERIFY_BATCH)
+            got = saved_model.run(mf.confined(self.bundle, a["path"]), signature, dict(zip(INPUT_NAMES[entry], inputs)))
+            if entry == "score":
                 got = {k: got[k] for k in want}
             else:
                 got = next(iter(got.values()))
-            ties = self.near_ties(a["precision"], params_rel, inputs[0]) if signature == "caption" else None
+            ties = self.near_ties(a["precision"], params_rel, inputs[0]) if entry == "caption" else None
             rows += _compare(f"{a['path']}:{signature}", got, want, a["precision"], ties)
         return rows
 
@@ -215,12 +226,15 @@ class Verifier:
         return self.near_ties(a["precision"], a["params"], inputs[0])
 
     def check_executable(self, a: dict) -> list[Row]:
-        try:
-            loaded = executables.load(self.bundle, self.manifest, a)
-        except BundleError as err:
-            if "not runnable here" in str(err):
-                return [Row(a["path"], "*", None, None, "not runnable here", str(err).split("not runnable here: ")[-1])]
-            raise
+        refused = self.opened.executables_refused()
+        if refused:
+            return [Row(a["path"], "*", None, None, UNSIGNED, refused)]
+        mf.check_toolchain(self.manifest, a["path"])
+        ok, why = executables.runnable_here(self.manifest)
+        if not ok:
+            return [Row(a["path"], "*", None, None, "not runnable here", why)]
+        loaded = executables.load(mf.confined(self.bundle, a["path"]), mf.confined(self.bundle, a["trees"]),
+                                  self.manifest["mesh"]["platform"], executables.execution_devices(self.manifest))
         args, want = self._sharded_args(a, loaded.input_shardings[0])
         return _compare(a["path"], jax.tree.map(np.asarray, loaded(*args)), want, a["precision"],
                         self._ties_for(a, a["batch"]))
@@ -229,7 +243,7 @@ class Verifier:
         ok, why = executables.runnable_here(self.manifest)
         if not ok:
             return [Row(a["path"], "*", None, None, "not runnable here", why)]
-        exported = stablehlo.load(self.bundle / a["path"])
+        exported = stablehlo.load(mf.confined(self.bundle, a["path"]))
         args, want = self._sharded_args(a)
         leaves, tree = jax.tree.flatten(args)
         placed = [jax.device_put(x, s) for x, s in zip(leaves, exported.in_shardings_jax(self.mesh()))]
@@ -246,22 +260,29 @@ class Verifier:
     # -------------------------------------------------------------- all
     def run(self) -> list[Row]:
         rows: list[Row] = []
-        hash_failed = set()
+        refused = set()
         for a in self.manifest["artifacts"]:
             problem = mf.check_hash(self.bundle, a)
             if problem:
                 rows.append(Row(a["path"], "sha256", None, None, "FAIL", problem))
-                hash_failed.add(a["path"])
+                refused.add(a["path"])
+        for a in self.manifest["artifacts"]:  # read each without running it, before anything loads
+            if a["path"] in refused:
+                continue
+            problem = inspect_artifact(self.opened, a)
+            if problem:
+                rows.append(Row(a["path"], "static check", None, None, "FAIL", problem))
+                refused.add(a["path"])
         checks = {"params": self.check_params, "jax.export": self.check_export, "saved_model": self.check_saved_model,
                   "executable": self.check_executable, "jax.export-sharded": self.check_sharded_export,
                   "processor": self.check_processor}
         for a in self.manifest["artifacts"]:
             check = checks.get(a["kind"])
-            if check is None or a["path"] in hash_failed:
+            if check is None or a["path"] in refused:
                 continue
             depends = [a.get("params"), a.get("trees")]
-            if any(d in hash_failed for d in depends if d):
-                rows.append(Row(a["path"], "*", None, None, "FAIL", "depends on an artifact whose hash failed"))
+            if any(d in refused for d in depends if d):
+                rows.append(Row(a["path"], "*", None, None, "FAIL", "depends on an artifact that failed its checks"))
                 continue
             try:
                 rows += check(a)

@@ -22,6 +22,8 @@ from model.state import logical_names
 from sharding.precision import get_policy, store
 
 from ..export import manifest as mf, params as params_io, stablehlo
+from ..export.loading import open_bundle
+from ..export.trust import TrustPolicy
 from ..export.serving import serving_function
 from ..programs import ProgramOptions
 
@@ -130,31 +132,37 @@ class CheckpointEngine(Engine):
 class BundleEngine(Engine):
     """A bundle's portable jax.export artifacts and parameters (no model code in the loop)."""
 
-    def __init__(self, bundle: Path, precision: str | None = None, batch_sizes=BATCH_SIZES):
+    def __init__(self, bundle: Path, precision: str | None = None, batch_sizes=BATCH_SIZES,
+                 policy: TrustPolicy = TrustPolicy()):
         bundle = Path(bundle)
-        manifest = mf.read(bundle)
+        opened = open_bundle(bundle, policy)
+        manifest = opened.manifest
         config = BlipConfig.from_dict(manifest["model"]["config"])
         exports = {(a["entry"], a["precision"]): a for a in manifest["artifacts"] if a["kind"] == "jax.export"}
         available = sorted({p for _, p in exports})
+        if not available:
+            raise mf.BundleError(f"{bundle}: no portable jax.export artifacts; re-export it")
         precision = precision or ("fp32" if "fp32" in available else available[0])
         if precision not in available:
             raise mf.BundleError(f"{bundle}: no jax.export artifacts in {precision}; it has {', '.join(available)}")
         if not any(e == "readings" for e, _ in exports):
             raise mf.BundleError(f"{bundle}: has no semiotic programs (readings, score_image, ...); "
                                  "re-export it with this version of capibara-export")
-        for a in manifest["artifacts"]:
-            problem = mf.check_hash(bundle, a) if a["kind"] in ("jax.export", "params", "processor") else None
-            if problem:
-                raise mf.BundleError(problem)
-        processor = bundle / "processor"
-        if not processor.is_dir():
+        mine = {e: a for (e, p), a in exports.items() if p == precision}
+        processor = next((a for a in manifest["artifacts"] if a["kind"] == "processor"), None)
+        if processor is None:
             raise mf.BundleError(f"{bundle}: no processor/ (tokenizer); re-export the bundle")
-        super().__init__(f"bundle:{bundle.resolve()}:{precision}", config, Preprocessor.from_folder(processor, config),
+        params_rel = next(iter(mine.values()))["params"]
+        # every file this engine will read: hash and static check (custom calls, window) first
+        paths = {e: opened.checked(a) for e, a in mine.items()}
+        params_path = opened.checked(opened.artifact(params_rel))
+        processor_path = opened.checked(processor)
+        super().__init__(f"bundle:{bundle.resolve()}:{precision}", config,
+                         Preprocessor.from_folder(processor_path, config),
                          ProgramOptions(**manifest["model"]["options"]), precision, tuple(batch_sizes))
         self.bundle, self.manifest = bundle, manifest
-        self._exports = {e: bundle / a["path"] for (e, p), a in exports.items() if p == precision}
-        params_rel = exports[(next(iter(self._exports)), precision)]["params"]
-        self._flat = params_io.restore(bundle / params_rel)
+        self._exports = paths
+        self._flat = params_io.restore(params_path)
         self._loaded: dict[str, object] = {}
 
     def _call(self, entry, batch, inputs):

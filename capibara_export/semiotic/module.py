@@ -32,6 +32,7 @@ from model.hf import load_checkpoint
 from model.processor import Preprocessor, write_synthetic_processor
 from model.state import init_params
 
+from ..export.trust import TrustPolicy
 from ..programs import ProgramOptions
 from .codes import Code, load_codes
 from .engine import BundleEngine, CheckpointEngine, Engine
@@ -77,8 +78,10 @@ class MnemosyneSemioModule:
         return cls._from_engines(engines)
 
     @classmethod
-    def from_bundle(cls, folder: str | Path, precision: str | None = None) -> MnemosyneSemioModule:
-        engine = BundleEngine(Path(folder), precision)
+    def from_bundle(cls, folder: str | Path, precision: str | None = None,
+                    policy: TrustPolicy | None = None) -> MnemosyneSemioModule:
+        """A bundle's portable programs; `policy` names a trusted key to require its signature."""
+        engine = BundleEngine(Path(folder), precision, policy=policy or TrustPolicy())
         weights = engine.manifest["model"]["weights"]
         return cls._from_engines([engine], random_weights=weights.startswith("random"))
 
@@ -206,7 +209,6 @@ class MnemosyneSemioModule:
             rows = [{"code": catalogue[i].name, "prompt": catalogue[i].prompt, "meaning": catalogue[i].meaning,
                      "similarity": float(sims[i]), "probability": float(p)} for i, p in zip(idx, probs)]
             by_category[category] = sorted(rows, key=lambda r: -r["similarity"])[:top]
-        self.stats.counts["culture"] += 1
         return {"image": loaded.source, "categories": by_category, "temperature": ITC_TEMPERATURE}
 
     def coherence(self, image: ImageInput, k: int = 3) -> dict:

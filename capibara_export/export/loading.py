@@ -1,0 +1,118 @@
+"""Opening a bundle from elsewhere: the one path verify, inspect, analyze and serving take.
+
+Order, each step before the next reads anything:
+1. the manifest's bytes (a regular file, bounded);
+2. its signature, when a trusted key is given (trust.py);
+3. its JSON, schema and paths (manifest.py: every path confined to the bundle);
+then per artifact, before it is loaded:
+4. its sha256 against the manifest;
+5. a check that reads it without running it: executable payloads' pickle globals and
+   tree files (executables.py), SavedModel ops (saved_model_check.py), jax.export custom
+   calls, effects and the compatibility window for this machine's jaxlib;
+6. for executables only: a checked signature or `--allow-unsigned-executables`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import compatibility, executables, manifest as mf, saved_model_check, trust
+from .manifest import BundleError
+from .trust import Trust, TrustPolicy
+
+# Custom calls the project's jax.export artifacts contain (shape checks of the symbolic
+# batch, sharding annotations); a host callback or foreign kernel is refused.
+EXPORT_CUSTOM_CALLS = frozenset({"shape_assertion", "Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape",
+                                 "annotate_device_placement"})
+# The tokenizer and image processor files a bundle's processor/ may hold (all JSON or text;
+# never a pickle or code that `trust_remote_code` could run).
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
+                   "preprocessor_config.json", "processor_config.json")
+_CUSTOM_CALL = re.compile(r'custom_call @([\w.$-]+)|call_target_name = "([^"]+)"')
+
+
+@dataclass(frozen=True)
+class OpenedBundle:
+    folder: Path
+    manifest: dict
+    trust: Trust
+    policy: TrustPolicy
+
+    def path(self, artifact: dict, key: str = "path") -> Path:
+        return mf.confined(self.folder, artifact[key])
+
+    def artifact(self, rel: str) -> dict:
+        for a in self.manifest["artifacts"]:
+            if a["path"] == rel:
+                return a
+        raise BundleError(f"{self.folder}: the manifest refers to {rel}, which it does not list")
+
+    def checked(self, artifact: dict) -> Path:
+        """The artifact's path once its hash and its kind's static check passed."""
+        problem = mf.check_hash(self.folder, artifact) or inspect_artifact(self, artifact)
+        if problem:
+            raise BundleError(problem)
+        return self.path(artifact)
+
+    def executables_refused(self) -> str | None:
+        return self.trust.executables_refused(self.policy)
+
+
+def open_bundle(folder: Path, policy: TrustPolicy = TrustPolicy()) -> OpenedBundle:
+    folder = Path(folder)
+    data = mf.read_bytes(folder)
+    checked = trust.establish(folder, data, policy)
+    return OpenedBundle(folder, mf.parse(folder, data), checked, policy)
+
+
+def jaxlib_here() -> str:
+    from importlib import metadata
+
+    return metadata.version("jaxlib")
+
+
+def compatibility_problem(manifest: dict) -> str | None:
+    problem = compatibility.check(manifest["compatibility"], jaxlib_here())
+    return f"jax.export artifacts cannot load here: {problem}" if problem else None
+
+
+def inspect_artifact(opened: OpenedBundle, a: dict) -> str | None:
+    """Read an artifact (hash already checked) without running it; the problem, or None."""
+    path = opened.path(a)
+    kind = a["kind"]
+    try:
+        if kind == "executable":
+            executables.check_payload(path.read_bytes(), a["path"])
+            trees = opened.artifact(a["trees"])
+            return mf.check_hash(opened.folder, trees) or inspect_artifact(opened, trees)
+        if kind == "executable-trees":
+            executables.read_trees(path)
+        elif kind == "saved_model":
+            saved_model_check.check(path)
+        elif kind == "processor":
+            extra = sorted(p.name for p in path.iterdir() if p.name not in PROCESSOR_FILES)
+            if extra:
+                return f"{a['path']}: holds {extra[0]}, which is not a tokenizer or processor file; refusing it"
+        elif kind in ("jax.export", "jax.export-sharded"):
+            return compatibility_problem(opened.manifest) or _check_export(path, a["path"])
+    except BundleError as err:
+        return str(err) if a["path"] in str(err) else f"{a['path']}: {err}"
+    return None
+
+
+def _check_export(path: Path, rel: str) -> str | None:
+    from jax import export
+
+    try:
+        exported = export.deserialize(bytearray(path.read_bytes()))
+    except Exception as err:  # flatbuffer or MLIR errors of any type
+        return f"{rel}: not a jax.export artifact this jax can read ({type(err).__name__}: {str(err)[:120]})"
+    if exported.ordered_effects or exported.unordered_effects:
+        return f"{rel}: has side effects ({exported.ordered_effects + exported.unordered_effects}); refusing it"
+    calls = {a or b for a, b in _CUSTOM_CALL.findall(exported.mlir_module())}
+    foreign = sorted(calls - EXPORT_CUSTOM_CALLS)
+    if foreign:
+        return f"{rel}: calls custom target {foreign[0]}, which the project's exports never use; refusing it"
+    return None
