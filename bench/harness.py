@@ -70,7 +70,8 @@ def real_inputs(entry: str, program, seed: int = 0) -> tuple:
     if entry == "encode_image":
         return (pixels,)
     if entry == "caption":
-        return pixels, np.full(program.args[2].shape, cfg.text.bos_token_id, np.int32)
+        return pixels, np.full(program.args[2].shape, cfg.text.bos_token_id, np.int32), np.ones(program.args[3].shape,
+                                                                                                np.int32)
     ids = rng.integers(5, min(cfg.text.vocab_size, 1000), size=program.args[2].shape).astype(np.int32)
     return pixels, ids, np.ones_like(ids)
 

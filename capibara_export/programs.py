@@ -107,10 +107,11 @@ def build_program(cfg: BlipConfig, entry: str, policy: PrecisionPolicy, batch: i
     if entry == "caption":
         n_new = options.max_new_tokens
 
-        def fn(p, px, prompt):
-            return greedy_caption(model(p), px, prompt, n_new)
+        def fn(p, px, prompt, prompt_mask):  # right-padded prompts of different lengths: model/generate.py
+            return greedy_caption(model(p), px, prompt, n_new, prompt_mask)
         prompt = _struct((batch, options.prompt_len), jnp.int32)
-        return Program(entry, fn, (params, pixels, prompt), ("params", pixel_names, (BATCH, None)), (BATCH, None),
+        return Program(entry, fn, (params, pixels, prompt, prompt), ("params", pixel_names, (BATCH, None), (BATCH, None)),
+                       (BATCH, None),
                        axis_sizes={**sizes, "cache_seq": {options.cache_len}},
                        analytic_flops=cfg.flops_caption(batch, n_new, options.prompt_len), config=cfg, policy=policy)
 

@@ -72,11 +72,13 @@ class Blip(nnx.Module):
         cache = self.init_cache(image_bpd, cache_len)
         return self.decode_step(prompt_bt, 0, cache)
 
-    def decode_step(self, ids_bt: jax.Array, pos, cache: dict):
-        """Tokens at positions pos..pos+T-1 → logits of the last one (B, V) and the new cache."""
+    def decode_step(self, ids_bt: jax.Array, pos, cache: dict, key_mask_bs: jax.Array | None = None,
+                    positions_bt: jax.Array | None = None):
+        """Tokens at cache slots pos..pos+T-1 → logits of the last one (B, V) and the new cache;
+        `key_mask_bs` and `positions_bt` as in TextTower.decode (right-padded prompts)."""
         decoder = self._tower("caption")
         with jax.named_scope("text_decoder"):
-            hidden, cache = decoder.decode(ids_bt, pos, cache)
+            hidden, cache = decoder.decode(ids_bt, pos, cache, key_mask_bs, positions_bt)
             logits = decoder.logits(hidden[:, -1:])[:, 0]
         return constrain(logits, (BATCH, VOCAB)), cache
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,14 @@ class ConfigError(ValueError):
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def _check_ints(section: str, obj, names: tuple[str, ...]) -> None:
+    """Integer fields must be integers (a config.json may hold null or "30524")."""
+    for name in names:
+        value = getattr(obj, name)
+        _check(isinstance(value, int) and not isinstance(value, bool),
+               f"{section}.{name} is {value!r}; it must be an integer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +50,9 @@ class VisionConfig:
     channels: int = 3
 
     def __post_init__(self) -> None:
+        _check_ints("vision", self, ("image_size", "patch_size", "width", "depth", "heads", "mlp", "channels"))
+        _check(isinstance(self.ln_eps, (int, float)) and not isinstance(self.ln_eps, bool),
+               f"vision.ln_eps is {self.ln_eps!r}; it must be a number")
         for name in ("image_size", "patch_size", "width", "depth", "heads", "mlp", "channels"):
             _check(getattr(self, name) > 0, f"vision.{name} must be positive, got {getattr(self, name)}")
         _check(self.width % self.heads == 0,
@@ -82,6 +94,10 @@ class TextConfig:
     pad_token_id: int = 0
 
     def __post_init__(self) -> None:
+        _check_ints("text", self, ("vocab_size", "width", "depth", "heads", "mlp", "max_positions", "bos_token_id",
+                                   "sep_token_id", "pad_token_id"))
+        _check(isinstance(self.ln_eps, (int, float)) and not isinstance(self.ln_eps, bool),
+               f"text.ln_eps is {self.ln_eps!r}; it must be a number")
         for name in ("vocab_size", "width", "depth", "heads", "mlp", "max_positions"):
             _check(getattr(self, name) > 0, f"text.{name} must be positive, got {getattr(self, name)}")
         _check(self.width % self.heads == 0,
@@ -295,6 +311,10 @@ class BlipConfig:
                 sep_token_id=pick(traw, "sep_token_id", text_defaults.sep_token_id),
                 pad_token_id=pick(traw, "pad_token_id", text_defaults.pad_token_id),
             )
+            if text.bos_token_id == text.pad_token_id:
+                warnings.warn(f"{source}: bos_token_id == pad_token_id ({text.pad_token_id}): transformers masks the "
+                              "BOS token as padding there, so its captions will differ from this model's",
+                              stacklevel=2)
             for act_key, section in (("vision_config.hidden_act", vraw), ("text_config.hidden_act", traw)):
                 act = section.get("hidden_act", "gelu")
                 _check(act == "gelu", f"{act_key}={act!r}: only exact-erf 'gelu' is implemented")

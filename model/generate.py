@@ -5,6 +5,13 @@ do_sample=False): the prompt's first token is replaced by BOS and its trailing [
 dropped (done by `caption_prompt`); a row that emits [SEP] emits PAD afterwards. The loop
 has a static length, so the output is always (B, prompt + max_new_tokens); Hugging Face
 stops early when every row is done, which only shortens its trailing padding.
+
+Prompts of different lengths in one batch are right-padded with a `prompt_mask` (1 for a
+token, 0 for padding), exactly as `BlipForConditionalGeneration.generate(input_ids,
+attention_mask)` treats them in transformers 5: padding is hidden from attention, position
+ids are the mask's cumulative sum minus one (0 on padding), the first new token is read
+from the last column (a padding column for a shorter row), and new tokens continue the
+last column's position id. A full mask gives the plain behaviour.
 """
 
 from __future__ import annotations
@@ -27,16 +34,28 @@ def caption_prompt(text_cfg: TextConfig, prompt_ids: list[int] | None = None) ->
     return np.array(ids[:-1] if len(ids) > 1 else ids, np.int32)
 
 
-def greedy_caption(model: Blip, pixels_bchw: jax.Array, prompt_bp: jax.Array, max_new_tokens: int) -> jax.Array:
+def greedy_caption(model: Blip, pixels_bchw: jax.Array, prompt_bp: jax.Array, max_new_tokens: int,
+                   prompt_mask_bp: jax.Array | None = None) -> jax.Array:
     """Token ids (B, P + max_new_tokens): the prompt followed by the greedy continuation."""
-    return caption_from_image(model, model.encode_image(pixels_bchw), prompt_bp, max_new_tokens)
+    return caption_from_image(model, model.encode_image(pixels_bchw), prompt_bp, max_new_tokens, prompt_mask_bp)
 
 
-def caption_from_image(model: Blip, image_bpd: jax.Array, prompt_bp: jax.Array, max_new_tokens: int) -> jax.Array:
-    """Greedy caption from already encoded image tokens (so one encoding serves many calls)."""
+def caption_from_image(model: Blip, image_bpd: jax.Array, prompt_bp: jax.Array, max_new_tokens: int,
+                       prompt_mask_bp: jax.Array | None = None) -> jax.Array:
+    """Greedy caption from already encoded image tokens (so one encoding serves many calls);
+    `prompt_mask_bp` marks the tokens of right-padded prompts (module docstring)."""
     t = model.config.text
     b, p = prompt_bp.shape
-    logits, cache = model.prefill(prompt_bp, image_bpd, p + max_new_tokens)
+    if prompt_mask_bp is None:
+        key_mask, next_pos = None, None
+        logits, cache = model.prefill(prompt_bp, image_bpd, p + max_new_tokens)
+    else:
+        mask = prompt_mask_bp.astype(bool)
+        key_mask = jnp.concatenate([mask, jnp.ones((b, max_new_tokens), bool)], axis=1)
+        positions = jnp.where(mask, jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+        cache = model.init_cache(image_bpd, p + max_new_tokens)
+        logits, cache = model.decode_step(prompt_bp, 0, cache, key_mask, positions)
+        next_pos = positions[:, -1:] + 1                                  # (B, 1): the first new token's
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     out = jnp.full((b, max_new_tokens), t.pad_token_id, jnp.int32).at[:, 0].set(first)
     done = first == t.sep_token_id
@@ -44,7 +63,8 @@ def caption_from_image(model: Blip, image_bpd: jax.Array, prompt_bp: jax.Array, 
     def step(i, state):
         out, done, cache = state
         previous = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1)
-        logits, cache = model.decode_step(previous, p + i - 1, cache)
+        positions = None if next_pos is None else next_pos + (i - 1)
+        logits, cache = model.decode_step(previous, p + i - 1, cache, key_mask, positions)
         tok = jnp.where(done, t.pad_token_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
         out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
         return out, done | (tok == t.sep_token_id), cache

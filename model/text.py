@@ -82,12 +82,17 @@ class TextTower(nnx.Module):
             self.head_dense = self.head_ln = self.head_bias = None
 
     # ------------------------------------------------------------------ pieces
-    def embed(self, ids_bt: jax.Array, start) -> jax.Array:
+    def embed(self, ids_bt: jax.Array, start, positions_bt: jax.Array | None = None) -> jax.Array:
+        """Word plus position embeddings: positions start..start+T-1, or per token when
+        `positions_bt` is given (right-padded prompts, see generate.py)."""
         with jax.named_scope("text_embed"):
             words = jnp.take(weight(self.word_embed, self.dtype), ids_bt, axis=0)
             table = weight(self.pos_embed, self.dtype)
-            positions = jax.lax.dynamic_slice_in_dim(table, start, ids_bt.shape[1], axis=0)
-            return constrain(self.ln_embed(words + positions[None]), (BATCH, SEQ, EMBED))
+            if positions_bt is None:
+                positions = jax.lax.dynamic_slice_in_dim(table, start, ids_bt.shape[1], axis=0)[None]
+            else:
+                positions = jnp.take(table, positions_bt, axis=0)
+            return constrain(self.ln_embed(words + positions), (BATCH, SEQ, EMBED))
 
     def image_keys_values(self, image_bpd: jax.Array) -> jax.Array:
         """Cross-attention keys/values for every layer: (L, B, P, 2, N, H)."""
@@ -126,14 +131,18 @@ class TextTower(nnx.Module):
         x, _ = scan_layers(self.blocks, body, x, remat=self.remat)
         return x
 
-    def decode(self, ids_bt: jax.Array, pos, cache: dict) -> tuple[jax.Array, dict]:
-        """Process `ids_bt` at positions pos..pos+T-1 against the cache; returns hidden
-        states and the cache with these positions written."""
+    def decode(self, ids_bt: jax.Array, pos, cache: dict, key_mask_bs: jax.Array | None = None,
+               positions_bt: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """Process `ids_bt` at cache slots pos..pos+T-1 against the cache; returns hidden
+        states and the cache with these slots written. `key_mask_bs` (B, cache) hides slots
+        (a right-padded prompt's padding); `positions_bt` gives each token's position id."""
         t = ids_bt.shape[1]
         cache_len = cache["self_kv"].shape[2]
-        x = self.embed(ids_bt, pos)
+        x = self.embed(ids_bt, pos, positions_bt)
         query_pos = pos + jnp.arange(t)
         allowed = (jnp.arange(cache_len)[None, :] <= query_pos[:, None])[None, None]
+        if key_mask_bs is not None:
+            allowed = allowed & key_mask_bs.astype(bool)[:, None, None, :]
 
         def body(block, x, layer_cache):
             self_kv, cross_kv = layer_cache

@@ -78,12 +78,24 @@ def caption_outputs(model, x: dict[str, np.ndarray], new_tokens: int = NEW_TOKEN
     plain = model.generate(pixel_values=px, **gen)
     prompt = torch.from_numpy(x["prompt"]).long()[None].repeat(batch, 1)
     prompted = model.generate(pixel_values=px, input_ids=prompt, **gen)
+    # Right-padded decoder prompts of lengths 6, 5, 3 (BOS first): generate() drops its inputs'
+    # last column (meant for [SEP]), so one extra column is appended for it to drop.
+    padded_ids, padded_mask = padded_prompts(x)
+    extra = torch.zeros((batch, 1), dtype=torch.long)
+    padded = model.generate(pixel_values=px, input_ids=torch.cat([torch.from_numpy(padded_ids).long(), extra], 1),
+                            attention_mask=torch.cat([torch.from_numpy(padded_mask).long(), extra + 1], 1), **gen)
     return {
         "vision": model.vision_model(pixel_values=px).last_hidden_state.numpy(),
         "logits": model(pixel_values=px, input_ids=ids, attention_mask=mask).logits.numpy(),
         "generate": plain.numpy().astype(np.int32),
         "generate_prompt": prompted.numpy().astype(np.int32),
+        "generate_padded": padded.numpy().astype(np.int32),
     }
+
+
+def padded_prompts(x: dict[str, np.ndarray], length: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """Decoder prompts of different lengths in one batch: BOS-first, right-padded, with mask."""
+    return x["ids"][:, :length].copy(), x["mask"][:, :length].copy()
 
 
 @torch.no_grad()

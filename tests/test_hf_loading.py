@@ -139,3 +139,26 @@ def test_save_pretrained_folder_loads_and_reproduces_hf(tmp_path):
         expected = hf.vision_model(pixel_values=torch.from_numpy(x["pixels"])).last_hidden_state.numpy()
     ours = bind(loaded_cfg, params).encode_image(x["pixels"])
     np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("pad_token_id", None, "text.pad_token_id is None; it must be an integer"),
+    ("bos_token_id", None, "text.bos_token_id is None; it must be an integer"),
+    ("sep_token_id", None, "text.sep_token_id is None; it must be an integer"),
+    ("num_attention_heads", None, "text.heads is None; it must be an integer"),
+    ("vocab_size", "30524", "text.vocab_size is '30524'; it must be an integer"),
+])
+def test_wrongly_typed_config_values_are_one_checkpoint_error(tmp_path, key, value, message):
+    config = _fixture()["config"].with_towers("caption").to_hf_dict()
+    config["text_config"][key] = value
+    _write(tmp_path, "caption", config=config)
+    with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_checkpoint(tmp_path)
+
+
+def test_bos_equal_to_pad_warns_that_captions_will_differ(tmp_path):
+    config = _fixture()["config"].with_towers("caption").to_hf_dict()
+    config["text_config"]["bos_token_id"] = config["text_config"]["pad_token_id"]
+    _write(tmp_path, "caption", config=config)
+    with pytest.warns(UserWarning, match="bos_token_id == pad_token_id .* masks the BOS token"):
+        load_checkpoint(tmp_path)

@@ -121,6 +121,27 @@ def test_greedy_caption_ids_equal_hf_generate(case, with_prompt):
         assert (ours[:, 1:] == cfg.text.sep_token_id).any(axis=1).any()
 
 
+def test_right_padded_prompts_in_one_batch_equal_hf_generate_with_attention_mask(case):
+    """Prompts of lengths 6, 5 and 3 in one right-padded batch with a prompt mask give the
+    tokens of BlipForConditionalGeneration.generate(input_ids, attention_mask=...)."""
+    from tests.hf_reference import NEW_TOKENS, padded_prompts
+
+    cfg = case["config"]
+    model = _model(case, "caption")
+    x = case["inputs"]
+    ids, mask = padded_prompts(x)
+    assert sorted(set(mask.sum(axis=1))) == [3, 5, 6]
+    run = jax.jit(lambda px, pr, m: greedy_caption(model, px, pr, NEW_TOKENS, m))
+    ours = np.asarray(run(jnp.asarray(x["pixels"]), jnp.asarray(ids), jnp.asarray(mask)))
+    theirs = case["caption"]["outputs"]["generate_padded"]
+    np.testing.assert_array_equal(ours, _pad_to(theirs, ours.shape[1], cfg.text.pad_token_id))
+    # a full mask is the plain path: the same ids as no mask at all
+    full = np.ones_like(mask)
+    plain = jax.jit(lambda px, pr: greedy_caption(model, px, pr, NEW_TOKENS))
+    np.testing.assert_array_equal(np.asarray(run(jnp.asarray(x["pixels"]), jnp.asarray(ids), jnp.asarray(full))),
+                                  np.asarray(plain(jnp.asarray(x["pixels"]), jnp.asarray(ids))))
+
+
 def test_itm_logits(case):
     model = _model(case, "retrieval")
     x = case["inputs"]

@@ -30,7 +30,7 @@ def real_inputs(entry: str, program) -> tuple:
     if entry == "encode_image":
         return (pixels,)
     if entry == "caption":
-        return pixels, np.full(program.args[2].shape, t.bos_token_id, np.int32)
+        return pixels, np.full(program.args[2].shape, t.bos_token_id, np.int32), np.ones(program.args[3].shape, np.int32)
     if entry == "score":
         ids = rng.integers(5, 100, size=program.args[2].shape).astype(np.int32)
         mask = (np.arange(ids.shape[1])[None] < rng.integers(4, ids.shape[1], size=(BATCH, 1))).astype(np.int32)

@@ -49,7 +49,7 @@ def _walk(folder: Path) -> list[Path]:
             mode = os.lstat(p).st_mode
             if stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                 raise BundleError(f"{p.relative_to(folder.parent)}: a link or special file inside a bundle "
-                                  "artifact; bundles hold only regular files and folders")
+                                  "artifact; refusing this bundle (bundles hold only regular files and folders)")
             if stat.S_ISREG(mode):
                 files.append(p)
     return sorted(files)
@@ -90,6 +90,8 @@ def confined(bundle: Path, rel) -> Path:
             raise BundleError(f"manifest path {rel!r} goes through a symbolic link; refusing this bundle")
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise BundleError(f"manifest path {rel!r} is not a regular file or folder; refusing this bundle")
+    if stat.S_ISDIR(mode):
+        _walk(here)  # refuses links and special files inside a folder artifact
     return here
 
 
@@ -123,15 +125,16 @@ def parse(bundle: Path, data: bytes) -> dict:
     if manifest.get("schema") != SCHEMA or manifest.get("schema_version") != SCHEMA_VERSION:
         raise BundleError(f"{path}: schema {manifest.get('schema')} v{manifest.get('schema_version')} is not "
                           f"{SCHEMA} v{SCHEMA_VERSION}; re-export the bundle with this capibara-export")
+    artifacts = manifest.get("artifacts")
+    for a in artifacts if isinstance(artifacts, list) else []:  # confinement first: before anything else reads
+        for key in PATH_FIELDS:
+            if isinstance(a, dict) and key in a:
+                confined(bundle, a[key])
     from .schema import validate
 
     problem = validate(manifest)
     if problem:
         raise BundleError(f"{path}: {problem}")
-    for a in manifest["artifacts"]:
-        for key in PATH_FIELDS:
-            if key in a:
-                confined(bundle, a[key])
     return manifest
 
 

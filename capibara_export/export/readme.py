@@ -53,7 +53,9 @@ def _header(m: dict) -> list[str]:
         "lists (`inputs`, `outputs`: name, shape, dtype; `b` is the batch). pixel_values come from the "
         "processor below (bicubic resize, CLIP mean/std, NCHW, float32). The caption prompt is "
         f"{m['model']['options']['prompt_len']} token(s) (`[BOS]` = {m['model']['config']['text']['bos_token_id']} "
-        "for an unprompted caption); caption outputs are the prompt then "
+        "for an unprompted caption), with `prompt_mask` (1 per token, 0 for right padding: prompts of different "
+        "lengths in one batch give the tokens of transformers' `generate(input_ids, attention_mask=...)`); caption "
+        "outputs are the prompt then "
         f"{m['model']['options']['max_new_tokens']} new token ids, PAD after [SEP]. score and text programs take "
         f"{m['model']['options']['text_len']}-token right-padded `input_ids` with an `attention_mask`.",
         "",
@@ -76,14 +78,20 @@ def render_readme(manifest: dict) -> str:
             "params = ocp.StandardCheckpointer().restore(os.path.abspath(art['params']))",
             "exp = jax.export.deserialize(bytearray(open(art['path'], 'rb').read()))",
             f"pixels = np.zeros((2, 3, {size}, {size}), np.float32)",
-            f"prompt = np.full((2, 1), {bos}, np.int32)",
-            "ids = exp.call(params, pixels, prompt)",
+            f"prompt = np.full((2, 1), {bos}, np.int32)      # [BOS]; longer prompts: right-padded",
+            "mask = np.ones((2, 1), np.int32)                 # 1 for prompt tokens, 0 for padding",
+            "ids = exp.call(params, pixels, prompt, mask)",
             "print([o['name'] for o in art['outputs']], ids.shape)")
     saved = next((a for a in arts if a["kind"] == "saved_model"), None)
     if saved:
         sig = next(s for s in saved["signatures"] if s["name"] == saved["default_signature"])
-        feeds = ", ".join(f"{t['name']}=tf.zeros([2, {', '.join(str(d) for d in t['shape'][1:])}], tf.{t['dtype']})"
-                          for t in sig["inputs"])
+        def feed(t):
+            shape = f"[2, {', '.join(str(d) for d in t['shape'][1:])}]"
+            if t["name"] == "prompt_ids":
+                return f"{t['name']}=tf.fill({shape}, {bos})"
+            maker = "tf.ones" if t["name"].endswith(("mask", "input_ids")) else "tf.zeros"
+            return f"{t['name']}={maker}({shape}, tf.{t['dtype']})"
+        feeds = ", ".join(feed(t) for t in sig["inputs"])
         lines += ["### The TF SavedModel (TF Serving: `serving_default` is the caption signature)", ""] + _block(
             "import tensorflow as tf",
             f"sm = tf.saved_model.load('{saved['path']}')",
@@ -124,7 +132,8 @@ def render_readme(manifest: dict) -> str:
             "abstract = {t['name']: jax.ShapeDtypeStruct(t['shape'], t['dtype'], sharding=spec(plan[t['name']]))",
             "            for t in store['arrays']}",
             "params = ocp.StandardCheckpointer().restore(os.path.abspath(art['params']), abstract)",
-            "inputs = [jax.device_put(np.zeros(t['shape'], t['dtype']), spec(t['sharding'])) for t in art['inputs']]",
+            "value = lambda t: (np.ones if t['name'].endswith('mask') else np.zeros)(t['shape'], t['dtype'])",
+            "inputs = [jax.device_put(value(t), spec(t['sharding'])) for t in art['inputs']]",
             "exp = jax.export.deserialize(bytearray(open(art['path'], 'rb').read()))",
             "out = exp.call(params, *inputs)",
             "print(art['entry'], out.shape, out.sharding.spec)")
@@ -156,7 +165,8 @@ def render_readme(manifest: dict) -> str:
             "abstract = {t['name']: jax.ShapeDtypeStruct(t['shape'], t['dtype'], sharding=spec(plan[t['name']]))",
             "            for t in store['arrays']}",
             "params = ocp.StandardCheckpointer().restore(os.path.abspath(art['params']), abstract)",
-            "inputs = [jax.device_put(np.zeros(t['shape'], t['dtype']), spec(t['sharding'])) for t in art['inputs']]",
+            "value = lambda t: (np.ones if t['name'].endswith('mask') else np.zeros)(t['shape'], t['dtype'])",
+            "inputs = [jax.device_put(value(t), spec(t['sharding'])) for t in art['inputs']]",
             "out = compiled(params, *inputs)",
             "print(art['entry'], out.shape)")
     lines += ["## What is here", "", "| path | kind | entry | precision | plan | batch | size |", "|---|---|---|---|---|---|---|"]

@@ -22,7 +22,7 @@ from .params import flatten, unflatten
 
 INPUT_NAMES = {
     "encode_image": ("pixel_values",),
-    "caption": ("pixel_values", "prompt_ids"),
+    "caption": ("pixel_values", "prompt_ids", "prompt_mask"),
     "score": ("pixel_values", "input_ids", "attention_mask"),
     "decode_step": ("input_ids", "position", "cache"),
     "caption_image": ("image_embeds", "prompt_ids"),
@@ -142,6 +142,8 @@ def example_inputs(serving: ServingFunction, batch: int, seed: int = 0) -> tuple
             out.append(rng.normal(size=spec.shape).astype(np.float32))
         elif name == "prompt_ids":
             out.append(np.full(spec.shape, cfg.text.bos_token_id, np.int32))
+        elif name == "prompt_mask":
+            out.append(np.ones(spec.shape, np.int32))
         elif name == "input_ids":
             out.append(rng.integers(5, min(cfg.text.vocab_size, 100), size=spec.shape).astype(np.int32))
         elif name == "attention_mask":
