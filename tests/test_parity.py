@@ -71,7 +71,8 @@ def test_live_reference_reproduces_the_fixture():
     fixed, live = _fixture(), _live()
     for tower in ("caption", "retrieval"):
         for key, value in fixed[tower]["outputs"].items():
-            np.testing.assert_allclose(live[tower]["outputs"][key], value, atol=1e-6, err_msg=f"{tower}.{key}")
+            # float outputs: 1e-5, since oneDNN's fp32 kernels differ by ~1e-6 between CPU generations
+            np.testing.assert_allclose(live[tower]["outputs"][key], value, atol=1e-5, err_msg=f"{tower}.{key}")
 
 
 def test_vision_last_hidden_state(case):
