@@ -92,6 +92,8 @@ def validate(request: BuildRequest) -> None:
         get_policy(precision)
     if any(b <= 0 for b in request.batches):
         raise ProgramError(f"--batch sizes must be positive, got {list(request.batches)}")
+    check_folder_name(request.name)
+    ensure_replaceable(Path(request.out) / request.folder_name())
 
 
 def config_hash(cfg: BlipConfig) -> str:
@@ -129,13 +131,45 @@ def interrupt_between_units() -> Iterator[dict]:
         signal.signal(signal.SIGINT, previous)
 
 
+# Written into every folder the tool creates; a folder is only ever replaced if it holds
+# this marker (or, from before the marker, a build's build.json or a bundle's manifest.json).
+MARKER = ".capibara-export"
+_LEGACY_SIGNS = ("build.json", "manifest.json")
+
+
+def ensure_replaceable(final: Path, flag: str = "--out/--name") -> None:
+    """Refuse, before any work, to replace a folder the tool did not write."""
+    final = Path(final)
+    if not os.path.lexists(final):
+        return
+    if final.is_symlink() or not final.is_dir():
+        raise ProgramError(f"{final}: exists and is not a folder capibara-export wrote; refusing to replace it: "
+                           f"choose another {flag}")
+    if not any((final / sign).is_file() for sign in (MARKER, *_LEGACY_SIGNS)):
+        raise ProgramError(f"{final}: exists and was not written by capibara-export; refusing to replace it: "
+                           f"choose another {flag}, or remove it yourself")
+
+
+def check_folder_name(name: str | None) -> None:
+    """`--name` becomes one folder inside --out: one plain path component."""
+    if name is None:
+        return
+    if (not name or name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\\0")
+            or len(name) > 200):
+        raise ProgramError(f"--name {name!r}: must be one folder name (no '/', not '.' or '..', not hidden), "
+                           "e.g. --name base-v4-32-run2")
+
+
 @contextlib.contextmanager
 def staged_folder(final: Path) -> Iterator[Path]:
-    """A temporary sibling folder that replaces `final` only if the block completes."""
+    """A temporary sibling folder that replaces `final` only if the block completes, and
+    only if `final` is absent or a folder this tool wrote (ensure_replaceable)."""
+    ensure_replaceable(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    (tmp / MARKER).write_text("written by capibara-export; this folder may be replaced by the next run\n")
     try:
         yield tmp
     except BaseException:

@@ -77,6 +77,9 @@ def _bad_plan(tmp_path):
     (["--entries", "train"], {}, "unknown entry 'train'"),
     (["--checkpoint", "/nonexistent/blip"], {}, "/nonexistent/blip: checkpoint folder does not exist"),
     ([], "no-libtpu", "target tpu-v4-32 needs libtpu"),
+    (["--name", "."], {}, "--name '.': must be one folder name"),
+    (["--name", "../sibling"], {}, "--name '../sibling': must be one folder name"),
+    (["--name", "/tmp"], {}, "--name '/tmp': must be one folder name"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, env, message):
     args = _bad_plan(tmp_path) if args == "bad-plan-file" else args
@@ -122,3 +125,23 @@ def test_ctrl_c_leaves_no_half_written_folder_and_the_next_run_resumes(tmp_path)
     resumed = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{cached} from cache" in " ".join(resumed.stderr.split())
+
+
+def test_a_folder_the_tool_did_not_write_is_never_replaced(tmp_path):
+    """--out/--name pointing at someone's folder: refused before compiling, contents intact;
+    a folder the tool wrote (it holds the marker) is replaced as before."""
+    mine = tmp_path / "out" / "precious"
+    mine.mkdir(parents=True)
+    (mine / "thesis.txt").write_text("do not delete")
+    result = run("build", *TINY, "--out", str(tmp_path / "out"), "--name", "precious")
+    assert result.returncode == 2 and "was not written by capibara-export; refusing to replace it" in result.stderr
+    assert (mine / "thesis.txt").read_text() == "do not delete" and len(list(mine.iterdir())) == 1
+    assert "Traceback" not in result.stderr
+
+    small = [*TINY, "--entries", "encode_image", "--plans", "dp", "--precisions", "fp32", "--out", str(tmp_path / "out")]
+    ours = run("build", *small, "--name", "run")
+    assert ours.returncode == 0, ours.stderr[-2000:]
+    assert (tmp_path / "out" / "run" / ".capibara-export").is_file()
+    again = run("build", *small, "--name", "run", "--no-cache")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith((".tmp-", ".old-"))]

@@ -200,3 +200,13 @@ def test_base_saved_model_holds_each_weight_once_and_the_bundle_verifies(tmp_pat
     assert np.sum([r["result"] == "pass" for r in rows]) >= 7  # params, 2 entries × (stablehlo, saved_model, ...)
     exported = {a.get("entry") for a in mf.read(bundle)["artifacts"] if a["kind"] == "jax.export"}
     assert exported == {"encode_image", "caption"}  # --export-entries
+
+
+def test_export_with_a_misspelt_entry_is_refused_and_the_old_bundle_stays(cpu_bundle, tmp_path):
+    build = Path(shutil.copytree(cpu_bundle.parent, tmp_path / "build"))
+    before = {p.relative_to(build): p.read_bytes() for p in (build / "bundle").rglob("*") if p.is_file()}
+    result = cli("export", build, "--random-weights", "--export-entries", "captoin")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--export-entries captoin: not an entry of this model" in result.stderr.strip().splitlines()[-1]
+    after = {p.relative_to(build): p.read_bytes() for p in (build / "bundle").rglob("*") if p.is_file()}
+    assert after == before
