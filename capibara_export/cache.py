@@ -59,11 +59,19 @@ class ResultCache:
                 path = self._path(key, f"{name}.gz")
                 if path.is_file():
                     texts[name] = gzip.decompress(path.read_bytes()).decode()
-        except (ValueError, OSError, EOFError):
-            return None  # an unreadable entry is a miss; it is rewritten after compiling
+        except Exception:  # noqa: BLE001 - any unreadable entry (bad gzip, zlib.error, JSON, types) is a miss
+            self.discard(key)
+            return None
         if record.status == "ok" and set(texts) != set(self.TEXTS):
+            self.discard(key)
             return None
         return record, texts
+
+    def discard(self, key: str) -> None:
+        """Remove an entry that failed to read, so the rebuilt one replaces it cleanly."""
+        for suffix in ("json", *(f"{name}.gz" for name in self.TEXTS)):
+            with contextlib.suppress(OSError):
+                self._path(key, suffix).unlink()
 
     def put(self, key: str, record: CompileRecord, texts: dict[str, str]) -> None:
         """The texts first, the record last: a record on disk means its entry is whole."""

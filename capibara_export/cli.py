@@ -27,6 +27,19 @@ def _csv(kind=str):
     return parse
 
 
+def _count(minimum: int = 1):
+    """An integer option checked where it is parsed (`analyze --batch 0` used to loop forever)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum of {minimum}")
+        return value
+    return parse
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="base", help="model preset: tiny, small, base, large (default base)")
     p.add_argument("--checkpoint", metavar="DIR", help="a local Hugging Face BLIP folder; overrides --model")
@@ -52,10 +65,10 @@ def parser() -> argparse.ArgumentParser:
                                                   "train_step on request)")
     b.add_argument("--plans", type=_csv(), help="comma list of plan names (default: every plan)")
     b.add_argument("--precisions", type=_csv(), help="comma list (default fp32,bf16-mixed,bf16; also int8-weights)")
-    b.add_argument("--batch", type=_csv(int), help="comma list of batch sizes (default 32)")
-    b.add_argument("--max-new-tokens", type=int, default=20, help="caption length (default 20)")
-    b.add_argument("--prompt-len", type=int, default=1, help="caption prompt length in tokens (default 1: [BOS])")
-    b.add_argument("--text-len", type=int, default=32, help="padded text length for score/train_step (default 32)")
+    b.add_argument("--batch", type=_csv(_count()), help="comma list of batch sizes (default 32)")
+    b.add_argument("--max-new-tokens", type=_count(), default=20, help="caption length (default 20)")
+    b.add_argument("--prompt-len", type=_count(), default=1, help="caption prompt length in tokens (default 1: [BOS])")
+    b.add_argument("--text-len", type=_count(), default=32, help="padded text length for score/train_step (default 32)")
     b.add_argument("--remat", default="none", choices=("none", "full", "dots-saveable"),
                    help="train_step rematerialisation policy (default none)")
     b.add_argument("--out", default="artifacts", help="output folder (default artifacts/)")
@@ -67,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plans", help="list sharding plans and whether each is valid for a model, mesh and batch")
     _add_mesh_args(p)
     _add_model_args(p)
-    p.add_argument("--batch", type=int, default=32, help="batch size to check (default 32)")
+    p.add_argument("--batch", type=_count(), default=32, help="batch size to check (default 32)")
 
     r = sub.add_parser("report", help="recompute analysis, selection and report.html for a build folder")
     r.add_argument("build_dir", help="a folder written by `build`, e.g. artifacts/base-tpu-v4-32-4x8")
@@ -96,13 +109,13 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--trust-key", metavar="PUB", help="with --bundle: require the bundle's signature by this key")
     a.add_argument("--random-weights", action="store_true", help="random weights: outputs are meaningless")
     a.add_argument("--model", default="tiny", help="preset for --random-weights (default tiny)")
-    a.add_argument("--k", type=int, default=3, help="readings per image (0: captions only; default 3)")
+    a.add_argument("--k", type=_count(0), default=3, help="readings per image (0: captions only; default 3)")
     a.add_argument("--text", help="relate this text to each image (anchorage, relay or contradiction)")
     a.add_argument("--culture", action="store_true", help="zero-shot cultural and artistic codes")
     a.add_argument("--codes", metavar="TOML", help="your own codes catalogue (default: the shipped one)")
     a.add_argument("--precision", default=None, help="fp32 (default) or bf16")
-    a.add_argument("--batch", type=int, default=8, help="images per device batch (default 8)")
-    a.add_argument("--workers", type=int, default=2, help="decoding/preprocessing threads (default 2)")
+    a.add_argument("--batch", type=_count(), default=8, help="images per device batch (default 8)")
+    a.add_argument("--workers", type=_count(), default=2, help="decoding/preprocessing threads (default 2)")
     a.add_argument("--json", action="store_true", help="one JSON line per image, then one with the metrics")
     a.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace here")
 

@@ -57,8 +57,21 @@ def signed_bundle(tmp_path_factory, keys) -> Path:
                      "--plans", "dp", "--precisions", "fp32", "--export", "--random-weights",
                      "--export-entries", "encode_image", "--sign-key", keys[0], "--out", out, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "--trust-key" in result.stdout + result.stderr  # the printed verify command fits a signed bundle
+    (out / "build-output.txt").write_text(result.stdout + result.stderr)
     return out / "tiny-cpu-4x8" / "bundle"
+
+
+def test_first_contact_names_the_final_folders(signed_bundle):
+    """The printed verify command, report, summary and analysis name the folders that exist
+    after the build, never its temporary staging folder."""
+    build = signed_bundle.parent
+    printed = (build.parent / "build-output.txt").read_text()
+    command = next(line for line in printed.splitlines() if "verify it with:" in line)
+    assert f"verify {signed_bundle} --trust-key" in command and signed_bundle.is_dir()
+    assert json.loads((build / "analysis.json").read_text())["build"]["folder"] == build.name
+    for name in ("report.html", "summary.md", "analysis.json"):
+        assert ".tmp-" not in (build / name).read_text(), name
+    assert "<title>capibara-export tiny-cpu-4x8</title>" in (build / "report.html").read_text()
 
 
 def rehash(bundle: Path, manifest: dict) -> None:

@@ -145,3 +145,33 @@ def test_a_folder_the_tool_did_not_write_is_never_replaced(tmp_path):
     again = run("build", *small, "--name", "run", "--no-cache")
     assert again.returncode == 0, again.stderr[-2000:]
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith((".tmp-", ".old-"))]
+
+
+def test_a_corrupted_cache_entry_is_a_miss_that_heals(tmp_path):
+    """One flipped byte in a cached HLO file (or a truncated record): the unit compiles again
+    and its entry is rewritten; never an error, never a poisoned cache."""
+    args = ["build", *TINY, "--entries", "encode_image,caption", "--plans", "dp", "--precisions", "fp32",
+            "--out", str(tmp_path)]
+    assert run(*args).returncode == 0
+    results = tmp_path / ".cache" / "results"
+    hlo = sorted(results.glob("*/*.hlo.gz"))[0]
+    data = bytearray(hlo.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    hlo.write_bytes(bytes(data))
+    record = sorted(p for p in results.glob("*/*.json") if not hlo.name.startswith(p.stem))[0]
+    record.write_text(record.read_text()[:40])
+    healed = run(*args)
+    assert healed.returncode == 0, healed.stderr[-2000:]
+    assert "0 from cache" in " ".join(healed.stderr.split())  # both entries were misses
+    again = run(*args)
+    assert again.returncode == 0 and "2 from cache" in " ".join(again.stderr.split())
+
+
+@pytest.mark.parametrize("args", [["analyze", "x.png", "--random-weights", "--batch", "0"],
+                                  ["analyze", "x.png", "--random-weights", "--workers", "0"],
+                                  ["plans", "--batch", "0"], ["build", "--batch", "8,0"],
+                                  ["build", "--max-new-tokens", "0"], ["build", "--text-len", "x"]])
+def test_numeric_options_are_checked_where_they_are_parsed(args):
+    result = run(*args, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "is below the minimum" in result.stderr or "is not a whole number" in result.stderr
