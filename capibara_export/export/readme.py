@@ -15,6 +15,20 @@ _TREE_RECIPE = '''def rebuild(d):
     return tuple(items) if kind == "tuple" else items'''
 
 
+# Each device restores only its shards of the parameters (the plan's PartitionSpecs from the
+# manifest), and the inputs are placed with theirs: shared by the sharded-export and
+# executable recipes, each of which must run on its own.
+_SHARDED_ARGUMENTS = [
+    "store = next(a for a in m['artifacts'] if a['path'] == art['params'])",
+    "plan = store['shardings'][art['plan']]",
+    "abstract = {t['name']: jax.ShapeDtypeStruct(t['shape'], t['dtype'], sharding=spec(plan[t['name']]))",
+    "            for t in store['arrays']}",
+    "params = ocp.StandardCheckpointer().restore(os.path.abspath(art['params']), abstract)",
+    "value = lambda t: (np.ones if t['name'].endswith('mask') else np.zeros)(t['shape'], t['dtype'])",
+    "inputs = [jax.device_put(value(t), spec(t['sharding'])) for t in art['inputs']]",
+]
+
+
 def _block(*lines: str) -> list[str]:
     return ["```python", *lines, "```", ""]
 
@@ -127,13 +141,7 @@ def render_readme(manifest: dict) -> str:
             "import jax, numpy as np, orbax.checkpoint as ocp",
             *mesh_lines,
             f"art = next(a for a in m['artifacts'] if a['path'] == '{sharded['path']}')",
-            "store = next(a for a in m['artifacts'] if a['path'] == art['params'])",
-            "plan = store['shardings'][art['plan']]",
-            "abstract = {t['name']: jax.ShapeDtypeStruct(t['shape'], t['dtype'], sharding=spec(plan[t['name']]))",
-            "            for t in store['arrays']}",
-            "params = ocp.StandardCheckpointer().restore(os.path.abspath(art['params']), abstract)",
-            "value = lambda t: (np.ones if t['name'].endswith('mask') else np.zeros)(t['shape'], t['dtype'])",
-            "inputs = [jax.device_put(value(t), spec(t['sharding'])) for t in art['inputs']]",
+            *_SHARDED_ARGUMENTS,
             "exp = jax.export.deserialize(bytearray(open(art['path'], 'rb').read()))",
             "out = exp.call(params, *inputs)",
             "print(art['entry'], out.shape, out.sharding.spec)")
@@ -160,13 +168,7 @@ def render_readme(manifest: dict) -> str:
             "compiled = serialize_executable.deserialize_and_load(open(art['path'], 'rb').read(), in_tree, out_tree,",
             "                                                     backend=m['mesh']['platform'],"
             " execution_devices=devices)",
-            "store = next(a for a in m['artifacts'] if a['path'] == art['params'])",
-            "plan = store['shardings'][art['plan']]",
-            "abstract = {t['name']: jax.ShapeDtypeStruct(t['shape'], t['dtype'], sharding=spec(plan[t['name']]))",
-            "            for t in store['arrays']}",
-            "params = ocp.StandardCheckpointer().restore(os.path.abspath(art['params']), abstract)",
-            "value = lambda t: (np.ones if t['name'].endswith('mask') else np.zeros)(t['shape'], t['dtype'])",
-            "inputs = [jax.device_put(value(t), spec(t['sharding'])) for t in art['inputs']]",
+            *_SHARDED_ARGUMENTS,
             "out = compiled(params, *inputs)",
             "print(art['entry'], out.shape)")
     lines += ["## What is here", "", "| path | kind | entry | precision | plan | batch | size |", "|---|---|---|---|---|---|---|"]
