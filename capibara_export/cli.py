@@ -115,6 +115,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--codes", metavar="TOML", help="your own codes catalogue (default: the shipped one)")
     a.add_argument("--precision", default=None, help="fp32 (default) or bf16")
     a.add_argument("--batch", type=_count(), default=8, help="images per device batch (default 8)")
+    a.add_argument("--max-pixels", type=_count(), default=100_000_000,
+                   help="refuse images larger than this many pixels before decoding (default 100000000)")
     a.add_argument("--workers", type=_count(), default=2, help="decoding/preprocessing threads (default 2)")
     a.add_argument("--json", action="store_true", help="one JSON line per image, then one with the metrics")
     a.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace here")
@@ -390,6 +392,9 @@ def cmd_analyze(args) -> int:
     from .semiotic import ImagePipeline, MnemosyneSemioModule, SemioticError, profile_usage
     from .semiotic.profiling import trace
 
+    from .semiotic import images
+
+    images.limits.max_pixels = args.max_pixels
     sources = [bool(args.checkpoint), bool(args.bundle), args.random_weights]
     if sum(sources) != 1:
         raise SemioticError("give exactly one of --checkpoint DIR (repeatable), --bundle DIR or --random-weights")
@@ -481,7 +486,9 @@ def main(argv: list[str] | None = None) -> int:
         environment.prepare(*_environment(args))
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("capibara-export: interrupted; finished units are cached, run the same command again to resume",
+        why = {"build": "finished units are cached, run the same command again to resume",
+               "export": "no bundle was written; the previous one, if any, is unchanged"}
+        print("capibara-export: interrupted" + (f"; {why[args.command]}" if args.command in why else ""),
               file=sys.stderr)
         return EXIT_INTERRUPTED
     except TargetError as err:

@@ -85,6 +85,26 @@ def test_pipeline_reports_bad_files_per_image_and_finishes_the_batch(module, ima
     assert (stats.images, stats.errors) == (6, 2) and stats.images_per_s > 0
 
 
+def test_images_over_the_pixel_budget_or_not_regular_files_are_refused_before_decoding(tmp_path):
+    import struct
+    import zlib
+
+    from capibara_export.semiotic.images import ImageError, load_image
+
+    small = tmp_path / "small.png"
+    Image.new("L", (8, 8)).save(small)
+    data = bytearray(small.read_bytes())
+    data[16:24] = struct.pack(">II", 17000, 17000)                        # IHDR width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))       # and its CRC
+    (tmp_path / "bomb.png").write_bytes(bytes(data))                      # 4.6 GB if it were decoded
+    with pytest.raises(ImageError, match="17000x17000 = 289 MP is over the 100 MP pixel budget"):
+        load_image(tmp_path / "bomb.png")
+    with pytest.raises(ImageError, match="not a regular file"):
+        load_image("/dev/zero")
+    with pytest.raises(ImageError, match="no such file"):
+        load_image(tmp_path / "absent.png")
+
+
 def test_interpret_gives_distinct_readings_scored_by_the_score_function(module, images):
     result = module.interpret(images["photo.jpg"], k=3)
     sequences = [tuple(r["token_ids"]) for r in result["readings"]]

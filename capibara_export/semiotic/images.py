@@ -2,8 +2,13 @@
 
 A corrupt file or a non-image raises ImageError (the pipeline turns it into a per-image
 error); grayscale, palette, RGBA and tiny images are converted by the BLIP image
-processor. Very large images are decoded up to MAX_PIXELS (PIL's decompression-bomb
-guard, raised from its 89 MP default so a 10000x10000 photograph is accepted).
+processor.
+
+Bounded resources (docs/reliability.md): the model sees 384x384 pixels, so an image is
+refused before decoding when its header says more than `limits.max_pixels` (100 MP by
+default: every common camera and a 10,000 x 10,000 scan fit; a 17,000 x 17,000 PNG, 4.6 GB
+decoded, does not), when its file is over `limits.max_file_bytes` (256 MiB), or when the path is not a
+regular file (a device or FIFO would be read forever). `analyze --max-pixels` raises it.
 """
 
 from __future__ import annotations
@@ -16,8 +21,14 @@ from typing import Union
 
 from PIL import Image, UnidentifiedImageError
 
-MAX_PIXELS = 150_000_000
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+@dataclass
+class Limits:
+    max_pixels: int = 100_000_000
+    max_file_bytes: int = 256 * 2 ** 20
+
+
+limits = Limits()
+Image.MAX_IMAGE_PIXELS = None  # our own check below runs before decoding, with a clearer message
 
 ImageInput = Union[str, Path, bytes, Image.Image, "LoadedImage"]
 
@@ -44,13 +55,26 @@ def load_image(item: ImageInput) -> LoadedImage:
     else:
         path = Path(item)
         try:
+            if not path.is_file():
+                raise ImageError(f"{path}: not a regular file" if path.exists() else f"{path}: no such file")
+            size = path.stat().st_size
+            if size > limits.max_file_bytes:
+                raise ImageError(f"{path}: {size / 2 ** 20:.0f} MiB; images are read up to "
+                                 f"{limits.max_file_bytes / 2 ** 20:.0f} MiB")
             data = path.read_bytes()
         except OSError as err:
             raise ImageError(f"{path}: cannot read ({err.strerror})") from None
         source = str(path)
     try:
         image = Image.open(io.BytesIO(data))
+        width, height = image.size  # from the header: nothing decoded yet
+        if width * height > limits.max_pixels:
+            raise ImageError(f"{source}: {width}x{height} = {width * height / 1e6:.0f} MP is over the "
+                             f"{limits.max_pixels / 1e6:.0f} MP pixel budget (the model sees "
+                             "384x384); pass --max-pixels to raise it")
         image.load()
+    except ImageError:
+        raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as err:
         raise ImageError(f"{source}: not an image PIL can read ({type(err).__name__})") from None
     except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt image data
