@@ -234,7 +234,7 @@ def cmd_build(args) -> int:
                   + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "invalid", "does-not-fit", "compile-error"))
                   + f"; {counts['cached']} from cache. Report: {result.folder / 'report.html'}")
     if "bundle" in summary:
-        print_bundle_next_steps(summary["bundle"], bool(args.sign_key), console)
+        print_bundle_next_steps(summary["bundle"], args.sign_key, console)
     return 0
 
 
@@ -266,9 +266,16 @@ def write_bundle(folder: Path, mesh, weights: tuple[dict, str], args, console, f
     return Path(final_folder) / "bundle"
 
 
-def print_bundle_next_steps(bundle: Path, signed: bool, console) -> None:
-    trust = " --trust-key signing.pub.pem" if signed else " --allow-unsigned-executables"
-    console.print(f"bundle: {bundle} (verify it with: python -m capibara_export verify {bundle}{trust})")
+def print_bundle_next_steps(bundle: Path, sign_key: str | None, console) -> None:
+    """Where the bundle is and the verify command for it, on one unwrapped line to copy."""
+    if sign_key:
+        key = Path(sign_key)
+        public = key.with_name("signing.pub.pem") if key.name == "signing.pem" else "PUB.pem"
+        trust = f" --trust-key {public}"
+    else:
+        trust = " --allow-unsigned-executables"
+    console.print(f"bundle: {bundle}")
+    console.print(f"verify it with: python -m capibara_export verify {bundle}{trust}", soft_wrap=True)
 
 
 def cmd_export(args) -> int:
@@ -288,7 +295,7 @@ def cmd_export(args) -> int:
     weights = float_params(cfg, args.checkpoint, args.seed if args.random_weights else None)
     shape = build["mesh"]["shape"]
     mesh = make_mesh(get_target(build["request"]["target"]), (int(shape["data"]), int(shape["model"])))
-    print_bundle_next_steps(write_bundle(folder, mesh, weights, args, console), bool(args.sign_key), console)
+    print_bundle_next_steps(write_bundle(folder, mesh, weights, args, console), args.sign_key, console)
     return 0
 
 

@@ -133,7 +133,9 @@ class BlipConfig:
         unknown = [t for t in self.towers if t not in TOWERS]
         _check(not unknown, f"towers: unknown tower(s) {unknown}; known: {list(TOWERS)}")
         _check(len(set(self.towers)) == len(self.towers), f"towers: repeated tower in {self.towers}")
+        _check_ints("model", self, ("projection_dim",))
         _check(self.projection_dim > 0, f"projection_dim must be positive, got {self.projection_dim}")
+        _check(isinstance(self.name, str), f"name is {self.name!r}; it must be a string")
 
     # ----------------------------------------------------------------- variants
     def has(self, tower: str) -> bool:
@@ -267,7 +269,11 @@ class BlipConfig:
 
     @classmethod
     def from_hf_dict(cls, raw: dict, source: str = "config.json") -> BlipConfig:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: not a JSON object")
         architectures = raw.get("architectures") or []
+        if not isinstance(architectures, list):
+            raise ConfigError(f"{source}: architectures is {architectures!r}; it must be a list of class names")
         if "BlipForImageTextRetrieval" in architectures:
             towers = ("retrieval",)
         elif "BlipForConditionalGeneration" in architectures:
@@ -277,12 +283,15 @@ class BlipConfig:
                 f"{source}: architectures {architectures} names neither BlipForConditionalGeneration "
                 "nor BlipForImageTextRetrieval")
         vraw, traw = raw.get("vision_config") or {}, raw.get("text_config") or {}
+        for key, section in (("vision_config", vraw), ("text_config", traw)):
+            if not isinstance(section, dict):
+                raise ConfigError(f"{source}: {key} is {section!r}; it must be an object")
         vision_defaults, text_defaults = VisionConfig(), TextConfig()
 
         def pick(section: dict, key: str, default):
             value = section.get(key, default)
             if isinstance(value, (list, tuple)):  # HF allows (h, w) sizes; BLIP is square
-                if len(set(value)) != 1:
+                if not value or any(v != value[0] for v in value):
                     raise ConfigError(f"{source}: {key}={value}: only square sizes are supported")
                 value = value[0]
             return value
@@ -318,9 +327,10 @@ class BlipConfig:
             for act_key, section in (("vision_config.hidden_act", vraw), ("text_config.hidden_act", traw)):
                 act = section.get("hidden_act", "gelu")
                 _check(act == "gelu", f"{act_key}={act!r}: only exact-erf 'gelu' is implemented")
+            name = raw.get("_name_or_path") or "hf"
             return cls(vision=vision, text=text,
                        projection_dim=raw.get("image_text_hidden_size", 256), towers=towers,
-                       name=raw.get("_name_or_path") or "hf")
+                       name=name if isinstance(name, str) else "hf")
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
 

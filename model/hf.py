@@ -225,7 +225,17 @@ def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
     if single.is_file():
         files = [single]
     elif index.is_file():
-        shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_bytes())["weight_map"]
+            shard_names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index}: not a safetensors index (a JSON object with a weight_map of "
+                                  "tensor name -> shard file); re-save the checkpoint") from None
+        bad = [n for n in shard_names if not isinstance(n, str) or Path(n).name != n or not n.endswith(".safetensors")]
+        if not shard_names:
+            raise CheckpointError(f"{index}: its weight_map lists no shard files")
+        if bad:
+            raise CheckpointError(f"{index}: shard {bad[0]!r} is not a .safetensors file name in the folder")
         files = [folder / name for name in shard_names]
         absent = [str(f) for f in files if not f.is_file()]
         if absent:

@@ -67,7 +67,8 @@ def test_first_contact_names_the_final_folders(signed_bundle):
     build = signed_bundle.parent
     printed = (build.parent / "build-output.txt").read_text()
     command = next(line for line in printed.splitlines() if "verify it with:" in line)
-    assert f"verify {signed_bundle} --trust-key" in command and signed_bundle.is_dir()
+    public = Path(command.split("--trust-key ")[1].strip())
+    assert f"verify {signed_bundle} --trust-key" in command and signed_bundle.is_dir() and public.is_file()
     assert json.loads((build / "analysis.json").read_text())["build"]["folder"] == build.name
     for name in ("report.html", "summary.md", "analysis.json"):
         assert ".tmp-" not in (build / name).read_text(), name
