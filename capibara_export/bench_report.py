@@ -33,13 +33,19 @@ def load(path: Path) -> list[Bench]:
     if not path.is_file():
         raise BenchReportError(f"{path}: not found; write it with `pytest bench/ --benchmark-json {path}`")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes())
     except json.JSONDecodeError as err:
         raise BenchReportError(f"{path}: not valid JSON ({err.msg})") from None
-    if "benchmarks" not in data:
+    except UnicodeDecodeError:
+        raise BenchReportError(f"{path}: not a text file; expected pytest-benchmark JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
         raise BenchReportError(f"{path}: no 'benchmarks' list; is this pytest-benchmark output?")
-    return [Bench(b["fullname"], b.get("group") or "", float(b["stats"]["median"]), b.get("extra_info", {}))
-            for b in data["benchmarks"]]
+    try:
+        return [Bench(b["fullname"], b.get("group") or "", float(b["stats"]["median"]), b.get("extra_info") or {})
+                for b in data["benchmarks"]]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise BenchReportError(f"{path}: a benchmark entry lacks fullname or stats.median; is this "
+                               "pytest-benchmark output?") from None
 
 
 def _fmt(x, unit: str = "", scale: float = 1.0, digits: int = 3) -> str:

@@ -93,7 +93,27 @@ def validate(request: BuildRequest) -> None:
     if any(b <= 0 for b in request.batches):
         raise ProgramError(f"--batch sizes must be positive, got {list(request.batches)}")
     check_folder_name(request.name)
+    check_output_folder(Path(request.out))
     ensure_replaceable(Path(request.out) / request.folder_name())
+
+
+MIN_FREE_BYTES = 256 * 2 ** 20  # a build writes records, gzipped HLO and a report: tens of MB for base
+
+
+def check_output_folder(out: Path) -> None:
+    """--out must be (or be creatable as) a writable folder with room, checked before the
+    first unit compiles rather than after minutes of compiling."""
+    here = Path(out).absolute()
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        raise ProgramError(f"--out {out}: {here} is a file, not a folder; choose a folder")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise ProgramError(f"--out {out}: {here} is not writable; choose a writable folder")
+    free = shutil.disk_usage(here).free
+    if free < MIN_FREE_BYTES:
+        raise ProgramError(f"--out {out}: only {free / 2 ** 20:.0f} MiB free on that disk; a build needs at least "
+                           f"{MIN_FREE_BYTES / 2 ** 20:.0f} MiB: free some space or choose another --out")
 
 
 def config_hash(cfg: BlipConfig) -> str:

@@ -262,9 +262,11 @@ class BlipConfig:
         if not path.is_file():
             raise ConfigError(f"{path}: no config.json; pass a Hugging Face BLIP checkpoint folder")
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_bytes())
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (binary data where config.json was expected)") from None
         return cls.from_hf_dict(raw, source=str(path))
 
     @classmethod

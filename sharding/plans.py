@@ -106,7 +106,11 @@ def load_plans(extra_files: list[str | Path] = ()) -> dict[str, ShardingPlan]:
         path = Path(f)
         if not path.is_file():
             raise PlanError(f"{path}: plan file not found")
-        plans.update(parse_plans(path.read_text(), str(path)))
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise PlanError(f"{path}: not a text file; a plan file is TOML (see sharding/plans.toml)") from None
+        plans.update(parse_plans(text, str(path)))
     return plans
 
 

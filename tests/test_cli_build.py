@@ -80,6 +80,7 @@ def _bad_plan(tmp_path):
     (["--name", "."], {}, "--name '.': must be one folder name"),
     (["--name", "../sibling"], {}, "--name '../sibling': must be one folder name"),
     (["--name", "/tmp"], {}, "--name '/tmp': must be one folder name"),
+    (["--out", "/etc/passwd"], {}, "is a file, not a folder; choose a folder"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, env, message):
     args = _bad_plan(tmp_path) if args == "bad-plan-file" else args

@@ -135,3 +135,22 @@ def test_safetensors_indexes_of_any_shape_raise_only_checkpoint_errors(tmp_path_
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError):
         read_safetensors(folder)
+
+
+def test_binary_files_where_text_is_expected_are_one_line_errors(tmp_path):
+    from capibara_export.bench_report import BenchReportError, load
+    from sharding.plans import load_plans
+
+    binary = bytes(range(256)) * 4
+    (tmp_path / "config.json").write_bytes(binary)
+    (tmp_path / "plans.toml").write_bytes(binary)
+    (tmp_path / "out.json").write_bytes(binary)
+    with pytest.raises(ConfigError, match="not a text file|not valid JSON"):
+        BlipConfig.from_hf(tmp_path)
+    with pytest.raises(PlanError, match="not a text file"):
+        load_plans([tmp_path / "plans.toml"])
+    with pytest.raises(BenchReportError, match="not a text file|not valid JSON"):
+        load(tmp_path / "out.json")
+    (tmp_path / "out.json").write_text(json.dumps({"benchmarks": [{"fullname": "x", "stats": None}]}))
+    with pytest.raises(BenchReportError, match="lacks fullname or stats.median"):
+        load(tmp_path / "out.json")
