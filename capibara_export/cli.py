@@ -338,8 +338,14 @@ def cmd_inspect(args) -> int:
     from .export.loading import open_bundle
 
     opened = open_bundle(Path(args.bundle), _policy(args))
-    for line in describe_bundle(opened):
+    problems = opened.problems()
+    for line in describe_bundle(opened, problems):
         out.print(line)
+    if problems:
+        path, why = next(iter(problems.items()))
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        print(f"capibara-export: error: {args.bundle}: refusing this bundle: {why}{more}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 

@@ -125,9 +125,17 @@ def test_hash_matching_bundles_with_planted_code_are_refused_and_nothing_runs(si
     assert "not a JSON tree description" in failed[exe["trees"]]
     assert "names io.open, which a JAX executable never holds" in failed[exe["path"]]
     assert "op WriteFile" in failed[saved["path"]] and "refusing to load this SavedModel" in failed[saved["path"]]
-    assert not [m for m in markers.values() if m.exists()]  # no planted side effect happened
     # the untouched artifacts still verify
     assert any(r["result"] == "pass" and r["artifact"].startswith("stablehlo/") for r in rows)
+    # inspect and analyze never load those artifacts, and still refuse the bundle whole
+    for command in (["inspect", bundle], ["analyze", tmp_path / "none.png", "--bundle", bundle]):
+        started = time.perf_counter()
+        result = run_cli(*command)
+        assert time.perf_counter() - started < 60, command
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (command, result.stderr[-2000:])
+        assert lines[-1].startswith("capibara-export: error: ") and "refusing this bundle" in lines[-1], lines[-1]
+    assert not [m for m in markers.values() if m.exists()]  # no planted side effect happened
 
 
 @pytest.mark.parametrize("craft", ["dotdot", "absolute", "dev-zero", "symlink-out", "symlink-inside-folder"])

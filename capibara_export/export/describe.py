@@ -1,6 +1,6 @@
 """`inspect`: what a bundle holds, what each program takes and returns, what it needs to
-run (devices, hosts, toolchain), whether this machine's JAX may load it, and who signed it.
-Reads only the manifest (already opened and checked by loading.open_bundle)."""
+run (devices, hosts, toolchain), whether this machine's JAX may load it, who signed it, and
+whether every artifact passes its hash and static checks (loading.py; nothing is run)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ def _tensors(items: list[dict]) -> str:
     return "\n".join(one(t) for t in items)
 
 
-def describe_bundle(opened: OpenedBundle) -> list:
+def describe_bundle(opened: OpenedBundle, problems: dict[str, str] | None = None) -> list:
+    """Lines and tables for the console; `problems` (path -> reason) marks refused artifacts."""
+    problems = problems or {}
     m = opened.manifest
     mesh, tools, compat = m["mesh"], m["toolchain"], m["compatibility"]
     loads = compat["loads_in"]
@@ -57,10 +59,11 @@ def describe_bundle(opened: OpenedBundle) -> list:
                               ", ".join(a["platforms"]))
     lines.append(table)
     files = Table(title="Files", title_justify="left")
-    for col in ("path", "kind", "MiB", "sha256"):
+    for col in ("path", "kind", "MiB", "sha256", "checks"):
         files.add_column(col, overflow="fold")
     for a in m["artifacts"]:
-        files.add_row(a["path"], a["kind"], f"{a['size'] / 2 ** 20:.1f}", a["sha256"][:12])
+        status = f"[red]refused[/]: {escape(problems[a['path']])}" if a["path"] in problems else "[green]ok[/]"
+        files.add_row(a["path"], a["kind"], f"{a['size'] / 2 ** 20:.1f}", a["sha256"][:12], status)
     lines.append(files)
     for s in m["selection"]:
         lines.append(f"selected {s['entry']} b{s['batch']} {s['precision']}: {escape(s['reason'])}")

@@ -59,6 +59,23 @@ class OpenedBundle:
     def executables_refused(self) -> str | None:
         return self.trust.executables_refused(self.policy)
 
+    def problems(self) -> dict[str, str]:
+        """Every artifact that fails its hash or static check, with the reason (runs nothing).
+        A bundle with any is not one its author made: inspect and analyze refuse it whole."""
+        found = {}
+        for a in self.manifest["artifacts"]:
+            problem = mf.check_hash(self.folder, a) or inspect_artifact(self, a)
+            if problem:
+                found[a["path"]] = problem
+        return found
+
+    def refuse_if_tampered(self) -> None:
+        problems = self.problems()
+        if problems:
+            path, why = next(iter(problems.items()))
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise BundleError(f"{self.folder}: refusing this bundle: {why}{more}")
+
 
 def open_bundle(folder: Path, policy: TrustPolicy = TrustPolicy()) -> OpenedBundle:
     folder = Path(folder)

@@ -136,6 +136,7 @@ class BundleEngine(Engine):
                  policy: TrustPolicy = TrustPolicy()):
         bundle = Path(bundle)
         opened = open_bundle(bundle, policy)
+        opened.refuse_if_tampered()  # any artifact failing its checks: not the bundle its author made
         manifest = opened.manifest
         config = BlipConfig.from_dict(manifest["model"]["config"])
         exports = {(a["entry"], a["precision"]): a for a in manifest["artifacts"] if a["kind"] == "jax.export"}
