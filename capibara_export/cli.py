@@ -172,15 +172,21 @@ def _environment(args) -> tuple[str | None, int | None]:
     import json
 
     if args.command in ("verify", "export"):
-        path = Path(args.bundle) / "manifest.json" if args.command == "verify" else Path(args.build_dir) / "build.json"
-        try:  # a regular file of bounded size: a bundle is input from elsewhere (the command checks it fully)
-            if path.is_symlink() or not path.is_file() or path.stat().st_size > 16 * 2 ** 20:
-                return None, None
-            data = json.loads(path.read_text())
+        try:
+            if args.command == "verify":  # read as loading.py reads it: a regular file of bounded size
+                from .export.manifest import BundleError, read_bytes
+
+                try:
+                    raw = read_bytes(Path(args.bundle))
+                except BundleError:
+                    return None, None  # the command itself reports it
+            else:
+                raw = (Path(args.build_dir) / "build.json").read_bytes()
+            data = json.loads(raw)
             shape = data["mesh"]["shape"]
             target = data["target"]["name"]
             return target, int(shape["data"]) * int(shape["model"])
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             return None, None  # the command itself reports the missing or broken file
     if getattr(args, "target", None) != "cpu":
         return getattr(args, "target", None), None
@@ -335,16 +341,14 @@ def cmd_verify(args) -> int:
 def cmd_inspect(args) -> int:
     from .console import out
     from .export.describe import describe_bundle
-    from .export.loading import open_bundle
+    from .export.loading import open_bundle, refusal
 
     opened = open_bundle(Path(args.bundle), _policy(args))
     problems = opened.problems()
     for line in describe_bundle(opened, problems):
         out.print(line)
     if problems:
-        path, why = next(iter(problems.items()))
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        print(f"capibara-export: error: {args.bundle}: refusing this bundle: {why}{more}", file=sys.stderr)
+        print(f"capibara-export: error: {refusal(Path(args.bundle), problems)}", file=sys.stderr)
         return EXIT_USAGE
     return 0
 

@@ -75,7 +75,7 @@ def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _
         raise ProgramError(f"--export-entries {','.join(unknown)}: not an entry of this model; "
                            f"choose from {','.join(_entries(cfg))}")
     if req.sign_key is not None:
-        trust.sign(b"", req.sign_key)  # a bad key fails here, before minutes of exporting
+        trust.read_key(req.sign_key, private=True)  # a bad key fails here, before minutes of exporting
     batches = sorted({1, *(s["batch"] for s in req.selection if s["plan"])})
     with staged_folder(Path(req.build_folder) / "bundle") as bundle:
         artifacts: list[dict] = []

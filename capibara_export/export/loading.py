@@ -49,13 +49,6 @@ class OpenedBundle:
                 return a
         raise BundleError(f"{self.folder}: the manifest refers to {rel}, which it does not list")
 
-    def checked(self, artifact: dict) -> Path:
-        """The artifact's path once its hash and its kind's static check passed."""
-        problem = mf.check_hash(self.folder, artifact) or inspect_artifact(self, artifact)
-        if problem:
-            raise BundleError(problem)
-        return self.path(artifact)
-
     def executables_refused(self) -> str | None:
         return self.trust.executables_refused(self.policy)
 
@@ -72,9 +65,14 @@ class OpenedBundle:
     def refuse_if_tampered(self) -> None:
         problems = self.problems()
         if problems:
-            path, why = next(iter(problems.items()))
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise BundleError(f"{self.folder}: refusing this bundle: {why}{more}")
+            raise BundleError(refusal(self.folder, problems))
+
+
+def refusal(folder: Path, problems: dict[str, str]) -> str:
+    """One line for a bundle with failed artifacts: the first reason and how many more."""
+    why = next(iter(problems.values()))
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{folder}: refusing this bundle: {why}{more}"
 
 
 def open_bundle(folder: Path, policy: TrustPolicy = TrustPolicy()) -> OpenedBundle:

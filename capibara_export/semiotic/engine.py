@@ -154,10 +154,10 @@ class BundleEngine(Engine):
         if processor is None:
             raise mf.BundleError(f"{bundle}: no processor/ (tokenizer); re-export the bundle")
         params_rel = next(iter(mine.values()))["params"]
-        # every file this engine will read: hash and static check (custom calls, window) first
-        paths = {e: opened.checked(a) for e, a in mine.items()}
-        params_path = opened.checked(opened.artifact(params_rel))
-        processor_path = opened.checked(processor)
+        # refuse_if_tampered above hashed and statically checked every artifact
+        paths = {e: opened.path(a) for e, a in mine.items()}
+        params_path = opened.path(opened.artifact(params_rel))
+        processor_path = opened.path(processor)
         super().__init__(f"bundle:{bundle.resolve()}:{precision}", config,
                          Preprocessor.from_folder(processor_path, config),
                          ProgramOptions(**manifest["model"]["options"]), precision, tuple(batch_sizes))
