@@ -57,7 +57,7 @@ for batch in 1 32; do
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   [ -f "$OUT/gpu-b$batch.json" ] && COLUMNS=200 "$PY" -m capibara_export bench-report "$OUT/gpu-b$batch.json" >> "$REPORT" 2>&1
 done
-# If time is left: the fused GPU kernels (cuDNN attention, unrolled layer loops) against
+# If time is left: the fused GPU kernels (cuDNN attention, unrolled layers, flat dots, fast LN) against
 # XLA's plain attention and rolled loops, the same programs side by side in one process.
 if [ "$SECONDS" -lt 330 ] && [ "${CAPIBARA_GPU_KERNELS:-fused}" = fused ]; then
   echo "== fused GPU kernels vs CAPIBARA_GPU_KERNELS=xla (median of 20 rounds)" | tee -a "$REPORT"

@@ -22,6 +22,7 @@ import numpy as np
 
 from .blip import Blip
 from .config import TextConfig
+from .layers import gpu_kernels
 
 
 def caption_prompt(text_cfg: TextConfig, prompt_ids: list[int] | None = None) -> np.ndarray:
@@ -69,7 +70,9 @@ def caption_from_image(model: Blip, image_bpd: jax.Array, prompt_bp: jax.Array, 
         out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
         return out, done | (tok == t.sep_token_id), cache
 
-    out, _, _ = jax.lax.fori_loop(1, max_new_tokens, step, (out, done, cache))
+    # unroll-decode (GPU only, see layers.gpu_kernels): straight-line steps, no per-step while
+    unroll = max(1, max_new_tokens - 1) if "unroll-decode" in gpu_kernels() else 1
+    out, _, _ = jax.lax.fori_loop(1, max_new_tokens, step, (out, done, cache), unroll=unroll)
     return jnp.concatenate([prompt_bp.astype(jnp.int32), out], axis=1)
 
 

@@ -6,11 +6,11 @@ must (a) carry logical axis names without eager sharding (the model never sees a
 so f32 parameters feed bf16 matmuls one scanned layer at a time. Layer norms keep their
 statistics in f32 whatever the compute dtype.
 
-On a local GPU (and only there) two kernel choices change, see `gpu_kernels`: unmasked
-bf16 self-attention goes to cuDNN's fused flash attention, and the layer loops are
-unrolled so XLA can put a whole decode step into one CUDA graph instead of paying a
-host round trip per layer. TPU programs are traced on a CPU host (the build pins
-JAX_PLATFORMS=cpu) and keep XLA's attention and rolled loops.
+On a local GPU (and only there) some kernel choices change, see `gpu_kernels`: unmasked
+bf16 self-attention goes to cuDNN's fused flash attention, the layer loops are unrolled,
+dots contract one flattened axis, and layer norms take E[x^2] - E[x]^2 (one reduction
+instead of two). Each was measured on a lent H100 (docs/performance.md). TPU programs are
+traced on a CPU host (the build pins JAX_PLATFORMS=cpu) and keep none of these.
 """
 
 from __future__ import annotations
@@ -60,7 +60,16 @@ class Dense(nnx.Module):
         self.bias = param(None, out_shape, out_names, param_dtype, std=None) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.tensordot(x.astype(self.dtype), weight(self.kernel, self.dtype), axes=self.n_in)
+        w = weight(self.kernel, self.dtype)
+        if "flat-dots" in gpu_kernels() and w.ndim > 2:
+            # one contracting and one output dim: XLA:GPU lowers a batch-1 dot over (heads,
+            # head_dim) as a reduction with a handful of blocks (docs/performance.md)
+            k = math.prod(w.shape[:self.n_in])
+            out_shape = w.shape[self.n_in:]
+            flat = x.astype(self.dtype).reshape(*x.shape[:x.ndim - self.n_in], k)
+            y = jnp.dot(flat, w.reshape(k, -1)).reshape(*x.shape[:x.ndim - self.n_in], *out_shape)
+        else:
+            y = jnp.tensordot(x.astype(self.dtype), w, axes=self.n_in)
         if self.bias is not None:
             y = y + weight(self.bias, self.dtype)
         return y
@@ -76,7 +85,10 @@ class LayerNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         mean = jnp.mean(xf, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        if "fast-ln" in gpu_kernels():   # E[x²] - E[x]², as flax's use_fast_variance: one fused reduction
+            var = jnp.maximum(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
+        else:
+            var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
         y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
         y = y * weight(self.scale, jnp.float32) + weight(self.bias, jnp.float32)
         return y.astype(self.dtype)
@@ -93,10 +105,33 @@ class Mlp(nnx.Module):
             return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
-def gpu_kernels() -> bool:
-    """True when tracing for a local GPU with the fused kernels on. CAPIBARA_GPU_KERNELS=xla
-    turns them off (to compare, or if a cuDNN version rejects a shape)."""
-    return jax.default_backend() == "gpu" and os.environ.get("CAPIBARA_GPU_KERNELS", "fused") != "xla"
+GPU_KERNEL_CHOICES = ("cudnn", "unroll-layers", "unroll-decode", "flat-dots", "fast-ln")
+# `unroll-decode` (the whole greedy loop straight-line) is measured but not in the default:
+# no faster on the H100 and a 3x longer compile (docs/performance.md).
+GPU_KERNEL_PRESETS = {"fused": ("cudnn", "unroll-layers", "flat-dots", "fast-ln"), "xla": ()}
+
+
+def _tracing_for_local_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def gpu_kernels() -> frozenset[str]:
+    """The GPU kernel choices in force: empty unless tracing for a local GPU. Read from
+    CAPIBARA_GPU_KERNELS at trace time: a preset (`fused`, the default; `xla`, none) or
+    choices joined by `+` (`cudnn+unroll-layers+unroll-decode`), so bench/gpu_decode.py can
+    compare them in one process."""
+    if not _tracing_for_local_gpu():
+        return frozenset()
+    value = os.environ.get("CAPIBARA_GPU_KERNELS", "fused").strip()
+    if value in GPU_KERNEL_PRESETS:
+        return frozenset(GPU_KERNEL_PRESETS[value])
+    chosen = frozenset(part for part in value.split("+") if part)
+    unknown = sorted(chosen - set(GPU_KERNEL_CHOICES))
+    if unknown:
+        raise ValueError(f"CAPIBARA_GPU_KERNELS={value!r}: unknown choice {', '.join(unknown)}; use a preset "
+                         f"({', '.join(GPU_KERNEL_PRESETS)}) or choices from {', '.join(GPU_KERNEL_CHOICES)} "
+                         "joined by '+'")
+    return chosen
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -104,7 +139,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) 
     broadcastable to (batch, heads, q_len, k_len), True where attending is allowed."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     fused = (mask is None and q.shape[1] == k.shape[1] and q.dtype in (jnp.bfloat16, jnp.float16)
-             and gpu_kernels())
+             and "cudnn" in gpu_kernels())
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn" if fused else None)
 
 
@@ -133,4 +168,4 @@ def scan_layers(stack: nnx.Module, body: Callable, carry, xs=None, remat: str = 
         raise ValueError(f"unknown remat policy {remat!r}; choose one of {sorted(REMAT_POLICIES)}")
     if remat != "none":
         step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    return jax.lax.scan(step, carry, (state, xs), unroll=True if gpu_kernels() else 1)
+    return jax.lax.scan(step, carry, (state, xs), unroll=True if "unroll-layers" in gpu_kernels() else 1)

@@ -160,3 +160,40 @@ def test_itc_similarity(case):
     scores = model.score(image, jnp.asarray(x["ids"]), jnp.asarray(x["mask"]))
     np.testing.assert_allclose(np.asarray(scores["itc_similarity"]),
                                np.diag(case["retrieval"]["outputs"]["itc"]), atol=LOGITS_ATOL)
+
+
+def test_gpu_trace_choices_keep_parity(monkeypatch):
+    """The GPU-only choices that need no GPU to trace (unrolled loops, flattened dots,
+    one-pass layer-norm statistics) still match transformers: traced here on the CPU as if
+    for a GPU. cuDNN attention needs a GPU; bench/gpu_decode.py checks it there."""
+    from model import layers
+    from tests.hf_reference import NEW_TOKENS, padded_prompts
+
+    monkeypatch.setattr(layers, "_tracing_for_local_gpu", lambda: True)
+    monkeypatch.setenv("CAPIBARA_GPU_KERNELS", "unroll-layers+unroll-decode+flat-dots+fast-ln")
+    assert layers.gpu_kernels() == {"unroll-layers", "unroll-decode", "flat-dots", "fast-ln"}
+    case = _fixture()
+    model, x = _model(case, "caption"), case["inputs"]
+    vision = jax.jit(model.encode_image)(jnp.asarray(x["pixels"]))
+    np.testing.assert_allclose(np.asarray(vision), case["caption"]["outputs"]["vision"], atol=1e-4)
+    logits = jax.jit(model.decoder_logits)(jnp.asarray(x["ids"]), jnp.asarray(x["mask"]), vision)
+    np.testing.assert_allclose(np.asarray(logits), case["caption"]["outputs"]["logits"], atol=LOGITS_ATOL)
+    ids, mask = padded_prompts(x)
+    ours = jax.jit(lambda px, pr, m: greedy_caption(model, px, pr, NEW_TOKENS, m))(
+        jnp.asarray(x["pixels"]), jnp.asarray(ids), jnp.asarray(mask))
+    theirs = case["caption"]["outputs"]["generate_padded"]
+    np.testing.assert_array_equal(np.asarray(ours), _pad_to(theirs, ours.shape[1], case["config"].text.pad_token_id))
+
+
+def test_gpu_kernel_choice_typo_is_one_clear_error(monkeypatch):
+    from model import layers
+
+    monkeypatch.setattr(layers, "_tracing_for_local_gpu", lambda: True)
+    monkeypatch.setenv("CAPIBARA_GPU_KERNELS", "cudnn+unrol-layers")
+    with pytest.raises(ValueError, match="unknown choice unrol-layers; use a preset .*fused.*xla"):
+        layers.gpu_kernels()
+    monkeypatch.setenv("CAPIBARA_GPU_KERNELS", "xla")
+    assert layers.gpu_kernels() == frozenset()
+    monkeypatch.setattr(layers, "_tracing_for_local_gpu", lambda: False)
+    monkeypatch.setenv("CAPIBARA_GPU_KERNELS", "fused")
+    assert layers.gpu_kernels() == frozenset(), "no GPU choice may reach a program traced for a CPU or a TPU"

@@ -1,0 +1,257 @@
+"""The GPU decode-loop study (issue 14): kernel choices and XLA options side by side in one
+process, with the Hugging Face peer in the same run and a profile of the caption program.
+
+    device tool:  run  command="bash bench/gpu_decode.sh"  timeout_s=560
+
+Each variant is one `CAPIBARA_GPU_KERNELS` value (model.layers.gpu_kernels: `cudnn`,
+`unroll-layers`, `unroll-decode`) and optionally XLA compiler options passed to
+`Lowered.compile(compiler_options=...)`, so no variant needs a new process. Every variant
+of an entry is timed in the same way (2 warm-ups, then the median of `ROUNDS` calls ending
+in block_until_ready) and checked against the default variant's output. Results are
+appended to $OUT/gpu-decode.json as they come, so a run cut short keeps what it measured;
+the profiles (jax.profiler, CUPTI) are summarised here (kernels per call, GPU busy time)
+and their trace.json.gz copied to $OUT for reading afterwards.
+
+Written by hand because no benchmark library compares trace-time kernel choices inside one
+process; the timing itself is the same rounds/median bench/harness.py uses.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from bench import peer
+from bench.harness import NEW_TOKENS, OPTIONS, hardware, real_inputs
+from capibara_export.hlo import HloProgram
+from capibara_export.programs import build_program
+from model import get_preset
+from model.state import logical_names
+from sharding.precision import get_policy, store
+
+MODEL = os.environ.get("CAPIBARA_STUDY_MODEL", "base")   # "tiny" for a dry run on a CPU
+ROUNDS = int(os.environ.get("CAPIBARA_STUDY_ROUNDS", "20"))
+OUT = pathlib.Path(os.environ.get("OUT", "/tmp/capibara-gpu"))
+BUDGET_S = float(os.environ.get("CAPIBARA_STUDY_BUDGET_S", "480"))
+START = time.perf_counter()
+RESULTS = OUT / "gpu-decode.json"
+TRITON_OFF = {"xla_gpu_enable_triton_gemm": False}
+TRITON_ON = {"xla_gpu_enable_triton_gemm": True}
+NO_GEMV_REWRITE = {"xla_gpu_enable_dot_strength_reduction": False}   # batch-1 dots stay dots
+SOFTMAX_FUSION = {"xla_gpu_enable_dot_strength_reduction": False,
+                  "xla_gpu_experimental_enable_triton_softmax_priority_fusion": True}
+STUDY = os.environ.get("CAPIBARA_STUDY", "loop")
+
+# (entry, batch, kernels, compiler options, label), most informative first: the budget may
+# cut the tail. "fused" is today's default (cudnn+unroll-layers). Rows in PROFILE are also
+# traced with jax.profiler, reusing the timed executable.
+PLANS = {"loop": [
+    ("caption", 1, "fused", None, "default"),
+    ("caption", 1, "cudnn+unroll-layers+unroll-decode", None, "+ unroll-decode"),
+    ("caption", 1, "xla", None, "xla (nothing fused, loops rolled)"),
+    ("caption", 1, "cudnn", None, "cudnn only"),
+    ("caption", 1, "cudnn+unroll-decode", None, "cudnn + unroll-decode, layers rolled"),
+    ("caption", 1, "cudnn+unroll-layers+unroll-decode", TRITON_OFF, "+ unroll-decode, triton gemm off"),
+    ("caption", 1, "cudnn+unroll-layers+unroll-decode", TRITON_ON, "+ unroll-decode, triton gemm on"),
+    ("encode_image", 32, "fused", None, "default"),
+    ("encode_image", 32, "xla", None, "xla"),
+    ("encode_image", 32, "cudnn", None, "cudnn only"),
+    ("encode_image", 32, "fused", TRITON_OFF, "default, triton gemm off"),
+    ("encode_image", 32, "fused", TRITON_ON, "default, triton gemm on"),
+    ("caption", 32, "fused", None, "default"),
+    ("caption", 32, "cudnn+unroll-layers+unroll-decode", None, "+ unroll-decode"),
+    ("caption", 32, "xla", None, "xla"),
+], "flat": [   # third: one contracting dim per dot, one-pass layer-norm statistics
+    ("caption", 1, "cudnn", None, "cudnn, layers rolled"),
+    ("caption", 1, "cudnn+flat-dots", None, "cudnn+flat-dots"),
+    ("caption", 1, "cudnn+flat-dots+fast-ln", None, "cudnn+flat-dots+fast-ln"),
+    ("encode_image", 32, "cudnn", None, "cudnn, layers rolled"),
+    ("encode_image", 32, "cudnn+flat-dots+fast-ln", None, "cudnn+flat-dots+fast-ln"),
+    ("caption", 32, "cudnn", None, "cudnn, layers rolled"),
+    ("caption", 32, "cudnn+flat-dots+fast-ln", None, "cudnn+flat-dots+fast-ln"),
+    ("caption", 1, "cudnn+unroll-layers+flat-dots+fast-ln", None, "fused+flat-dots+fast-ln"),
+], "settle": [   # fourth: the candidates for the default, compiled first, timed round-robin
+    ("caption", 1, "cudnn", None, "cudnn"),
+    ("caption", 1, "cudnn+flat-dots+fast-ln", None, "cudnn+flat-dots+fast-ln"),
+    ("caption", 1, "cudnn+unroll-layers", None, "cudnn+unroll-layers (fused today)"),
+    ("caption", 1, "cudnn+unroll-layers+flat-dots+fast-ln", None, "cudnn+unroll-layers+flat-dots+fast-ln"),
+    ("caption", 32, "cudnn+flat-dots+fast-ln", None, "cudnn+flat-dots+fast-ln"),
+    ("caption", 32, "cudnn+unroll-layers+flat-dots+fast-ln", None, "cudnn+unroll-layers+flat-dots+fast-ln"),
+], "gemv": [   # second study: the profile showed batch-1 dots lowered as multiply + reduce
+    ("caption", 1, "cudnn", None, "cudnn, layers rolled"),
+    ("caption", 1, "cudnn", NO_GEMV_REWRITE, "cudnn, dot strength reduction off"),
+    ("caption", 1, "cudnn", SOFTMAX_FUSION, "cudnn, strength reduction off, triton softmax"),
+    ("caption", 1, "cudnn+unroll-decode", NO_GEMV_REWRITE, "cudnn+unroll-decode, strength reduction off"),
+    ("caption", 32, "cudnn", None, "cudnn, layers rolled"),
+    ("caption", 32, "cudnn", NO_GEMV_REWRITE, "cudnn, dot strength reduction off"),
+    ("encode_image", 32, "cudnn", None, "cudnn, layers rolled"),
+    ("encode_image", 32, "cudnn", SOFTMAX_FUSION, "cudnn, strength reduction off, triton softmax"),
+]}
+PLAN = PLANS[STUDY]
+PROFILE = {("caption", 1, "default"), ("caption", 1, "+ unroll-decode"), ("caption", 1, "xla (nothing fused, loops rolled)"),
+           ("caption", 1, "cudnn, dot strength reduction off"), ("caption", 1, "cudnn+flat-dots+fast-ln")}
+PEER = [("caption", 1), ("caption", 32), ("encode_image", 32)] if STUDY == "loop" else []
+
+_params_cache: dict = {}
+results: list[dict] = []
+
+
+def left_s() -> float:
+    return BUDGET_S - (time.perf_counter() - START)
+
+
+def record(row: dict) -> None:
+    results.append(row)
+    RESULTS.write_text(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                                   "rounds": ROUNDS, "new_tokens": NEW_TOKENS, "rows": results}, indent=1))
+    print(json.dumps(row), flush=True)
+
+
+def median_s(run) -> tuple[float, float]:
+    run()
+    run()
+    times = []
+    for _ in range(ROUNDS):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)), float(np.percentile(times, 90))
+
+
+def compile_variant(entry: str, batch: int, kernels: str, options: dict | None):
+    os.environ["CAPIBARA_GPU_KERNELS"] = kernels
+    cfg = get_preset(MODEL).with_towers("caption")
+    policy = get_policy("bf16")
+    t0 = time.perf_counter()
+    program = build_program(cfg, entry, policy, batch, OPTIONS)
+    if "params" not in _params_cache:
+        _params_cache["params"] = jax.device_put(store(peer.our_params(MODEL), logical_names(cfg), policy))
+    args = (_params_cache["params"], *jax.device_put(real_inputs(entry, program)))
+    lowered = jax.jit(program.fn).lower(*args)
+    compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
+    compile_s = time.perf_counter() - t0
+    return compiled, args, program.analytic_flops, compile_s
+
+
+def kernel_summary(trace_path: pathlib.Path, calls: int) -> dict:
+    """Kernels per call and GPU busy time from a jax.profiler trace.json.gz: complete events
+    ('X') in processes whose name marks a GPU stream."""
+    with gzip.open(trace_path, "rb") as fp:
+        trace = json.load(fp)
+    events = trace.get("traceEvents", [])
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, name in names.items() if "GPU" in name or "gpu" in name}
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu]
+    if not kernels:
+        return {"gpu_processes": sorted(names.values())[:12], "kernels_per_call": 0}
+    start = min(e["ts"] for e in kernels)
+    end = max(e["ts"] + e.get("dur", 0) for e in kernels)
+    top: dict[str, float] = {}
+    for e in kernels:
+        top[e.get("name", "?")[:60]] = top.get(e.get("name", "?")[:60], 0.0) + e.get("dur", 0)
+    return {"kernels_per_call": len(kernels) / calls, "busy_ms_per_call": sum(e.get("dur", 0) for e in kernels)
+            / calls / 1e3, "span_ms_per_call": (end - start) / calls / 1e3,
+            "gpu_processes": sorted(names[p] for p in gpu)[:6],
+            "top_kernels_ms_per_call": {k: v / calls / 1e3 for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]}}
+
+
+def profile(run, entry: str, batch: int, label: str, calls: int = 3) -> None:
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="capibara-prof-"))
+    with jax.profiler.trace(str(folder)):
+        for _ in range(calls):
+            run()
+    traces = sorted(folder.rglob("*.trace.json.gz"))
+    if not traces:
+        record({"profile": label, "entry": entry, "batch": batch, "error": "no trace.json.gz written",
+                "files": [str(p.relative_to(folder)) for p in folder.rglob("*")][:10]})
+        return
+    target = OUT / f"prof-{entry}-b{batch}-{len(list(OUT.glob('prof-*')))}.trace.json.gz"
+    shutil.copyfile(traces[-1], target)
+    record({"profile": label, "entry": entry, "batch": batch, "calls": calls, "file": target.name,
+            **kernel_summary(traces[-1], calls)})
+
+
+def settle(plan, peak: float, repeats: int = 3) -> int:
+    """Compile every variant first, then time them round-robin `repeats` times, so clock and
+    thermal drift falls on all of them alike; report each variant's median of medians."""
+    runs = []
+    for entry, batch, kernels, options, label in plan:
+        if left_s() < 40:
+            break
+        compiled, args, flops, compile_s = compile_variant(entry, batch, kernels, options)
+        runs.append((entry, batch, label, flops, compile_s, lambda c=compiled, a=args: jax.block_until_ready(c(*a))))
+    medians: dict = {label + str(batch): [] for _, batch, label, *_ in runs}
+    for _ in range(repeats):
+        for entry, batch, label, _, _, run in runs:
+            medians[label + str(batch)].append(median_s(run)[0])
+    for entry, batch, label, flops, compile_s, _ in runs:
+        m = medians[label + str(batch)]
+        record({"entry": entry, "batch": batch, "label": label, "compile_s": compile_s,
+                "median_ms": 1e3 * float(np.median(m)), "medians_ms": [1e3 * x for x in m],
+                "mfu": flops / float(np.median(m)) / peak})
+    print(f"gpu_decode: done in {time.perf_counter() - START:.0f} s", flush=True)
+    return 0
+
+
+def main() -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    if jax.default_backend() != "gpu" and MODEL == "base":
+        print("gpu_decode: no GPU here; set CAPIBARA_STUDY_MODEL=tiny for a dry run", file=sys.stderr)
+        return 2
+    print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
+    peak = hardware().peak_flops("bfloat16")
+    for entry, batch in PEER:
+        if left_s() < 300:
+            break
+        pixels = real_inputs("encode_image", build_program(get_preset(MODEL).with_towers("caption"),
+                                                             "encode_image", get_policy("fp32"), batch, OPTIONS))[0]
+        run = peer.caption_fn(MODEL, pixels, "bf16", NEW_TOKENS) if entry == "caption" else \
+            peer.vision_fn(MODEL, pixels, "bf16")
+        med, p90 = median_s(run)
+        record({"peer": "hf-eager", "entry": entry, "batch": batch, "median_ms": 1e3 * med, "p90_ms": 1e3 * p90})
+    if STUDY == "settle":
+        return settle(PLAN, peak)
+    reference: dict = {}
+    for entry, batch, kernels, options, label in PLAN:
+        if left_s() < 60:
+            record({"skipped": label, "entry": entry, "batch": batch, "reason": "study budget spent"})
+            continue
+        try:
+            compiled, args, flops, compile_s = compile_variant(entry, batch, kernels, options)
+            run = lambda: jax.block_until_ready(compiled(*args))  # noqa: E731
+            out = np.asarray(run())
+            med, p90 = median_s(run)
+        except Exception as err:  # a kernel choice a cuDNN/XLA version rejects is a result, not a crash
+            record({"entry": entry, "batch": batch, "kernels": kernels, "label": label,
+                    "error": f"{type(err).__name__}: {str(err)[:300]}"})
+            continue
+        key = (entry, batch)
+        reference.setdefault(key, out)
+        same = bool(np.array_equal(out, reference[key])) if entry == "caption" else \
+            float(np.max(np.abs(out.astype(np.float32) - reference[key].astype(np.float32))))
+        costs = HloProgram(compiled.as_text()).costs()
+        record({"entry": entry, "batch": batch, "kernels": kernels, "options": options, "label": label,
+                "compile_s": compile_s, "median_ms": 1e3 * med, "p90_ms": 1e3 * p90,
+                "mfu": flops / med / peak, "hlo_flops": costs.flops, "analytic_flops": flops,
+                "same_as_default": same})
+        if (entry, batch, label) in PROFILE and left_s() > 45:
+            try:
+                profile(run, entry, batch, label)
+            except Exception as err:
+                record({"profile": label, "error": f"{type(err).__name__}: {str(err)[:300]}"})
+    print(f"gpu_decode: done in {time.perf_counter() - START:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
