@@ -25,11 +25,11 @@ from model.hf import checkpoint_config
 from sharding.plans import ShardingPlan, load_plans, select_plans
 from sharding.precision import DEFAULT_PRECISIONS, get_policy
 
-from .cache import ResultCache, cache_key, enable_jax_cache
+from .cache import ResultCache, cache_key
 from .compile import Compiled, compile_unit
 from .hardware import Hardware, calibrate_cpu
 from .programs import ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
-from .records import CompileRecord, Unit, toolchain, write_records
+from .records import CompileRecord, Unit, read_records, toolchain, write_records
 from .targets import describe, get_target, hardware_for, make_mesh
 
 DEFAULT_OUT = Path("artifacts")
@@ -203,6 +203,35 @@ def staged_folder(final: Path) -> Iterator[Path]:
 
 
 ProgressFn = Callable[[int, int, Unit, CompileRecord | None], None]
+ExecutableSource = Callable[[str], "tuple[bytes, str] | None"]
+
+
+def serialized(fresh: Compiled, unit_id: str) -> tuple[bytes, str] | None:
+    """A unit's executable as the bundle stores it, or None if it cannot be serialized (then
+    an export compiles it again and reports the reason there, where it matters)."""
+    from .export import executables
+
+    try:
+        return executables.serialize(fresh.executable, unit_id)
+    except Exception:  # noqa: BLE001 - keeping the executable is an optimisation, never a build failure
+        return None
+
+
+def kept_executables(folder: Path, compiled: dict[str, Compiled] | None = None) -> ExecutableSource:
+    """Where an export finds a build's executables without compiling: the ones compiled in
+    this process (`compiled`), then the build's result cache (by each record's cache key)."""
+    build = json.loads((Path(folder) / "build.json").read_text())
+    request = build["request"]
+    cache = ResultCache(Path(request["out"]) / ".cache", enabled=bool(request.get("use_cache", True)))
+    keys = {r.unit.id: r.cache_key for r in read_records(Path(folder) / "records.jsonl") if r.cache_key}
+    compiled = compiled or {}
+
+    def find(unit_id: str) -> tuple[bytes, str] | None:
+        kept = cache.executable(keys[unit_id]) if unit_id in keys else None
+        if kept is None and unit_id in compiled:  # a --no-cache build: serialize it now
+            kept = serialized(compiled[unit_id], unit_id)
+        return kept
+    return find
 
 
 def run_build(request: BuildRequest, progress: ProgressFn | None = None,
@@ -226,8 +255,6 @@ def run_build(request: BuildRequest, progress: ProgressFn | None = None,
     mesh_info = describe(mesh)
     cache_root = Path(request.out) / ".cache"
     cache = ResultCache(cache_root, enabled=request.use_cache)
-    if request.use_cache and not target.deviceless:
-        enable_jax_cache(cache_root)
 
     todo = units(request, cfg, plans)
     records: list[CompileRecord] = []
@@ -250,7 +277,8 @@ def run_build(request: BuildRequest, progress: ProgressFn | None = None,
                 record, fresh = compile_unit(cfg, unit, plan, mesh, hardware, request.options)
                 record.cache_key, record.mesh = key, mesh_info
                 unit_texts = {"hlo": fresh.hlo_text, "pre": fresh.pre_hlo_text} if fresh else {}
-                cache.put(key, record, unit_texts)
+                kept = serialized(fresh, unit.id) if fresh and request.use_cache and record.status == "ok" else None
+                cache.put(key, record, unit_texts, kept)
                 if fresh:
                     compiled[unit.id] = fresh
             if unit_texts:

@@ -3,13 +3,17 @@
 Keyed by everything that determines a compiled program: the unit (target, mesh, entry,
 plan name, precision, batch, program options), the model config, the plan's rules, the
 source code that builds programs (records.code_version) and the toolchain versions.
-Each entry is a record plus its HLO texts (optimized and pre-partition), written atomically (temporary file then
-rename), so an interrupted build leaves only whole entries and the next run resumes.
+Each entry is a record plus its HLO texts (optimized and pre-partition) and, for a unit
+that compiled, its serialized executable (JAX's payload and the JSON tree description),
+so an export writes the build's executables instead of compiling them again. Every file
+is written atomically (temporary file then rename) and the record last, so an
+interrupted build leaves only whole entries and the next run resumes.
 
-JAX's own persistent compilation cache is switched on for cpu/local targets; for
-deviceless TPU targets jax 0.10.2 writes entries it cannot read back without a TPU
-client ("PjRtCompiler must be constructed with a Client"), so there this cache is the
-only one.
+This is the build's only compilation cache. JAX's persistent cache is not used: for
+deviceless TPU targets jax 0.10.2 writes entries it cannot read back without a TPU client
+("PjRtCompiler must be constructed with a Client"), and an XLA:CPU executable loaded from
+it re-serializes without its code ("Function wrapped_add not found"), which would poison
+the executables kept here.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ class ResultCache:
         self.enabled = enabled
 
     TEXTS = ("hlo", "pre")  # optimized per-device HLO, pre-partition global HLO
+    EXECUTABLE = ("xla", "xla-trees")  # serialized executable: payload, its JSON tree description (not *.json:
+    #                                    a record is the only .json of an entry)
 
     def _path(self, key: str, suffix: str) -> Path:
         return self.root / key[:2] / f"{key}.{suffix}"
@@ -69,35 +75,53 @@ class ResultCache:
 
     def discard(self, key: str) -> None:
         """Remove an entry that failed to read, so the rebuilt one replaces it cleanly."""
-        for suffix in ("json", *(f"{name}.gz" for name in self.TEXTS)):
+        for suffix in ("json", *(f"{name}.gz" for name in self.TEXTS), *self.EXECUTABLE):
             with contextlib.suppress(OSError):
                 self._path(key, suffix).unlink()
 
-    def put(self, key: str, record: CompileRecord, texts: dict[str, str]) -> None:
-        """The texts first, the record last: a record on disk means its entry is whole."""
+    def put(self, key: str, record: CompileRecord, texts: dict[str, str],
+            executable: tuple[bytes, str] | None = None) -> None:
+        """Texts and executable first, the record last: a record on disk means its entry is whole."""
         if not self.enabled:
             return
         rec_path = self._path(key, "json")
         rec_path.parent.mkdir(parents=True, exist_ok=True)
         for name, text in texts.items():
             _atomic_write(self._path(key, f"{name}.gz"), gzip.compress(text.encode(), compresslevel=6))
+        if executable is not None:
+            payload, trees = executable
+            _atomic_write(self._path(key, self.EXECUTABLE[0]), payload)
+            sidecar = {"sha256": hashlib.sha256(payload).hexdigest(), "trees": trees}
+            _atomic_write(self._path(key, self.EXECUTABLE[1]), json.dumps(sidecar).encode())
         _atomic_write(rec_path, json.dumps(record.to_dict(), sort_keys=True).encode())
 
-
-def enable_jax_cache(root: Path) -> None:
-    import jax
-
-    path = Path(root) / "jax"
-    path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    def executable(self, key: str) -> tuple[bytes, str] | None:
+        """The unit's serialized executable (payload, trees JSON), or None when the entry has
+        none (a unit that did not compile, one cached before executables were kept, or one
+        whose payload no longer matches the hash written beside it: that is discarded)."""
+        if not self.enabled:
+            return None
+        payload_path, sidecar_path = (self._path(key, suffix) for suffix in self.EXECUTABLE)
+        if not (payload_path.is_file() and sidecar_path.is_file() and self._path(key, "json").is_file()):
+            return None
+        try:
+            payload = payload_path.read_bytes()
+            sidecar = json.loads(sidecar_path.read_bytes())
+            if hashlib.sha256(payload).hexdigest() == sidecar["sha256"] and isinstance(sidecar["trees"], str):
+                return payload, sidecar["trees"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        for path in (payload_path, sidecar_path):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        return None
 
 
 @contextlib.contextmanager
 def jax_cache_disabled():
-    """Compile without JAX's persistent cache. An XLA:CPU executable loaded from that cache
-    re-serializes without its code ("Function wrapped_add not found" when loaded again),
-    so executables that are exported are always compiled fresh."""
+    """Compile without JAX's persistent cache, whoever switched it on. An XLA:CPU executable
+    loaded from that cache re-serializes without its code ("Function wrapped_add not found"
+    when loaded again), so executables that are exported are always compiled fresh."""
     import jax
 
     previous = jax.config.jax_enable_compilation_cache

@@ -225,7 +225,8 @@ def cmd_build(args) -> int:
         console.print("analysing, selecting plans and writing the report ...")
         summary["text"] = derive(staging, name=result.folder.name)[2]
         if weights is not None:
-            summary["bundle"] = write_bundle(staging, result.mesh, weights, args, console, final_folder=result.folder)
+            summary["bundle"] = write_bundle(staging, result.mesh, weights, args, console, final_folder=result.folder,
+                                             compiled=result.compiled)
 
     with build_progress(args.quiet) as progress:
         result = run_build(request, progress=progress, finish=finish)
@@ -244,15 +245,18 @@ def cmd_build(args) -> int:
     return 0
 
 
-def write_bundle(folder: Path, mesh, weights: tuple[dict, str], args, console, final_folder: Path | None = None) -> Path:
+def write_bundle(folder: Path, mesh, weights: tuple[dict, str], args, console, final_folder: Path | None = None,
+                 compiled: dict | None = None) -> Path:
     """Export the bundle of a build folder (staged or final) with the given weights; returns
-    where the bundle will be once the folder is in place (`final_folder`, default `folder`)."""
+    where the bundle will be once the folder is in place (`final_folder`, default `folder`).
+    Executables come from `compiled` (this process's build) or the build's cache."""
     final_folder = final_folder or folder
     import json
 
     from model import BlipConfig
     from sharding.plans import ShardingPlan
 
+    from .build import kept_executables
     from .export.bundle import ExportRequest, export_bundle
     from .programs import ProgramOptions
 
@@ -267,7 +271,7 @@ def write_bundle(folder: Path, mesh, weights: tuple[dict, str], args, console, f
         mesh=mesh, mesh_info=build["mesh"], options=ProgramOptions(**request["options"]),
         saved_model=not args.no_saved_model, processor_from=Path(args.checkpoint) if args.checkpoint else None,
         entries=tuple(args.export_entries) if args.export_entries else None,
-        sign_key=Path(args.sign_key) if args.sign_key else None)
+        sign_key=Path(args.sign_key) if args.sign_key else None, executables=kept_executables(folder, compiled))
     export_bundle(req, progress=lambda what: console.print(f"exporting {what} ..."))
     return Path(final_folder) / "bundle"
 
@@ -512,9 +516,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"capibara-export: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as err:
-        from .errors import USER_ERRORS
+        from .errors import is_user_error
 
-        if isinstance(err, USER_ERRORS):
+        if is_user_error(err):
             print(f"capibara-export: error: {err}", file=sys.stderr)
             return EXIT_USAGE
         raise

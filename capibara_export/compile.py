@@ -1,5 +1,9 @@
 """Compile one unit: check the plan, lower, compile, and record what the program is.
 
+The program compiled is the unit's serving function (flat parameter dict first, the
+calling convention every bundle format shares), so the executable a build compiles is the
+one an export writes: `build --export` and `export` never compile a selected unit again.
+
 Every outcome is a record, never an exception: a plan that does not divide is `invalid`
 with its reason, a program over the memory budget is `does-not-fit` with the bytes it
 needs, and a compiler failure is `compile-error` with the compiler's first line.
@@ -23,7 +27,9 @@ from sharding.precision import get_policy
 from sharding.validity import check
 
 from .hardware import GiB, Hardware
-from .programs import Program, ProgramError, ProgramOptions, build_program, in_specs, lower
+from .export.serving import serving_function
+from .export.stablehlo import sharded_jit
+from .programs import Program, ProgramError, ProgramOptions, in_specs
 from .records import CompileRecord, Unit
 
 MEMORY_FRACTION = 0.9  # the seed's memory budget: a unit fits if its peak stays under 90% of HBM
@@ -107,7 +113,8 @@ def compile_unit(cfg: BlipConfig, unit: Unit, plan: ShardingPlan, mesh, hardware
                  options: ProgramOptions) -> tuple[CompileRecord, Compiled | None]:
     record = CompileRecord(unit=unit, status="invalid", plan_description=plan.description, hardware=hardware.name)
     try:
-        program = build_program(cfg, unit.entry, get_policy(unit.precision), unit.batch, options)
+        serving = serving_function(cfg, unit.entry, get_policy(unit.precision), unit.batch, options)
+        program = serving.program
     except ProgramError as err:
         record.reason = str(err)
         return record, None
@@ -119,7 +126,8 @@ def compile_unit(cfg: BlipConfig, unit: Unit, plan: ShardingPlan, mesh, hardware
 
     t0 = time.perf_counter()
     try:
-        lowered = lower(program, plan, mesh)
+        _, lower, abstract = sharded_jit(serving, plan, mesh)
+        lowered = lower(*abstract)
         t1 = time.perf_counter()
         executable = lowered.compile()
     except Exception as err:  # XLA reports every failure as an exception; the record keeps its first line

@@ -1,17 +1,30 @@
-"""The error types that mean "bad input": reported as one line and exit code 2, no traceback."""
+"""The error types that mean "bad input": reported as one line and exit code 2, no traceback.
 
-from model.config import ConfigError
-from model.hf import CheckpointError
-from model.processor import ProcessorError
-from sharding.plans import PlanError
-from sharding.precision import PrecisionError
+Looked up among the modules already imported, never imported here: an exception's class
+lives in the module that raised it, so that module is loaded whenever its error is being
+reported, and a bad option is refused before torch, transformers or TensorFlow load (the
+eager imports cost ~7 s per refusal).
+"""
 
-from .bench_report import BenchReportError
-from .export.manifest import BundleError
-from .programs import ProgramError
-from .semiotic.codes import CodesError
-from .semiotic.module import SemioticError
-from .targets import TargetError
+from __future__ import annotations
 
-USER_ERRORS = (ConfigError, CheckpointError, ProcessorError, PlanError, PrecisionError, ProgramError, TargetError,
-               FileNotFoundError, BundleError, BenchReportError, SemioticError, CodesError)
+import sys
+
+_USER_ERRORS = (("model.config", "ConfigError"), ("model.hf", "CheckpointError"), ("model.processor", "ProcessorError"),
+                ("sharding.plans", "PlanError"), ("sharding.precision", "PrecisionError"),
+                ("capibara_export.programs", "ProgramError"), ("capibara_export.targets", "TargetError"),
+                ("capibara_export.export.manifest", "BundleError"), ("capibara_export.bench_report", "BenchReportError"),
+                ("capibara_export.semiotic.module", "SemioticError"), ("capibara_export.semiotic.codes", "CodesError"))
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    found: list[type[BaseException]] = [FileNotFoundError]
+    for module, name in _USER_ERRORS:
+        loaded = sys.modules.get(module)
+        if loaded is not None:
+            found.append(getattr(loaded, name))
+    return tuple(found)
+
+
+def is_user_error(err: BaseException) -> bool:
+    return isinstance(err, user_errors())

@@ -50,6 +50,8 @@ class ExportRequest:
     processor_from: Path | None = None   # a checkpoint folder holding the tokenizer; None: synthetic
     entries: tuple[str, ...] | None = None  # portable exports to write (default: every entry the towers allow)
     sign_key: Path | None = None           # ed25519 private key (PEM) that signs the manifest
+    # the build's serialized executables by unit id (build.kept_executables); a unit it lacks is compiled
+    executables: Callable[[str], tuple[bytes, str] | None] = lambda unit_id: None
 
 
 def storage_form(precision: str) -> str:
@@ -208,12 +210,14 @@ def _selected_unit(req: ExportRequest, bundle: Path, sel: dict) -> list[dict]:
                       jax.tree.leaves(input_shardings))
     outputs = _outputs(entry, exported, jax.tree.leaves(output_shardings))
     out = [_artifact(bundle, path, "jax.export-sharded", **common, inputs=inputs, outputs=outputs)]
-    _, lower, abstract = stablehlo.sharded_jit(serving, plan, req.mesh)
-    with jax_cache_disabled():
-        compiled = lower(*abstract).compile()
+    kept = req.executables(unit_id)
+    if kept is None:  # not in this build's cache (e.g. --no-cache and a separate export): compile it
+        _, lower, abstract = stablehlo.sharded_jit(serving, plan, req.mesh)
+        with jax_cache_disabled():
+            kept = executables.serialize(lower(*abstract).compile(), unit_id)
     folder = bundle / "executables"
     folder.mkdir(exist_ok=True)
-    exe, trees = executables.save(compiled, folder, unit_id)
+    exe, trees = executables.write(*kept, folder, unit_id)
     trees_art = _artifact(bundle, trees, "executable-trees", unit=unit_id)
     tools = toolchain()
     out.append(_artifact(bundle, exe, "executable", trees=trees_art["path"], **common, inputs=inputs, outputs=outputs,

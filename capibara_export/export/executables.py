@@ -108,16 +108,25 @@ def read_trees(path: Path) -> tuple:
 
 
 # ------------------------------------------------------------------ save / check / load
-def save(compiled: jax.stages.Compiled, folder: Path, name: str) -> tuple[Path, Path]:
+def serialize(compiled: jax.stages.Compiled, name: str) -> tuple[bytes, str]:
+    """(JAX's payload, the JSON tree description) of a compiled executable, checked: the
+    payload names only allowed classes, the trees survive their JSON form."""
     payload, in_tree, out_tree = serialize_executable.serialize(compiled)
     check_payload(payload, name)
     described = {"format": TREES_FORMAT, "in_tree": tree_to_json(in_tree), "out_tree": tree_to_json(out_tree)}
     if (tree_from_json(described["in_tree"]), tree_from_json(described["out_tree"])) != (in_tree, out_tree):
         raise BundleError(f"{name}: its tree structures do not survive the JSON description")
-    exe, trees = folder / f"{name}.xla", folder / f"{name}.trees.json"
+    return payload, json.dumps(described)
+
+
+def write(payload: bytes, trees: str, folder: Path, name: str) -> tuple[Path, Path]:
+    """`<name>.xla` and `<name>.trees.json` in `folder` (a serialized pair, fresh or cached)."""
+    check_payload(payload, name)
+    exe, trees_path = folder / f"{name}.xla", folder / f"{name}.trees.json"
     exe.write_bytes(payload)
-    trees.write_text(json.dumps(described))
-    return exe, trees
+    trees_path.write_text(trees)
+    read_trees(trees_path)
+    return exe, trees_path
 
 
 def check_payload(payload: bytes, label: str) -> None:
