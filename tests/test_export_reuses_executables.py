@@ -72,13 +72,13 @@ def test_build_export_and_a_later_export_compile_nothing_again(tmp_path, compile
 def test_an_uncached_build_exports_from_memory(tmp_path, compiles):
     assert main(["build", *ARGS, "--out", str(tmp_path), "--no-cache", "--export", *EXPORT]) == 0
     assert len(compiles) == 1, compiles
-    assert not (tmp_path / ".cache" / "results").exists() or not any((tmp_path / ".cache" / "results").rglob("*.xla"))
+    assert not (tmp_path / ".cache" / "results").exists() or not any((tmp_path / ".cache" / "results").rglob("*.xla*"))
 
 
 def test_a_damaged_cached_executable_is_compiled_again_never_exported(tmp_path, compiles):
     assert main(["build", *ARGS, "--out", str(tmp_path)]) == 0
     (folder,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
-    (payload,) = (tmp_path / ".cache" / "results").rglob("*.xla")
+    (payload,) = (tmp_path / ".cache" / "results").rglob("*.xla.gz")
     data = bytearray(payload.read_bytes())
     data[len(data) // 2] ^= 0xFF
     payload.write_bytes(bytes(data))

@@ -128,7 +128,7 @@ def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _
         for sel in req.selection:
             if not sel["plan"] or sel["precision"] not in req.precisions:
                 continue
-            artifacts += _selected_unit(req, bundle, sel)
+            artifacts += _selected_unit(req, bundle, sel, progress)
 
         progress("tokenizer and image processor")
         folder = bundle / "processor"
@@ -189,7 +189,7 @@ def _param_specs(req: ExportRequest, precision: str, plan_name: str) -> dict:
     return storage_specs(param_specs(req.plans[plan_name], names), names, get_policy(precision))
 
 
-def _selected_unit(req: ExportRequest, bundle: Path, sel: dict) -> list[dict]:
+def _selected_unit(req: ExportRequest, bundle: Path, sel: dict, progress: Callable[[str], None]) -> list[dict]:
     """The sharded jax.export and the serialized executable of one selected unit."""
     entry, precision, plan, batch = sel["entry"], sel["precision"], req.plans[sel["plan"]], sel["batch"]
     try:
@@ -212,6 +212,7 @@ def _selected_unit(req: ExportRequest, bundle: Path, sel: dict) -> list[dict]:
     out = [_artifact(bundle, path, "jax.export-sharded", **common, inputs=inputs, outputs=outputs)]
     kept = req.executables(unit_id)
     if kept is None:  # not in this build's cache (e.g. --no-cache and a separate export): compile it
+        progress(f"compiling {unit_id} (the build kept no executable for it)")
         _, lower, abstract = stablehlo.sharded_jit(serving, plan, req.mesh)
         with jax_cache_disabled():
             kept = executables.serialize(lower(*abstract).compile(), unit_id)
