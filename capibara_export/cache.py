@@ -46,8 +46,9 @@ class ResultCache:
         self.enabled = enabled
 
     TEXTS = ("hlo", "pre")  # optimized per-device HLO, pre-partition global HLO
-    EXECUTABLE = ("xla.gz", "xla-trees")  # serialized executable: payload (gzip -1: ~4x smaller), its JSON trees (not *.json:
-    #                                    a record is the only .json of an entry)
+    # serialized executable: the payload (gzip -1, ~4x smaller) and its JSON trees with the
+    # payload's sha256 (not *.json: a record is the only .json of an entry)
+    EXECUTABLE = ("xla.gz", "xla-trees")
 
     def _path(self, key: str, suffix: str) -> Path:
         return self.root / key[:2] / f"{key}.{suffix}"

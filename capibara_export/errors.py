@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import sys
 
-_USER_ERRORS = (("model.config", "ConfigError"), ("model.hf", "CheckpointError"), ("model.processor", "ProcessorError"),
-                ("sharding.plans", "PlanError"), ("sharding.precision", "PrecisionError"),
-                ("capibara_export.programs", "ProgramError"), ("capibara_export.targets", "TargetError"),
-                ("capibara_export.export.manifest", "BundleError"), ("capibara_export.bench_report", "BenchReportError"),
-                ("capibara_export.semiotic.module", "SemioticError"), ("capibara_export.semiotic.codes", "CodesError"))
+_USER_ERRORS = (
+    ("model.config", "ConfigError"), ("model.hf", "CheckpointError"), ("model.processor", "ProcessorError"),
+    ("sharding.plans", "PlanError"), ("sharding.precision", "PrecisionError"),
+    ("capibara_export.programs", "ProgramError"), ("capibara_export.targets", "TargetError"),
+    ("capibara_export.export.manifest", "BundleError"), ("capibara_export.bench_report", "BenchReportError"),
+    ("capibara_export.semiotic.module", "SemioticError"), ("capibara_export.semiotic.codes", "CodesError"),
+)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
