@@ -247,33 +247,14 @@ def cmd_build(args) -> int:
 
 def write_bundle(folder: Path, mesh, weights: tuple[dict, str], args, console, final_folder: Path | None = None,
                  compiled: dict | None = None) -> Path:
-    """Export the bundle of a build folder (staged or final) with the given weights; returns
-    where the bundle will be once the folder is in place (`final_folder`, default `folder`).
-    Executables come from `compiled` (this process's build) or the build's cache."""
-    final_folder = final_folder or folder
-    import json
+    """The bundle of a build folder (export/from_build.py) with the export options of `args`;
+    returns where it will be once the folder is in place (`final_folder`, default `folder`)."""
+    from .export.from_build import export_build_folder
 
-    from model import BlipConfig
-    from sharding.plans import ShardingPlan
-
-    from .build import kept_executables
-    from .export.bundle import ExportRequest, export_bundle
-    from .programs import ProgramOptions
-
-    build = json.loads((folder / "build.json").read_text())
-    request = build["request"]
-    precisions = tuple(args.export_precisions or request["precisions"])
-    req = ExportRequest(
-        build_folder=folder, config=BlipConfig.from_dict(build["model_config"]), params=weights[0], weights=weights[1],
-        precisions=precisions, selection=json.loads((folder / "selection.json").read_text())["selections"],
-        analysis=json.loads((folder / "analysis.json").read_text())["units"],
-        plans={k: ShardingPlan.from_dict(v) for k, v in build["plans"].items()}, target=build["target"],
-        mesh=mesh, mesh_info=build["mesh"], options=ProgramOptions(**request["options"]),
-        saved_model=not args.no_saved_model, processor_from=Path(args.checkpoint) if args.checkpoint else None,
-        entries=tuple(args.export_entries) if args.export_entries else None,
-        sign_key=Path(args.sign_key) if args.sign_key else None, executables=kept_executables(folder, compiled))
-    export_bundle(req, progress=lambda what: console.print(f"exporting {what} ..."))
-    return Path(final_folder) / "bundle"
+    export_build_folder(folder, mesh, weights, precisions=args.export_precisions, saved_model=not args.no_saved_model,
+                        checkpoint=args.checkpoint, entries=args.export_entries, sign_key=args.sign_key,
+                        compiled=compiled, progress=lambda what: console.print(f"exporting {what} ..."))
+    return Path(final_folder or folder) / "bundle"
 
 
 def print_bundle_next_steps(bundle: Path, sign_key: str | None, console) -> None:
