@@ -35,13 +35,8 @@ import time
 import jax
 import numpy as np
 
-from bench import peer
-from bench.harness import NEW_TOKENS, OPTIONS, hardware, real_inputs
-from capibara_export.hlo import HloProgram
-from capibara_export.programs import build_program
-from model import get_preset
-from model.state import logical_names
-from sharding.precision import get_policy, store
+from bench import harness, peer
+from bench.harness import NEW_TOKENS, hardware, runnable
 
 MODEL = os.environ.get("CAPIBARA_STUDY_MODEL", "base")   # "tiny" for a dry run on a CPU
 ROUNDS = int(os.environ.get("CAPIBARA_STUDY_ROUNDS", "20"))
@@ -94,7 +89,6 @@ PROFILE = {("caption", 1, "default"), ("caption", 1, "+ unroll-decode"),
            ("caption", 1, "xla (nothing fused, loops rolled)"), ("caption", 1, "cudnn+flat-dots+fast-ln")}
 PEER = [("caption", 1), ("caption", 32), ("encode_image", 32)] if STUDY == "loop" else []
 
-_params_cache: dict = {}
 results: list[dict] = []
 
 
@@ -121,18 +115,12 @@ def median_s(run) -> tuple[float, float]:
 
 
 def compile_variant(entry: str, batch: int, kernels: str, options: dict | None):
+    """The variant compiled by bench/harness.runnable on the peer's weights, and its compile time."""
     os.environ["CAPIBARA_GPU_KERNELS"] = kernels
-    cfg = get_preset(MODEL).with_towers("caption")
-    policy = get_policy("bf16")
     t0 = time.perf_counter()
-    program = build_program(cfg, entry, policy, batch, OPTIONS)
-    if "params" not in _params_cache:
-        _params_cache["params"] = jax.device_put(store(peer.our_params(MODEL), logical_names(cfg), policy))
-    args = (_params_cache["params"], *jax.device_put(real_inputs(entry, program)))
-    lowered = jax.jit(program.fn).lower(*args)
-    compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
-    compile_s = time.perf_counter() - t0
-    return compiled, args, program.analytic_flops, compile_s
+    run = runnable(MODEL, entry, "bf16", batch, params=peer.our_params(MODEL), towers=("caption",),
+                   compiler_options=options)
+    return run, time.perf_counter() - t0
 
 
 def kernel_summary(trace_path: pathlib.Path, calls: int) -> dict:
@@ -181,8 +169,8 @@ def settle(plan, peak: float, repeats: int = 3) -> int:
     for entry, batch, kernels, options, label in plan:
         if left_s() < 40:
             break
-        compiled, args, flops, compile_s = compile_variant(entry, batch, kernels, options)
-        runs.append((entry, batch, label, flops, compile_s, lambda c=compiled, a=args: jax.block_until_ready(c(*a))))
+        run, compile_s = compile_variant(entry, batch, kernels, options)
+        runs.append((entry, batch, label, run.analytic_flops, compile_s, run))
     medians: dict = {label + str(batch): [] for _, batch, label, *_ in runs}
     for _ in range(repeats):
         for entry, batch, label, _, _, run in runs:
@@ -206,8 +194,7 @@ def main() -> int:
     for entry, batch in PEER:
         if left_s() < 300:
             break
-        pixels = real_inputs("encode_image", build_program(get_preset(MODEL).with_towers("caption"),
-                                                             "encode_image", get_policy("fp32"), batch, OPTIONS))[0]
+        pixels = harness.pixels(MODEL, batch)
         run = peer.caption_fn(MODEL, pixels, "bf16", NEW_TOKENS) if entry == "caption" else \
             peer.vision_fn(MODEL, pixels, "bf16")
         med, p90 = median_s(run)
@@ -220,8 +207,8 @@ def main() -> int:
             record({"skipped": label, "entry": entry, "batch": batch, "reason": "study budget spent"})
             continue
         try:
-            compiled, args, flops, compile_s = compile_variant(entry, batch, kernels, options)
-            run = lambda: jax.block_until_ready(compiled(*args))  # noqa: E731
+            run, compile_s = compile_variant(entry, batch, kernels, options)
+            flops = run.analytic_flops
             out = np.asarray(run())
             med, p90 = median_s(run)
         except Exception as err:  # a kernel choice a cuDNN/XLA version rejects is a result, not a crash
@@ -232,10 +219,9 @@ def main() -> int:
         reference.setdefault(key, out)
         same = bool(np.array_equal(out, reference[key])) if entry == "caption" else \
             float(np.max(np.abs(out.astype(np.float32) - reference[key].astype(np.float32))))
-        costs = HloProgram(compiled.as_text()).costs()
         record({"entry": entry, "batch": batch, "kernels": kernels, "options": options, "label": label,
                 "compile_s": compile_s, "median_ms": 1e3 * med, "p90_ms": 1e3 * p90,
-                "mfu": flops / med / peak, "hlo_flops": costs.flops, "analytic_flops": flops,
+                "mfu": flops / med / peak, "hlo_flops": run.flops, "analytic_flops": flops,
                 "same_as_default": same})
         if (entry, batch, label) in PROFILE and left_s() > 45:
             try:

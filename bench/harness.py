@@ -89,15 +89,16 @@ def float_params(model: str, seed: int = 0):
 
 
 def runnable(model: str, entry: str, precision: str, batch: int, params=None,
-             towers: tuple[str, ...] | None = None) -> Runnable:
-    """Compile one entry for the first local device (outside any timed region)."""
+             towers: tuple[str, ...] | None = None, compiler_options: dict | None = None) -> Runnable:
+    """Compile one entry for the first local device (outside any timed region), with XLA
+    `compiler_options` when given (bench/gpu_decode.py compares them)."""
     cfg = get_preset(model) if towers is None else get_preset(model).with_towers(*towers)
     policy = get_policy(precision)
     program = build_program(cfg, entry, policy, batch, OPTIONS)
     params = store(params if params is not None else float_params(model), logical_names(cfg), policy)
     device = jax.devices()[0]
     args = jax.device_put((params, *real_inputs(entry, program)), device)
-    compiled = jax.jit(program.fn, donate_argnums=()).lower(*args).compile()
+    compiled = jax.jit(program.fn, donate_argnums=()).lower(*args).compile(compiler_options=compiler_options)
     costs = HloProgram(compiled.as_text()).costs()
     stats = compiled.memory_analysis()
     peak = int(getattr(stats, "peak_memory_in_bytes", 0) or 0) if stats is not None else 0

@@ -174,7 +174,12 @@ def test_gpu_trace_choices_keep_parity(monkeypatch):
     assert layers.gpu_kernels() == {"unroll-layers", "unroll-decode", "flat-dots", "fast-ln"}
     case = _fixture()
     model, x = _model(case, "caption"), case["inputs"]
-    vision = jax.jit(model.encode_image)(jnp.asarray(x["pixels"]))
+    pixels = jnp.asarray(x["pixels"])
+    traced = jax.jit(model.encode_image).lower(pixels).as_text()
+    monkeypatch.setenv("CAPIBARA_GPU_KERNELS", "xla")
+    assert jax.jit(model.encode_image).lower(pixels).as_text() != traced, "the choices never reached the trace"
+    monkeypatch.setenv("CAPIBARA_GPU_KERNELS", "unroll-layers+unroll-decode+flat-dots+fast-ln")
+    vision = jax.jit(model.encode_image)(pixels)
     np.testing.assert_allclose(np.asarray(vision), case["caption"]["outputs"]["vision"], atol=1e-4)
     logits = jax.jit(model.decoder_logits)(jnp.asarray(x["ids"]), jnp.asarray(x["mask"]), vision)
     np.testing.assert_allclose(np.asarray(logits), case["caption"]["outputs"]["logits"], atol=LOGITS_ATOL)

@@ -21,7 +21,7 @@ from model.state import logical_names
 from sharding.plans import ShardingPlan, param_specs
 from sharding.precision import get_policy, storage_specs, store
 
-from ..build import config_hash, staged_folder
+from ..build import ExecutableSource, config_hash, staged_folder
 from ..cache import jax_cache_disabled
 from ..programs import NEEDS_TOWER, SEMIOTIC_ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
 from ..records import toolchain
@@ -51,7 +51,7 @@ class ExportRequest:
     entries: tuple[str, ...] | None = None  # portable exports to write (default: every entry the towers allow)
     sign_key: Path | None = None           # ed25519 private key (PEM) that signs the manifest
     # the build's serialized executables by unit id (build.kept_executables); a unit it lacks is compiled
-    executables: Callable[[str], tuple[bytes, str] | None] = lambda unit_id: None
+    executables: ExecutableSource = lambda unit_id: None
 
 
 def storage_form(precision: str) -> str:
