@@ -11,29 +11,23 @@ It is a pure function of the build folder (records.jsonl, build.json, hlo/), so
 
 from __future__ import annotations
 
-import gzip
 import json
 from dataclasses import asdict
 from pathlib import Path
 
 from sharding.precision import get_policy
 
+from .build_folder import REBUILD, BuildFolderError, build_parts, hlo_text, read_build, read_records
 from .collectives import collectives
 from .compile import MEMORY_FRACTION
 from .hardware import Hardware
 from .hlo import HloProgram
 from .hotspots import by_scope, classify, load_grid
-from .records import CompileRecord, read_records
+from .records import CompileRecord
 from .roofline import roofline
 
 SCHEMA = "capibara-export/analysis"
 SCHEMA_VERSION = 1
-
-
-def _text(folder: Path, relative: str | None) -> str | None:
-    if not relative or not (folder / relative).is_file():
-        return None
-    return gzip.decompress((folder / relative).read_bytes()).decode()
 
 
 def analyze_unit(record: CompileRecord, folder: Path, hardware: Hardware, mesh_shape: tuple[int, int],
@@ -51,10 +45,10 @@ def analyze_unit(record: CompileRecord, folder: Path, hardware: Hardware, mesh_s
                budget_fraction=MEMORY_FRACTION, fits=mem["peak"] <= MEMORY_FRACTION * hardware.hbm_bytes)
     out["memory"] = mem
 
-    program = HloProgram(_text(folder, record.hlo_file) or "")
+    program = _program(folder, record.hlo_file, record.hlo_sha256)
     per_device, counted_once = program.costs(True), program.costs(False)
-    pre_text = _text(folder, record.pre_hlo_file)
-    global_costs = HloProgram(pre_text).costs(True) if pre_text else None
+    pre = _program(folder, record.pre_hlo_file) if record.pre_hlo_file else None
+    global_costs = pre.costs(True) if pre else None
     raw = record.cost or {}
     out["flops"] = {
         "source": "compiled",
@@ -94,18 +88,28 @@ def analyze_unit(record: CompileRecord, folder: Path, hardware: Hardware, mesh_s
     return out
 
 
-def build_hardware(build: dict) -> Hardware:
-    return Hardware(**build["hardware"])
+def _program(folder: Path, relative: str, sha256: str | None = None) -> HloProgram:
+    """A record's HLO text, read through the build-folder boundary and parsed. A text that
+    does not parse (the pre-partition text carries no hash, so it can be anything) is the
+    folder's fault, reported as one line; the parser's own tests cover what XLA writes."""
+    text = hlo_text(folder, relative, sha256)
+    try:
+        program = HloProgram(text)
+        program.costs(True)
+        return program
+    except (ValueError, KeyError, IndexError, StopIteration, AttributeError, TypeError) as err:
+        raise BuildFolderError(f"{folder / relative}: not HLO text this version can analyse "
+                               f"({type(err).__name__}: {err}); {REBUILD}") from None
 
 
 def analyze_build(folder: Path, hardware: Hardware | None = None, name: str | None = None) -> dict:
     """`name`: the build folder's final name when `folder` is still the staging folder."""
     folder = Path(folder)
-    build = json.loads((folder / "build.json").read_text())
-    hardware = hardware or build_hardware(build)
+    build = read_build(folder)
+    hardware = hardware or build_parts(build, folder)[1]
     shape = build["mesh"]["shape"]
-    mesh_shape = (int(shape["data"]), int(shape["model"]))
-    records = read_records(folder / "records.jsonl")
+    mesh_shape = (shape["data"], shape["model"])
+    records = read_records(folder)
     return {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "build": {"folder": name or folder.name, "target": build["request"]["target"], "mesh": build["mesh"],

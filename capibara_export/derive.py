@@ -7,10 +7,10 @@ and HLO text alone.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .analysis import analyze_build, write_json
+from .build_folder import read_build
 from .report import render_summary, write_report
 from .selection import select
 
@@ -22,11 +22,11 @@ def derive(folder: Path, name: str | None = None) -> tuple[dict, dict, str]:
     if not (folder / "records.jsonl").is_file() or not (folder / "build.json").is_file():
         raise FileNotFoundError(f"{folder}: not a build folder (no records.jsonl and build.json); "
                                 "run `python -m capibara_export build` first")
+    build = read_build(folder)
     analysis = analyze_build(folder, name=name)
     selection = select(analysis)
     write_json(folder / "analysis.json", analysis)
     write_json(folder / "selection.json", selection)
-    build = json.loads((folder / "build.json").read_text())
     build["selection"] = selection["selections"]
     write_json(folder / "build.json", build)
     write_report(folder, analysis, selection)

@@ -16,7 +16,7 @@ import platform
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 SCHEMA = "capibara-export/compile-record"
 SCHEMA_VERSION = 1
@@ -104,18 +104,74 @@ class CompileRecord:
 
     @classmethod
     def from_dict(cls, d: dict) -> CompileRecord:
+        """A record read back (records.jsonl, the result cache), every field's type checked:
+        ValueError naming the field otherwise."""
         if d.get("schema") != SCHEMA or d.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(f"record schema {d.get('schema')} v{d.get('schema_version')} is not "
                              f"{SCHEMA} v{SCHEMA_VERSION}; rebuild with this version")
         body = {k: v for k, v in d.items() if k not in ("schema", "schema_version", "unit_id")}
-        body["unit"] = Unit(**body["unit"])
+        unit = body.get("unit")
+        if not isinstance(unit, dict) or set(unit) != set(_UNIT_TYPES):
+            raise ValueError(f"`unit` must be an object with {', '.join(_UNIT_TYPES)}")
+        _check_types(unit, _UNIT_TYPES, "unit.")
+        if unit["batch"] < 1:
+            raise ValueError(f"`unit.batch` is {unit['batch']}")
+        unknown = set(body) - set(_RECORD_TYPES)
+        if unknown or "status" not in body:
+            raise ValueError(f"unknown field `{min(unknown)}`" if unknown else "no `status`")
+        _check_types(body, _RECORD_TYPES, "")
+        if body["status"] not in STATUSES:
+            raise ValueError(f"`status` {body['status']!r} is not one of {', '.join(STATUSES)}")
+        if not all(_is(v, (int, float)) for v in (body.get("cost") or {}).values()):
+            raise ValueError("`cost` holds a value that is not a number")
+        memory = body.get("memory")
+        if memory is not None:
+            if set(memory) - set(_MEMORY_TYPES) or not _is(memory.get("peak"), int):
+                raise ValueError(f"`memory` is not {{{', '.join(_MEMORY_TYPES)}}} with an integer peak")
+            _check_types(memory, _MEMORY_TYPES, "memory.")
+            if not all(_is(v, int) for v in memory.get("arguments_by_kind", {}).values()):
+                raise ValueError("`memory.arguments_by_kind` holds a value that is not an integer")
+        for name in ("hlo_file", "pre_hlo_file"):
+            _check_hlo_path(name, body.get(name))
+        body["unit"] = Unit(**unit)
         return cls(**body)
+
+
+def _is(value, types) -> bool:
+    """isinstance, except that a bool is no number."""
+    types = types if isinstance(types, tuple) else (types,)
+    return isinstance(value, types) and (bool in types or not isinstance(value, bool))
+
+
+def _check_types(data: dict, types: dict, prefix: str) -> None:
+    for name, allowed in types.items():
+        if name in data and not _is(data[name], allowed):
+            raise ValueError(f"`{prefix}{name}` is {type(data[name]).__name__}")
+
+
+def _check_hlo_path(name: str, relative: str | None) -> None:
+    """An HLO path stays inside the build folder: None, or hlo/<file>.gz."""
+    if relative is None:
+        return
+    p = PurePosixPath(relative)
+    if p.is_absolute() or len(p.parts) != 2 or p.parts[0] != "hlo" or not p.name.endswith(".gz") or "\\" in relative:
+        raise ValueError(f"`{name}` {relative!r} is not hlo/<name>.gz inside the build folder")
+
+
+_NONE = type(None)
+_NUMBER = (int, float)
+_UNIT_TYPES = {"target": str, "mesh": str, "model": str, "model_hash": str, "entry": str, "plan": str,
+               "precision": str, "batch": int, "options": dict}
+_MEMORY_TYPES = {"argument": int, "output": int, "alias": int, "temp": int, "generated_code": int, "peak": int,
+                 "peak_source": str, "arguments_by_kind": dict}
+_RECORD_TYPES = {
+    "unit": dict, "status": str, "reason": str, "lower_s": (*_NUMBER, _NONE), "compile_s": (*_NUMBER, _NONE),
+    "memory": (dict, _NONE), "needed_bytes": (int, _NONE), "cost": (dict, _NONE), "hlo_sha256": (str, _NONE),
+    "hlo_file": (str, _NONE), "pre_hlo_file": (str, _NONE), "analytic_flops": (int, _NONE),
+    "plan_description": str, "mesh": (dict, _NONE), "hardware": (str, _NONE), "toolchain": dict,
+    "code_version": str, "cache_key": str, "cached": bool,
+}
 
 
 def write_records(path: Path, records: list[CompileRecord]) -> None:
     path.write_text("".join(json.dumps(r.to_dict(), sort_keys=True) + "\n" for r in records))
-
-
-def read_records(path: Path) -> list[CompileRecord]:
-    return [CompileRecord.from_dict(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
-
