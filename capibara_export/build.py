@@ -7,29 +7,26 @@ the build folder under a temporary name that is renamed into place only when com
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import json
-import os
-import shutil
-import signal
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 from model import BlipConfig, get_preset
 from model.hf import checkpoint_config
 from sharding.plans import ShardingPlan, load_plans, select_plans
 from sharding.precision import DEFAULT_PRECISIONS, get_policy
 
+from . import interrupts
 from .cache import ResultCache, cache_key
 from .compile import Compiled, compile_unit
 from .hardware import Hardware, calibrate_cpu
 from .programs import ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
-from .records import CompileRecord, Unit, read_records, toolchain, write_records
+from .records import CompileRecord, Unit, toolchain, write_records
+from .staging import check_folder_name, check_output_folder, ensure_replaceable, folder_lock, staged_folder
 from .targets import describe, get_target, hardware_for, make_mesh
 
 DEFAULT_OUT = Path("artifacts")
@@ -97,25 +94,6 @@ def validate(request: BuildRequest) -> None:
     ensure_replaceable(Path(request.out) / request.folder_name())
 
 
-MIN_FREE_BYTES = 256 * 2 ** 20  # a build writes records, gzipped HLO and a report: tens of MB for base
-
-
-def check_output_folder(out: Path) -> None:
-    """--out must be (or be creatable as) a writable folder with room, checked before the
-    first unit compiles rather than after minutes of compiling."""
-    here = Path(out).absolute()
-    while not here.exists() and here != here.parent:
-        here = here.parent
-    if not here.is_dir():
-        raise ProgramError(f"--out {out}: {here} is a file, not a folder; choose a folder")
-    if not os.access(here, os.W_OK | os.X_OK):
-        raise ProgramError(f"--out {out}: {here} is not writable; choose a writable folder")
-    free = shutil.disk_usage(here).free
-    if free < MIN_FREE_BYTES:
-        raise ProgramError(f"--out {out}: only {free / 2 ** 20:.0f} MiB free on that disk; a build needs at least "
-                           f"{MIN_FREE_BYTES / 2 ** 20:.0f} MiB: free some space or choose another --out")
-
-
 def config_hash(cfg: BlipConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
@@ -127,79 +105,6 @@ def units(request: BuildRequest, cfg: BlipConfig, plans: list[ShardingPlan]) -> 
                  options)
             for entry in request.entries for plan in plans for precision in request.precisions
             for batch in request.batches]
-
-
-@contextlib.contextmanager
-def interrupt_between_units() -> Iterator[dict]:
-    """The first Ctrl-C becomes a request honoured between units; a second one interrupts
-    at once. (A KeyboardInterrupt that lands in a garbage-collection callback, such as
-    XLA's, is printed and swallowed by Python, so a plain Ctrl-C could be lost.)"""
-    state = {"requested": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield state
-        return
-
-    def handler(signum, frame):
-        if state["requested"]:
-            signal.default_int_handler(signum, frame)
-        state["requested"] = True
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield state
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-# Written into every folder the tool creates; a folder is only ever replaced if it holds
-# this marker (or, from before the marker, a build's build.json or a bundle's manifest.json).
-MARKER = ".capibara-export"
-_LEGACY_SIGNS = ("build.json", "manifest.json")
-
-
-def ensure_replaceable(final: Path, flag: str = "--out/--name") -> None:
-    """Refuse, before any work, to replace a folder the tool did not write."""
-    final = Path(final)
-    if not os.path.lexists(final):
-        return
-    if final.is_symlink() or not final.is_dir():
-        raise ProgramError(f"{final}: exists and is not a folder capibara-export wrote; refusing to replace it: "
-                           f"choose another {flag}")
-    if not any((final / sign).is_file() for sign in (MARKER, *_LEGACY_SIGNS)):
-        raise ProgramError(f"{final}: exists and was not written by capibara-export; refusing to replace it: "
-                           f"choose another {flag}, or remove it yourself")
-
-
-def check_folder_name(name: str | None) -> None:
-    """`--name` becomes one folder inside --out: one plain path component."""
-    if name is None:
-        return
-    if (not name or name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\\0")
-            or len(name) > 200):
-        raise ProgramError(f"--name {name!r}: must be one folder name (no '/', not '.' or '..', not hidden), "
-                           "e.g. --name base-v4-32-run2")
-
-
-@contextlib.contextmanager
-def staged_folder(final: Path) -> Iterator[Path]:
-    """A temporary sibling folder that replaces `final` only if the block completes, and
-    only if `final` is absent or a folder this tool wrote (ensure_replaceable)."""
-    ensure_replaceable(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    (tmp / MARKER).write_text("written by capibara-export; this folder may be replaced by the next run\n")
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.parent / f".old-{final.name}-{os.getpid()}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 ProgressFn = Callable[[int, int, Unit, CompileRecord | None], None]
@@ -220,10 +125,11 @@ def serialized(fresh: Compiled, unit_id: str) -> tuple[bytes, str] | None:
 def kept_executables(folder: Path, compiled: dict[str, Compiled] | None = None) -> ExecutableSource:
     """Where an export finds a build's executables without compiling: the ones compiled in
     this process (`compiled`), then the build's result cache (by each record's cache key)."""
-    build = json.loads((Path(folder) / "build.json").read_text())
-    request = build["request"]
-    cache = ResultCache(Path(request["out"]) / ".cache", enabled=bool(request.get("use_cache", True)))
-    keys = {r.unit.id: r.cache_key for r in read_records(Path(folder) / "records.jsonl") if r.cache_key}
+    from .build_folder import read_build, read_records
+
+    request = read_build(folder)["request"]
+    cache = ResultCache(Path(request["out"]) / ".cache", enabled=request["use_cache"])
+    keys = {r.unit.id: r.cache_key for r in read_records(folder) if r.cache_key}
     compiled = compiled or {}
 
     def find(unit_id: str) -> tuple[bytes, str] | None:
@@ -235,7 +141,7 @@ def kept_executables(folder: Path, compiled: dict[str, Compiled] | None = None) 
 
 
 def run_build(request: BuildRequest, progress: ProgressFn | None = None,
-              finish: Callable[[Path, "BuildResult"], None] | None = None) -> BuildResult:
+              finish: Callable[[Path, BuildResult], None] | None = None) -> BuildResult:
     """Compile (or read from cache) every unit and write the build folder.
 
     `progress(i, n, unit, record)` is called before (record None) and after each unit.
@@ -244,6 +150,12 @@ def run_build(request: BuildRequest, progress: ProgressFn | None = None,
     """
     started = time.perf_counter()
     validate(request)
+    with folder_lock(Path(request.out) / request.folder_name()):
+        return _build(request, progress, finish, started)
+
+
+def _build(request: BuildRequest, progress: ProgressFn | None,
+           finish: Callable[[Path, BuildResult], None] | None, started: float) -> BuildResult:
     cfg = model_config(request)
     plans_by_name = load_plans(list(request.plan_files))
     plans = select_plans(plans_by_name, list(request.plans) or None)
@@ -255,16 +167,16 @@ def run_build(request: BuildRequest, progress: ProgressFn | None = None,
     mesh_info = describe(mesh)
     cache_root = Path(request.out) / ".cache"
     cache = ResultCache(cache_root, enabled=request.use_cache)
+    cache.sweep()
 
     todo = units(request, cfg, plans)
     records: list[CompileRecord] = []
     compiled: dict[str, Compiled] = {}
     texts: dict[str, dict[str, str]] = {}
     plan_of = {p.name: p for p in plans}
-    with interrupt_between_units() as interrupt:
+    with interrupts.watched(defer=True):
         for i, unit in enumerate(todo):
-            if interrupt["requested"]:
-                raise KeyboardInterrupt
+            interrupts.check()
             if progress:
                 progress(i, len(todo), unit, None)
             plan = plan_of[unit.plan]
@@ -287,8 +199,7 @@ def run_build(request: BuildRequest, progress: ProgressFn | None = None,
             records.append(record)
             if progress:
                 progress(i + 1, len(todo), unit, record)
-        if interrupt["requested"]:
-            raise KeyboardInterrupt
+        interrupts.check()
 
     result = BuildResult(Path(request.out) / request.folder_name(), cfg, records, compiled, mesh, hardware,
                          {p.name: p for p in plans})

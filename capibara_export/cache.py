@@ -23,6 +23,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from .records import CompileRecord, code_version, toolchain
@@ -35,9 +36,29 @@ def cache_key(record_unit: dict, model_config: dict, plan: dict, mesh: dict) -> 
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: readers see the whole file or
+    none. A failed write (a full disk) removes its temporary file before raising."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+_TMP = re.compile(r"\..+\.(\d+)\.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 class ResultCache:
@@ -49,6 +70,20 @@ class ResultCache:
     # serialized executable: the payload (gzip -1, ~4x smaller) and its JSON trees with the
     # payload's sha256 (not *.json: a record is the only .json of an entry)
     EXECUTABLE = ("xla.gz", "xla-trees")
+
+    def sweep(self) -> int:
+        """Remove the temporary files of processes that died while writing (killed, or the
+        machine went down); a live writer's are left alone. Returns how many were removed."""
+        removed = 0
+        if not self.enabled or not self.root.is_dir():
+            return removed
+        for path in self.root.glob("*/.*.tmp"):
+            match = _TMP.fullmatch(path.name)
+            if match and not _pid_alive(int(match[1])):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed += 1
+        return removed
 
     def _path(self, key: str, suffix: str) -> Path:
         return self.root / key[:2] / f"{key}.{suffix}"

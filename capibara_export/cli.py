@@ -270,10 +270,7 @@ def print_bundle_next_steps(bundle: Path, sign_key: str | None, console) -> None
 
 
 def cmd_export(args) -> int:
-    import json
-
-    from model import BlipConfig
-
+    from .build_folder import build_parts, read_build
     from .console import console
     from .export.bundle import float_params
     from .targets import get_target, make_mesh
@@ -281,11 +278,11 @@ def cmd_export(args) -> int:
     folder = Path(args.build_dir)
     if not (folder / "build.json").is_file() or not (folder / "selection.json").is_file():
         raise FileNotFoundError(f"{folder}: not a build folder with a selection; run `build` first")
-    build = json.loads(folder.joinpath("build.json").read_text())
-    cfg = BlipConfig.from_dict(build["model_config"])
+    build = read_build(folder)
+    cfg = build_parts(build, folder)[0]
     weights = float_params(cfg, args.checkpoint, args.seed if args.random_weights else None)
     shape = build["mesh"]["shape"]
-    mesh = make_mesh(get_target(build["request"]["target"]), (int(shape["data"]), int(shape["model"])))
+    mesh = make_mesh(get_target(build["request"]["target"]), (shape["data"], shape["model"]))
     print_bundle_next_steps(write_bundle(folder, mesh, weights, args, console), args.sign_key, console)
     return 0
 
@@ -482,24 +479,26 @@ COMMANDS = {"build": cmd_build, "plans": cmd_plans, "report": cmd_report, "expor
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from .targets import TargetError  # no JAX import yet
+    from . import errors, interrupts  # no JAX import yet
 
+    interrupts.reset()
     try:
-        environment.prepare(*_environment(args))
-        return COMMANDS[args.command](args)
+        with interrupts.watched():
+            environment.prepare(*_environment(args))
+            code = COMMANDS[args.command](args)
+        if interrupts.requested():  # a Ctrl-C that Python swallowed (in a GC callback) while the work finished
+            print("capibara-export: interrupted after the work had finished; its output is complete", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        return code
     except KeyboardInterrupt:
         why = {"build": "finished units are cached, run the same command again to resume",
                "export": "no bundle was written; the previous one, if any, is unchanged"}
         print("capibara-export: interrupted" + (f"; {why[args.command]}" if args.command in why else ""),
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    except TargetError as err:
-        print(f"capibara-export: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
     except Exception as err:
-        from .errors import is_user_error
-
-        if is_user_error(err):
-            print(f"capibara-export: error: {err}", file=sys.stderr)
-            return EXIT_USAGE
-        raise
+        message = errors.one_line_report(err)
+        if message is None:
+            raise
+        print(f"capibara-export: error: {message}", file=sys.stderr)
+        return EXIT_USAGE

@@ -154,3 +154,53 @@ def test_binary_files_where_text_is_expected_are_one_line_errors(tmp_path):
     (tmp_path / "out.json").write_text(json.dumps({"benchmarks": [{"fullname": "x", "stats": None}]}))
     with pytest.raises(BenchReportError, match="lacks fullname or stats.median"):
         load(tmp_path / "out.json")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> tuple[Path, bytes, dict]:
+    """A real tiny captioning checkpoint: (folder, safetensors bytes, parsed header)."""
+    from model.hf import load_checkpoint
+    from tests.test_hf_loading import _write
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    _write(folder, "caption")
+    load_checkpoint(folder)  # the unmutated folder loads
+    data = (folder / "model.safetensors").read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    return folder, data, json.loads(data[8:8 + size])
+
+
+def _load_with_header(folder: Path, data: bytes, header: bytes, tmp_path_factory) -> None:
+    from model.hf import CheckpointError, load_checkpoint
+
+    size = int.from_bytes(data[:8], "little")
+    target = tmp_path_factory.mktemp("h")
+    (target / "config.json").write_bytes((folder / "config.json").read_bytes())
+    (target / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + data[8 + size:])
+    try:
+        load_checkpoint(target)
+    except (CheckpointError, ConfigError) as err:
+        assert "\n" not in str(err)
+
+
+@seed(20261126)
+@FUZZ
+@given(edits)
+def test_mutated_safetensors_headers_raise_only_checkpoint_errors(checkpoint, tmp_path_factory, edit):
+    folder, data, _ = checkpoint
+    size = int.from_bytes(data[:8], "little")
+    _load_with_header(folder, data, mutate(data[8:8 + size], edit), tmp_path_factory)
+
+
+@seed(20261126)
+@FUZZ
+@given(st.data())
+def test_safetensors_headers_with_any_value_in_a_tensor_entry_raise_only_checkpoint_errors(
+        checkpoint, tmp_path_factory, data):
+    folder, raw, header = checkpoint
+    header = json.loads(json.dumps(header))
+    name = data.draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
+    field = data.draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
+    header[name][field] = data.draw(json_values | st.sampled_from(["F16", "BF16", "I8", "BOOL", "U8", "F64", "I64"])
+                                    | st.lists(st.integers(0, 1 << 40), max_size=3))
+    _load_with_header(folder, raw, json.dumps(header).encode(), tmp_path_factory)

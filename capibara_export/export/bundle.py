@@ -21,11 +21,14 @@ from model.state import logical_names
 from sharding.plans import ShardingPlan, param_specs
 from sharding.precision import get_policy, storage_specs, store
 
-from ..build import ExecutableSource, config_hash, staged_folder
+from ..build import ExecutableSource, config_hash
 from ..cache import jax_cache_disabled
 from ..programs import NEEDS_TOWER, SEMIOTIC_ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
 from ..records import toolchain
-from . import compatibility, executables, manifest as mf, params as params_io, saved_model, schema, stablehlo, trust
+from ..staging import staged_folder
+from . import compatibility, executables, saved_model, schema, stablehlo, trust
+from . import manifest as mf
+from . import params as params_io
 from .loading import PROCESSOR_FILES
 from .manifest import BundleError
 from .readme import render_readme

@@ -3,15 +3,13 @@ wrote (build.json, selection.json, analysis.json) and its kept executables."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Sequence
 
-from model import BlipConfig
-from sharding.plans import ShardingPlan
-
+from .. import interrupts
 from ..build import kept_executables
-from ..programs import ProgramOptions
+from ..build_folder import build_parts, read_analysis, read_build, read_selection
+from ..staging import folder_lock
 from .bundle import ExportRequest, export_bundle
 
 
@@ -20,18 +18,22 @@ def export_build_folder(folder: Path, mesh, weights: tuple[dict, str], *, precis
                         sign_key: str | None = None, compiled: dict | None = None,
                         progress: Callable[[str], None] = lambda _: None) -> Path:
     """Write `folder`/bundle (folder staged or final). `precisions` default to the build's;
-    executables come from `compiled` (this process's build) or the build's cache."""
+    executables come from `compiled` (this process's build) or the build's cache. Holds the
+    build folder's lock, so a build cannot replace the folder under the export."""
     folder = Path(folder)
-    build = json.loads((folder / "build.json").read_text())
-    request = build["request"]
-    req = ExportRequest(
-        build_folder=folder, config=BlipConfig.from_dict(build["model_config"]), params=weights[0], weights=weights[1],
-        precisions=tuple(precisions or request["precisions"]),
-        selection=json.loads((folder / "selection.json").read_text())["selections"],
-        analysis=json.loads((folder / "analysis.json").read_text())["units"],
-        plans={k: ShardingPlan.from_dict(v) for k, v in build["plans"].items()}, target=build["target"],
-        mesh=mesh, mesh_info=build["mesh"], options=ProgramOptions(**request["options"]),
-        saved_model=saved_model, processor_from=Path(checkpoint) if checkpoint else None,
-        entries=tuple(entries) if entries else None, sign_key=Path(sign_key) if sign_key else None,
-        executables=kept_executables(folder, compiled))
-    return export_bundle(req, progress=progress)
+    with folder_lock(folder, flag="build folder"):
+        build = read_build(folder)
+        config, _, options, plans = build_parts(build, folder)
+        req = ExportRequest(
+            build_folder=folder, config=config, params=weights[0], weights=weights[1],
+            precisions=tuple(precisions or build["request"]["precisions"]),
+            selection=read_selection(folder), analysis=read_analysis(folder),
+            plans=plans, target=build["target"], mesh=mesh, mesh_info=build["mesh"], options=options,
+            saved_model=saved_model, processor_from=Path(checkpoint) if checkpoint else None,
+            entries=tuple(entries) if entries else None, sign_key=Path(sign_key) if sign_key else None,
+            executables=kept_executables(folder, compiled))
+
+        def step(what: str) -> None:  # between export steps: where a remembered Ctrl-C stops the export
+            interrupts.check()
+            progress(what)
+        return export_bundle(req, progress=step)

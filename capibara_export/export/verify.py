@@ -30,6 +30,7 @@ from model.state import abstract_params, bind, logical_names
 from sharding.plans import ShardingPlan, param_specs
 from sharding.precision import abstract_store, get_policy, storage_specs
 
+from .. import interrupts
 from ..programs import ProgramOptions
 from . import executables, manifest as mf, params as params_io, saved_model, stablehlo
 from .loading import inspect_artifact, open_bundle
@@ -277,6 +278,7 @@ class Verifier:
                   "executable": self.check_executable, "jax.export-sharded": self.check_sharded_export,
                   "processor": self.check_processor}
         for a in self.manifest["artifacts"]:
+            interrupts.check()  # between artifacts: a Ctrl-C swallowed by a GC callback still stops verify
             check = checks.get(a["kind"])
             if check is None or a["path"] in refused:
                 continue

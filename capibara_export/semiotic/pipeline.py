@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from .. import interrupts
 from .images import ImageError, ImageInput, LoadedImage, load_image
 from .interaction import SemioticInteraction
 from .module import MnemosyneSemioModule
@@ -73,6 +74,7 @@ class ImagePipeline:
                 batch = [pending.popleft() for _ in range(min(self.batch_size, len(pending)))]
                 for result in self._process(batch, k, text, culture):
                     results.append(result)
+                    interrupts.check()  # between images: a Ctrl-C swallowed by a GC callback still stops
                     if progress:
                         progress(result)
         return results, self._stats(results, started, "pipelined")

@@ -1,0 +1,163 @@
+"""Writing output folders safely: where a build or bundle may go, and how it gets there.
+
+- `check_output_folder`, `check_folder_name`, `ensure_replaceable`: refusals before any
+  work (a file as --out, no room, `--name ../x`, a folder the tool did not write).
+- `folder_lock`: one writer per folder; a second build or export into the same folder is
+  refused at once instead of racing the first one's rename.
+- `staged_folder`: everything is written into a hidden sibling and renamed into place only
+  when complete, so an interrupted or failed run leaves the previous folder as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from .programs import ProgramError
+
+MIN_FREE_BYTES = 256 * 2 ** 20  # a build writes records, gzipped HLO and a report: tens of MB for base
+
+
+def check_output_folder(out: Path) -> None:
+    """--out must be (or be creatable as) a writable folder with room, checked before the
+    first unit compiles rather than after minutes of compiling."""
+    here = Path(out).absolute()
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        raise ProgramError(f"--out {out}: {here} is a file, not a folder; choose a folder")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise ProgramError(f"--out {out}: {here} is not writable; choose a writable folder")
+    free = shutil.disk_usage(here).free
+    if free < MIN_FREE_BYTES:
+        raise ProgramError(f"--out {out}: only {free / 2 ** 20:.0f} MiB free on that disk; a build needs at least "
+                           f"{MIN_FREE_BYTES / 2 ** 20:.0f} MiB: free some space or choose another --out")
+
+
+
+
+# Written into every folder the tool creates; a folder is only ever replaced if it holds
+# this marker (or, from before the marker, a build's build.json or a bundle's manifest.json).
+MARKER = ".capibara-export"
+_LEGACY_SIGNS = ("build.json", "manifest.json")
+
+
+def ensure_replaceable(final: Path, flag: str = "--out/--name") -> None:
+    """Refuse, before any work, to replace a folder the tool did not write."""
+    final = Path(final)
+    if not os.path.lexists(final):
+        return
+    if final.is_symlink() or not final.is_dir():
+        raise ProgramError(f"{final}: exists and is not a folder capibara-export wrote; refusing to replace it: "
+                           f"choose another {flag}")
+    if not any((final / sign).is_file() for sign in (MARKER, *_LEGACY_SIGNS)):
+        raise ProgramError(f"{final}: exists and was not written by capibara-export; refusing to replace it: "
+                           f"choose another {flag}, or remove it yourself")
+
+
+def check_folder_name(name: str | None) -> None:
+    """`--name` becomes one folder inside --out: one plain path component."""
+    if name is None:
+        return
+    if (not name or name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\\0")
+            or len(name) > 200):
+        raise ProgramError(f"--name {name!r}: must be one folder name (no '/', not '.' or '..', not hidden), "
+                           "e.g. --name base-v4-32-run2")
+
+
+_LOCK_FILE = ".capibara-export.lock"
+_lock_fds: dict[str, int] = {}    # lock file -> fd, kept open: closing any fd of a file drops every
+_held: dict[str, int] = {}        # POSIX lock this process holds on it; folder -> nesting depth
+
+
+@contextlib.contextmanager
+def folder_lock(final: Path, flag: str = "--out/--name") -> Iterator[None]:
+    """Hold the right to write `final` for the block; refused at once (never waited for) when
+    another process holds it. One hidden `.capibara-export.lock` per parent folder, one
+    byte-range lock per folder name in it (fcntl.lockf), released by the kernel when the
+    holder exits however it exits, so a crash never leaves a stale lock. Re-entrant within a
+    process (a build that exports takes its folder's lock once). Leftovers of a process that
+    died while writing `final` are cleaned up (and a replaced folder restored) under it."""
+    final = Path(final).absolute()
+    key = str(final)
+    if _held.get(key):
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = str(final.parent / _LOCK_FILE)
+    fd = _lock_fds.get(lock_file)
+    if fd is None or not _same_file(fd, lock_file):  # a folder removed and made again: a new file
+        fd = _lock_fds[lock_file] = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    offset = int.from_bytes(hashlib.sha256(final.name.encode()).digest()[:5], "big")
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+        raise ProgramError(f"{final}: another capibara-export process is writing it right now; wait for it to "
+                           f"finish, or choose another {flag}") from None
+    _held[key] = 1
+    try:
+        _recover(final)
+        yield
+    finally:
+        _held[key] = 0
+        fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _recover(final: Path) -> None:
+    """Under `final`'s lock, any `.tmp-NAME-PID` / `.old-NAME-PID` sibling is a dead process's:
+    a staging folder (removed) or the previous folder moved aside in the instant before the
+    new one took its place (put back if `final` is missing, so no finished build is lost)."""
+    pattern = re.compile(rf"\.(tmp|old)-{re.escape(final.name)}-\d+")
+    leftovers = [p for p in final.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir()
+                 and not p.is_symlink()]
+    olds = sorted((p for p in leftovers if p.name.startswith(".old-")), key=lambda p: p.stat().st_mtime)
+    if olds and not os.path.lexists(final):
+        os.replace(olds[-1], final)
+        leftovers.remove(olds[-1])
+    for p in leftovers:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_folder(final: Path) -> Iterator[Path]:
+    """A temporary sibling folder that replaces `final` only if the block completes, and
+    only if `final` is absent or a folder this tool wrote (ensure_replaceable), all under
+    `final`'s lock, so two processes never swap the same folder at once."""
+    final = Path(final)
+    with folder_lock(final):
+        ensure_replaceable(final)
+        tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir()
+            (tmp / MARKER).write_text("written by capibara-export; this folder may be replaced by the next run\n")
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
