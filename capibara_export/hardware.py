@@ -8,6 +8,7 @@ host has no fixed figures; its entry is filled by a short calibration when asked
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -49,8 +50,28 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in (
              "REFERENCE.md: measured on the lent H200"),
 )}
 
+def host_memory_bytes() -> int:
+    """This host's physical memory (what the simulated devices share)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):  # not a POSIX host: the figure this project was measured on
+        return 24 * GiB
+
+
+def host_available_bytes() -> int:
+    """Memory a new allocation can take now (MemAvailable), or the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return host_memory_bytes()
+
+
 # The simulated host mesh shares one host's cores and memory among all its devices.
-CPU_PLACEHOLDER = Hardware("cpu-host", 0.0, 0.0, 24 * GiB, 0.0, 0.0, 0.0, 0, "uncalibrated")
+CPU_PLACEHOLDER = Hardware("cpu-host", 0.0, 0.0, host_memory_bytes(), 0.0, 0.0, 0.0, 0, "uncalibrated")
 
 
 def for_device_kind(kind: str) -> Hardware | None:

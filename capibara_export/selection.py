@@ -17,6 +17,18 @@ def _gib(n: float) -> str:
     return f"{n / 1024 ** 3:.2f} GiB"
 
 
+def _none_selected(units: list[dict]) -> str:
+    """Why no plan was selected, by what happened to each unit (invalid, does not fit, ...)."""
+    by_outcome: dict[str, list[str]] = {}
+    for u in units:
+        outcome = "over the memory budget" if u["status"] in ("ok", "does-not-fit") else u["status"]
+        by_outcome.setdefault(outcome, []).append(u["unit"]["plan"])
+    parts = [f"{len(plans)} {outcome} ({', '.join(plans)})" for outcome, plans in by_outcome.items()]
+    first_invalid = next((u["reason"] for u in units if u["status"] == "invalid" and u["reason"]), None)
+    return (f"no plan selected: {len(units)} considered: {'; '.join(parts)}"
+            + (f"; e.g. {first_invalid}" if first_invalid else ""))
+
+
 def pareto(points: list[tuple[str, float, float]]) -> list[str]:
     """Ids of the points no other point beats on both latency and memory."""
     front = []
@@ -39,8 +51,7 @@ def select(analysis: dict) -> dict:
                    for u in units if u not in fitting}
         entry_sel = {"entry": entry, "batch": batch, "precision": precision, "dropped": dropped}
         if not fitting:
-            entry_sel.update(plan=None, unit_id=None, pareto=[],
-                             reason=f"no plan fits: {len(units)} considered, none compiled within the memory budget")
+            entry_sel.update(plan=None, unit_id=None, pareto=[], reason=_none_selected(units))
             selections.append(entry_sel)
             continue
         points = [(u["id"], u["roofline"]["latency_s"], u["memory"]["peak"]) for u in fitting]

@@ -7,6 +7,7 @@ with flax.linen.logical_to_mesh_axes (first match wins, each mesh axis once per 
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from model.axes import LOGICAL_AXES, is_names
 
 MESH_AXES = ("data", "model")
 SHIPPED = Path(__file__).with_name("plans.toml")
+PLAN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 Rules = tuple[tuple[str, tuple[str, ...]], ...]
 
@@ -52,6 +54,8 @@ class ShardingPlan:
     def from_dict(cls, d: dict) -> ShardingPlan:
         """A plan recorded by to_dict (in a build or bundle), re-checked like a plan file."""
         where = d.get("source", "recorded plan")
+        if not isinstance(d.get("name"), str) or not PLAN_NAME.fullmatch(d["name"]):
+            raise PlanError(f"{where}: recorded plan name {d.get('name')!r} is not a plan name")
         return cls(d["name"], d.get("description", ""), _rules(d["name"], "params", d["params"], where),
                    _rules(d["name"], "activations", d["activations"], where), where)
 
@@ -88,6 +92,9 @@ def parse_plans(text: str, where: str) -> dict[str, ShardingPlan]:
     for name, body in raw.items():
         if not isinstance(body, dict):
             raise PlanError(f"{where}: top-level key {name!r} must be a plan table like [{name}]")
+        if not PLAN_NAME.fullmatch(name):
+            raise PlanError(f"{where}: plan name {name!r} must be letters, digits, '.', '_' or '-' (at most 64, "
+                            "starting with a letter or digit): it becomes part of file names")
         extra = set(body) - {"description", "params", "activations"}
         if extra:
             raise PlanError(f"{where}: plan {name!r}: unknown key(s) {sorted(extra)}; "

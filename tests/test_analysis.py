@@ -151,9 +151,14 @@ def test_selection_never_picks_a_unit_that_does_not_fit():
     assert set(s["dropped"]) == {"a", "b"} and "Pareto front: slow-small" in s["reason"]
 
 
-def test_no_fitting_unit_selects_nothing_and_says_so():
+def test_no_fitting_unit_selects_nothing_and_says_why_for_each():
     (s,) = select({"units": {"b": _unit("oom", status="does-not-fit")}})["selections"]
-    assert s["plan"] is None and s["reason"].startswith("no plan fits")
+    assert s["plan"] is None and s["reason"] == "no plan selected: 1 considered: 1 over the memory budget (oom)"
+    invalid = _unit("dp", status="invalid")
+    invalid["reason"] = "batch 4 is not divisible by the 32 devices of data x model"
+    (s,) = select({"units": {"b": _unit("oom", status="does-not-fit"), "i": invalid}})["selections"]
+    assert s["reason"] == ("no plan selected: 2 considered: 1 over the memory budget (oom); 1 invalid (dp); "
+                           "e.g. batch 4 is not divisible by the 32 devices of data x model")
 
 
 def test_pareto_front():

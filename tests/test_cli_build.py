@@ -81,6 +81,7 @@ def _bad_plan(tmp_path):
     (["--name", "../sibling"], {}, "--name '../sibling': must be one folder name"),
     (["--name", "/tmp"], {}, "--name '/tmp': must be one folder name"),
     (["--out", "/etc/passwd"], {}, "is a file, not a folder; choose a folder"),
+    (["--target", "cpu", "--mesh", "64x64"], {}, "4096 simulated CPU devices: the `cpu` target simulates at most 512"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, env, message):
     args = _bad_plan(tmp_path) if args == "bad-plan-file" else args

@@ -146,3 +146,19 @@ def test_a_ctrl_c_swallowed_by_a_gc_callback_still_ends_the_command_with_130(mon
     monkeypatch.setitem(cli.COMMANDS, "plans", command)
     assert cli.main(["plans"]) == 130
     assert swallowed and "interrupted after the work had finished" in capsys.readouterr().err
+
+
+def test_a_cpu_run_the_host_memory_cannot_hold_is_not_started(monkeypatch):
+    """Simulated CPU devices share the host's memory: an executable whose compiled peak times
+    its device count exceeds what is available is reported as not runnable, never started."""
+    from capibara_export.export import executables
+
+    manifest = {"mesh": {"platform": "cpu", "devices": 8, "device_kind": "cpu"}}
+    artifact = {"analysis": {"peak_bytes_per_device": 3 * 2 ** 30}}
+    monkeypatch.setattr(executables, "host_available_bytes", lambda: 16 * 2 ** 30)
+    ok, why = executables.runnable_here(manifest, artifact)
+    assert not ok and why == ("needs about 24.0 GiB of host memory (3.00 GiB per device x 8 simulated devices, "
+                              "the compiled peak); 16.0 GiB are available here")
+    monkeypatch.setattr(executables, "host_available_bytes", lambda: 32 * 2 ** 30)
+    assert executables.runnable_here(manifest, artifact) == (True, "")
+    assert executables.runnable_here(manifest, {"analysis": {"peak_bytes_per_device": "3 GiB"}}) == (True, "")

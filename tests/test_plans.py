@@ -64,6 +64,9 @@ def test_every_shipped_plan_is_valid_for_tiny_on_4x8_at_batch_32():
     ("[p]\nshard = {}", "plan 'p': unknown key(s) ['shard']"),
     ("[p\n", "not valid TOML"),
     ("p = 3", "top-level key 'p' must be a plan table"),
+    ('["../x"]\nparams = {}', "plan name '../x' must be letters, digits"),
+    ('["a b"]\nparams = {}', "plan name 'a b' must be letters, digits"),
+    ('[".hidden"]\nparams = {}', "plan name '.hidden' must be letters, digits"),
 ])
 def test_bad_plan_files_fail_with_one_line_naming_the_problem(text, message):
     with pytest.raises(PlanError) as err:

@@ -26,6 +26,7 @@ from pathlib import Path
 import jax
 from jax.experimental import serialize_executable
 
+from ..hardware import host_available_bytes
 from . import pickle_scan
 from .manifest import BundleError
 
@@ -147,14 +148,24 @@ class _AllowListUnpickler(serialize_executable._JaxPjrtUnpickler):
         return super().find_class(module, name)
 
 
-def runnable_here(manifest: dict) -> tuple[bool, str]:
-    """Whether this machine has the devices the executables were compiled for."""
+def runnable_here(manifest: dict, artifact: dict | None = None) -> tuple[bool, str]:
+    """Whether this machine has the devices the executables were compiled for and, for
+    simulated CPU devices (which share this host's memory), the memory the artifact's
+    compiled peak says all of them need together."""
     platform = manifest["mesh"]["platform"]
     want = manifest["mesh"]["devices"]
     have = [d for d in jax.devices() if d.platform == platform] if platform != "cpu" else jax.devices("cpu")
     if len(have) < want:
         return False, f"compiled for {want} {manifest['mesh']['device_kind']} devices; this machine has " \
                       f"{len(have)} {platform} device(s)"
+    analysis = (artifact or {}).get("analysis")
+    peak = analysis.get("peak_bytes_per_device") if isinstance(analysis, dict) else None
+    if platform == "cpu" and isinstance(peak, (int, float)) and not isinstance(peak, bool):
+        need, free = peak * want, host_available_bytes()
+        if need > free:
+            return False, (f"needs about {need / 2 ** 30:.1f} GiB of host memory ({peak / 2 ** 30:.2f} GiB per "
+                           f"device x {want} simulated devices, the compiled peak); {free / 2 ** 30:.1f} GiB are "
+                           "available here")
     return True, ""
 
 

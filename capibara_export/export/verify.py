@@ -231,7 +231,7 @@ class Verifier:
         if refused:
             return [Row(a["path"], "*", None, None, UNSIGNED, refused)]
         mf.check_toolchain(self.manifest, a["path"])
-        ok, why = executables.runnable_here(self.manifest)
+        ok, why = executables.runnable_here(self.manifest, a)
         if not ok:
             return [Row(a["path"], "*", None, None, "not runnable here", why)]
         loaded = executables.load(mf.confined(self.bundle, a["path"]), mf.confined(self.bundle, a["trees"]),
@@ -241,7 +241,7 @@ class Verifier:
                         self._ties_for(a, a["batch"]))
 
     def check_sharded_export(self, a: dict) -> list[Row]:
-        ok, why = executables.runnable_here(self.manifest)
+        ok, why = executables.runnable_here(self.manifest, a)
         if not ok:
             return [Row(a["path"], "*", None, None, "not runnable here", why)]
         exported = stablehlo.load(mf.confined(self.bundle, a["path"]))
