@@ -18,6 +18,7 @@ from pathlib import Path
 from sharding.precision import get_policy
 
 from .build_folder import REBUILD, BuildFolderError, build_parts, hlo_text, read_build, read_records
+from .cache import DerivedCache, key_of, source_hash
 from .collectives import collectives
 from .compile import MEMORY_FRACTION
 from .hardware import Hardware
@@ -102,21 +103,45 @@ def _program(folder: Path, relative: str, sha256: str | None = None) -> HloProgr
                                f"({type(err).__name__}: {err}); {REBUILD}") from None
 
 
-def analyze_build(folder: Path, hardware: Hardware | None = None, name: str | None = None) -> dict:
-    """`name`: the build folder's final name when `folder` is still the staging folder."""
+# Every source file whose code shapes a unit's analysis: an edit there recomputes it.
+ANALYSIS_SOURCES = tuple(f"capibara_export/{m}.py" for m in ("analysis", "hlo", "collectives", "hotspots",
+                                                              "roofline", "hardware", "compile")) \
+    + ("sharding/precision.py",)
+_VOLATILE = ("cached", "lower_s", "compile_s", "hlo_file", "pre_hlo_file")  # no influence on the analysis
+
+
+def analyze_build(folder: Path, hardware: Hardware | None = None, name: str | None = None,
+                  cache: DerivedCache | None = None) -> dict:
+    """`name`: the build folder's final name when `folder` is still the staging folder.
+    `cache`: where each compiled unit's analysis is kept, keyed by its record (which the
+    result cache's key already ties to the program), the hardware entry, the mesh and the
+    analysis code: a warm build parses no HLO."""
     folder = Path(folder)
     build = read_build(folder)
     hardware = hardware or build_parts(build, folder)[1]
     shape = build["mesh"]["shape"]
     mesh_shape = (shape["data"], shape["model"])
-    records = read_records(folder)
+    coords = build["mesh"].get("device_coords")
+    code = source_hash(*ANALYSIS_SOURCES) if cache else ""
+    units = {}
+    for r in read_records(folder):
+        key = None
+        if cache and r.status == "ok" and r.cache_key:
+            record = {k: v for k, v in r.to_dict().items() if k not in _VOLATILE}
+            key = key_of({"record": record, "hardware": asdict(hardware), "mesh": mesh_shape, "coords": coords,
+                          "code": code})
+            units[r.unit.id] = cache.get_json(key)
+        if units.get(r.unit.id) is None:
+            units[r.unit.id] = analyze_unit(r, folder, hardware, mesh_shape, coords)
+            if key:  # stored as analysis.json stores it, so a cached unit reads back identical
+                cache.put(key, "json", json.dumps(units[r.unit.id], sort_keys=True, default=float).encode())
+                units[r.unit.id] = json.loads(json.dumps(units[r.unit.id], default=float))
     return {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "build": {"folder": name or folder.name, "target": build["request"]["target"], "mesh": build["mesh"],
                   "model": build["request"]["checkpoint"] or build["request"]["model"],
                   "hardware": asdict(hardware), "toolchain": build["toolchain"]},
-        "units": {r.unit.id: analyze_unit(r, folder, hardware, mesh_shape, build["mesh"].get("device_coords"))
-                  for r in records},
+        "units": units,
     }
 
 

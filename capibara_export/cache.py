@@ -153,6 +153,51 @@ class ResultCache:
         return None
 
 
+class DerivedCache:
+    """What is computed from cached records: a unit's analysis, the report. Keyed by a hash of
+    its inputs and of the source code that computes it (`source_hash`), so a warm build
+    recomputes nothing and any change recomputes what it touches. An unreadable entry is a
+    miss; writes are atomic."""
+
+    def __init__(self, root: Path, kind: str):
+        self.root = Path(root) / kind
+
+    def get(self, key: str, suffix: str) -> bytes | None:
+        path = self.root / key[:2] / f"{key}.{suffix}"
+        try:
+            return path.read_bytes()
+        except OSError:
+            return None
+
+    def get_json(self, key: str) -> dict | None:
+        data = self.get(key, "json")
+        try:
+            value = json.loads(data) if data is not None else None
+        except ValueError:
+            value = None
+        return value if isinstance(value, dict) else None
+
+    def put(self, key: str, suffix: str, data: bytes) -> None:
+        path = self.root / key[:2] / f"{key}.{suffix}"
+        with contextlib.suppress(OSError):  # a cache that cannot be written is only slower, never an error
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path, data)
+
+
+def source_hash(*relative: str) -> str:
+    """Hash of the named source files (relative to the repository root)."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for name in relative:
+        digest.update(name.encode())
+        digest.update((root / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def key_of(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
 @contextlib.contextmanager
 def jax_cache_disabled():
     """Compile without JAX's persistent cache, whoever switched it on. An XLA:CPU executable
