@@ -134,8 +134,9 @@ def analyze_build(folder: Path, hardware: Hardware | None = None, name: str | No
         if units.get(r.unit.id) is None:
             units[r.unit.id] = analyze_unit(r, folder, hardware, mesh_shape, coords)
             if key:  # stored as analysis.json stores it, so a cached unit reads back identical
-                cache.put(key, "json", json.dumps(units[r.unit.id], sort_keys=True, default=float).encode())
-                units[r.unit.id] = json.loads(json.dumps(units[r.unit.id], default=float))
+                encoded = json.dumps(units[r.unit.id], sort_keys=True, default=float)
+                cache.put(key, "json", encoded.encode())
+                units[r.unit.id] = json.loads(encoded)
     return {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "build": {"folder": name or folder.name, "target": build["request"]["target"], "mesh": build["mesh"],

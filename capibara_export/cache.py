@@ -30,9 +30,8 @@ from .records import CompileRecord, code_version, toolchain
 
 
 def cache_key(record_unit: dict, model_config: dict, plan: dict, mesh: dict) -> str:
-    payload = {"unit": record_unit, "model": model_config, "plan": {k: plan[k] for k in ("params", "activations")},
-               "devices": mesh, "code": code_version(), "toolchain": toolchain()}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return key_of({"unit": record_unit, "model": model_config, "plan": {k: plan[k] for k in ("params", "activations")},
+                   "devices": mesh, "code": code_version(), "toolchain": toolchain()})
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

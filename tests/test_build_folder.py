@@ -103,7 +103,7 @@ def test_build_json_with_any_value_in_a_field_raises_only_user_errors(build, tmp
     folder = Path(shutil.copytree(build, tmp_path_factory.mktemp("f") / "b"))
     data = json.loads((folder / "build.json").read_text())
     if key and isinstance(data.get(field), dict):
-        data[field][key if key not in ("",) else "shape"] = value
+        data[field][key] = value
     else:
         data[field] = value
     (folder / "build.json").write_text(json.dumps(data))
