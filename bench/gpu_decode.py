@@ -83,11 +83,27 @@ PLANS = {"loop": [
     ("caption", 1, "cudnn+unroll-layers+flat-dots+fast-ln", None, "cudnn+unroll-layers+flat-dots+fast-ln"),
     ("caption", 32, "cudnn+flat-dots+fast-ln", None, "cudnn+flat-dots+fast-ln"),
     ("caption", 32, "cudnn+unroll-layers+flat-dots+fast-ln", None, "cudnn+unroll-layers+flat-dots+fast-ln"),
+], "layout": [   # fifth: the text towers' kernels stored out-in (model/layout.py), round-robin
+    ("caption", 1, "fused", None, "default, in-out"),
+    ("caption", 1, "fused", None, "default, text out-in", "out-in"),
+    ("caption", 1, "cudnn+fast-ln", None, "cudnn+fast-ln, layers rolled, text out-in", "out-in"),
+    ("caption", 32, "fused", None, "default, in-out"),
+    ("caption", 32, "fused", None, "default, text out-in", "out-in"),
+], "layout2": [   # sixth: which kernel choices go with out-in text kernels
+    ("caption", 1, "cudnn+fast-ln", None, "cudnn+fast-ln, out-in", "out-in"),
+    ("caption", 1, "cudnn+fast-ln+unroll-decode", None, "cudnn+fast-ln+unroll-decode, out-in", "out-in"),
+    ("caption", 1, "cudnn+fast-ln+flat-dots", None, "cudnn+fast-ln+flat-dots, out-in", "out-in"),
+    ("caption", 1, "fused", None, "fused, out-in", "out-in"),
+    ("caption", 32, "fused", None, "fused, in-out"),
+    ("caption", 32, "cudnn+fast-ln", None, "cudnn+fast-ln, out-in", "out-in"),
+    ("caption", 32, "cudnn+fast-ln+flat-dots", None, "cudnn+fast-ln+flat-dots, out-in", "out-in"),
+    ("encode_image", 32, "fused", None, "fused"),
+    ("encode_image", 32, "cudnn+fast-ln+flat-dots", None, "cudnn+fast-ln+flat-dots, layers rolled"),
 ]}
-PLAN = PLANS[STUDY]
-PROFILE = {("caption", 1, "default"), ("caption", 1, "+ unroll-decode"),
+PLAN = [row if len(row) == 6 else (*row, "in-out") for row in PLANS[STUDY]]
+PROFILE = {("caption", 1, "cudnn+fast-ln+unroll-decode, out-in"), ("caption", 1, "default"), ("caption", 1, "default, in-out"), ("caption", 1, "default, text out-in"), ("caption", 1, "+ unroll-decode"),
            ("caption", 1, "xla (nothing fused, loops rolled)"), ("caption", 1, "cudnn+flat-dots+fast-ln")}
-PEER = [("caption", 1), ("caption", 32), ("encode_image", 32)] if STUDY == "loop" else []
+PEER = {"loop": [("caption", 1), ("caption", 32), ("encode_image", 32)], "layout": [("caption", 1)]}.get(STUDY, [])
 
 results: list[dict] = []
 
@@ -114,12 +130,12 @@ def median_s(run) -> tuple[float, float]:
     return float(np.median(times)), float(np.percentile(times, 90))
 
 
-def compile_variant(entry: str, batch: int, kernels: str, options: dict | None):
+def compile_variant(entry: str, batch: int, kernels: str, options: dict | None, layout: str = "in-out"):
     """The variant compiled by bench/harness.runnable on the peer's weights, and its compile time."""
     os.environ["CAPIBARA_GPU_KERNELS"] = kernels
     t0 = time.perf_counter()
     run = runnable(MODEL, entry, "bf16", batch, params=peer.our_params(MODEL), towers=("caption",),
-                   compiler_options=options)
+                   compiler_options=options, layout=layout)
     return run, time.perf_counter() - t0
 
 
@@ -165,11 +181,15 @@ def profile(run, entry: str, batch: int, label: str, calls: int = 3) -> None:
 def settle(plan, peak: float, repeats: int = 3) -> int:
     """Compile every variant first, then time them round-robin `repeats` times, so clock and
     thermal drift falls on all of them alike; report each variant's median of medians."""
-    runs = []
-    for entry, batch, kernels, options, label in plan:
+    runs, reference, same = [], {}, {}
+    for entry, batch, kernels, options, label, layout in plan:
         if left_s() < 40:
             break
-        run, compile_s = compile_variant(entry, batch, kernels, options)
+        run, compile_s = compile_variant(entry, batch, kernels, options, layout)
+        out = np.asarray(run())
+        reference.setdefault((entry, batch), out)
+        same[label + str(batch)] = bool(np.array_equal(out, reference[(entry, batch)])) if entry == "caption" else \
+            float(np.max(np.abs(out.astype(np.float32) - reference[(entry, batch)].astype(np.float32))))
         runs.append((entry, batch, label, run.analytic_flops, compile_s, run))
     medians: dict = {label + str(batch): [] for _, batch, label, *_ in runs}
     for _ in range(repeats):
@@ -179,7 +199,13 @@ def settle(plan, peak: float, repeats: int = 3) -> int:
         m = medians[label + str(batch)]
         record({"entry": entry, "batch": batch, "label": label, "compile_s": compile_s,
                 "median_ms": 1e3 * float(np.median(m)), "medians_ms": [1e3 * x for x in m],
-                "mfu": flops / float(np.median(m)) / peak})
+                "mfu": flops / float(np.median(m)) / peak, "same_as_first": same[label + str(batch)]})
+    for entry, batch, label, _, _, run in runs:
+        if (entry, batch, label) in PROFILE and left_s() > 45:
+            try:
+                profile(run, entry, batch, label)
+            except Exception as err:
+                record({"profile": label, "error": f"{type(err).__name__}: {str(err)[:300]}"})
     print(f"gpu_decode: done in {time.perf_counter() - START:.0f} s", flush=True)
     return 0
 
@@ -199,15 +225,15 @@ def main() -> int:
             peer.vision_fn(MODEL, pixels, "bf16")
         med, p90 = median_s(run)
         record({"peer": "hf-eager", "entry": entry, "batch": batch, "median_ms": 1e3 * med, "p90_ms": 1e3 * p90})
-    if STUDY == "settle":
+    if STUDY in ("settle", "layout", "layout2"):
         return settle(PLAN, peak)
     reference: dict = {}
-    for entry, batch, kernels, options, label in PLAN:
+    for entry, batch, kernels, options, label, layout in PLAN:
         if left_s() < 60:
             record({"skipped": label, "entry": entry, "batch": batch, "reason": "study budget spent"})
             continue
         try:
-            run, compile_s = compile_variant(entry, batch, kernels, options)
+            run, compile_s = compile_variant(entry, batch, kernels, options, layout)
             flops = run.analytic_flops
             out = np.asarray(run())
             med, p90 = median_s(run)

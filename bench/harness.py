@@ -23,8 +23,10 @@ from capibara_export.hlo import HloProgram
 from capibara_export.programs import ProgramOptions, build_program
 from capibara_export.roofline import roofline
 from model import get_preset
-from model.state import init_params, logical_names
-from sharding.precision import get_policy, store
+from model.layout import serving_layout
+from model.state import init_params
+from sharding.precision import get_policy
+from sharding.storage import stored_params
 
 NEW_TOKENS = 20
 TEXT_LEN = 16
@@ -89,13 +91,16 @@ def float_params(model: str, seed: int = 0):
 
 
 def runnable(model: str, entry: str, precision: str, batch: int, params=None,
-             towers: tuple[str, ...] | None = None, compiler_options: dict | None = None) -> Runnable:
+             towers: tuple[str, ...] | None = None, compiler_options: dict | None = None,
+             layout: str | None = None) -> Runnable:
     """Compile one entry for the first local device (outside any timed region), with XLA
-    `compiler_options` when given (bench/gpu_decode.py compares them)."""
+    `compiler_options` when given (bench/gpu_decode.py compares them). `params` are canonical;
+    they are stored in `layout` (default: the serving layout of the local platform)."""
     cfg = get_preset(model) if towers is None else get_preset(model).with_towers(*towers)
+    cfg = cfg.with_kernel_layout(layout or serving_layout(jax.default_backend()))
     policy = get_policy(precision)
     program = build_program(cfg, entry, policy, batch, OPTIONS)
-    params = store(params if params is not None else float_params(model), logical_names(cfg), policy)
+    params = stored_params(params if params is not None else float_params(model), cfg, policy)
     device = jax.devices()[0]
     args = jax.device_put((params, *real_inputs(entry, program)), device)
     compiled = jax.jit(program.fn, donate_argnums=()).lower(*args).compile(compiler_options=compiler_options)

@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from model import BlipConfig, get_preset
+from model.config import KERNEL_LAYOUTS
 from model.hf import checkpoint_config
+from model.layout import serving_layout
 from sharding.plans import ShardingPlan, load_plans, select_plans
 from sharding.precision import DEFAULT_PRECISIONS, get_policy
 
@@ -48,6 +50,7 @@ class BuildRequest:
     out: Path = DEFAULT_OUT
     use_cache: bool = True
     name: str | None = None
+    kernel_layout: str = "auto"            # text kernels: auto (the platform's serving layout), in-out, out-in
 
     def folder_name(self) -> str:
         return self.name or f"{self.model_name()}-{self.target}-{self.mesh[0]}x{self.mesh[1]}"
@@ -76,8 +79,16 @@ class BuildResult:
 
 
 def model_config(request: BuildRequest) -> BlipConfig:
-    """The preset, or the config.json of --checkpoint (whose weights must also be there)."""
+    """The preset, or the config.json of --checkpoint (whose weights must also be there), in
+    the canonical kernel layout, as checkpoints hold it."""
     return checkpoint_config(request.checkpoint) if request.checkpoint else get_preset(request.model)
+
+
+def program_config(request: BuildRequest, platform: str) -> BlipConfig:
+    """The model as this build's programs take it: `model_config` in the requested kernel
+    layout, or for `auto` the serving layout of the devices it compiles for (model/layout.py)."""
+    layout = serving_layout(platform) if request.kernel_layout == "auto" else request.kernel_layout
+    return model_config(request).with_kernel_layout(layout)
 
 
 def validate(request: BuildRequest) -> None:
@@ -87,6 +98,8 @@ def validate(request: BuildRequest) -> None:
             raise ProgramError(f"unknown entry {entry!r}; choose from {', '.join(ENTRIES)}")
     for precision in request.precisions:
         get_policy(precision)
+    if request.kernel_layout not in ("auto", *KERNEL_LAYOUTS):
+        raise ProgramError(f"--kernel-layout {request.kernel_layout}: choose auto, {', '.join(KERNEL_LAYOUTS)}")
     if any(b <= 0 for b in request.batches):
         raise ProgramError(f"--batch sizes must be positive, got {list(request.batches)}")
     check_folder_name(request.name)
@@ -156,11 +169,11 @@ def run_build(request: BuildRequest, progress: ProgressFn | None = None,
 
 def _build(request: BuildRequest, progress: ProgressFn | None,
            finish: Callable[[Path, BuildResult], None] | None, started: float) -> BuildResult:
-    cfg = model_config(request)
     plans_by_name = load_plans(list(request.plan_files))
     plans = select_plans(plans_by_name, list(request.plans) or None)
     target = get_target(request.target)
     mesh = make_mesh(target, request.mesh)
+    cfg = program_config(request, mesh.devices.flat[0].platform)
     hardware = hardware_for(target, mesh)
     if hardware.name == "cpu-host":  # no datasheet for a host: measure it once per build
         hardware = calibrate_cpu(mesh.devices.size)

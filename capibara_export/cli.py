@@ -74,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="artifacts", help="output folder (default artifacts/)")
     b.add_argument("--name", help="build folder name (default MODEL-TARGET-MESH)")
     b.add_argument("--no-cache", action="store_true", help="ignore and do not write the result cache")
+    b.add_argument("--kernel-layout", default="auto", choices=("auto", "in-out", "out-in"),
+                   help="how the text towers' dense kernels are stored (default auto: out-in on a GPU, where "
+                        "batch-1 decoding is 1.5x faster, in-out on a TPU or CPU; docs/performance.md)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_export_args(b, standalone=False)
 
@@ -212,7 +215,7 @@ def cmd_build(args) -> int:
         precisions=args.precisions or ("fp32", "bf16-mixed", "bf16"), batches=args.batch or (32,),
         options=ProgramOptions(max_new_tokens=args.max_new_tokens, prompt_len=args.prompt_len,
                                text_len=args.text_len, remat=args.remat),
-        out=Path(args.out), use_cache=not args.no_cache, name=args.name)
+        out=Path(args.out), use_cache=not args.no_cache, name=args.name, kernel_layout=args.kernel_layout)
     summary = {}
 
     weights = None

@@ -21,10 +21,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 from model import BlipConfig, greedy_caption
 from model.generate import beam_search, caption_from_image
 from model.axes import BATCH, EMBED, PATCH, VOCAB, is_names
-from model.state import abstract_params, bind, logical_names
+from model.state import bind
 from model.text import CROSS_KV_NAMES, SELF_KV_NAMES
-from sharding.plans import ShardingPlan, param_specs
-from sharding.precision import PrecisionPolicy, abstract_store, storage_specs
+from sharding.plans import ShardingPlan
+from sharding.precision import PrecisionPolicy
+from sharding.storage import stored_specs, stored_template
 
 SERVING_ENTRIES = ("encode_image", "caption", "decode_step", "score")
 # What the semiotic module runs: everything after the image encoder, from image tokens, so
@@ -91,8 +92,7 @@ def build_program(cfg: BlipConfig, entry: str, policy: PrecisionPolicy, batch: i
 
     v, t = cfg.vision, cfg.text
     compute, out_dtype = policy.compute, jnp.dtype(policy.output_dtype)
-    names = logical_names(cfg)
-    params = abstract_store(abstract_params(cfg), names, policy)
+    params = stored_template(cfg, policy)
     pixels = _struct((batch, v.channels, v.image_size, v.image_size), jnp.float32)
     pixel_names = (BATCH, None, None, None)
     sizes = {**cfg.axis_sizes(), "batch": {batch}}
@@ -205,8 +205,7 @@ def _specs(program: Program, plan: ShardingPlan, names_or_marker, struct_tree=No
     """PartitionSpec tree for one argument or output description."""
     cfg, policy = program.config, program.policy
     if isinstance(names_or_marker, str):
-        names = logical_names(cfg)
-        pspecs = storage_specs(param_specs(plan, names), names, policy)
+        pspecs = stored_specs(plan, cfg, policy)
         if names_or_marker == "params":
             return pspecs
         return optax.tree_map_params(program.optimizer, lambda _, spec: spec, struct_tree, pspecs,

@@ -19,6 +19,9 @@ from pathlib import Path
 TOWERS = ("caption", "retrieval")
 
 
+KERNEL_LAYOUTS = ("in-out", "out-in")
+
+
 class ConfigError(ValueError):
     """A configuration that cannot describe a working model."""
 
@@ -92,8 +95,14 @@ class TextConfig:
     bos_token_id: int = 30522
     sep_token_id: int = 102
     pad_token_id: int = 0
+    # How the tower's dense kernels are stored: "in-out" (inputs first, as for a TPU and in
+    # checkpoints) or "out-in" (outputs first: a batch-1 dot reads each output's weights
+    # contiguously; the CPU serving layout, see model/layout.py). Not a Hugging Face field.
+    kernel_layout: str = "in-out"
 
     def __post_init__(self) -> None:
+        _check(self.kernel_layout in KERNEL_LAYOUTS,
+               f"text.kernel_layout is {self.kernel_layout!r}; choose one of {', '.join(KERNEL_LAYOUTS)}")
         _check_ints("text", self, ("vocab_size", "width", "depth", "heads", "mlp", "max_positions", "bos_token_id",
                                    "sep_token_id", "pad_token_id"))
         _check(isinstance(self.ln_eps, (int, float)) and not isinstance(self.ln_eps, bool),
@@ -143,6 +152,10 @@ class BlipConfig:
 
     def with_towers(self, *towers: str) -> BlipConfig:
         return dataclasses.replace(self, towers=tuple(towers))
+
+    def with_kernel_layout(self, layout: str) -> BlipConfig:
+        """The same model with its text towers' dense kernels stored in `layout`."""
+        return dataclasses.replace(self, text=dataclasses.replace(self.text, kernel_layout=layout))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

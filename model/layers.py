@@ -50,26 +50,42 @@ def weight(p: nnx.Param, dtype) -> jax.Array:
 
 
 class Dense(nnx.Module):
-    """y = x·W + b where W has shape in_shape + out_shape and contracts x's trailing axes."""
+    """y = x·W + b contracting x's trailing axes with W's input axes.
+
+    `layout` says how W is stored: "in-out" (in_shape + out_shape, the checkpoint, TPU and
+    CPU layout) or "out-in" (out_shape + in_shape: each output's weights contiguous, so
+    XLA:GPU lowers a batch-1 dot as a row-wise reduction; model/layout.py converts between
+    the two). Out-in kernels always contract as one flattened 2-D dot."""
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], in_names: Names, out_names: Names,
-                 *, dtype, param_dtype, rngs: nnx.Rngs, use_bias: bool = True):
-        self.n_in = len(in_shape)
+                 *, dtype, param_dtype, rngs: nnx.Rngs, use_bias: bool = True, layout: str = "in-out"):
+        self.n_in, self.n_out = len(in_shape), len(out_shape)
         self.dtype = dtype
-        self.kernel = param(rngs, (*in_shape, *out_shape), (*in_names, *out_names), param_dtype)
+        self.layout = layout
+        if layout == "out-in":
+            self.kernel = param(rngs, (*out_shape, *in_shape), (*out_names, *in_names), param_dtype)
+        else:
+            self.kernel = param(rngs, (*in_shape, *out_shape), (*in_names, *out_names), param_dtype)
         self.bias = param(None, out_shape, out_names, param_dtype, std=None) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = weight(self.kernel, self.dtype)
-        if "flat-dots" in gpu_kernels() and w.ndim > 2:
+        x = x.astype(self.dtype)
+        lead = x.shape[:x.ndim - self.n_in]
+        out_first = self.layout == "out-in"
+        w_in = w.shape[w.ndim - self.n_in:] if out_first else w.shape[:self.n_in]
+        w_out = w.shape[:w.ndim - self.n_in] if out_first else w.shape[self.n_in:]
+        if out_first or ("flat-dots" in gpu_kernels() and w.ndim > 2):
             # one contracting and one output dim: XLA:GPU lowers a batch-1 dot over (heads,
-            # head_dim) as a reduction with a handful of blocks (docs/performance.md)
-            k = math.prod(w.shape[:self.n_in])
-            out_shape = w.shape[self.n_in:]
-            flat = x.astype(self.dtype).reshape(*x.shape[:x.ndim - self.n_in], k)
-            y = jnp.dot(flat, w.reshape(k, -1)).reshape(*x.shape[:x.ndim - self.n_in], *out_shape)
+            # head_dim) as a reduction with a handful of blocks, and an out-in kernel with
+            # several output dims is transposed back to in-out before its dot (docs/performance.md)
+            k, n = math.prod(w_in), math.prod(w_out)
+            flat = x.reshape(*lead, k)
+            w2 = w.reshape((n, k) if out_first else (k, n))
+            y = jax.lax.dot_general(flat, w2, (((flat.ndim - 1,), (1 if out_first else 0,)), ((), ())))
+            y = y.reshape(*lead, *w_out)
         else:
-            y = jnp.tensordot(x.astype(self.dtype), w, axes=self.n_in)
+            y = jnp.tensordot(x, w, axes=self.n_in)
         if self.bias is not None:
             y = y + weight(self.bias, self.dtype)
         return y
@@ -95,8 +111,8 @@ class LayerNorm(nnx.Module):
 
 
 class Mlp(nnx.Module):
-    def __init__(self, width: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, width: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs, layout: str = "in-out"):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, layout=layout)
         self.fc1 = Dense((width,), (hidden,), ("embed",), ("mlp",), **kw)
         self.fc2 = Dense((hidden,), (width,), ("mlp",), ("embed",), **kw)
 

@@ -26,6 +26,11 @@ def _abstract(config: BlipConfig, dtype, remat: str):
     return nnx.split(model)
 
 
+def abstract_model(config: BlipConfig) -> Blip:
+    """The module with ShapeDtypeStructs for parameters, for walking its structure."""
+    return nnx.merge(*_abstract(config, jnp.dtype(jnp.float32), "none"))
+
+
 def graphdef(config: BlipConfig, dtype=jnp.float32, remat: str = "none") -> nnx.GraphDef:
     return _abstract(config, jnp.dtype(dtype), remat)[0]
 

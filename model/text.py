@@ -25,7 +25,7 @@ CROSS_KV_NAMES = (LAYERS, BATCH, PATCH, None, HEADS, HEAD_DIM)
 
 class TextBlock(nnx.Module):
     def __init__(self, cfg: TextConfig, vision_width: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, layout=cfg.kernel_layout)
         n, h, d = cfg.heads, cfg.head_dim, cfg.width
         self.self_qkv = Dense((d,), (3, n, h), (EMBED,), (None, HEADS, HEAD_DIM), **kw)
         self.self_out = Dense((n, h), (d,), (HEADS, HEAD_DIM), (EMBED,), **kw)
@@ -75,7 +75,8 @@ class TextTower(nnx.Module):
         if lm_head:
             kw = dict(dtype=dtype, param_dtype=param_dtype)
             # A square kernel cannot name `embed` twice; its output axis stays unsharded.
-            self.head_dense = Dense((cfg.width,), (cfg.width,), (EMBED,), (None,), rngs=rngs, **kw)
+            self.head_dense = Dense((cfg.width,), (cfg.width,), (EMBED,), (None,), rngs=rngs,
+                                    layout=cfg.kernel_layout, **kw)
             self.head_ln = LayerNorm(cfg.width, cfg.ln_eps, **kw)
             self.head_bias = param(None, (cfg.vocab_size,), (VOCAB,), param_dtype, std=None)
         else:

@@ -42,7 +42,10 @@ def verify(bundle: Path, *extra) -> tuple[int, list[dict], str]:
 
 @pytest.fixture(scope="module")
 def cpu_bundle(tmp_path_factory) -> Path:
-    return build_bundle(tmp_path_factory.mktemp("cpu"), "--target", "cpu", "--precisions", "fp32,bf16")
+    # the GPU serving layout (text kernels out-in, model/layout.py) end to end: params, every
+    # export kind and the README recipes must agree on it; the TPU bundle keeps in-out
+    return build_bundle(tmp_path_factory.mktemp("cpu"), "--target", "cpu", "--precisions", "fp32,bf16",
+                        "--kernel-layout", "out-in")
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +61,12 @@ def tpu_bundle(tmp_path_factory) -> Path:
 def test_cpu_bundle_holds_every_kind_and_verifies(cpu_bundle, cpu_verified):
     manifest = mf.read(cpu_bundle)
     assert {a["kind"] for a in manifest["artifacts"]} == KINDS
+    assert manifest["model"]["config"]["text"]["kernel_layout"] == "out-in"
+    params = next(a for a in manifest["artifacts"] if a["kind"] == "params")
+    shapes = {x["name"]: x["shape"] for x in params["arrays"]}
+    cfg = manifest["model"]["config"]
+    fc1 = next(v for k, v in shapes.items() if k.startswith("text_decoder") and "fc1" in k and k.endswith("kernel"))
+    assert fc1 == [cfg["text"]["depth"], cfg["text"]["mlp"], cfg["text"]["width"]], "fc1 stored outputs first"
     code, rows, err = cpu_verified
     assert code == 0, err
     assert rows and all(r["result"] == "pass" for r in rows)  # a CPU bundle runs entirely here

@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 
 from model import BlipConfig
-from model.state import logical_names
-from sharding.plans import ShardingPlan, param_specs
-from sharding.precision import get_policy, storage_specs, store
+from model.layout import canonical
+from sharding.plans import ShardingPlan
+from sharding.precision import get_policy
+from sharding.storage import stored_params, stored_specs
 
 from ..build import ExecutableSource, config_hash
 from ..cache import jax_cache_disabled
@@ -74,7 +75,7 @@ def _artifact(bundle: Path, path: Path, kind: str, **info) -> dict:
 
 def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _: None) -> Path:
     started = time.perf_counter()
-    cfg, names = req.config, logical_names(req.config)
+    cfg = req.config
     unknown = sorted(set(req.entries or ()) - set(_entries(cfg)))
     if unknown:
         raise ProgramError(f"--export-entries {','.join(unknown)}: not an entry of this model; "
@@ -90,7 +91,7 @@ def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _
             if form in stored:
                 continue
             progress(f"parameters ({form})")
-            flat = params_io.flatten(store(req.params, names, get_policy(precision)))
+            flat = params_io.flatten(stored_params(req.params, cfg, get_policy(precision)))
             stored[form] = flat
             folder = bundle / "params" / form
             params_io.save(folder, flat)
@@ -188,8 +189,7 @@ def write_processor(folder: Path, cfg: BlipConfig, checkpoint: Path | None) -> s
 
 
 def _param_specs(req: ExportRequest, precision: str, plan_name: str) -> dict:
-    names = logical_names(req.config)
-    return storage_specs(param_specs(req.plans[plan_name], names), names, get_policy(precision))
+    return stored_specs(req.plans[plan_name], req.config, get_policy(precision))
 
 
 def _selected_unit(req: ExportRequest, bundle: Path, sel: dict, progress: Callable[[str], None]) -> list[dict]:
@@ -245,8 +245,9 @@ def float_params(cfg: BlipConfig, checkpoint: str | None, random_seed: int | Non
     if checkpoint:
         from model.hf import load_checkpoint
 
-        loaded_cfg, params = load_checkpoint(checkpoint)
-        if loaded_cfg.towers != cfg.towers or loaded_cfg.vision != cfg.vision or loaded_cfg.text != cfg.text:
+        loaded_cfg, params = load_checkpoint(checkpoint)   # canonical layout, as every checkpoint
+        canon = canonical(cfg)
+        if loaded_cfg.towers != canon.towers or loaded_cfg.vision != canon.vision or loaded_cfg.text != canon.text:
             raise ProgramError(f"{checkpoint}: checkpoint layout differs from the build's model config")
         return jax.tree.map(jnp.asarray, params), f"checkpoint {Path(checkpoint).resolve()}"
     if random_seed is None:
@@ -254,4 +255,4 @@ def float_params(cfg: BlipConfig, checkpoint: str | None, random_seed: int | Non
                            "outputs are meaningless (for testing the serving path)")
     from model.state import init_params
 
-    return init_params(cfg, random_seed), f"random (seed {random_seed}): outputs are meaningless"
+    return init_params(canonical(cfg), random_seed), f"random (seed {random_seed}): outputs are meaningless"

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 
 from model import BlipConfig
-from model.state import abstract_params, logical_names
-from sharding.precision import PrecisionPolicy, abstract_store
+from sharding.precision import PrecisionPolicy
+from sharding.storage import stored_template
 
 from ..programs import Program, ProgramOptions, build_program
 from .params import flatten, unflatten
@@ -122,7 +122,7 @@ class ServingFunction:
 def serving_function(cfg: BlipConfig, entry: str, policy: PrecisionPolicy, batch: int,
                      options: ProgramOptions = ProgramOptions()) -> ServingFunction:
     program = build_program(cfg, entry, policy, batch, options)
-    template = abstract_store(abstract_params(cfg), logical_names(cfg), policy)
+    template = stored_template(cfg, policy)
 
     def fn(flat_params, *inputs):
         return program.fn(unflatten(flat_params, template), *inputs)

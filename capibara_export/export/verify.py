@@ -26,9 +26,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from model import BlipConfig
-from model.state import abstract_params, bind, logical_names
-from sharding.plans import ShardingPlan, param_specs
-from sharding.precision import abstract_store, get_policy, storage_specs
+from model.state import bind
+from sharding.plans import ShardingPlan
+from sharding.precision import get_policy
+from sharding.storage import stored_specs, stored_template
 
 from .. import interrupts
 from ..programs import ProgramOptions
@@ -138,9 +139,8 @@ class Verifier:
                        f"needs {n} devices, {len(cpus)} here")
         mesh = jax.sharding.Mesh(np.array(cpus[:n]).reshape(int(shape["data"]), int(shape["model"])),
                                  ("data", "model"))
-        names = logical_names(self.config)
         plan = ShardingPlan.from_dict(self.manifest["plans"][plan_name])
-        specs = params_io.flatten(storage_specs(param_specs(plan, names), names, get_policy(a["precisions"][0])))
+        specs = params_io.flatten(stored_specs(plan, self.config, get_policy(a["precisions"][0])))
         flat = self.params(a["path"])
         shardings = {k: NamedSharding(mesh, specs[k]) for k in flat}
         host_bytes = {k: n * int(np.prod(shardings[k].shard_shape(v.shape))) * v.dtype.itemsize for k, v in flat.items()}
@@ -195,7 +195,7 @@ class Verifier:
         return check
 
     def _template(self, precision: str) -> dict:
-        return abstract_store(abstract_params(self.config), logical_names(self.config), get_policy(precision))
+        return stored_template(self.config, get_policy(precision))
 
     def check_saved_model(self, a: dict) -> list[Row]:
         rows = []

@@ -17,14 +17,15 @@ import jax
 import numpy as np
 
 from model import BlipConfig
+from model.layout import canonical, serving_layout
 from model.processor import Preprocessor
-from model.state import logical_names
-from sharding.precision import get_policy, store
+from sharding.precision import get_policy
+from sharding.storage import stored_params
 
 from ..export import manifest as mf, params as params_io, stablehlo
 from ..export.loading import open_bundle
-from ..export.trust import TrustPolicy
 from ..export.serving import serving_function
+from ..export.trust import TrustPolicy
 from ..programs import ProgramOptions
 
 BATCH_SIZES = (1, 4, 8)
@@ -112,13 +113,15 @@ class Engine:
 
 
 class CheckpointEngine(Engine):
-    """Jit-compiled serving functions over parameters held in memory."""
+    """Jit-compiled serving functions over parameters held in memory: canonical `params`
+    stored once in this platform's serving layout (model/layout.py)."""
 
     def __init__(self, name: str, config: BlipConfig, params: dict, preprocessor: Preprocessor,
                  options: ProgramOptions, precision: str = "fp32", batch_sizes=BATCH_SIZES):
+        config = canonical(config).with_kernel_layout(serving_layout(jax.default_backend()))
         super().__init__(name, config, preprocessor, options, precision, tuple(batch_sizes))
         policy = get_policy(precision)
-        self._flat = jax.device_put(params_io.flatten(store(params, logical_names(config), policy)))
+        self._flat = jax.device_put(params_io.flatten(stored_params(params, config, policy)))
         self._compiled: dict[tuple[str, int], object] = {}
 
     def _call(self, entry, batch, inputs):
