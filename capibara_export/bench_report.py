@@ -15,8 +15,10 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
+from model.errors import UserError
 
-class BenchReportError(ValueError):
+
+class BenchReportError(UserError):
     pass
 
 

@@ -17,6 +17,8 @@ import stat
 import zlib
 from pathlib import Path
 
+from model.errors import UserError
+
 from .records import CompileRecord
 
 MAX_JSON_BYTES = 256 * 2 ** 20     # records.jsonl of a large matrix stays far below
@@ -24,7 +26,7 @@ MAX_HLO_BYTES = 1 * 2 ** 30        # decompressed HLO text of one unit (base dec
 REBUILD = "run `python -m capibara_export build` again to rewrite it"
 
 
-class BuildFolderError(ValueError):
+class BuildFolderError(UserError):
     """A build folder that is missing, damaged or not written by this version."""
 
 

@@ -1,10 +1,10 @@
 """The errors that mean "bad input" or "the machine cannot take the output": reported as one
 line and exit code 2, no traceback.
 
-Looked up among the modules already imported, never imported here: an exception's class
-lives in the module that raised it, so that module is loaded whenever its error is being
-reported, and a bad option is refused before torch, transformers or TensorFlow load (the
-eager imports cost ~7 s per refusal).
+Every package's bad-input error subclasses `model.errors.UserError`. The base is looked up
+among the modules already imported, never imported here: a UserError can only have been
+raised once model/errors.py is loaded, and a bad option is refused before JAX, torch,
+transformers or TensorFlow load (the eager imports cost ~7 s per refusal).
 """
 
 from __future__ import annotations
@@ -12,26 +12,11 @@ from __future__ import annotations
 import errno
 import sys
 
-_USER_ERRORS = (
-    ("model.config", "ConfigError"), ("model.hf", "CheckpointError"), ("model.processor", "ProcessorError"),
-    ("sharding.plans", "PlanError"), ("sharding.precision", "PrecisionError"),
-    ("capibara_export.programs", "ProgramError"), ("capibara_export.targets", "TargetError"),
-    ("capibara_export.export.manifest", "BundleError"), ("capibara_export.build_folder", "BuildFolderError"), ("capibara_export.bench_report", "BenchReportError"),
-    ("capibara_export.semiotic.module", "SemioticError"), ("capibara_export.semiotic.codes", "CodesError"),
-)
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    found: list[type[BaseException]] = [FileNotFoundError]
-    for module, name in _USER_ERRORS:
-        loaded = sys.modules.get(module)
-        if loaded is not None:
-            found.append(getattr(loaded, name))
-    return tuple(found)
-
 
 def is_user_error(err: BaseException) -> bool:
-    return isinstance(err, user_errors())
+    """A UserError (model/errors.py: every package's bad-input error) or a missing file."""
+    base = sys.modules.get("model.errors")   # not loaded yet: nothing can have raised a UserError
+    return isinstance(err, FileNotFoundError) or (base is not None and isinstance(err, base.UserError))
 
 
 # OS errors that mean "the disk or folder cannot take the output", with the fix; staged

@@ -19,8 +19,9 @@ from flax import linen
 from jax.sharding import NamedSharding, PartitionSpec
 
 from model import BlipConfig, greedy_caption
-from model.generate import beam_search, caption_from_image
 from model.axes import BATCH, EMBED, PATCH, VOCAB, is_names
+from model.errors import UserError
+from model.generate import beam_search, caption_from_image
 from model.state import bind
 from model.text import CROSS_KV_NAMES, SELF_KV_NAMES
 from sharding.plans import ShardingPlan
@@ -37,7 +38,7 @@ NEEDS_TOWER = {"caption": "caption", "decode_step": "caption", "train_step": "ca
                "image_features": "retrieval", "text_features": "retrieval"}
 
 
-class ProgramError(ValueError):
+class ProgramError(UserError):
     """An entry that cannot be built for this model and options (reported as invalid)."""
 
 

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from model.errors import UserError
+
 from .hardware import CPU_PLACEHOLDER, HARDWARE, Hardware, for_device_kind
 
 MESH_AXES = ("data", "model")
 
 
-class TargetError(ValueError):
+class TargetError(UserError):
     """A target or mesh that cannot be built here; the message says how to fix it."""
 
 

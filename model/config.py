@@ -16,13 +16,15 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import UserError
+
 TOWERS = ("caption", "retrieval")
 
 
 KERNEL_LAYOUTS = ("in-out", "out-in")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration that cannot describe a working model."""
 
 

@@ -17,10 +17,11 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from .config import BlipConfig, ConfigError
+from .errors import UserError
 from .state import abstract_params
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint folder that does not hold the tensors its config promises."""
 
 

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, BertTokenizer
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 from .config import BlipConfig, TextConfig
+from .errors import UserError
 from .generate import caption_prompt
 
 # A few hundred everyday words so synthetic captions read as words, not [unusedN].
@@ -63,7 +64,7 @@ def write_synthetic_processor(folder: str | Path, config: BlipConfig) -> None:
     BlipImageProcessorPil(size={"height": size, "width": size}).save_pretrained(folder)
 
 
-class ProcessorError(ValueError):
+class ProcessorError(UserError):
     pass
 
 

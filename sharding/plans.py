@@ -17,6 +17,7 @@ from flax import linen
 from jax.sharding import PartitionSpec
 
 from model.axes import LOGICAL_AXES, is_names
+from model.errors import UserError
 
 MESH_AXES = ("data", "model")
 SHIPPED = Path(__file__).with_name("plans.toml")
@@ -25,7 +26,7 @@ PLAN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 Rules = tuple[tuple[str, tuple[str, ...]], ...]
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """A plan file or rule that cannot be used (unknown names, repeated mesh axes, bad syntax)."""
 
 

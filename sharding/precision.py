@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from model.axes import is_names
+from model.errors import UserError
 from model.quant import QArray, quantize
 
 
@@ -56,7 +57,7 @@ POLICIES: dict[str, PrecisionPolicy] = {p.name: p for p in (
 DEFAULT_PRECISIONS = ("fp32", "bf16-mixed", "bf16")
 
 
-class PrecisionError(ValueError):
+class PrecisionError(UserError):
     pass
 
 

@@ -162,3 +162,25 @@ def test_a_cpu_run_the_host_memory_cannot_hold_is_not_started(monkeypatch):
     monkeypatch.setattr(executables, "host_available_bytes", lambda: 32 * 2 ** 30)
     assert executables.runnable_here(manifest, artifact) == (True, "")
     assert executables.runnable_here(manifest, {"analysis": {"peak_bytes_per_device": "3 GiB"}}) == (True, "")
+
+
+def test_every_bad_input_error_is_one_user_error_type():
+    """The CLI catches one type: every package's bad-input error subclasses UserError, and a
+    bug (any other exception) is not mistaken for one."""
+    import importlib
+
+    from capibara_export.errors import is_user_error, one_line_report
+    from model.errors import UserError
+
+    errors = {"model.config": "ConfigError", "model.hf": "CheckpointError", "model.processor": "ProcessorError",
+              "sharding.plans": "PlanError", "sharding.precision": "PrecisionError",
+              "capibara_export.programs": "ProgramError", "capibara_export.targets": "TargetError",
+              "capibara_export.export.manifest": "BundleError", "capibara_export.build_folder": "BuildFolderError",
+              "capibara_export.bench_report": "BenchReportError", "capibara_export.semiotic.module": "SemioticError",
+              "capibara_export.semiotic.codes": "CodesError"}
+    for module, name in errors.items():
+        cls = getattr(importlib.import_module(module), name)
+        assert issubclass(cls, UserError), f"{module}.{name}"
+        assert is_user_error(cls("x")) and one_line_report(cls("bad\ninput:  fix")) == "bad input: fix"
+    assert is_user_error(FileNotFoundError("no such file"))
+    assert not is_user_error(ValueError("a bug")) and one_line_report(KeyError("a bug")) is None

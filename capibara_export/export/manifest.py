@@ -17,6 +17,8 @@ import os
 import stat
 from pathlib import Path, PurePosixPath
 
+from model.errors import UserError
+
 from ..records import toolchain
 
 SCHEMA = "capibara-export/bundle-manifest"
@@ -28,7 +30,7 @@ EXECUTABLE_TOOLCHAIN = ("jax", "jaxlib", "libtpu")
 PATH_FIELDS = ("path", "trees", "params")
 
 
-class BundleError(ValueError):
+class BundleError(UserError):
     """A bundle that is incomplete, altered, unsafe, or made for another toolchain or machine."""
 
 

@@ -6,10 +6,12 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.errors import UserError
+
 SHIPPED = Path(__file__).resolve().parent.parent / "data" / "cultural_codes.toml"
 
 
-class CodesError(ValueError):
+class CodesError(UserError):
     pass
 
 

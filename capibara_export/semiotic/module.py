@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from model import get_preset
+from model.errors import UserError
 from model.hf import load_checkpoint
 from model.processor import Preprocessor, write_synthetic_processor
 from model.state import init_params
@@ -42,7 +43,7 @@ from .metrics import Metrics
 ITC_TEMPERATURE = 0.07  # BLIP's contrastive temperature at initialisation
 
 
-class SemioticError(ValueError):
+class SemioticError(UserError):
     pass
 
 
