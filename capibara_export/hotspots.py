@@ -9,6 +9,8 @@
 - `classify` (the seed's optimize_sharding): is the unit's per-device memory dominated by
   batch-proportional bytes (activations, inputs) or hidden-proportional ones (weights)?
   The first calls for sharding the batch, the second for sharding hidden dimensions.
+- `advise`: that advice for a selected unit, restricted to the plans valid for the model
+  and mesh, and said plainly when the selection does not follow it, and why.
 """
 
 from __future__ import annotations
@@ -51,19 +53,58 @@ def load_grid(found: list[Collective], mesh_shape: tuple[int, int], threshold: f
 
 
 def classify(memory: dict) -> dict:
-    """Batch-bound or hidden-bound, from the per-device memory breakdown, with a sentence."""
+    """Batch-bound or hidden-bound, from the per-device memory breakdown, with a sentence.
+    `family` names the shipped plans of the kind that would cut the dominant bytes; which
+    of them are valid for a model and mesh only the build knows (see `advise`)."""
     weights = float(memory.get("arguments_by_kind", {}).get("params", 0))
     peak = float(memory.get("peak", 0)) or 1.0
     activations = max(peak - weights, 0.0)
     bound = "hidden" if weights >= activations else "batch"
     share = (weights if bound == "hidden" else activations) / peak
-    gib = lambda x: f"{x / 1024 ** 3:.2f} GiB"  # noqa: E731
     if bound == "hidden":
-        why = (f"weights are {gib(weights)} of the {gib(peak)} peak per device ({share:.0%}): hidden-bound; "
-               f"shard hidden dimensions ({', '.join(HIDDEN_FAMILY)}) to cut per-device bytes")
+        why = (f"weights are {_gib(weights)} of the {_gib(peak)} peak per device ({share:.0%}): hidden-bound; "
+               "sharding hidden dimensions would cut per-device bytes")
     else:
-        why = (f"activations and inputs are {gib(activations)} of the {gib(peak)} peak per device ({share:.0%}): "
-               f"batch-bound; shard the batch ({', '.join(BATCH_FAMILY)}) to cut per-device bytes")
+        why = (f"activations and inputs are {_gib(activations)} of the {_gib(peak)} peak per device ({share:.0%}): "
+               "batch-bound; sharding the batch would cut per-device bytes")
     return {"source": "compiled", "bound": bound, "weights_bytes": weights, "activation_bytes": activations,
-            "dominant_share": share, "recommend": list(HIDDEN_FAMILY if bound == "hidden" else BATCH_FAMILY),
+            "dominant_share": share, "family": list(HIDDEN_FAMILY if bound == "hidden" else BATCH_FAMILY),
             "reason": why}
+
+
+def advise(chosen: dict, units: list[dict]) -> dict:
+    """The chosen unit's memory advice, naming only plans valid for this model and mesh (those
+    that compiled in this build for the same entry, batch and precision), and whether the
+    selection follows it; when it does not, why, with the alternatives' predicted numbers."""
+    cls = chosen.get("classification") or classify(chosen["memory"])
+    family = HIDDEN_FAMILY if cls["bound"] == "hidden" else BATCH_FAMILY
+    by_plan = {u["unit"]["plan"]: u for u in units}
+    valid = [p for p in family if p in by_plan and by_plan[p]["status"] == "ok"]
+    excluded = {p: by_plan[p]["status"] for p in family if p in by_plan and by_plan[p]["status"] != "ok"}
+    plan, mem = chosen["unit"]["plan"], chosen["memory"]
+    kind = "hidden dimensions" if cls["bound"] == "hidden" else "the batch"
+    not_valid = f"; not valid here: {', '.join(f'{p} ({s})' for p, s in excluded.items())}" if excluded else ""
+    if plan in family:
+        why = f"{plan} shards {kind}: the selection follows the advice"
+    elif not valid:
+        why = f"no plan sharding {kind} is valid here{not_valid}; {plan} is the fastest fitting plan"
+    else:
+        def alt(u: dict) -> str:
+            if not u.get("memory", {}).get("fits"):
+                return f"{u['unit']['plan']} (over the memory budget, {_gib(u['memory']['peak'])}/device)"
+            return f"{u['unit']['plan']} ({_ms(u['roofline']['latency_s'])}, {_gib(u['memory']['peak'])}/device)"
+        budget = mem.get("budget_fraction", 1.0) * mem.get("hbm_bytes", 0)
+        fits = f"it fits ({_gib(mem['peak'])} of the {_gib(budget)} budget per device)" if budget else "it fits"
+        why = (f"{plan} is selected instead: {fits}, so cutting per-device bytes buys nothing, and it is "
+               f"predicted at {_ms(chosen['roofline']['latency_s'])} against "
+               f"{', '.join(alt(by_plan[p]) for p in valid)}{not_valid}")
+    return {"bound": cls["bound"], "plans": valid, "not_valid": excluded, "follows": plan in family,
+            "text": f"{cls['reason']}. {why}."}
+
+
+def _gib(n: float) -> str:
+    return f"{n / 1024 ** 3:.2f} GiB"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms"

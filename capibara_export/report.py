@@ -156,7 +156,8 @@ def render_html(analysis: dict, selection: dict) -> str:
     for s in selection["selections"]:
         if s["unit_id"]:
             unit = analysis["units"][s["unit_id"]]
-            parts.append(f"<h3>{html.escape(s['unit_id'])}</h3><p>{html.escape(unit['classification']['reason'])}</p>")
+            advice = s.get("advice", {}).get("text") or unit["classification"]["reason"]
+            parts.append(f"<h3>{html.escape(s['unit_id'])}</h3><p>{html.escape(advice)}</p>")
             parts.append(_table(["scope", "FLOPs share", "bytes share", "collective bytes share"],
                                 [[h["scope"], f"{h['flops_share']:.1%}", f"{h['bytes_share']:.1%}",
                                   f"{h['comm_bytes_share']:.1%}"] for h in unit["hotspots"]["scopes"]]))

@@ -4,10 +4,13 @@ Units that did not compile, are invalid or do not fit the memory budget are drop
 (never selected). Among the rest, the Pareto front on (predicted latency, peak memory per
 device) is kept and its fastest member chosen, ties going to the smaller footprint.
 Precision is not chosen here: it is a numerical decision for the serving team, so each
-precision gets its own selection.
+precision gets its own selection. Each selection carries the memory advice of its unit
+(hotspots.advise): only plans valid here, and why the selection differs when it does.
 """
 
 from __future__ import annotations
+
+from .hotspots import advise
 
 SCHEMA = "capibara-export/selection"
 SCHEMA_VERSION = 1
@@ -66,6 +69,7 @@ def select(analysis: dict) -> dict:
                   f"{_gib(chosen['memory']['peak'])} per device"
                   + (f"; also on the Pareto front: {', '.join(others)}" if others else ""))
         entry_sel.update(plan=chosen["unit"]["plan"], unit_id=best, pareto=front, reason=reason,
-                         predicted_latency_s=r["latency_s"], peak_bytes=chosen["memory"]["peak"])
+                         predicted_latency_s=r["latency_s"], peak_bytes=chosen["memory"]["peak"],
+                         advice=advise(chosen, units))
         selections.append(entry_sel)
     return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "selections": selections}

@@ -54,7 +54,8 @@ def test_gathering_a_batch_sharded_over_data_all_gathers_over_data(cpu_mesh):
 def base_build(tmp_path_factory):
     """base encode_image and caption, bf16, batch 32, every serving plan, on tpu-v4-32."""
     out = tmp_path_factory.mktemp("base")
-    request = BuildRequest(entries=("encode_image", "caption"), plans=SERVING_PLANS, precisions=("bf16",),
+    # tp is invalid for base (12 heads over 8) and costs no compile: it is here for the advice test
+    request = BuildRequest(entries=("encode_image", "caption"), plans=(*SERVING_PLANS, "tp"), precisions=("bf16",),
                            out=out)
     result = run_build(request, finish=lambda staging, _: derive(staging))
     return result.folder, json.loads((result.folder / "analysis.json").read_text())
@@ -92,6 +93,35 @@ def test_roofline_names_a_binding_term_and_selection_only_picks_fitting_units(ba
         assert s["unit_id"] in s["pareto"]
 
 
+def test_report_advice_names_only_valid_plans_and_says_why_a_selection_differs(base_build):
+    """On base (12 heads: tp is invalid over 8), no selected unit's advice recommends an invalid
+    plan, and a selection that does not follow its advice says why, with numbers."""
+    import html
+
+    folder, analysis = base_build
+    selection = json.loads((folder / "selection.json").read_text())
+    page = (folder / "report.html").read_text()
+    invalid = {(a["unit"]["entry"], a["unit"]["plan"]) for a in analysis["units"].values() if a["status"] == "invalid"}
+    assert ("caption", "tp") in invalid, "the test needs an invalid plan to be meaningful"
+    differs = 0
+    for s in selection["selections"]:
+        advice = s["advice"]
+        assert not {(s["entry"], p) for p in advice["plans"]} & invalid
+        recommended = advice["text"].split("; not valid here")[0]
+        for entry, plan in invalid:
+            if entry == s["entry"]:
+                assert not re.search(rf"(?<![\w-]){re.escape(plan)}(?![\w-])", recommended), (plan, advice["text"])
+                assert plan in advice["not_valid"] or advice["follows"]
+        if not advice["follows"]:
+            differs += 1
+            chosen = analysis["units"][s["unit_id"]]
+            assert f"{s['plan']} is selected instead: it fits" in advice["text"]
+            assert f"predicted at {chosen['roofline']['latency_s'] * 1e3:.3g} ms against" in advice["text"]
+            assert all(f"{p} (" in advice["text"] for p in advice["plans"])
+        assert html.escape(advice["text"]) in page
+    assert differs, "base at batch 32 is hidden-bound yet served best by dp: the case this test is for"
+
+
 @pytest.mark.slow
 def test_report_holds_every_figure_and_table(base_build):
     folder, _ = base_build
@@ -126,9 +156,9 @@ def test_classification_flips_from_batch_bound_to_hidden_bound_as_the_batch_shri
     folder = run_build(request, finish=lambda staging, _: derive(staging)).folder
     units = json.loads((folder / "analysis.json").read_text())["units"]
     big, small = units["encode_image-replicated-fp32-b256"], units["encode_image-replicated-fp32-b1"]
-    assert big["classification"]["bound"] == "batch" and big["classification"]["recommend"] == ["dp", "fsdp"]
-    assert small["classification"]["bound"] == "hidden" and "hidden" in small["classification"]["recommend"]
-    assert "shard the batch" in big["classification"]["reason"]
+    assert big["classification"]["bound"] == "batch" and big["classification"]["family"] == ["dp", "fsdp"]
+    assert small["classification"]["bound"] == "hidden" and "hidden" in small["classification"]["family"]
+    assert "sharding the batch" in big["classification"]["reason"]
 
 
 def _unit(plan, status="ok", latency=1.0, peak=1.0, fits=True):
