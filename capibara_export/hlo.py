@@ -432,13 +432,49 @@ class HloProgram:
                 yield comp, inst, self.multiplier[name]
 
     def scope_of(self, comp: Computation, inst: Instruction) -> str:
-        """The model scope an instruction belongs to, from its op_name metadata (for a
-        fusion without metadata, its root's)."""
+        """The model scope an instruction belongs to, from its op_name metadata: for a fusion
+        without metadata, its root's; for an instruction XLA made without metadata inside a
+        called computation (a cloned fusion's converts and multiplies), its caller's."""
         name = inst.op_name
         if not name and inst.opcode == "fusion":
             fused = self.computations.get(dict(inst.called()).get("calls", ""))
             name = fused.root.op_name if fused is not None and fused.root is not None else ""
-        return scope(name)
+        return scope(name or self._inherited.get(comp.name, ""))
+
+    @cached_property
+    def _inherited(self) -> dict[str, str]:
+        """Per called computation, the op_name its metadata-less instructions take: the calling
+        instruction's, else the callee root's, else the most common one inside it; nested
+        callees inherit through their callers."""
+        callers: dict[str, tuple[str, Instruction]] = {}
+        for comp in self.computations.values():
+            for inst in comp.instructions:
+                for _, callee in inst.called():
+                    callers.setdefault(callee, (comp.name, inst))
+        out: dict[str, str] = {}
+
+        def own(name: str) -> str:
+            comp = self.computations.get(name)
+            if comp is None:
+                return ""
+            if comp.root is not None and comp.root.op_name:
+                return comp.root.op_name
+            names = [i.op_name for i in comp.instructions if i.op_name]
+            return max(set(names), key=names.count) if names else ""
+
+        def resolve(name: str, depth: int = 0) -> str:
+            if name in out:
+                return out[name]
+            caller = callers.get(name)
+            found = ""
+            if caller is not None:
+                found = caller[1].op_name or (resolve(caller[0], depth + 1) if depth < 8 else "")
+            out[name] = found = found or own(name)
+            return found
+
+        for name in callers:
+            resolve(name)
+        return out
 
 
 _WRAPPER = re.compile(r"^(?:[\w\-]+\()+([^()]*?)\)+$")
@@ -457,6 +493,6 @@ def scope(op_name: str) -> str:
             continue
         inner = _WRAPPER.match(p)
         p = inner.group(1) if inner else p
-        if p and p not in _INTERNAL and "(" not in p:
+        if p and p not in _INTERNAL and "(" not in p and "->" not in p:   # "->": an einsum's equation
             out.append(p)
     return "/".join(dict.fromkeys(out)) or "(top level)"

@@ -16,6 +16,29 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 GiB = 1024 ** 3
+_UNITS = ((GiB, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB"), (1, "B"))
+REDUNDANCY_FLAG = 1.5   # units whose devices repeat more work than this are flagged with the reason
+
+
+def byte_unit(values) -> tuple[float, str]:
+    """The largest unit in which the biggest of `values` is at least 1 (a tiny model's
+    memory shows as 12.3 MiB, not 0.01 GiB)."""
+    top = max((float(v) for v in values if v is not None and np.isfinite(v)), default=0.0)
+    return next(((d, n) for d, n in _UNITS if top >= d), _UNITS[-1])
+
+
+def _bytes(n: float) -> str:
+    d, name = byte_unit([n])
+    return f"{n / d:.3g} {name}"
+
+
+def _plain_log_ticks(axis) -> None:
+    """Plain numbers (0.5, 2, 300) on a log axis instead of 10^x."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
 
 
 def _png(fig) -> str:
@@ -52,10 +75,12 @@ def grid_figure(analysis: dict, entry: str, batch: int) -> str | None:
         i, j = plans.index(a["unit"]["plan"]), precisions.index(a["unit"]["precision"])
         if a["status"] == "ok":
             lat[i, j] = a["roofline"]["latency_s"] * 1e3
-            mem[i, j] = a["memory"]["peak"] / GiB
+            mem[i, j] = a["memory"]["peak"]
+    div, unit = byte_unit(mem.ravel())
+    mem /= div
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(plans) + 1.6))
     for ax, data, title, fmt in ((axes[0], lat, "predicted latency (ms)", "{:.3g}"),
-                                 (axes[1], mem, "peak memory per device (GiB)", "{:.2f}")):
+                                 (axes[1], mem, f"peak memory per device ({unit})", "{:.3g}")):
         masked = np.ma.masked_invalid(data)
         cmap = plt.get_cmap("viridis_r").with_extremes(bad="#dddddd")
         ax.imshow(masked, cmap=cmap, aspect="auto")
@@ -76,34 +101,79 @@ def pareto_figure(analysis: dict, selection: dict, entry: str) -> str | None:
     points = [(uid, a) for uid, a in _ok_units(analysis) if a["unit"]["entry"] == entry]
     if not points:
         return None
+    div, unit = byte_unit([a["memory"]["peak"] for _, a in points])
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    labels = []
     for precision in dict.fromkeys(a["unit"]["precision"] for _, a in points):
         sub = [(uid, a) for uid, a in points if a["unit"]["precision"] == precision]
-        ax.scatter([a["memory"]["peak"] / GiB for _, a in sub], [a["roofline"]["latency_s"] * 1e3 for _, a in sub],
+        ax.scatter([a["memory"]["peak"] / div for _, a in sub], [a["roofline"]["latency_s"] * 1e3 for _, a in sub],
                    label=precision, alpha=0.8)
         for uid, a in sub:
             mark = "★ " if uid in chosen else ("◆ " if uid in front else "")
-            ax.annotate(mark + a["unit"]["plan"], (a["memory"]["peak"] / GiB, a["roofline"]["latency_s"] * 1e3),
-                        fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("peak memory per device (GiB)")
+            labels.append(ax.annotate(mark + a["unit"]["plan"], (a["memory"]["peak"] / div,
+                                                                a["roofline"]["latency_s"] * 1e3),
+                                      fontsize=7, xytext=(3, 3), textcoords="offset points",
+                                      arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.6"}))
+    ax.set_xlabel(f"peak memory per device ({unit})")
     ax.set_ylabel("predicted latency (ms)")
     ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
     ax.set_title(f"{entry}: latency vs memory (◆ Pareto front, ★ selected)", fontsize=10)
     ax.legend(fontsize=8)
+    _separate(fig, labels)
     return _png(fig)
 
 
+def _separate(fig, labels: list, step: float = 9.0, tries: int = 12) -> None:
+    """Move each label up (then down) in steps of `step` points until its box overlaps no
+    label placed before it. Written by hand: matplotlib has no label placement, and the
+    adjustText package would be a dependency for these lines."""
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for label in labels:
+        x0, y0 = label.get_position()
+        for k in range(tries + 1):
+            dy = step * ((k + 1) // 2) * (1 if k % 2 else -1) if k else 0.0
+            label.set_position((x0, y0 + dy))
+            box = label.get_window_extent(renderer).expanded(1.02, 1.1)
+            if not any(box.overlaps(other) for other in placed):
+                break
+        placed.append(label.get_window_extent(renderer))
+
+
 def load_figure(unit: dict, title: str) -> str:
-    grid = np.array(unit["load_grid"]["comm_bytes"]) / 2 ** 20
+    """The per-device communication heatmap, or one line when no device sends anything."""
+    grid = np.array(unit["load_grid"]["comm_bytes"], dtype=float)
+    if not grid.size or float(grid.max()) == 0.0:
+        return f"<p>{html.escape(title)}: no collective traffic (every device computes on its own data).</p>"
+    div, name = byte_unit(grid.ravel())
+    grid = grid / div
     fig, ax = plt.subplots(figsize=(0.55 * grid.shape[1] + 1.8, 0.5 * grid.shape[0] + 1.2))
     im = ax.imshow(grid, cmap="magma")
+    ax.set_xticks(range(grid.shape[1]))
+    ax.set_yticks(range(grid.shape[0]))
     ax.set_xlabel("model")
     ax.set_ylabel("data")
     ax.set_title(title, fontsize=9)
     for r, c in unit["load_grid"]["hot_devices"]:
         ax.add_patch(plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=2))
-    fig.colorbar(im, ax=ax, label="MiB sent per run")
+    fig.colorbar(im, ax=ax, label=f"{name} sent per run")
     return _png(fig)
+
+
+def redundancy_reason(a: dict, devices: int) -> str | None:
+    """Why a unit's devices repeat work, when they repeat more than REDUNDANCY_FLAG times."""
+    f = a["flops"]
+    r = f.get("redundancy")
+    if r is None or r <= REDUNDANCY_FLAG:
+        return None
+    mm = f["per_device_matmul"] * devices / f["global_matmul"] if f.get("global_matmul") else None
+    if mm is not None and mm > REDUNDANCY_FLAG:
+        return (f"the {devices} devices compute {r:.1f}x the program's FLOPs, matmuls {mm:.1f}x: some dimensions "
+                f"are replicated, so devices that hold the same slice repeat its matmuls ({a['plan_description']})")
+    return (f"the {devices} devices compute {r:.1f}x the program's FLOPs but the matmuls only "
+            f"{'?' if mm is None else f'{mm:.2f}'}x: the repeated work is elementwise (casts, scales, norms) on "
+            "operands every device holds whole")
 
 
 def units_rows(analysis: dict) -> list[list]:
@@ -115,8 +185,8 @@ def units_rows(analysis: dict) -> list[list]:
             continue
         r, f, m = a["roofline"], a["flops"], a["memory"]
         rows.append([u["entry"], u["plan"], u["precision"], u["batch"], "ok", _ms(r["latency_s"]), r["binding"],
-                     f"{r['mfu']:.1%}", f"{m['peak'] / GiB:.2f}", "yes" if m["fits"] else "no",
-                     f"{sum(a['collectives']['bytes_by_axis'].values()) / 2 ** 20:.1f}",
+                     f"{r['mfu']:.1%}", _bytes(m["peak"]), "yes" if m["fits"] else "no",
+                     _bytes(sum(a["collectives"]["bytes_by_axis"].values())),
                      "" if f["redundancy"] is None else f"{f['redundancy']:.2f}"])
     return rows
 
@@ -163,7 +233,12 @@ def render_html(analysis: dict, selection: dict) -> str:
                                   f"{h['comm_bytes_share']:.1%}"] for h in unit["hotspots"]["scopes"]]))
     parts.append("<h2>All units</h2>")
     parts.append(_table(["entry", "plan", "precision", "batch", "status", "latency ms", "bound", "MFU",
-                         "peak GiB/dev", "fits", "collective MiB", "redundancy"], units_rows(analysis), "units"))
+                         "peak/dev", "fits", "collective bytes", "redundancy"], units_rows(analysis), "units"))
+    devices = int(np.prod(list(analysis["build"]["mesh"]["shape"].values())))
+    repeated = [[uid, f"{a['flops']['redundancy']:.2f}", why] for uid, a in _ok_units(analysis)
+                if (why := redundancy_reason(a, devices))]
+    parts.append(f"<h2>Units that repeat work (redundancy over {REDUNDANCY_FLAG})</h2>")
+    parts.append(_table(["unit", "redundancy", "why"], repeated) if repeated else "<p>None.</p>")
     parts.append("<h2>FLOP cross-check (compiled vs model)</h2>")
     parts.append(_table(["unit", "HLO matmul FLOPs (global)", "analytic FLOPs", "ratio", "cost_analysis per device",
                          "loop-corrected per device"],

@@ -124,11 +124,16 @@ def test_report_advice_names_only_valid_plans_and_says_why_a_selection_differs(b
 
 @pytest.mark.slow
 def test_report_holds_every_figure_and_table(base_build):
-    folder, _ = base_build
+    folder, analysis = base_build
     page = (folder / "report.html").read_text()
     images = re.findall(r'<img alt="figure" src="data:image/png;base64,[A-Za-z0-9+/=]{1000,}"', page)
-    # 2 plan×precision grids, 2 Pareto fronts, 2 load grids of the selected units
-    assert len(images) == 6
+    selection = json.loads((folder / "selection.json").read_text())
+    talking = [s for s in selection["selections"] if max(map(max, analysis["units"][s["unit_id"]]["load_grid"]
+                                                            ["comm_bytes"])) > 0]
+    # 2 plan×precision grids, 2 Pareto fronts, a load grid per selected unit that communicates
+    assert len(images) == 4 + len(talking)
+    assert page.count("no collective traffic (every device computes on its own data)") == 2 - len(talking)
+    assert "<h2>Units that repeat work" in page and "replicated" in page   # the replicated plan repeats 32x
     for heading in ("Selection", "Pareto fronts", "Per-device communication load", "Hotspots of the selected units",
                     "All units", "FLOP cross-check"):
         assert f"<h2>{heading}" in page
@@ -193,3 +198,21 @@ def test_no_fitting_unit_selects_nothing_and_says_why_for_each():
 
 def test_pareto_front():
     assert pareto([("a", 1, 5), ("b", 2, 2), ("c", 3, 3), ("d", 5, 1)]) == ["a", "b", "d"]
+
+
+def test_report_units_ticks_and_empty_panels_say_what_they_show():
+    from capibara_export.report import byte_unit, load_figure, redundancy_reason
+
+    assert byte_unit([3 * 2 ** 30]) == (2 ** 30, "GiB") and byte_unit([5e6, 1e3]) == (2 ** 20, "MiB")
+    assert byte_unit([512]) == (1, "B") and byte_unit([]) == (1, "B")
+    quiet = {"load_grid": {"comm_bytes": [[0, 0], [0, 0]], "hot_devices": []}}
+    assert load_figure(quiet, "u") == "<p>u: no collective traffic (every device computes on its own data).</p>"
+    busy = {"load_grid": {"comm_bytes": [[0, 3e6], [1e6, 0]], "hot_devices": [[0, 1]]}}
+    assert load_figure(busy, "u").startswith('<img alt="figure"')
+    unit = {"plan_description": "batch over data", "flops": {"redundancy": 2.4, "per_device_matmul": 1.0,
+                                                              "global_matmul": 32.0}}
+    assert "elementwise" in redundancy_reason(unit, 32) and "matmuls only 1.00x" in redundancy_reason(unit, 32)
+    unit["flops"].update(redundancy=4.1, per_device_matmul=4.0)
+    assert "matmuls 4.0x" in redundancy_reason(unit, 32) and "(batch over data)" in redundancy_reason(unit, 32)
+    unit["flops"]["redundancy"] = 1.2
+    assert redundancy_reason(unit, 32) is None
