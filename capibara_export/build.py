@@ -29,7 +29,7 @@ from .hardware import Hardware, calibrate_cpu
 from .programs import ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
 from .records import CompileRecord, Unit, toolchain, write_records
 from .staging import check_folder_name, check_output_folder, ensure_replaceable, folder_lock, staged_folder
-from .targets import describe, get_target, hardware_for, make_mesh
+from .targets import DEFAULT_TARGET, describe, get_target, hardware_for, make_mesh
 
 DEFAULT_OUT = Path("artifacts")
 DEFAULT_BATCHES = (32,)
@@ -37,7 +37,7 @@ DEFAULT_BATCHES = (32,)
 
 @dataclass(frozen=True)
 class BuildRequest:
-    target: str = "tpu-v4-32"
+    target: str = DEFAULT_TARGET
     mesh: tuple[int, int] = (4, 8)
     model: str = "base"
     checkpoint: str | None = None
@@ -177,7 +177,7 @@ def _build(request: BuildRequest, progress: ProgressFn | None,
     hardware = hardware_for(target, mesh)
     if hardware.name == "cpu-host":  # no datasheet for a host: measure it once per build
         hardware = calibrate_cpu(mesh.devices.size)
-    mesh_info = describe(mesh)
+    mesh_info = describe(mesh, target)
     cache_root = Path(request.out) / ".cache"
     cache = ResultCache(cache_root, enabled=request.use_cache)
     cache.sweep()

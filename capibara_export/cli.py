@@ -47,8 +47,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_mesh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", default="4x8", help="DATAxMODEL mesh shape (default 4x8)")
-    p.add_argument("--target", default="tpu-v4-32",
-                   help="tpu-v4-32 (default), tpu-v4-64, tpu-v5e-32, cpu (simulated devices) or local")
+    p.add_argument("--target", default="tpu-v4-64",
+                   help="tpu-v4-64 (default: 32 v4 chips, megacore, as a default runtime exposes them), tpu-v4-32 "
+                        "(32 TensorCores of 16 chips), tpu-v5e-32, cpu (simulated devices) or local")
     p.add_argument("--plan-file", action="append", default=[], metavar="TOML",
                    help="extra sharding plans (same form as sharding/plans.toml); repeatable")
 
@@ -86,14 +87,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_count(), default=32, help="batch size to check (default 32)")
 
     r = sub.add_parser("report", help="recompute analysis, selection and report.html for a build folder")
-    r.add_argument("build_dir", help="a folder written by `build`, e.g. artifacts/base-tpu-v4-32-4x8")
+    r.add_argument("build_dir", help="a folder written by `build`, e.g. artifacts/base-tpu-v4-64-4x8")
 
     e = sub.add_parser("export", help="write the serving bundle of an existing build folder")
     e.add_argument("build_dir", help="a folder written by `build`")
     _add_export_args(e, standalone=True)
 
     v = sub.add_parser("verify", help="check a bundle's hashes and that every runnable artifact reproduces the model")
-    v.add_argument("bundle", help="a bundle folder, e.g. artifacts/base-tpu-v4-32-4x8/bundle")
+    v.add_argument("bundle", help="a bundle folder, e.g. artifacts/base-tpu-v4-64-4x8/bundle")
     v.add_argument("--json", action="store_true", help="print the equivalence matrix as JSON lines")
     _add_trust_args(v, executables=True)
 

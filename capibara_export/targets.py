@@ -39,10 +39,16 @@ class Target:
         return self.platform == "tpu"
 
 
+# The default is the seed's hardware (32 v4 chips x 32 GiB, 4x8) as a default Cloud TPU runtime
+# exposes it: one megacore device per chip (docs/design.md, "Targets and hosts").
+DEFAULT_TARGET = "tpu-v4-64"
+
 TARGETS: dict[str, Target] = {t.name: t for t in (
-    Target("tpu-v4-32", "tpu", "TPU v4-32 slice: topology v4:2x2x4, 16 chips, 32 TensorCore devices",
+    Target("tpu-v4-32", "tpu", "TPU v4-32 slice: topology v4:2x2x4, 16 chips, 32 TensorCore devices (a default "
+                               "runtime exposes 16 megacore devices: see the manifest's mesh.hosts.runtime)",
            topology="v4:2x2x4", devices=32, hardware="tpu-v4-tensorcore"),
-    Target("tpu-v4-64", "tpu", "TPU v4-64 slice: topology v4:2x4x4, megacore, 32 chip devices",
+    Target("tpu-v4-64", "tpu", "TPU v4-64 slice: topology v4:2x4x4, 32 chips in megacore mode (one device per "
+                               "chip, as a default runtime exposes them), 8 hosts x 4; the default",
            topology="v4:2x4x4", chip_config="megacore", devices=32, hardware="tpu-v4-chip"),
     Target("tpu-v5e-32", "tpu", "TPU v5e-32 slice: topology v5e:4x8, 32 chips",
            topology="v5e:4x8", devices=32, hardware="tpu-v5e-chip"),
@@ -129,10 +135,38 @@ def hardware_for(target: Target, mesh) -> Hardware:
     return found if found is not None else CPU_PLACEHOLDER
 
 
-def describe(mesh) -> dict:
-    """What a record or manifest says about a mesh: shape, axes, device kind and order."""
+def host_layout(mesh, target: Target | None = None) -> dict:
+    """How the mesh's devices fall on hosts (one JAX process per host) and chips: the
+    process that owns each mesh position (`process_index` of the deviceless topology, or
+    of the runtime's devices), the chip configuration, and what a default runtime gives."""
+    devs = mesh.devices
+    owner = np.vectorize(lambda d: int(getattr(d, "process_index", 0) or 0), otypes=[int])(devs)
+    counts = np.unique(owner, return_counts=True)[1]
+    first = devs.flat[0]
+    cores = {int(getattr(d, "core_on_chip", 0) or 0) for d in devs.flat}
+    if first.platform == "tpu":
+        megacore = target is not None and target.chip_config == "megacore"
+        chip = "megacore (one device per chip)" if megacore else (
+            "one device per TensorCore" if len(cores) > 1 else "one device per chip")
+        if len(cores) > 1:
+            runtime = ("a default Cloud TPU v4 runtime exposes one megacore device per chip, half this count: "
+                       "it needs a runtime configured for one device per TensorCore, or build for tpu-v4-64")
+        else:
+            runtime = "a default Cloud TPU runtime exposes these devices (one per chip)"
+    else:
+        chip = "simulated CPU devices" if first.platform == "cpu" else f"one device per {first.platform} chip"
+        runtime = "this host's runtime" if first.platform == "cpu" else "the local runtime"
+    return {"processes": int(len(counts)), "devices_per_process": int(counts.max()),
+            "process_grid": owner.tolist(), "chip_config": chip, "device_kind": first.device_kind,
+            "runtime": runtime, "default_runtime_loads": not (first.platform == "tpu" and len(cores) > 1)}
+
+
+def describe(mesh, target: Target | None = None) -> dict:
+    """What a record or manifest says about a mesh: shape, axes, device kind and order, and
+    its layout over hosts (`host_layout`)."""
     first = mesh.devices.flat[0]
     return {
+        "hosts": host_layout(mesh, target),
         "shape": dict(mesh.shape),
         "axis_names": list(mesh.axis_names),
         "device_kind": first.device_kind,

@@ -52,7 +52,7 @@ def test_gathering_a_batch_sharded_over_data_all_gathers_over_data(cpu_mesh):
 
 @pytest.fixture(scope="module")
 def base_build(tmp_path_factory):
-    """base encode_image and caption, bf16, batch 32, every serving plan, on tpu-v4-32."""
+    """base encode_image and caption, bf16, batch 32, every serving plan, on the default target."""
     out = tmp_path_factory.mktemp("base")
     # tp is invalid for base (12 heads over 8) and costs no compile: it is here for the advice test
     request = BuildRequest(entries=("encode_image", "caption"), plans=(*SERVING_PLANS, "tp"), precisions=("bf16",),

@@ -30,7 +30,7 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory) -> Path:
-    """A real (tiny, one-unit, tpu-v4-32) build folder, copied before each change."""
+    """A real (tiny, one-unit, default target) build folder, copied before each change."""
     out = tmp_path_factory.mktemp("build")
     request = BuildRequest(model="tiny", entries=("encode_image",), plans=("dp",),
                            precisions=("fp32",), batches=(32,), out=out, use_cache=False)

@@ -31,12 +31,14 @@ def test_build_writes_records_and_a_rerun_compiles_nothing(tmp_path):
             "--precisions", "fp32,bf16", "--out", str(tmp_path)]
     first = run(*args)
     assert first.returncode == 0, first.stderr
-    folder = tmp_path / "tiny-tpu-v4-32-4x8"
+    folder = tmp_path / "tiny-tpu-v4-64-4x8"   # the default target
     recs = records(folder)
     assert len(recs) == 8 and {r["status"] for r in recs} == {"ok"}
     r = recs[0]
     assert r["schema"] == "capibara-export/compile-record" and r["schema_version"] == 1
-    assert r["unit"]["target"] == "tpu-v4-32" and r["mesh"]["device_kind"] == "TPU v4"
+    assert r["unit"]["target"] == "tpu-v4-64" and r["mesh"]["device_kind"] == "TPU v4"
+    hosts = r["mesh"]["hosts"]   # 32 chips, megacore, 8 hosts x 4, as a default runtime exposes them
+    assert (hosts["processes"], hosts["devices_per_process"], hosts["default_runtime_loads"]) == (8, 4, True)
     assert r["memory"]["peak"] > 0 and r["cost"]["flops"] > 0 and len(r["hlo_sha256"]) == 64
     assert r["toolchain"]["jax"] == "0.10.2" and r["toolchain"]["libtpu"] == "0.0.42.1"
     assert (folder / r["hlo_file"]).is_file() and (folder / "build.json").is_file()
@@ -69,14 +71,14 @@ def _bad_plan(tmp_path):
 
 
 @pytest.mark.parametrize("args, env, message", [
-    (["--mesh", "4x9"], {}, "--mesh 4x9 needs 36 devices but tpu-v4-32 has 32 devices"),
+    (["--mesh", "4x9"], {}, "--mesh 4x9 needs 36 devices but tpu-v4-64 has 32 devices"),
     (["--mesh", "abc"], {}, "--mesh 'abc' is not of the form DATAxMODEL"),
     (["--plans", "nope"], {}, "unknown plan 'nope'; available: replicated"),
     ("bad-plan-file", {}, "plan 'mine': unknown logical axis 'hidden' in params"),
     (["--precisions", "fp16"], {}, "unknown precision 'fp16'"),
     (["--entries", "train"], {}, "unknown entry 'train'"),
     (["--checkpoint", "/nonexistent/blip"], {}, "/nonexistent/blip: checkpoint folder does not exist"),
-    ([], "no-libtpu", "target tpu-v4-32 needs libtpu"),
+    ([], "no-libtpu", "target tpu-v4-64 needs libtpu"),
     (["--name", "."], {}, "--name '.': must be one folder name"),
     (["--name", "../sibling"], {}, "--name '../sibling': must be one folder name"),
     (["--name", "/tmp"], {}, "--name '/tmp': must be one folder name"),
@@ -102,7 +104,8 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, env, message):
 
 def test_a_unit_over_the_memory_budget_is_a_record_not_a_crash(tmp_path):
     result = run("build", "--model", "base", "--quiet", "--entries", "encode_image", "--plans", "replicated",
-                 "--precisions", "fp32", "--batch", "1024", "--out", str(tmp_path), "--no-cache")
+                 "--precisions", "fp32", "--batch", "1024", "--out", str(tmp_path), "--no-cache",
+                 "--target", "tpu-v4-32")
     assert result.returncode == 0, result.stderr
     (rec,) = records(tmp_path / "base-tpu-v4-32-4x8")
     assert rec["status"] == "does-not-fit"

@@ -18,7 +18,7 @@ def test_base_saved_model_holds_each_weight_once_and_the_bundle_verifies(tmp_pat
                  "--precisions", "bf16", "--export", "--random-weights", "--out", tmp_path,
                  "--export-entries", "encode_image,caption")
     assert result.returncode == 0, result.stderr[-3000:]
-    bundle = tmp_path / "base-tpu-v4-32-4x8" / "bundle"
+    bundle = tmp_path / "base-tpu-v4-64-4x8" / "bundle"
     from model import get_preset
 
     param_bytes = 2 * get_preset("base").param_count()

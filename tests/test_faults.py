@@ -22,7 +22,7 @@ from capibara_export.staging import folder_lock
 
 ONE_UNIT = ["build", "--model", "tiny", "--quiet", "--entries", "encode_image", "--plans", "dp", "--precisions",
             "fp32", "--batch", "32"]
-NAME = "tiny-tpu-v4-32-4x8"
+NAME = "tiny-tpu-v4-64-4x8"
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

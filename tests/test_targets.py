@@ -50,3 +50,46 @@ def test_cpu_grid_is_row_major_by_id():
 
     grid = device_grid(jax.devices("cpu"), (4, 8))
     assert [d.id for d in grid[1]] == list(range(8, 16))
+
+
+@pytest.mark.parametrize("name, procs, per, chip, loads, grid_row", [
+    ("tpu-v4-32", 4, 8, "one device per TensorCore", False, [0, 0, 1, 1, 2, 2, 3, 3]),
+    ("tpu-v4-64", 8, 4, "megacore (one device per chip)", True, [0, 2, 4, 6, 0, 2, 4, 6]),
+    ("tpu-v5e-32", 8, 4, "one device per chip", True, [0, 0, 2, 2, 4, 4, 6, 6]),
+])
+def test_host_layout_of_each_tpu_target(name, procs, per, chip, loads, grid_row):
+    """Which host (JAX process) owns each mesh position, from the deviceless topology."""
+    from capibara_export.targets import describe
+
+    target = get_target(name)
+    hosts = describe(make_mesh(target, (4, 8)), target)["hosts"]
+    assert (hosts["processes"], hosts["devices_per_process"], hosts["chip_config"]) == (procs, per, chip)
+    assert hosts["default_runtime_loads"] is loads and hosts["process_grid"][0] == grid_row
+    assert sorted(sum(hosts["process_grid"], [])) == sorted(list(range(procs)) * per)
+
+
+def test_the_default_target_is_what_a_default_runtime_exposes():
+    from capibara_export.build import BuildRequest
+    from capibara_export.cli import parser
+    from capibara_export.targets import DEFAULT_TARGET
+
+    assert DEFAULT_TARGET == BuildRequest().target == parser().parse_args(["build"]).target == "tpu-v4-64"
+    assert get_target(DEFAULT_TARGET).chip_config == "megacore"
+
+
+def test_a_runtime_that_is_not_the_bundles_is_named_with_both_sides_and_the_fix():
+    from capibara_export.export.executables import runtime_mismatch
+    from capibara_export.targets import describe
+
+    target = get_target("tpu-v4-32")
+    manifest = {"mesh": {**describe(make_mesh(target, (4, 8)), target), "devices": 32}}
+    message = runtime_mismatch(manifest)
+    assert message.startswith("compiled for 4 process(es) x 8 TPU v4 device(s), one device per TensorCore; "
+                              "this runtime has 1 process(es) with 0 tpu device(s) each; start one process per "
+                              "host of the target slice; note: a default Cloud TPU v4 runtime exposes one megacore")
+    import jax
+
+    n = len(jax.devices("cpu"))   # whatever this test process configured
+    cpu = make_mesh(get_target("cpu"), (1, n))
+    assert describe(cpu)["hosts"]["processes"] == 1
+    assert runtime_mismatch({"mesh": {**describe(cpu), "devices": n}}) is None

@@ -148,13 +148,39 @@ class _AllowListUnpickler(serialize_executable._JaxPjrtUnpickler):
         return super().find_class(module, name)
 
 
+def runtime_mismatch(manifest: dict) -> str | None:
+    """One line naming both sides when this JAX runtime is not the one the bundle's sharded
+    artifacts were compiled for: processes (one per host), devices per process, device kind
+    (the manifest's mesh.hosts, recorded at build time); None when it is."""
+    mesh = manifest["mesh"]
+    hosts = mesh.get("hosts") or {}
+    platform, kind = mesh["platform"], mesh["device_kind"]
+    procs = int(hosts.get("processes", 1))
+    per = int(hosts.get("devices_per_process", mesh["devices"]))
+    local = [d for d in jax.local_devices() if d.platform == platform] if platform != "cpu" else \
+        [d for d in jax.local_devices(backend="cpu")]
+    kinds = sorted({d.device_kind for d in local})
+    enough = len(local) >= per if platform == "cpu" else len(local) == per   # CPU devices are simulated
+    if jax.process_count() == procs and enough and (platform == "cpu" or kinds == [kind]):
+        return None
+    chip = f", {hosts['chip_config']}" if hosts.get("chip_config") else ""
+    here = (f"this runtime has {jax.process_count()} process(es) with {len(local)} {platform} device(s) each"
+            + (f" ({', '.join(kinds)})" if kinds and platform != "cpu" else ""))
+    fix = ("start one process per host of the target slice" if procs > 1 else "run it on a machine with those devices")
+    return (f"compiled for {procs} process(es) x {per} {kind} device(s){chip}; {here}; {fix}"
+            + (f"; note: {hosts['runtime']}" if hosts.get("default_runtime_loads") is False else ""))
+
+
 def runnable_here(manifest: dict, artifact: dict | None = None) -> tuple[bool, str]:
-    """Whether this machine has the devices the executables were compiled for and, for
-    simulated CPU devices (which share this host's memory), the memory the artifact's
-    compiled peak says all of them need together."""
+    """Whether this runtime is the one the executables were compiled for (`runtime_mismatch`)
+    and, for simulated CPU devices (which share this host's memory), has the memory the
+    artifact's compiled peak says all of them need together."""
     platform = manifest["mesh"]["platform"]
     want = manifest["mesh"]["devices"]
     have = [d for d in jax.devices() if d.platform == platform] if platform != "cpu" else jax.devices("cpu")
+    mismatch = runtime_mismatch(manifest) if manifest["mesh"].get("hosts") else None
+    if mismatch:
+        return False, mismatch
     if len(have) < want:
         return False, f"compiled for {want} {manifest['mesh']['device_kind']} devices; this machine has " \
                       f"{len(have)} {platform} device(s)"
