@@ -156,7 +156,7 @@ def host_layout(mesh, target: Target | None = None) -> dict:
     else:
         chip = "simulated CPU devices" if first.platform == "cpu" else f"one device per {first.platform} chip"
         runtime = "this host's runtime" if first.platform == "cpu" else "the local runtime"
-    return {"processes": int(len(counts)), "devices_per_process": int(counts.max()),
+    return {"processes": len(counts), "devices_per_process": int(counts.max()),
             "process_grid": owner.tolist(), "chip_config": chip, "device_kind": first.device_kind,
             "runtime": runtime, "default_runtime_loads": not (first.platform == "tpu" and len(cores) > 1)}
 

@@ -65,7 +65,7 @@ def test_host_layout_of_each_tpu_target(name, procs, per, chip, loads, grid_row)
     hosts = describe(make_mesh(target, (4, 8)), target)["hosts"]
     assert (hosts["processes"], hosts["devices_per_process"], hosts["chip_config"]) == (procs, per, chip)
     assert hosts["default_runtime_loads"] is loads and hosts["process_grid"][0] == grid_row
-    assert sorted(sum(hosts["process_grid"], [])) == sorted(list(range(procs)) * per)
+    assert sorted(p for row in hosts["process_grid"] for p in row) == sorted(list(range(procs)) * per)
 
 
 def test_the_default_target_is_what_a_default_runtime_exposes():
