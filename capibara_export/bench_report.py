@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from statistics import median
+
 from scipy.stats import spearmanr
 
 from model.errors import UserError
@@ -71,7 +73,9 @@ HEADERS = ["group", "entry", "plan", "precision", "batch", "median ms", "p90 ms"
 
 
 def prediction_check(benches: list[Bench]) -> list[dict]:
-    """Per (group, entry) with at least 3 predicted units: Spearman ρ of predicted vs measured."""
+    """Per (group, entry) with at least 3 predicted units: Spearman ρ of predicted vs measured
+    (does the model rank plans right?) and the median of |predicted − measured| / measured
+    (how far off are its numbers?), the two fidelity figures issue 13 sets goals for."""
     groups: dict[tuple, list[Bench]] = {}
     for b in benches:
         if b.info.get("predicted_s") and b.info.get("timed") and b.group.startswith("plans"):
@@ -83,7 +87,10 @@ def prediction_check(benches: list[Bench]) -> list[dict]:
         predicted = [b.info["predicted_s"] for b in items]
         measured = [b.median for b in items]
         rho = float(spearmanr(predicted, measured).statistic)
-        out.append({"group": group, "entry": entry, "rho": rho,
+        errors = sorted(abs(p - m) / m for p, m in zip(predicted, measured) if m > 0)
+        median_error = float(median(errors)) if errors else None
+        out.append({"group": group, "entry": entry, "rho": rho, "median_rel_error": median_error,
+                    "overestimates": sum(p > m for p, m in zip(predicted, measured)),
                     "plans": [(b.info["unit"]["plan"], b.info["predicted_s"], b.median, b.info.get("binding", ""))
                               for b in sorted(items, key=lambda b: b.median)]})
     return out

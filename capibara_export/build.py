@@ -53,7 +53,7 @@ class BuildRequest:
     kernel_layout: str = "auto"            # text kernels: auto (the platform's serving layout), in-out, out-in
 
     def folder_name(self) -> str:
-        return self.name or f"{self.model_name()}-{self.target}-{self.mesh[0]}x{self.mesh[1]}"
+        return self.name or f"{self.model_name()}-{get_target(self.target).name}-{self.mesh[0]}x{self.mesh[1]}"
 
     def model_name(self) -> str:
         return Path(self.checkpoint).name if self.checkpoint else self.model

@@ -49,7 +49,8 @@ def _add_mesh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", default="4x8", help="DATAxMODEL mesh shape (default 4x8)")
     p.add_argument("--target", default="tpu-v4-64",
                    help="tpu-v4-64 (default: 32 v4 chips, megacore, as a default runtime exposes them), tpu-v4-32 "
-                        "(32 TensorCores of 16 chips), tpu-v5e-32, cpu (simulated devices) or local")
+                        "(32 TensorCores of 16 chips), tpu-v5e-32, cpu (simulated devices), local, or any v4/v5e "
+                        "topology libtpu knows: v4:4x4x4/megacore (64 chips), v5e:16x16 (256 chips), ...")
     p.add_argument("--plan-file", action="append", default=[], metavar="TOML",
                    help="extra sharding plans (same form as sharding/plans.toml); repeatable")
 
@@ -364,8 +365,11 @@ def cmd_bench_report(args) -> int:
         table.add_row(*row)
     out.print(table)
     for check in prediction_check(benches):
+        error = check["median_rel_error"]
         t = Table(title=f"Predicted vs measured: {check['group']} {check['entry']} "
-                        f"(Spearman rank correlation {check['rho']:.2f})", title_justify="left")
+                        f"(Spearman rank correlation {check['rho']:.2f}; median |predicted - measured| / measured "
+                        f"{'n/a' if error is None else f'{error:.0%}'}, {check['overestimates']} of "
+                        f"{len(check['plans'])} over)", title_justify="left")
         for h in ("plan", "predicted ms", "measured ms", "bound"):
             t.add_column(h)
         for plan, pred, meas, bound in check["plans"]:

@@ -8,6 +8,7 @@ run programs, slowly); `local` is whatever JAX finds (one GPU, say).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -57,11 +58,39 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
 )}
 
 
+# Any slice libtpu can describe, by its topology name: "v4:4x4x4/megacore" (or the file-name
+# form "v4-4x4x4-megacore"), "v5e:16x16". Only generations with hardware constants.
+_TOPOLOGY = re.compile(r"(?:tpu-)?(?P<gen>v4|v5e|v5p|v6e)[:-](?P<shape>\d+(?:x\d+){1,2})(?:[/-](?P<chip>megacore))?")
+_GENERATION_HARDWARE = {("v4", "megacore"): "tpu-v4-chip", ("v4", None): "tpu-v4-tensorcore",
+                        ("v5e", None): "tpu-v5e-chip"}
+
+
+def topology_target(text: str) -> Target | None:
+    """A target for a libtpu topology name, or None when `text` is not one."""
+    m = _TOPOLOGY.fullmatch(text.strip())
+    if m is None:
+        return None
+    gen, shape, chip = m["gen"], m["shape"], m["chip"]
+    hardware = _GENERATION_HARDWARE.get((gen, chip))
+    if hardware is None:
+        if gen == "v5e" and chip:
+            raise TargetError(f"target {text!r}: v5e has one TensorCore per chip, so no megacore; drop '/megacore'")
+        raise TargetError(f"target {text!r}: libtpu knows {gen}, but capibara-export has no hardware constants for "
+                          f"it (capibara_export/hardware.py needs its peak FLOP/s, HBM and ICI figures with a "
+                          "source); use a v4 or v5e topology")
+    name = f"{gen}-{shape}" + (f"-{chip}" if chip else "")
+    return Target(name, "tpu", f"TPU topology {gen}:{shape}" + (f", {chip}" if chip else ""),
+                  topology=f"{gen}:{shape}", chip_config=chip, hardware=hardware)
+
+
 def get_target(name: str) -> Target:
-    try:
+    if name in TARGETS:
         return TARGETS[name]
-    except KeyError:
-        raise TargetError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}") from None
+    found = topology_target(name)
+    if found is None:
+        raise TargetError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}, or a libtpu topology "
+                          "such as v4:4x4x4/megacore or v5e:16x16")
+    return found
 
 
 def parse_mesh(text: str) -> tuple[int, int]:
@@ -116,8 +145,9 @@ def make_mesh(target: Target, shape: tuple[int, int]):
     devs = devices(target)
     need = shape[0] * shape[1]
     if len(devs) != need:
+        fits = [f"{a}x{len(devs) // a}" for a in range(1, len(devs) + 1) if len(devs) % a == 0]
         hint = {"tpu": f"{target.name} has {len(devs)} devices; use a mesh whose sizes multiply to {len(devs)} "
-                       f"(e.g. 4x8, 8x4, 2x16, 1x32)",
+                       f"(e.g. {', '.join(sorted(fits, key=lambda f: abs(math.log(int(f.split('x')[0]) ** 2 / len(devs))))[:4])})",
                 "cpu": f"{len(devs)} CPU devices are configured; the CLI sets jax_num_cpu_devices from --mesh, "
                        f"in Python call jax.config.update('jax_num_cpu_devices', {need}) before using JAX",
                 "local": f"JAX found {len(devs)} {devs[0].platform} device(s) here; use a mesh that multiplies "
@@ -150,7 +180,8 @@ def host_layout(mesh, target: Target | None = None) -> dict:
             "one device per TensorCore" if len(cores) > 1 else "one device per chip")
         if len(cores) > 1:
             runtime = ("a default Cloud TPU v4 runtime exposes one megacore device per chip, half this count: "
-                       "it needs a runtime configured for one device per TensorCore, or build for tpu-v4-64")
+                       "it needs a runtime configured for one device per TensorCore, or build in megacore mode "
+                       "(tpu-v4-64, or a topology ending in /megacore)")
         else:
             runtime = "a default Cloud TPU runtime exposes these devices (one per chip)"
     else:

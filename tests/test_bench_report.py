@@ -35,6 +35,8 @@ def test_table_and_rank_correlation(tmp_path):
     assert caption[4] == "1" and caption[5] == "2" and caption[-1] == "12.5x" and caption[9] == "5%"
     (check,) = prediction_check(benches)
     assert check["rho"] == pytest.approx(1.0) and [p[0] for p in check["plans"]][0] == "dp"
+    # measured = 2 x predicted everywhere: every prediction is 50% under
+    assert check["median_rel_error"] == pytest.approx(0.5) and check["overestimates"] == 0
     shuffled = load(_write(tmp_path / "b.json", {"dp": 0.009, "replicated": 0.001}))
     assert prediction_check(shuffled)[0]["rho"] < 0.5
 

@@ -93,3 +93,25 @@ def test_a_runtime_that_is_not_the_bundles_is_named_with_both_sides_and_the_fix(
     cpu = make_mesh(get_target("cpu"), (1, n))
     assert describe(cpu)["hosts"]["processes"] == 1
     assert runtime_mismatch({"mesh": {**describe(cpu), "devices": n}}) is None
+
+
+def test_any_libtpu_topology_is_a_target_beyond_32_devices(tmp_path):
+    """v4:4x4x4 in megacore mode (64 chips, 16 hosts x 4) compiles deviceless like the presets,
+    under a file-name-safe folder name; generations without hardware constants are refused."""
+    from capibara_export.build import BuildRequest, run_build
+
+    request = BuildRequest(target="v4:4x4x4/megacore", mesh=(8, 8), model="tiny", entries=("encode_image",),
+                           plans=("dp",), precisions=("fp32",), batches=(64,), out=tmp_path)
+    assert request.folder_name() == "tiny-v4-4x4x4-megacore-8x8"
+    (record,) = run_build(request).records
+    assert record.status == "ok", record.reason
+    hosts = record.mesh["hosts"]
+    assert (hosts["processes"], hosts["devices_per_process"], hosts["default_runtime_loads"]) == (16, 4, True)
+    assert get_target("v4-4x4x4-megacore") == get_target("v4:4x4x4/megacore")
+    assert get_target("v5e:16x16").hardware == "tpu-v5e-chip"
+    with pytest.raises(TargetError, match="libtpu knows v6e, but capibara-export has no hardware constants"):
+        get_target("v6e:4x8")
+    with pytest.raises(TargetError, match="v5e has one TensorCore per chip"):
+        get_target("v5e:4x8/megacore")
+    with pytest.raises(TargetError, match=r"has 64 devices; use a mesh whose sizes multiply to 64 \(e.g. 8x8, 4x16"):
+        make_mesh(get_target("v4:4x4x4/megacore"), (4, 8))
