@@ -84,11 +84,16 @@ def test_cpu_bundle_holds_every_kind_and_verifies(cpu_bundle, cpu_verified):
 def test_tpu_bundle_verifies_what_runs_here_and_never_passes_what_cannot(tpu_bundle):
     manifest = mf.read(tpu_bundle)
     assert {a["kind"] for a in manifest["artifacts"]} == KINDS
-    assert manifest["mesh"]["device_kind"] == "TPU v4" and manifest["target"]["topology"] == "v4:2x2x4"
+    # the default target: 32 v4 chips in megacore mode, 8 hosts x 4
+    assert manifest["mesh"]["device_kind"] == "TPU v4" and manifest["target"]["topology"] == "v4:2x4x4"
+    assert (manifest["mesh"]["hosts"]["processes"], manifest["mesh"]["hosts"]["devices_per_process"]) == (8, 4)
     code, rows, err = verify(tpu_bundle, "--allow-unsigned-executables")
     assert code == 0, err
     tpu_only = [r for r in rows if r["artifact"].startswith("executables/") or ".tpu.jaxexport" in r["artifact"]]
     assert tpu_only and all(r["result"] == "not runnable here" for r in tpu_only)
+    executables = [r for r in tpu_only if r["artifact"].startswith("executables/") and "trees" not in r["artifact"]]
+    assert executables and all(r["note"].startswith("compiled for 8 process(es) x 4 TPU v4 device(s)")
+                               for r in executables), executables[0]["note"]
     sharded_restore = [r for r in rows if r["output"].startswith("restore sharded")]
     assert sharded_restore and all(r["result"] == "pass" for r in sharded_restore)
 
