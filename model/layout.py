@@ -20,7 +20,6 @@ names) and then moved with their kernel.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -31,6 +30,7 @@ from jax.sharding import PartitionSpec
 from .config import BlipConfig
 from .layers import Dense
 from .quant import QArray
+from .state import abstract_model
 
 CANONICAL = "in-out"
 
@@ -47,14 +47,13 @@ def serving_layout(platform: str) -> str:
 
 
 @functools.lru_cache(maxsize=32)
-def _moved_kernels(config: BlipConfig) -> tuple[tuple[tuple, int, int], ...]:
-    """(path to kernel, inputs, outputs) of every dense kernel that `config` stores out-in."""
+def _moved_kernels(config: BlipConfig) -> tuple[tuple[tuple, int, int, int], ...]:
+    """(path to kernel, rank, inputs, outputs) of every dense kernel `config` stores out-in."""
     if config.text.kernel_layout == CANONICAL:
         return ()
-    from .state import _abstract  # the model's abstract graph, built once per config
-    model = nnx.merge(*_abstract(config, np.dtype(np.float32), "none"))
-    return tuple((tuple(path) + ("kernel",), node.n_in, node.n_out) for path, node in nnx.iter_graph(model)
-                 if isinstance(node, Dense) and node.layout == "out-in")
+    model = abstract_model(config)
+    return tuple((tuple(path) + ("kernel",), len(node.kernel.get_value().shape), node.n_in, node.n_out)
+                 for path, node in nnx.iter_graph(model) if isinstance(node, Dense) and node.layout == "out-in")
 
 
 def _permutation(ndim: int, n_in: int, n_out: int, forward: bool) -> tuple[int, ...]:
@@ -64,21 +63,20 @@ def _permutation(ndim: int, n_in: int, n_out: int, forward: bool) -> tuple[int, 
     return (*range(lead), *range(lead + n_out, ndim), *range(lead, lead + n_out))
 
 
-def _move(leaf, n_in: int, n_out: int, forward: bool):
+def _move(leaf, rank: int, n_in: int, n_out: int, forward: bool):
+    perm = _permutation(rank, n_in, n_out, forward)
     if isinstance(leaf, QArray):
-        return QArray(q=_move(leaf.q, n_in, n_out, forward), scale=_move(leaf.scale, n_in, n_out, forward))
-    if isinstance(leaf, PartitionSpec):
-        entries = tuple(leaf) + (None,) * (n_in + n_out - len(leaf))
-        return PartitionSpec(*(entries[i] for i in _permutation(len(entries), n_in, n_out, forward)))
+        return QArray(q=_move(leaf.q, rank, n_in, n_out, forward), scale=_move(leaf.scale, rank, n_in, n_out, forward))
+    if isinstance(leaf, PartitionSpec):   # trailing unsharded axes may be left out of a spec
+        entries = tuple(leaf) + (None,) * (rank - len(leaf))
+        return PartitionSpec(*(entries[i] for i in perm))
     if isinstance(leaf, tuple):   # logical names
-        return tuple(leaf[i] for i in _permutation(len(leaf), n_in, n_out, forward))
+        return tuple(leaf[i] for i in perm)
     if isinstance(leaf, jax.ShapeDtypeStruct):
-        perm = _permutation(len(leaf.shape), n_in, n_out, forward)
-        return dataclasses.replace(leaf, shape=tuple(leaf.shape[i] for i in perm)) \
-            if dataclasses.is_dataclass(leaf) else jax.ShapeDtypeStruct(tuple(leaf.shape[i] for i in perm), leaf.dtype)
+        return jax.ShapeDtypeStruct(tuple(leaf.shape[i] for i in perm), leaf.dtype)
     if isinstance(leaf, np.ndarray):
-        return np.ascontiguousarray(np.transpose(leaf, _permutation(leaf.ndim, n_in, n_out, forward)))
-    return jax.numpy.transpose(leaf, _permutation(leaf.ndim, n_in, n_out, forward))
+        return np.ascontiguousarray(np.transpose(leaf, perm))
+    return jax.numpy.transpose(leaf, perm)
 
 
 def _convert(tree: dict, config: BlipConfig, forward: bool) -> dict:
@@ -86,7 +84,7 @@ def _convert(tree: dict, config: BlipConfig, forward: bool) -> dict:
     if not moved:
         return tree
     out = _copy_dicts(tree)
-    for path, n_in, n_out in moved:
+    for path, rank, n_in, n_out in moved:
         parent = out
         for key in path[:-1]:
             if key not in parent:
@@ -94,7 +92,7 @@ def _convert(tree: dict, config: BlipConfig, forward: bool) -> dict:
             parent = parent[key]
         else:
             if path[-1] in parent:
-                parent[path[-1]] = _move(parent[path[-1]], n_in, n_out, forward)
+                parent[path[-1]] = _move(parent[path[-1]], rank, n_in, n_out, forward)
     return out
 
 

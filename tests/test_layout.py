@@ -128,3 +128,11 @@ def test_kernel_layout_is_config_data():
     with pytest.raises(ConfigError, match="text.kernel_layout is 'columns'; choose one of in-out, out-in"):
         TINY.with_kernel_layout("columns")
     assert "kernel_layout" not in str(OUT_IN.to_hf_dict())
+
+
+def test_a_short_partition_spec_is_padded_to_the_kernels_rank_before_moving():
+    """A spec may leave trailing unsharded axes out: P('data') on a stacked (layers, embed, mlp)
+    kernel still moves as a rank-3 spec."""
+    moved = to_layout({"text_decoder": {"blocks": {"mlp": {"fc1": {"kernel": PartitionSpec(None, "data")}}}}},
+                      OUT_IN)
+    assert moved["text_decoder"]["blocks"]["mlp"]["fc1"]["kernel"] == PartitionSpec(None, None, "data")
