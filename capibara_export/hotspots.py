@@ -62,10 +62,10 @@ def classify(memory: dict) -> dict:
     bound = "hidden" if weights >= activations else "batch"
     share = (weights if bound == "hidden" else activations) / peak
     if bound == "hidden":
-        why = (f"weights are {_gib(weights)} of the {_gib(peak)} peak per device ({share:.0%}): hidden-bound; "
+        why = (f"weights are {gib(weights)} of the {gib(peak)} peak per device ({share:.0%}): hidden-bound; "
                "sharding hidden dimensions would cut per-device bytes")
     else:
-        why = (f"activations and inputs are {_gib(activations)} of the {_gib(peak)} peak per device ({share:.0%}): "
+        why = (f"activations and inputs are {gib(activations)} of the {gib(peak)} peak per device ({share:.0%}): "
                "batch-bound; sharding the batch would cut per-device bytes")
     return {"source": "compiled", "bound": bound, "weights_bytes": weights, "activation_bytes": activations,
             "dominant_share": share, "family": list(HIDDEN_FAMILY if bound == "hidden" else BATCH_FAMILY),
@@ -91,10 +91,10 @@ def advise(chosen: dict, units: list[dict]) -> dict:
     else:
         def alt(u: dict) -> str:
             if not u.get("memory", {}).get("fits"):
-                return f"{u['unit']['plan']} (over the memory budget, {_gib(u['memory']['peak'])}/device)"
-            return f"{u['unit']['plan']} ({_ms(u['roofline']['latency_s'])}, {_gib(u['memory']['peak'])}/device)"
+                return f"{u['unit']['plan']} (over the memory budget, {gib(u['memory']['peak'])}/device)"
+            return f"{u['unit']['plan']} ({_ms(u['roofline']['latency_s'])}, {gib(u['memory']['peak'])}/device)"
         budget = mem.get("budget_fraction", 1.0) * mem.get("hbm_bytes", 0)
-        fits = f"it fits ({_gib(mem['peak'])} of the {_gib(budget)} budget per device)" if budget else "it fits"
+        fits = f"it fits ({gib(mem['peak'])} of the {gib(budget)} budget per device)" if budget else "it fits"
         why = (f"{plan} is selected instead: {fits}, so cutting per-device bytes buys nothing, and it is "
                f"predicted at {_ms(chosen['roofline']['latency_s'])} against "
                f"{', '.join(alt(by_plan[p]) for p in valid)}{not_valid}")
@@ -102,7 +102,7 @@ def advise(chosen: dict, units: list[dict]) -> dict:
             "text": f"{cls['reason']}. {why}."}
 
 
-def _gib(n: float) -> str:
+def gib(n: float) -> str:
     return f"{n / 1024 ** 3:.2f} GiB"
 
 

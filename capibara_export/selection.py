@@ -10,14 +10,10 @@ precision gets its own selection. Each selection carries the memory advice of it
 
 from __future__ import annotations
 
-from .hotspots import advise
+from .hotspots import advise, gib
 
 SCHEMA = "capibara-export/selection"
 SCHEMA_VERSION = 1
-
-
-def _gib(n: float) -> str:
-    return f"{n / 1024 ** 3:.2f} GiB"
 
 
 def _none_selected(units: list[dict]) -> str:
@@ -66,7 +62,7 @@ def select(analysis: dict) -> dict:
         others = [by_id[i]["unit"]["plan"] for i in front if i != best]
         reason = (f"{chosen['unit']['plan']}: fastest predicted latency ({r['latency_s'] * 1e3:.3g} ms, "
                   f"{r['binding']}-bound, MFU {r['mfu']:.0%}) of {len(fitting)} fitting plans, "
-                  f"{_gib(chosen['memory']['peak'])} per device"
+                  f"{gib(chosen['memory']['peak'])} per device"
                   + (f"; also on the Pareto front: {', '.join(others)}" if others else ""))
         entry_sel.update(plan=chosen["unit"]["plan"], unit_id=best, pareto=front, reason=reason,
                          predicted_latency_s=r["latency_s"], peak_bytes=chosen["memory"]["peak"],

@@ -139,15 +139,20 @@ def device_grid(devs: list, shape: tuple[int, int]) -> np.ndarray:
     return np.array(sorted(devs, key=position), dtype=object).reshape(shape)
 
 
+def _squarest_meshes(n: int, count: int = 4) -> list[str]:
+    """DATAxMODEL shapes of n devices, closest to square first (for error hints)."""
+    rows = sorted((a for a in range(1, n + 1) if n % a == 0), key=lambda a: abs(math.log(a * a / n)))
+    return [f"{a}x{n // a}" for a in rows[:count]]
+
+
 def make_mesh(target: Target, shape: tuple[int, int]):
     import jax
 
     devs = devices(target)
     need = shape[0] * shape[1]
     if len(devs) != need:
-        fits = [f"{a}x{len(devs) // a}" for a in range(1, len(devs) + 1) if len(devs) % a == 0]
         hint = {"tpu": f"{target.name} has {len(devs)} devices; use a mesh whose sizes multiply to {len(devs)} "
-                       f"(e.g. {', '.join(sorted(fits, key=lambda f: abs(math.log(int(f.split('x')[0]) ** 2 / len(devs))))[:4])})",
+                       f"(e.g. {', '.join(_squarest_meshes(len(devs)))})",
                 "cpu": f"{len(devs)} CPU devices are configured; the CLI sets jax_num_cpu_devices from --mesh, "
                        f"in Python call jax.config.update('jax_num_cpu_devices', {need}) before using JAX",
                 "local": f"JAX found {len(devs)} {devs[0].platform} device(s) here; use a mesh that multiplies "
@@ -173,12 +178,12 @@ def host_layout(mesh, target: Target | None = None) -> dict:
     owner = np.vectorize(lambda d: int(getattr(d, "process_index", 0) or 0), otypes=[int])(devs)
     counts = np.unique(owner, return_counts=True)[1]
     first = devs.flat[0]
-    cores = {int(getattr(d, "core_on_chip", 0) or 0) for d in devs.flat}
+    per_core = first.platform == "tpu" and len({int(getattr(d, "core_on_chip", 0) or 0) for d in devs.flat}) > 1
     if first.platform == "tpu":
         megacore = target is not None and target.chip_config == "megacore"
         chip = "megacore (one device per chip)" if megacore else (
-            "one device per TensorCore" if len(cores) > 1 else "one device per chip")
-        if len(cores) > 1:
+            "one device per TensorCore" if per_core else "one device per chip")
+        if per_core:
             runtime = ("a default Cloud TPU v4 runtime exposes one megacore device per chip, half this count: "
                        "it needs a runtime configured for one device per TensorCore, or build in megacore mode "
                        "(tpu-v4-64, or a topology ending in /megacore)")
@@ -189,7 +194,7 @@ def host_layout(mesh, target: Target | None = None) -> dict:
         runtime = "this host's runtime" if first.platform == "cpu" else "the local runtime"
     return {"processes": len(counts), "devices_per_process": int(counts.max()),
             "process_grid": owner.tolist(), "chip_config": chip, "device_kind": first.device_kind,
-            "runtime": runtime, "default_runtime_loads": not (first.platform == "tpu" and len(cores) > 1)}
+            "runtime": runtime, "default_runtime_loads": not per_core}
 
 
 def describe(mesh, target: Target | None = None) -> dict:

@@ -97,9 +97,9 @@ class TextConfig:
     bos_token_id: int = 30522
     sep_token_id: int = 102
     pad_token_id: int = 0
-    # How the tower's dense kernels are stored: "in-out" (inputs first, as for a TPU and in
-    # checkpoints) or "out-in" (outputs first: a batch-1 dot reads each output's weights
-    # contiguously; the CPU serving layout, see model/layout.py). Not a Hugging Face field.
+    # How the tower's dense kernels are stored: "in-out" (inputs first: checkpoints, TPU and
+    # CPU programs) or "out-in" (outputs first: a batch-1 dot reads each output's weights
+    # contiguously; the GPU serving layout, see model/layout.py). Not a Hugging Face field.
     kernel_layout: str = "in-out"
 
     def __post_init__(self) -> None:

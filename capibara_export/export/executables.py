@@ -158,7 +158,7 @@ def runtime_mismatch(manifest: dict) -> str | None:
     procs = int(hosts.get("processes", 1))
     per = int(hosts.get("devices_per_process", mesh["devices"]))
     local = [d for d in jax.local_devices() if d.platform == platform] if platform != "cpu" else \
-        [d for d in jax.local_devices(backend="cpu")]
+        jax.local_devices(backend="cpu")
     kinds = sorted({d.device_kind for d in local})
     enough = len(local) >= per if platform == "cpu" else len(local) == per   # CPU devices are simulated
     if jax.process_count() == procs and enough and (platform == "cpu" or kinds == [kind]):
@@ -175,12 +175,12 @@ def runnable_here(manifest: dict, artifact: dict | None = None) -> tuple[bool, s
     """Whether this runtime is the one the executables were compiled for (`runtime_mismatch`)
     and, for simulated CPU devices (which share this host's memory), has the memory the
     artifact's compiled peak says all of them need together."""
-    platform = manifest["mesh"]["platform"]
-    want = manifest["mesh"]["devices"]
-    have = [d for d in jax.devices() if d.platform == platform] if platform != "cpu" else jax.devices("cpu")
     mismatch = runtime_mismatch(manifest) if manifest["mesh"].get("hosts") else None
     if mismatch:
         return False, mismatch
+    platform = manifest["mesh"]["platform"]
+    want = manifest["mesh"]["devices"]
+    have = [d for d in jax.devices() if d.platform == platform] if platform != "cpu" else jax.devices("cpu")
     if len(have) < want:
         return False, f"compiled for {want} {manifest['mesh']['device_kind']} devices; this machine has " \
                       f"{len(have)} {platform} device(s)"

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from model import BlipConfig
-from model.layout import canonical, serving_layout
+from model.layout import serving_layout
 from model.processor import Preprocessor
 from sharding.precision import get_policy
 from sharding.storage import stored_params
@@ -118,7 +118,7 @@ class CheckpointEngine(Engine):
 
     def __init__(self, name: str, config: BlipConfig, params: dict, preprocessor: Preprocessor,
                  options: ProgramOptions, precision: str = "fp32", batch_sizes=BATCH_SIZES):
-        config = canonical(config).with_kernel_layout(serving_layout(jax.default_backend()))
+        config = config.with_kernel_layout(serving_layout(jax.default_backend()))
         super().__init__(name, config, preprocessor, options, precision, tuple(batch_sizes))
         policy = get_policy(precision)
         self._flat = jax.device_put(params_io.flatten(stored_params(params, config, policy)))
