@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import environment
+from . import cli_serve, environment
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -97,7 +97,11 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check a bundle's hashes and that every runnable artifact reproduces the model")
     v.add_argument("bundle", help="a bundle folder, e.g. artifacts/base-tpu-v4-64-4x8/bundle")
     v.add_argument("--json", action="store_true", help="print the equivalence matrix as JSON lines")
+    v.add_argument("--processes", type=int, metavar="N",
+                   help="also run the sharded programs across N local processes laid out as the manifest's hosts "
+                        "(simulated CPU devices, gloo) and compare them with the single-process reference")
     _add_trust_args(v, executables=True)
+    cli_serve.add_parser(sub, _add_trust_args)
 
     i = sub.add_parser("inspect", help="what a bundle holds, for whom, and until when it is valid")
     i.add_argument("bundle")
@@ -301,6 +305,10 @@ def cmd_verify(args) -> int:
     from .export.verify import Verifier
 
     rows = Verifier(Path(args.bundle), _policy(args)).run()
+    if args.processes:
+        from .export.verify_processes import across_processes
+
+        rows += across_processes(Path(args.bundle), args.processes, _policy(args))
     if args.json:
         for r in rows:
             print(_json.dumps(r.__dict__))
@@ -481,8 +489,13 @@ def cmd_plans(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    return cli_serve.cmd_serve(args, _policy(args))
+
+
 COMMANDS = {"build": cmd_build, "plans": cmd_plans, "report": cmd_report, "export": cmd_export,
-            "verify": cmd_verify, "inspect": cmd_inspect, "keygen": cmd_keygen, "bench-report": cmd_bench_report, "analyze": cmd_analyze}
+            "verify": cmd_verify, "serve": cmd_serve, "inspect": cmd_inspect, "keygen": cmd_keygen,
+            "bench-report": cmd_bench_report, "analyze": cmd_analyze}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -492,7 +505,10 @@ def main(argv: list[str] | None = None) -> int:
     interrupts.reset()
     try:
         with interrupts.watched():
-            environment.prepare(*_environment(args))
+            if args.command == "serve":
+                cli_serve.prepare(args)
+            else:
+                environment.prepare(*_environment(args))
             code = COMMANDS[args.command](args)
         if interrupts.requested():  # a Ctrl-C that Python swallowed (in a GC callback) while the work finished
             print("capibara-export: interrupted after the work had finished; its output is complete", file=sys.stderr)

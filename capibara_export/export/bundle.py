@@ -203,16 +203,17 @@ def _selected_unit(req: ExportRequest, bundle: Path, sel: dict, progress: Callab
     platform = req.mesh_info["platform"]
     common = dict(entry=entry, precision=precision, plan=plan.name, batch=batch, unit=unit_id,
                   params=f"params/{storage_form(precision)}", analysis=_analysis_summary(req.analysis.get(unit_id, {})),
-                  mesh_axes=list(req.mesh.axis_names), platforms=[platform])
+                  mesh_axes=list(req.mesh.axis_names))
     exported = stablehlo.export_sharded(serving, plan, req.mesh, platform)
-    path = bundle / "stablehlo" / f"{unit_id}.{platform}.jaxexport"
+    path = bundle / "stablehlo" / f"{unit_id}.{'-'.join(exported.platforms)}.jaxexport"
     path.parent.mkdir(parents=True, exist_ok=True)
     stablehlo.save(exported, path)
     _, input_shardings, output_shardings = stablehlo.flat_shardings(serving, plan, req.mesh)
     inputs = describe(input_names(entry, serving.inputs), jax.tree.leaves(serving.inputs),
                       jax.tree.leaves(input_shardings))
     outputs = _outputs(entry, exported, jax.tree.leaves(output_shardings))
-    out = [_artifact(bundle, path, "jax.export-sharded", **common, inputs=inputs, outputs=outputs)]
+    out = [_artifact(bundle, path, "jax.export-sharded", **common, platforms=list(exported.platforms),
+                     inputs=inputs, outputs=outputs)]
     kept = req.executables(unit_id)
     if kept is None:  # not in this build's cache (e.g. --no-cache and a separate export): compile it
         progress(f"compiling {unit_id} (the build kept no executable for it)")
@@ -224,7 +225,8 @@ def _selected_unit(req: ExportRequest, bundle: Path, sel: dict, progress: Callab
     exe, trees = executables.write(*kept, folder, unit_id)
     trees_art = _artifact(bundle, trees, "executable-trees", unit=unit_id)
     tools = toolchain()
-    out.append(_artifact(bundle, exe, "executable", trees=trees_art["path"], **common, inputs=inputs, outputs=outputs,
+    out.append(_artifact(bundle, exe, "executable", trees=trees_art["path"], **common, platforms=[platform],
+                         inputs=inputs, outputs=outputs,
                          requires={"jax": tools["jax"], "jaxlib": tools["jaxlib"], "libtpu": tools["libtpu"],
                                    "devices": int(req.mesh.devices.size),
                                    "device_order": "mesh.device_ids, row-major"}))

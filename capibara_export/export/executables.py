@@ -148,13 +148,14 @@ class _AllowListUnpickler(serialize_executable._JaxPjrtUnpickler):
         return super().find_class(module, name)
 
 
-def runtime_mismatch(manifest: dict) -> str | None:
+def runtime_mismatch(manifest: dict, simulated: bool = False) -> str | None:
     """One line naming both sides when this JAX runtime is not the one the bundle's sharded
     artifacts were compiled for: processes (one per host), devices per process, device kind
-    (the manifest's mesh.hosts, recorded at build time); None when it is."""
+    (the manifest's mesh.hosts, recorded at build time); None when it is. `simulated`: the
+    hosts' devices are simulated CPU devices (serve --cpu-devices), so the kind is not checked."""
     mesh = manifest["mesh"]
     hosts = mesh.get("hosts") or {}
-    platform, kind = mesh["platform"], mesh["device_kind"]
+    platform, kind = ("cpu" if simulated else mesh["platform"]), mesh["device_kind"]
     procs = int(hosts.get("processes", 1))
     per = int(hosts.get("devices_per_process", mesh["devices"]))
     local = [d for d in jax.local_devices() if d.platform == platform] if platform != "cpu" else \

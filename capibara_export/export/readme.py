@@ -76,6 +76,28 @@ def _header(m: dict) -> list[str]:
     ]
 
 
+def _on_the_slice(m: dict, sharded: dict) -> list[str]:
+    """The multi-host recipe: the same serve command on every host (capibara-export installed there)."""
+    hosts = m["mesh"].get("hosts") or {}
+    n, per = int(hosts.get("processes", 1)), int(hosts.get("devices_per_process", m["mesh"]["devices"]))
+    if n == 1:
+        return []
+    return [f"### On the slice: {n} processes, one per host, {per} devices each", "",
+            f"`mesh.hosts` in the manifest says which host owns each mesh position ({hosts.get('chip_config', '')}; "
+            f"{hosts.get('runtime', '')}). Run the same command on every host, each with its own `--process-id`; "
+            "process 0 hosts JAX's coordinator and writes the outputs. Each host restores only its parameter shards "
+            "and places only its slice of the batch; a lost host makes the others exit within `--heartbeat-timeout` "
+            "seconds. The same from Python: `capibara_export.export.multihost.join` then "
+            "`capibara_export.export.sharded_server.ShardedServer.open(bundle, entry)(inputs)`.", "",
+            "```bash",
+            f"python -m capibara_export serve . --entry {sharded['entry']} --inputs in.npz --out out.npz \\",
+            f"    --coordinator HOST0:8476 --num-processes {n} --process-id $I   # I = 0..{n - 1}, one per host",
+            "```", "",
+            f"Before shipping, the same across {n} local processes with simulated CPU devices "
+            f"(`--cpu-devices {per}`, gloo collectives) against the single-process reference:", "",
+            "```bash", f"python -m capibara_export verify . --processes {n}", "```", ""]
+
+
 def render_readme(manifest: dict) -> str:
     m = manifest
     arts = m["artifacts"]
@@ -145,6 +167,8 @@ def render_readme(manifest: dict) -> str:
             "exp = jax.export.deserialize(bytearray(open(art['path'], 'rb').read()))",
             "out = exp.call(params, *inputs)",
             "print(art['entry'], out.shape, out.sharding.spec)")
+    if sharded:
+        lines += _on_the_slice(m, sharded)
     exe = next((a for a in arts if a["kind"] == "executable" and a["entry"] in ("encode_image", "caption")), None)
     if exe:
         lines += ["### A serialized executable (plain JAX; signed bundles only)", "",

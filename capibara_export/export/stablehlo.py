@@ -4,7 +4,10 @@ Two kinds:
 - portable: one artifact per entry and precision, lowered for every platform at once,
   batch dimension symbolic ("b"), unsharded (nr_devices=1): call it on any single device.
 - sharded: the selected plan's program for the build's mesh (e.g. 32 TPU devices),
-  concrete batch, with the mesh axis names and shardings recorded in the manifest.
+  concrete batch, with the mesh axis names and shardings recorded in the manifest. Lowered
+  for the target platform and for `cpu` (`sharded_platforms`), so the same artifact runs on
+  the slice and, for checking, across local processes with simulated CPU devices laid out
+  as the slice's hosts (`verify --processes`).
 """
 
 from __future__ import annotations
@@ -56,12 +59,16 @@ def sharded_jit(serving: ServingFunction, plan: ShardingPlan, mesh):
     return jitted, lower, abstract
 
 
+def sharded_platforms(platform: str) -> tuple[str, ...]:
+    return (platform,) if platform == "cpu" else (platform, "cpu")
+
+
 def export_sharded(serving: ServingFunction, plan: ShardingPlan, mesh, platform: str) -> export.Exported:
     from flax import linen
 
     jitted, _, abstract = sharded_jit(serving, plan, mesh)
     with jax.set_mesh(mesh), linen.logical_axis_rules(plan.flax_rules("activations")):
-        return export.export(jitted, platforms=(platform,))(*abstract)
+        return export.export(jitted, platforms=sharded_platforms(platform))(*abstract)
 
 
 def save(exported: export.Exported, path: Path) -> None:

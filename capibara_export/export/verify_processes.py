@@ -1,0 +1,80 @@
+"""`verify --processes N`: the bundle's sharded programs across N local processes, laid out as
+the manifest's hosts, against the single-process reference.
+
+The reference is computed here (Verifier.reference: the model's own program on this machine);
+the N processes are the `serve` command itself (launch.py), each simulating its host's devices
+on CPU with gloo collectives, so what is checked is exactly what a serving team runs: the
+multi-process join, the per-host parameter restore, the per-host input slices, the gather.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from . import manifest as mf
+from .launch import failure, launch
+from .loading import inspect_artifact
+from .manifest import BundleError
+from .trust import TrustPolicy
+from .verify import Row, Verifier, _compare
+
+TIMEOUT_S = 600
+
+
+def _trust_args(policy: TrustPolicy) -> list[str]:
+    return ((["--trust-key", str(policy.trust_key)] if policy.trust_key else [])
+            + (["--allow-unsigned-executables"] if policy.allow_unsigned_executables else []))
+
+
+def across_processes(bundle: Path, processes: int, policy: TrustPolicy = TrustPolicy(),
+                     timeout_s: float = TIMEOUT_S) -> list[Row]:
+    v = Verifier(bundle, policy)
+    mesh = v.manifest["mesh"]
+    hosts = mesh.get("hosts") or {}
+    want, per = int(hosts.get("processes", 1)), int(hosts.get("devices_per_process", mesh["devices"]))
+    if processes != want:
+        raise BundleError(f"--processes {processes}: this bundle's mesh spans {want} process(es) x {per} device(s) "
+                          f"(manifest mesh.hosts); use --processes {want}")
+    label = f"{processes} processes x {per} cpu devices"
+    rows, jobs = [], []
+    for a in (a for a in v.manifest["artifacts"] if a["kind"] == "jax.export-sharded"):
+        problem = mf.check_hash(v.bundle, a) or inspect_artifact(v.opened, a)
+        if problem:
+            rows.append(Row(a["path"], f"across {label}", None, None, "FAIL", problem))
+        elif "cpu" not in a.get("platforms", []):
+            rows.append(Row(a["path"], f"across {label}", None, None, "not runnable here",
+                            f"lowered for {', '.join(a.get('platforms', []))} only (an export made before sharded "
+                            "programs were lowered for cpu too): re-export to check it across processes"))
+        else:
+            jobs.append(a)
+    if not jobs:
+        return rows
+    with tempfile.TemporaryDirectory(prefix="capibara-verify-") as tmp:
+        tmp = Path(tmp)
+        serve_args = [str(v.bundle)]
+        for i, a in enumerate(jobs):
+            inputs, _ = v.reference(a["entry"], a["precision"], a["params"], a["batch"])
+            names = [t["name"] for t in a["inputs"]]
+            np.savez(tmp / f"{i}-in.npz", **dict(zip(names, map(np.asarray, jax.tree.leaves(inputs)))))
+            serve_args += ["--entry", a["entry"], "--precision", a["precision"], "--inputs", tmp / f"{i}-in.npz",
+                           "--out", tmp / f"{i}-out.npz"]
+        ended = launch(serve_args + _trust_args(policy) + ["--no-executables"], processes, per, tmp / "logs",
+                       timeout_s=timeout_s)
+        problem = failure(ended)
+        for i, a in enumerate(jobs):
+            if problem:
+                rows.append(Row(a["path"], f"across {label}", None, None, "FAIL", problem))
+                continue
+            inputs, reference = v.reference(a["entry"], a["precision"], a["params"], a["batch"])
+            names = [t["name"] for t in a["outputs"]]
+            with np.load(tmp / f"{i}-out.npz", allow_pickle=False) as got:
+                got = {k: got[k] for k in got.files}
+            compared = _compare(a["path"], got, dict(zip(names, jax.tree.leaves(reference))), a["precision"],
+                                v._ties_for(a, a["batch"]))
+            rows += [Row(r.artifact, f"{r.output} across {label}", r.max_abs_error, r.tolerance, r.result, r.note)
+                     for r in compared]
+    return rows
