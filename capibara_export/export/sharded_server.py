@@ -106,6 +106,9 @@ class ShardedServer:
         args_tree = jax.tree.structure(tuple(inputs_abstract))
         params = params_io.restore(opened.path(opened.artifact(a["params"])), params_abstract)
         n_params = len(jax.tree.leaves(params_abstract))
+        share = host_share(params)
+        notes.append(f"parameters restored on this host: sharded {share['sharded_here']} of {share['sharded_total']} "
+                     f"bytes, replicated {share['replicated']} bytes, not read by the program {share['unused']} bytes")
         return cls(opened, a, program, kind, path, params, flat[n_params:], args_tree, notes)
 
     @property
@@ -129,6 +132,25 @@ class ShardedServer:
         out = self.program(self.params, *jax.tree.unflatten(self.input_tree, leaves))
         gathered = [np.asarray(x) for x in multihost_utils.process_allgather(jax.tree.leaves(out), tiled=True)]
         return dict(zip(self.output_names, gathered))
+
+
+def host_share(arrays: dict) -> dict[str, int]:
+    """Bytes of the distinct slices this process's devices hold of the arrays sharded over
+    devices, those arrays' whole bytes, the replicated arrays' bytes, and the unused ones'."""
+    import jax
+
+    share = {"sharded_here": 0, "sharded_total": 0, "replicated": 0, "unused": 0}
+    for x in arrays.values():
+        whole = x.size * x.dtype.itemsize
+        if not isinstance(x, jax.Array):   # the program does not read it: no sharding, left on the host
+            share["unused"] += whole
+        elif x.sharding.is_fully_replicated:
+            share["replicated"] += whole
+        else:
+            seen = {tuple((i.start, i.stop) for i in s.index): s.data.size for s in x.addressable_shards}
+            share["sharded_here"] += sum(seen.values()) * x.dtype.itemsize
+            share["sharded_total"] += whole
+    return share
 
 
 def _toolchain_problem(manifest: dict, exe: dict) -> str | None:

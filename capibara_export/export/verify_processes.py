@@ -9,6 +9,7 @@ multi-process join, the per-host parameter restore, the per-host input slices, t
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from .trust import TrustPolicy
 from .verify import Row, Verifier, _compare
 
 TIMEOUT_S = 600
+_SHARE = re.compile(r"parameters restored on this host: sharded (\d+) of (\d+) bytes, replicated (\d+) bytes")
+# one such line per process and entry (sharded_server.ShardedServer.open's note)
 
 
 def _trust_args(policy: TrustPolicy) -> list[str]:
@@ -65,6 +68,7 @@ def across_processes(bundle: Path, processes: int, policy: TrustPolicy = TrustPo
         ended = launch(serve_args + _trust_args(policy) + ["--no-executables"], processes, per, tmp / "logs",
                        timeout_s=timeout_s)
         problem = failure(ended)
+        shares = [] if problem else _host_shares(ended)
         for i, a in enumerate(jobs):
             if problem:
                 rows.append(Row(a["path"], f"across {label}", None, None, "FAIL", problem))
@@ -75,6 +79,24 @@ def across_processes(bundle: Path, processes: int, policy: TrustPolicy = TrustPo
                 got = {k: got[k] for k in got.files}
             compared = _compare(a["path"], got, dict(zip(names, jax.tree.leaves(reference))), a["precision"],
                                 v._ties_for(a, a["batch"]))
-            rows += [Row(r.artifact, f"{r.output} across {label}", r.max_abs_error, r.tolerance, r.result, r.note)
-                     for r in compared]
+            note = _share_note(shares, i)
+            rows += [Row(r.artifact, f"{r.output} across {label}", r.max_abs_error, r.tolerance, r.result,
+                         "; ".join(filter(None, [r.note, note]))) for r in compared]
     return rows
+
+
+def _host_shares(ended) -> list[list[tuple[int, int, int]]]:
+    """Per process, per job in order: (sharded bytes here, sharded bytes in all, replicated bytes),
+    as each serve process reported them."""
+    return [[tuple(map(int, m)) for m in _SHARE.findall(e.log.read_text(errors="replace"))] for e in ended]
+
+
+def _share_note(shares: list, job: int) -> str:
+    mine = [p[job] for p in shares if len(p) > job]
+    if not mine:
+        return ""
+    here, total, replicated = max(mine)
+    if not total:
+        return f"each process restored all {replicated} parameter bytes (the plan replicates them)"
+    return (f"each process restored at most {here} of {total} sharded parameter bytes (1/{total / here:.1f}) "
+            f"and {replicated} replicated bytes")
