@@ -128,7 +128,8 @@ class ShardedServer:
         leaves = []
         for spec, sharding in zip(self.input_specs, self.input_shardings):
             value = _input(inputs, spec, self.artifact["path"])
-            leaves.append(jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx]))
+            leaves.append(value if sharding is None else   # None: an input the program does not read
+                          jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx]))
         out = self.program(self.params, *jax.tree.unflatten(self.input_tree, leaves))
         gathered = [np.asarray(x) for x in multihost_utils.process_allgather(jax.tree.leaves(out), tiled=True)]
         return dict(zip(self.output_names, gathered))
