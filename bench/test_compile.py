@@ -1,5 +1,5 @@
 """Compile: lower + compile time per plan × precision for `small`, on the simulated CPU
-mesh and on tpu-v4-32 (deviceless), cold (no cache of any kind) and warm (a re-run of the
+mesh and on tpu-v4-64 (deviceless, the default target), cold (no cache of any kind) and warm (a re-run of the
 build with nothing changed, answered from the result cache)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from sharding import get_policy, load_plans
 from sharding.validity import check
 
 MODEL, ENTRY, BATCH, MESH = "small", "encode_image", 32, (4, 8)
-TARGETS = ["cpu", "tpu-v4-32"]
+TARGETS = ["cpu", "tpu-v4-64"]
 PRECISIONS = ["fp32", "bf16"]
 
 

@@ -48,9 +48,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_mesh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", default="4x8", help="DATAxMODEL mesh shape (default 4x8)")
     p.add_argument("--target", default="tpu-v4-64",
-                   help="tpu-v4-64 (default: 32 v4 chips, megacore, as a default runtime exposes them), tpu-v4-32 "
-                        "(32 TensorCores of 16 chips), tpu-v5e-32, cpu (simulated devices), local, or any v4/v5e "
-                        "topology libtpu knows: v4:4x4x4/megacore (64 chips), v5e:16x16 (256 chips), ...")
+                   help="a named slice as Cloud TPU names it: tpu-v4-8 .. tpu-v4-4096 (v4-N: N/2 chips, one megacore "
+                        "device each, as a default runtime exposes them; tpu-v4-64, 32 chips, is the default), "
+                        "tpu-v5e-4 .. tpu-v5e-256; cpu (simulated devices); local; or any v4/v5e topology libtpu "
+                        "knows: v4:4x4x4/megacore (64 chips), v4:2x2x4 (32 TensorCores as devices), v5e:16x16, ...")
     p.add_argument("--plan-file", action="append", default=[], metavar="TOML",
                    help="extra sharding plans (same form as sharding/plans.toml); repeatable")
 

@@ -15,7 +15,13 @@ from __future__ import annotations
 
 import os
 
-ACCELERATOR_TYPES = {"tpu-v4-32": "v4-32", "tpu-v4-64": "v4-64", "tpu-v5e-32": "v5litepod-32"}
+
+def accelerator_type(target: str | None) -> str:
+    """libtpu's TPU_ACCELERATOR_TYPE for a named slice (tpu-v4-64 -> v4-64, tpu-v5e-32 -> v5litepod-32)."""
+    name = (target or "").removeprefix("tpu-")
+    if name.startswith("v5e-"):
+        return "v5litepod-" + name.removeprefix("v5e-")
+    return name if name.startswith("v4-") else "v4-32"
 
 # Simulated CPU devices share this host's cores and memory, and every compiled program
 # grows with them: one tiny encode_image program on 32x32 took 39 s and 1.5 GB here (16x16:
@@ -30,7 +36,7 @@ def prepare(target: str | None = None, cpu_devices: int | None = None) -> None:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_ID", "0")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", ACCELERATOR_TYPES.get(target or "", "v4-32"))
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type(target))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if cpu_devices:

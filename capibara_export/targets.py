@@ -44,15 +44,29 @@ class Target:
 # exposes it: one megacore device per chip (docs/design.md, "Targets and hosts").
 DEFAULT_TARGET = "tpu-v4-64"
 
+# Named slices, as Cloud TPU names them (v4-N: N TensorCores = N/2 chips; v5litepod-N: N chips)
+# and as MaxText's accelerator table maps them to libtpu topologies; v4 in megacore mode, one
+# device per chip, which is what a default runtime exposes. v5e-1 and v5e-8 are single hosts that
+# libtpu's default host bounds (2x2) would split, so they are left out. The 32 TensorCores of a
+# v4-32 as separate devices are the topology target `v4:2x2x4` (not what a default runtime loads).
+V4_SLICES = {8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4", 128: "4x4x4", 256: "4x4x8", 512: "4x8x8",
+             1024: "8x8x8", 2048: "8x8x16", 4096: "8x16x16"}
+V5E_SLICES = {4: "2x2", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+
+
+def _presets() -> list[Target]:
+    v4 = [Target(f"tpu-v4-{n}", "tpu", f"TPU v4-{n} slice: topology v4:{shape}, {n // 2} chips in megacore mode "
+                 f"(one device per chip, as a default runtime exposes them)"
+                 + ("; the default" if f"tpu-v4-{n}" == DEFAULT_TARGET else ""),
+                 topology=f"v4:{shape}", chip_config="megacore", devices=n // 2, hardware="tpu-v4-chip")
+          for n, shape in V4_SLICES.items()]
+    v5e = [Target(f"tpu-v5e-{n}", "tpu", f"TPU v5e-{n} (v5litepod-{n}) slice: topology v5e:{shape}, {n} chips",
+                  topology=f"v5e:{shape}", devices=n, hardware="tpu-v5e-chip") for n, shape in V5E_SLICES.items()]
+    return v4 + v5e
+
+
 TARGETS: dict[str, Target] = {t.name: t for t in (
-    Target("tpu-v4-32", "tpu", "TPU v4-32 slice: topology v4:2x2x4, 16 chips, 32 TensorCore devices (a default "
-                               "runtime exposes 16 megacore devices: see the manifest's mesh.hosts.runtime)",
-           topology="v4:2x2x4", devices=32, hardware="tpu-v4-tensorcore"),
-    Target("tpu-v4-64", "tpu", "TPU v4-64 slice: topology v4:2x4x4, 32 chips in megacore mode (one device per "
-                               "chip, as a default runtime exposes them), 8 hosts x 4; the default",
-           topology="v4:2x4x4", chip_config="megacore", devices=32, hardware="tpu-v4-chip"),
-    Target("tpu-v5e-32", "tpu", "TPU v5e-32 slice: topology v5e:4x8, 32 chips",
-           topology="v5e:4x8", devices=32, hardware="tpu-v5e-chip"),
+    *_presets(),
     Target("cpu", "cpu", "N simulated host CPU devices (runs programs; for tests and small models)"),
     Target("local", "local", "whatever devices JAX finds on this machine (e.g. one GPU)"),
 )}
@@ -88,8 +102,9 @@ def get_target(name: str) -> Target:
         return TARGETS[name]
     found = topology_target(name)
     if found is None:
-        raise TargetError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}, or a libtpu topology "
-                          "such as v4:4x4x4/megacore or v5e:16x16")
+        raise TargetError(f"unknown target {name!r}; choose a named slice (tpu-v4-8 .. tpu-v4-4096: "
+                          f"{', '.join(f'v4-{n}' for n in V4_SLICES)}; tpu-v5e-4 .. tpu-v5e-256), cpu, local, or a "
+                          "libtpu topology such as v4:4x4x4/megacore or v5e:16x16")
     return found
 
 
@@ -186,7 +201,7 @@ def host_layout(mesh, target: Target | None = None) -> dict:
         if per_core:
             runtime = ("a default Cloud TPU v4 runtime exposes one megacore device per chip, half this count: "
                        "it needs a runtime configured for one device per TensorCore, or build in megacore mode "
-                       "(tpu-v4-64, or a topology ending in /megacore)")
+                       "(a tpu-v4-N preset, or a topology ending in /megacore)")
         else:
             runtime = "a default Cloud TPU runtime exposes these devices (one per chip)"
     else:

@@ -53,8 +53,8 @@ def test_build_writes_records_and_a_rerun_compiles_nothing(tmp_path):
     assert time.perf_counter() - started < 30
 
 
-@pytest.mark.parametrize("target, mesh", [("tpu-v4-64", "4x8"), ("tpu-v5e-32", "4x8"), ("tpu-v4-32", "8x4"),
-                                          ("tpu-v4-32", "2x16")])
+@pytest.mark.parametrize("target, mesh", [("tpu-v4-64", "4x8"), ("tpu-v5e-32", "4x8"), ("v4-2x2x4", "8x4"),
+                                          ("tpu-v4-32", "2x8")])
 def test_other_targets_and_meshes_build(tmp_path, target, mesh):
     result = run("build", "--target", target, "--mesh", mesh, *TINY, "--entries", "encode_image", "--plans",
                  "fsdp", "--precisions", "bf16", "--out", str(tmp_path), "--no-cache")
@@ -105,9 +105,9 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, env, message):
 def test_a_unit_over_the_memory_budget_is_a_record_not_a_crash(tmp_path):
     result = run("build", "--model", "base", "--quiet", "--entries", "encode_image", "--plans", "replicated",
                  "--precisions", "fp32", "--batch", "1024", "--out", str(tmp_path), "--no-cache",
-                 "--target", "tpu-v4-32")
+                 "--target", "v4:2x2x4")   # 32 TensorCores of 16 GiB each
     assert result.returncode == 0, result.stderr
-    (rec,) = records(tmp_path / "base-tpu-v4-32-4x8")
+    (rec,) = records(tmp_path / "base-v4-2x2x4-4x8")
     assert rec["status"] == "does-not-fit"
     assert rec["reason"].startswith("needs ") and " GiB of " in rec["reason"] and rec["needed_bytes"] > 16 * 2 ** 30
 

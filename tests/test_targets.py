@@ -16,7 +16,7 @@ def test_parse_mesh_rejects_malformed_shapes(text):
         parse_mesh(text)
 
 
-@pytest.mark.parametrize("name, kind", [("tpu-v4-32", "TPU v4"), ("tpu-v4-64", "TPU v4"), ("tpu-v5e-32", "TPU v5 lite")])
+@pytest.mark.parametrize("name, kind", [("v4:2x2x4", "TPU v4"), ("tpu-v4-64", "TPU v4"), ("tpu-v5e-32", "TPU v5 lite")])
 @pytest.mark.parametrize("shape", [(4, 8), (8, 4), (2, 16), (1, 32)])
 def test_tpu_targets_build_32_device_meshes_without_a_tpu(name, kind, shape):
     mesh = make_mesh(get_target(name), shape)
@@ -25,24 +25,41 @@ def test_tpu_targets_build_32_device_meshes_without_a_tpu(name, kind, shape):
     assert len({d.id for d in mesh.devices.flat}) == 32
 
 
-def test_v4_32_model_axis_pairs_the_two_cores_of_a_chip():
-    mesh = make_mesh(get_target("tpu-v4-32"), (4, 8))
+def test_per_core_v4_model_axis_pairs_the_two_cores_of_a_chip():
+    mesh = make_mesh(get_target("v4:2x2x4"), (4, 8))
     row = mesh.devices[0]
     assert [tuple(d.coords) for d in row[:2]] == [tuple(row[0].coords)] * 2
     assert [d.core_on_chip for d in row[:2]] == [0, 1]
 
 
 def test_wrong_device_count_says_what_fits():
-    with pytest.raises(TargetError, match=r"--mesh 4x9 needs 36 devices but tpu-v4-32 has 32 devices; .*4x8, 8x4"):
-        make_mesh(get_target("tpu-v4-32"), (4, 9))
+    with pytest.raises(TargetError, match=r"--mesh 4x9 needs 36 devices but tpu-v4-64 has 32 devices; .*4x8, 8x4"):
+        make_mesh(get_target("tpu-v4-64"), (4, 9))
+    with pytest.raises(TargetError, match=r"--mesh 4x8 needs 32 devices but tpu-v4-32 has 16 devices; .*4x4, 2x8"):
+        make_mesh(get_target("tpu-v4-32"), (4, 8))
     with pytest.raises(TargetError, match="jax_num_cpu_devices"):
         make_mesh(get_target("cpu"), (4, 4))
 
 
 def test_unknown_target():
-    with pytest.raises(TargetError, match="unknown target 'tpu-v9'; choose one of tpu-v4-32"):
+    with pytest.raises(TargetError, match=r"unknown target 'tpu-v9'; choose a named slice \(tpu-v4-8 .. tpu-v4-4096"):
         get_target("tpu-v9")
-    assert set(TARGETS) == {"tpu-v4-32", "tpu-v4-64", "tpu-v5e-32", "cpu", "local"}
+    assert {"tpu-v4-8", "tpu-v4-32", "tpu-v4-64", "tpu-v4-4096", "tpu-v5e-32", "tpu-v5e-256", "cpu",
+            "local"} <= set(TARGETS)
+
+
+@pytest.mark.parametrize("name, topology, chips, processes", [
+    ("tpu-v4-8", "v4:2x2x1", 4, 1), ("tpu-v4-32", "v4:2x2x4", 16, 4), ("tpu-v4-128", "v4:4x4x4", 64, 16),
+    ("tpu-v4-4096", "v4:8x16x16", 2048, 512), ("tpu-v5e-4", "v5e:2x2", 4, 1), ("tpu-v5e-256", "v5e:16x16", 256, 64),
+])
+def test_named_slices_are_cloud_names_on_a_default_runtime(name, topology, chips, processes):
+    """v4-N is N TensorCores = N/2 chips, one megacore device each (MaxText's table); v5e-N is N chips."""
+    from capibara_export.targets import devices
+
+    target = get_target(name)
+    devs = devices(target)
+    assert (target.topology, len(devs), len({d.process_index for d in devs})) == (topology, chips, processes)
+    assert target.chip_config == ("megacore" if name.startswith("tpu-v4") else None)
 
 
 def test_cpu_grid_is_row_major_by_id():
@@ -53,7 +70,7 @@ def test_cpu_grid_is_row_major_by_id():
 
 
 @pytest.mark.parametrize("name, procs, per, chip, loads, grid_row", [
-    ("tpu-v4-32", 4, 8, "one device per TensorCore", False, [0, 0, 1, 1, 2, 2, 3, 3]),
+    ("v4:2x2x4", 4, 8, "one device per TensorCore", False, [0, 0, 1, 1, 2, 2, 3, 3]),
     ("tpu-v4-64", 8, 4, "megacore (one device per chip)", True, [0, 2, 4, 6, 0, 2, 4, 6]),
     ("tpu-v5e-32", 8, 4, "one device per chip", True, [0, 0, 2, 2, 4, 4, 6, 6]),
 ])
@@ -81,7 +98,7 @@ def test_a_runtime_that_is_not_the_bundles_is_named_with_both_sides_and_the_fix(
     from capibara_export.export.executables import runtime_mismatch
     from capibara_export.targets import describe
 
-    target = get_target("tpu-v4-32")
+    target = get_target("v4:2x2x4")
     manifest = {"mesh": {**describe(make_mesh(target, (4, 8)), target), "devices": 32}}
     message = runtime_mismatch(manifest)
     assert message.startswith("compiled for 4 process(es) x 8 TPU v4 device(s), one device per TensorCore; "

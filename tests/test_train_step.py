@@ -48,7 +48,7 @@ def test_remat_policies_compute_the_same_loss_and_gradients(remat):
 
 
 def test_remat_full_lowers_peak_memory_on_tpu():
-    mesh = make_mesh(get_target("tpu-v4-32"), (4, 8))
+    mesh = make_mesh(get_target("v4:2x2x4"), (4, 8))   # 32 TensorCores as devices
     peaks = {}
     for remat in ("none", "full"):
         program = build_program(get_preset("small"), "train_step", get_policy("bf16-mixed"), 32,
