@@ -23,6 +23,7 @@ def accelerator_type(target: str | None) -> str:
         return "v5litepod-" + name.removeprefix("v5e-")
     return name if name.startswith("v4-") else "v4-32"
 
+
 # Simulated CPU devices share this host's cores and memory, and every compiled program
 # grows with them: one tiny encode_image program on 32x32 took 39 s and 1.5 GB here (16x16:
 # 14 s, 0.7 GB); 4,096 devices take 23 s just to create. Beyond this the `cpu` target is
