@@ -60,7 +60,7 @@ def free_port() -> int:
 
 
 def launch(serve_args: list[str], processes: int, cpu_devices: int, logs: Path, timeout_s: float = 600,
-           grace_s: float = 60, heartbeat_timeout_s: int = 10, started=None) -> list[Ended]:
+           grace_s: float = 60, heartbeat_timeout_s: int = 30, started=None) -> list[Ended]:
     """Run the serve command in `processes` local processes; every one's end, in id order.
     `started(popen_list)` is called once all are running (a test may kill one of them)."""
     logs = Path(logs)
