@@ -305,11 +305,14 @@ def cmd_verify(args) -> int:
     from .console import out
     from .export.verify import Verifier
 
-    rows = Verifier(Path(args.bundle), _policy(args)).run()
-    if args.processes:
-        from .export.verify_processes import across_processes
+    from .export.verify_processes import across_processes, devices_per_process
 
-        rows += across_processes(Path(args.bundle), args.processes, _policy(args))
+    verifier = Verifier(Path(args.bundle), _policy(args))
+    if args.processes:
+        devices_per_process(verifier.manifest, args.processes)   # a wrong N is refused before any work
+    rows = verifier.run()
+    if args.processes:
+        rows += across_processes(verifier, args.processes)
     if args.json:
         for r in rows:
             print(_json.dumps(r.__dict__))

@@ -57,7 +57,8 @@ def cmd_serve(args, policy) -> int:
                           "give one --inputs and one --out per --entry")
     runtime = HostRuntime(args.coordinator, args.num_processes, args.process_id, args.cpu_devices,
                           args.connect_timeout, args.heartbeat_timeout)
-    manifest = open_bundle(Path(args.bundle), policy).manifest
+    opened = open_bundle(Path(args.bundle), policy)   # once: signature, schema, paths
+    manifest = opened.manifest
     check_against_manifest(runtime, manifest)
     from .export.sharded_server import ShardedServer, read_inputs, sharded_artifact
 
@@ -72,8 +73,7 @@ def cmd_serve(args, policy) -> int:
 
     say(f"joined, {jax.local_device_count()} local {jax.default_backend()} device(s) of {jax.device_count()}")
     for entry, given, out in zip(args.entry, inputs, args.out):
-        server = ShardedServer.open(Path(args.bundle), entry, args.precision, policy,
-                                    use_executable=not args.no_executables)
+        server = ShardedServer.open(opened, entry, args.precision, use_executable=not args.no_executables)
         for note in server.notes:
             say(note)
         outputs = server(given)

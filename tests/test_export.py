@@ -148,6 +148,9 @@ def test_serve_refuses_a_runtime_that_cannot_be_the_slice_in_one_line(tpu_bundle
              "--coordinator", "127.0.0.1:1"],
     }
     running = {want: _serve(tpu_bundle, *args) for want, args in cases.items()}
+    wrong_n = cli("verify", tpu_bundle, "--processes", 4)   # refused before verify does any work
+    assert wrong_n.returncode == 2 and wrong_n.stdout == "", wrong_n.stdout[-500:]
+    assert "--processes 4: this bundle's mesh spans 8 process(es) x 4 device(s)" in wrong_n.stderr, wrong_n.stderr
     for want, proc in running.items():
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 2 and want in err, (want, err[-800:])

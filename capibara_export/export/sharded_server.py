@@ -66,11 +66,12 @@ class ShardedServer:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def open(cls, bundle: Path, entry: str, precision: str | None = None, policy: TrustPolicy = TrustPolicy(),
-             use_executable: bool = True) -> ShardedServer:
+    def open(cls, bundle: Path | OpenedBundle, entry: str, precision: str | None = None,
+             policy: TrustPolicy = TrustPolicy(), use_executable: bool = True) -> ShardedServer:
+        """`bundle`: a folder (opened here with `policy`) or a bundle already opened."""
         import jax
 
-        opened = open_bundle(Path(bundle), policy)
+        opened = bundle if isinstance(bundle, OpenedBundle) else open_bundle(Path(bundle), policy)
         manifest = opened.manifest
         a = sharded_artifact(manifest, entry, precision)
         platform = jax.default_backend()

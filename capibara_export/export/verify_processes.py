@@ -33,15 +33,23 @@ def _trust_args(policy: TrustPolicy) -> list[str]:
             + (["--allow-unsigned-executables"] if policy.allow_unsigned_executables else []))
 
 
-def across_processes(bundle: Path, processes: int, policy: TrustPolicy = TrustPolicy(),
-                     timeout_s: float = TIMEOUT_S) -> list[Row]:
-    v = Verifier(bundle, policy)
-    mesh = v.manifest["mesh"]
+def devices_per_process(manifest: dict, processes: int) -> int:
+    """The simulated devices each of `processes` local processes needs; refuses a count that is
+    not the manifest's hosts (call it before any work: bad input is refused first)."""
+    mesh = manifest["mesh"]
     hosts = mesh.get("hosts") or {}
     want, per = int(hosts.get("processes", 1)), int(hosts.get("devices_per_process", mesh["devices"]))
     if processes != want:
         raise BundleError(f"--processes {processes}: this bundle's mesh spans {want} process(es) x {per} device(s) "
                           f"(manifest mesh.hosts); use --processes {want}")
+    return per
+
+
+def across_processes(v: Verifier, processes: int, timeout_s: float = TIMEOUT_S) -> list[Row]:
+    """Rows for every sharded program run across `processes` local processes; `v` is the
+    Verifier of the single-process run (its bundle, trust policy and reference cache)."""
+    per = devices_per_process(v.manifest, processes)
+    policy = v.opened.policy
     label = f"{processes} processes x {per} cpu devices"
     rows, jobs = [], []
     for a in (a for a in v.manifest["artifacts"] if a["kind"] == "jax.export-sharded"):
