@@ -12,12 +12,13 @@ It is a pure function of the build folder (records.jsonl, build.json, hlo/), so
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
 from sharding.precision import get_policy
 
-from .build_folder import REBUILD, BuildFolderError, build_parts, hlo_text, read_build, read_records
+from .build_folder import REBUILD, BuildFolderError, build_parts, hlo_text, ordered_shape, read_build, read_records
 from .cache import DerivedCache, key_of, source_hash
 from .collectives import collectives
 from .compile import MEMORY_FRACTION
@@ -31,8 +32,9 @@ SCHEMA = "capibara-export/analysis"
 SCHEMA_VERSION = 1
 
 
-def analyze_unit(record: CompileRecord, folder: Path, hardware: Hardware, mesh_shape: tuple[int, int],
+def analyze_unit(record: CompileRecord, folder: Path, hardware: Hardware, mesh_shape: dict[str, int],
                  coords: list[list[int]] | None = None) -> dict:
+    """`mesh_shape`: {axis: size} in mesh order, `dcn` first on several slices."""
     out: dict = {"unit": record.unit.to_dict(), "status": record.status, "reason": record.reason,
                  "plan_description": record.plan_description}
     if record.status != "ok" or record.memory is None:
@@ -40,7 +42,7 @@ def analyze_unit(record: CompileRecord, folder: Path, hardware: Hardware, mesh_s
             out["memory"] = {"source": "compiled", "needed": record.needed_bytes, "hbm_bytes": hardware.hbm_bytes,
                              "fits": False}
         return out
-    devices = mesh_shape[0] * mesh_shape[1]
+    devices = math.prod(mesh_shape.values())
     mem = dict(record.memory)
     mem.update(source="compiled", hbm_bytes=hardware.hbm_bytes, fraction_of_hbm=mem["peak"] / hardware.hbm_bytes,
                budget_fraction=MEMORY_FRACTION, fits=mem["peak"] <= MEMORY_FRACTION * hardware.hbm_bytes)
@@ -74,10 +76,16 @@ def analyze_unit(record: CompileRecord, folder: Path, hardware: Hardware, mesh_s
     for c in found:
         by_axis[c.axis] = by_axis.get(c.axis, 0.0) + c.total_bytes
         row = kinds.setdefault((c.kind, c.axis, c.group_size), {"kind": c.kind, "axis": c.axis,
-                                                                "group_size": c.group_size, "bytes": 0.0, "count": 0.0})
+                                                                "group_size": c.group_size, "bytes": 0.0, "count": 0.0,
+                                                                "dcn_bytes": 0.0})
         row["bytes"] += c.total_bytes
         row["count"] += c.times
-    out["collectives"] = {"source": "compiled", "bytes_by_axis": by_axis,
+        row["dcn_bytes"] += c.dcn_bytes
+    # by network: "ici" is the buffer bytes of collectives within one slice; "dcn" the bytes
+    # each device sends between slices (Collective.dcn_bytes); both per device per run
+    networks = {"ici": sum(c.total_bytes for c in found if c.slices_spanned <= 1),
+                "dcn": sum(c.dcn_bytes for c in found)}
+    out["collectives"] = {"source": "compiled", "bytes_by_axis": by_axis, "bytes_by_network": networks,
                           "by_kind": sorted(kinds.values(), key=lambda r: -r["bytes"])}
     optimal = raw.get("optimal_seconds")
     out["roofline"] = roofline(per_device.flops, per_device.bytes, found, hardware,
@@ -119,8 +127,7 @@ def analyze_build(folder: Path, hardware: Hardware | None = None, name: str | No
     folder = Path(folder)
     build = read_build(folder)
     hardware = hardware or build_parts(build, folder)[1]
-    shape = build["mesh"]["shape"]
-    mesh_shape = (shape["data"], shape["model"])
+    mesh_shape = ordered_shape(build["mesh"])
     coords = build["mesh"].get("device_coords")
     code = source_hash(*ANALYSIS_SOURCES) if cache else ""
     units = {}

@@ -173,6 +173,7 @@ def _build(request: BuildRequest, progress: ProgressFn | None,
     plans = select_plans(plans_by_name, list(request.plans) or None)
     target = get_target(request.target)
     mesh = make_mesh(target, request.mesh)
+    plans = [p.for_mesh(tuple(mesh.axis_names)) for p in plans]  # a multi-slice mesh adds `dcn`
     cfg = program_config(request, mesh.devices.flat[0].platform)
     hardware = hardware_for(target, mesh)
     if hardware.name == "cpu-host":  # no datasheet for a host: measure it once per build

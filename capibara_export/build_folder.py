@@ -83,6 +83,14 @@ _BUILD_FIELDS = {
 }
 
 
+def ordered_shape(mesh: dict) -> dict[str, int]:
+    """{axis: size} of a recorded mesh (build.json's or a manifest's) in mesh order: JSON
+    writers may sort `shape`'s keys, `axis_names` keeps the order ("dcn" first on slices)."""
+    shape = mesh["shape"]
+    names = [a for a in mesh.get("axis_names", ()) if a in shape]
+    return {str(a): int(shape[a]) for a in (names if len(names) == len(shape) else shape)}
+
+
 def read_build(folder: Path) -> dict:
     """build.json, with the type of every field a command reads checked."""
     path = Path(folder) / "build.json"
@@ -90,8 +98,9 @@ def read_build(folder: Path) -> dict:
     for dotted, types in _BUILD_FIELDS.items():
         _field(build, dotted, types, path)
     shape = build["mesh"]["shape"]
-    if shape["data"] < 1 or shape["model"] < 1:
-        raise BuildFolderError(f"{path}: mesh shape {shape['data']}x{shape['model']} is not a mesh; {REBUILD}")
+    if set(shape) - {"dcn"} != {"data", "model"} or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape.values()):
+        raise BuildFolderError(f"{path}: mesh shape {shape} is not a (dcn,) data, model mesh; {REBUILD}")
     if not all(isinstance(p, str) for p in build["request"]["precisions"]):
         raise BuildFolderError(f"{path}: field `request.precisions` is not a list of names; {REBUILD}")
     coords = build["mesh"].get("device_coords")

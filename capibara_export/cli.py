@@ -8,10 +8,12 @@ expected failure is one line on stderr naming the problem and the fix, exit code
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from . import cli_serve, environment
+from .environment import DEFAULT_TARGET
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -47,11 +49,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_mesh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", default="4x8", help="DATAxMODEL mesh shape (default 4x8)")
-    p.add_argument("--target", default="tpu-v4-64",
+    p.add_argument("--target", default=DEFAULT_TARGET,
                    help="a named slice as Cloud TPU names it: tpu-v4-8 .. tpu-v4-4096 (v4-N: N/2 chips, one megacore "
                         "device each, as a default runtime exposes them; tpu-v4-64, 32 chips, is the default), "
                         "tpu-v5e-4 .. tpu-v5e-256; cpu (simulated devices); local; or any v4/v5e topology libtpu "
                         "knows: v4:4x4x4/megacore (64 chips), v4:2x2x4 (32 TensorCores as devices), v5e:16x16, ...")
+    p.add_argument("--topology", metavar="NAME",
+                   help="a libtpu topology instead of --target, e.g. v4:4x4x8 (with --chip-config megacore for one "
+                        "device per chip) or v5e:16x16")
+    p.add_argument("--chip-config", choices=("default", "megacore"), default="default",
+                   help="with --topology: megacore (one device per v4 chip, what a default runtime exposes) or "
+                        "default (one device per TensorCore)")
+    p.add_argument("--slices", type=_count(), default=1,
+                   help="S identical TPU slices joined by the data-centre network: the mesh gets a `dcn` axis of "
+                        "size S in front of DATAxMODEL (one slice's mesh); plans that do not name dcn put the batch "
+                        "on it (default 1)")
     p.add_argument("--plan-file", action="append", default=[], metavar="TOML",
                    help="extra sharding plans (same form as sharding/plans.toml); repeatable")
 
@@ -195,7 +207,7 @@ def _environment(args) -> tuple[str | None, int | None]:
             data = json.loads(raw)
             shape = data["mesh"]["shape"]
             target = data["target"]["name"]
-            return target, int(shape["data"]) * int(shape["model"])
+            return target, math.prod(int(n) for n in shape.values())
         except (OSError, ValueError, KeyError, TypeError):
             return None, None  # the command itself reports the missing or broken file
     if getattr(args, "target", None) != "cpu":
@@ -241,8 +253,9 @@ def cmd_build(args) -> int:
     with build_progress(args.quiet) as progress:
         result = run_build(request, progress=progress, finish=finish)
     counts = result.counts()
-    out.print(records_table(result.records, f"Build {result.folder} ({result.hardware.name}, "
-                                            f"mesh {args.mesh})"))
+    slices = dict(result.mesh.shape).get("dcn", 1)
+    where = f"mesh {args.mesh}" + (f" in each of {slices} slices" if slices > 1 else "")
+    out.print(records_table(result.records, f"Build {result.folder} ({result.hardware.name}, {where})"))
     why = reasons_table(result.records)
     if why is not None:
         out.print(why)
@@ -477,16 +490,20 @@ def cmd_plans(args) -> int:
 
     from .build import BuildRequest, model_config
     from .console import out
-    from .targets import parse_mesh
+    from .targets import DCN_AXIS, get_target, parse_mesh
 
     rows, cols = parse_mesh(args.mesh)
+    slices = get_target(args.target).slices
+    mesh_shape = {**({DCN_AXIS: slices} if slices > 1 else {}), "data": rows, "model": cols}
     cfg = model_config(BuildRequest(model=args.model, checkpoint=args.checkpoint))
     sizes = {**cfg.axis_sizes(), "batch": {args.batch}}
-    table = Table(title=f"Plans for {cfg.name} on a {rows}x{cols} mesh at batch {args.batch}", title_justify="left")
+    where = f"{slices} slices of a {rows}x{cols} mesh" if slices > 1 else f"a {rows}x{cols} mesh"
+    table = Table(title=f"Plans for {cfg.name} on {where} at batch {args.batch}", title_justify="left")
     for col in ("plan", "valid", "description / reason"):
         table.add_column(col, overflow="fold")
     for plan in load_plans(args.plan_file).values():
-        validity = check(plan, logical_names(cfg), abstract_params(cfg), sizes, {"data": rows, "model": cols})
+        plan = plan.for_mesh(tuple(mesh_shape))
+        validity = check(plan, logical_names(cfg), abstract_params(cfg), sizes, mesh_shape)
         table.add_row(plan.name, "[green]yes[/]" if validity.ok else "[yellow]no[/]",
                       plan.description if validity.ok else validity.reason)
     out.print(table)
@@ -502,11 +519,31 @@ COMMANDS = {"build": cmd_build, "plans": cmd_plans, "report": cmd_report, "expor
             "bench-report": cmd_bench_report, "analyze": cmd_analyze}
 
 
+def _resolve_target(args) -> str | None:
+    """--topology/--chip-config and --slices folded into the one target name every later step
+    and the build folder resolve alike (`2xv4:4x4x8/megacore`); the problem, if the options
+    contradict each other. String work only: JAX is not imported yet, and get_target checks
+    the name (one line) when the command resolves it."""
+    if getattr(args, "topology", None):
+        if args.target != DEFAULT_TARGET:
+            return f"--topology {args.topology} and --target {args.target} both name the target; give one"
+        args.target = args.topology + ("/megacore" if args.chip_config == "megacore" else "")
+    elif getattr(args, "chip_config", "default") != "default":
+        return "--chip-config goes with --topology (a named slice such as tpu-v4-64 is already megacore)"
+    if getattr(args, "slices", 1) > 1:
+        args.target = f"{args.slices}x{args.target}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from . import errors, interrupts  # no JAX import yet
 
     interrupts.reset()
+    problem = _resolve_target(args)
+    if problem:
+        print(f"capibara-export: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         with interrupts.watched():
             if args.command == "serve":

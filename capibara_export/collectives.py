@@ -7,7 +7,15 @@ appear in three notations, all turned into explicit groups of logical device ids
   mesh      replica_groups=mesh['axis_0'=4,'axis_1'=8] {'axis_1'}, optionally with
             device_ids=([4,8]T(1,0)) giving the device at each mesh position (CPU HLO)
 With use_global_device_ids the ids index the jit's device assignment, which is the mesh's
-devices in row-major order, so id i sits at mesh position divmod(i, model_size).
+devices in row-major order, so id i sits at mesh position unravel_index(i, mesh shape).
+
+On a multi-slice mesh (a leading `dcn` axis) libtpu compiles one program per slice: its
+replica groups index the slice's own devices (ICI), and each collective part that crosses
+slices becomes a host-transfer `send`/`recv` pair for the DCN ("megascale") runtime, tagged
+_xla_megascale_transfer_type="ALL_GATHER" (or ALL_REDUCE, ...). Those sends are read as
+collectives over the `dcn` axis. A group that spans slices itself (a platform that lowers
+the mesh as one program) is split the same way. `dcn_bytes` is what each device sends over
+the data-centre network.
 
 Per collective, `bytes` is the per-device buffer the collective moves: the gathered result
 of an all-gather, the operand of every other kind.
@@ -26,6 +34,9 @@ _IOTA = r"\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?"
 _DEVICE_IDS = r"(?:,\s*device_ids=\((?:\[[\d,]+\](?:T\([\d,]+\))?|[\d,]+)\))?"
 _GROUPS = re.compile(rf"replica_groups=(\{{\{{[^=]*?\}}\}}|\{{\}}|{_IOTA}|mesh\[[^\]]*\]{_DEVICE_IDS}\s*\{{[^}}]*\}})")
 _PAIRS = re.compile(r"source_target_pairs=\{(\{[\d,{}]*\})\}")
+_MEGASCALE = re.compile(r'_xla_megascale_transfer_type="([A-Z_]+)"')
+_MEGASCALE_KIND = {"ALL_GATHER": "all-gather", "ALL_REDUCE": "all-reduce", "REDUCE_SCATTER": "reduce-scatter",
+                   "ALL_TO_ALL": "all-to-all"}
 
 
 @dataclass
@@ -35,13 +46,42 @@ class Collective:
     bytes: float                  # per device, per execution
     times: float                  # executions per program run (loop trip counts included)
     groups: list[list[int]]       # logical device ids per group (permutes: [source, target] pairs)
-    axis: str                     # data | model | data+model | none
+    axis: str                     # the mesh axes it spans, "+"-joined: data | model | data+model | dcn+data | none
     group_size: int
     scope: str
+    slices_spanned: int = 1       # distinct `dcn` positions in its largest group (1: ICI only)
 
     @property
     def total_bytes(self) -> float:
         return self.bytes * self.times
+
+    @property
+    def dcn_bytes(self) -> float:
+        """Bytes per device per run that cross the data-centre network, for the hierarchical
+        algorithm (ICI within a slice, then DCN between slices): a ring all-gather over s
+        slices of n devices moves V·(s−1)/n per device over DCN, an all-reduce twice that;
+        a permute moves its buffer when source and target are in different slices."""
+        s = self.slices_spanned
+        if s <= 1:
+            return 0.0
+        if self.kind == "collective-permute":
+            return self.total_bytes
+        factor = 2.0 if self.kind == "all-reduce" else 1.0
+        return factor * self.total_bytes * (s - 1) / max(self.group_size, 1)
+
+
+def mesh_axes(mesh_shape) -> dict[str, int]:
+    """{axis: size} in mesh order; a bare (rows, cols) pair is the (data, model) mesh."""
+    if isinstance(mesh_shape, dict):
+        return {str(k): int(v) for k, v in mesh_shape.items()}
+    rows, cols = mesh_shape
+    return {"data": int(rows), "model": int(cols)}
+
+
+def grid_shape(mesh_shape) -> tuple[int, int]:
+    """The 2-D grid a heatmap draws: every axis but the last folded into rows (dcn × data)."""
+    sizes = list(mesh_axes(mesh_shape).values())
+    return int(np.prod(sizes[:-1])) if len(sizes) > 1 else 1, sizes[-1]
 
 
 def _iota(dims: str, perm: str | None) -> np.ndarray:
@@ -74,18 +114,23 @@ def parse_groups(text: str, num_devices: int) -> list[list[int]]:
     return groups.tolist()
 
 
-def axis_of(groups: list[list[int]], mesh_shape: tuple[int, int]) -> tuple[str, int]:
-    """Which mesh axes the members of a group differ along, and the group size."""
-    _, cols = mesh_shape
+def spanned(groups: list[list[int]], mesh_shape) -> dict[str, int]:
+    """{axis: distinct positions} for the axes the members of the largest group differ along."""
+    axes = mesh_axes(mesh_shape)
+    if not groups or max(len(g) for g in groups) <= 1:
+        return {}
+    g = [i for i in max(groups, key=len) if i < int(np.prod(list(axes.values())))]
+    positions = np.array(np.unravel_index(g, tuple(axes.values()))).T
+    return {a: n for a, n in zip(axes, (len(set(positions[:, k])) for k in range(len(axes)))) if n > 1}
+
+
+def axis_of(groups: list[list[int]], mesh_shape) -> tuple[str, int]:
+    """Which mesh axes the members of a group differ along ("+"-joined), and the group size."""
     size = max((len(g) for g in groups), default=1)
-    if size <= 1:
+    found = spanned(groups, mesh_shape)
+    if size <= 1 or not found:
         return "none", 1
-    g = max(groups, key=len)
-    rows_used = {i // cols for i in g}
-    cols_used = {i % cols for i in g}
-    if len(rows_used) > 1 and len(cols_used) > 1:
-        return "data+model", size
-    return ("data" if len(rows_used) > 1 else "model"), size
+    return "+".join(found), size
 
 
 def _pairs(attrs: str) -> list[list[int]]:
@@ -93,11 +138,18 @@ def _pairs(attrs: str) -> list[list[int]]:
     return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", m.group(1))] if m else []
 
 
-def collectives(program: HloProgram, mesh_shape: tuple[int, int]) -> list[Collective]:
-    n = mesh_shape[0] * mesh_shape[1]
+def collectives(program: HloProgram, mesh_shape) -> list[Collective]:
+    """Every collective of `program` with the mesh axes it spans; `mesh_shape` is {axis: size}
+    in mesh order (or a (data, model) pair)."""
+    axes = mesh_axes(mesh_shape)
+    n = int(np.prod(list(axes.values())))
     found = []
+    slices = axes.get("dcn", 1)
     for comp, inst, times in program.instructions():
         kind = inst.opcode.removesuffix("-start")
+        if inst.opcode == "send" and slices > 1 and (m := _MEGASCALE.search(inst.attrs)):
+            found.append(_dcn_transfer(comp, inst, times, m.group(1), axes, program.scope_of(comp, inst)))
+            continue
         if kind not in COLLECTIVES:
             continue
         operand_bytes = sum(comp.by_name[o].shape.bytes for o in inst.operands if o in comp.by_name)
@@ -109,15 +161,29 @@ def collectives(program: HloProgram, mesh_shape: tuple[int, int]) -> list[Collec
         if kind == "collective-permute":
             pairs = _pairs(inst.attrs)
             crossing = [p for p in pairs if p[0] != p[1]]
-            axis, size = axis_of(crossing, mesh_shape) if crossing else ("none", 1)
+            axis, size = axis_of(crossing, axes) if crossing else ("none", 1)
+            slices = max((spanned([p], axes).get("dcn", 1) for p in crossing), default=1)
             found.append(Collective(kind, inst.name, moved, times, crossing, axis, 2 if crossing else 1,
-                                    program.scope_of(comp, inst)))
+                                    program.scope_of(comp, inst), slices))
             continue
         m = _GROUPS.search(inst.attrs)
         groups = parse_groups(m.group(1), n) if m else [list(range(n))]
-        axis, size = axis_of(groups, mesh_shape)
-        found.append(Collective(kind, inst.name, moved, times, groups, axis, size, program.scope_of(comp, inst)))
+        axis, size = axis_of(groups, axes)
+        found.append(Collective(kind, inst.name, moved, times, groups, axis, size, program.scope_of(comp, inst),
+                                spanned(groups, axes).get("dcn", 1)))
     return found
+
+
+def _dcn_transfer(comp, inst, times: float, transfer: str, axes: dict[str, int], scope: str) -> Collective:
+    """One device's part of a collective between slices (a megascale `send`): its counterpart
+    devices are the same mesh position in every other slice."""
+    slices = axes["dcn"]
+    per_slice = int(np.prod([n for a, n in axes.items() if a != "dcn"]))
+    sent = comp.by_name[inst.operands[0]].shape.bytes if inst.operands and inst.operands[0] in comp.by_name else 0
+    kind = _MEGASCALE_KIND.get(transfer, transfer.lower().replace("_", "-"))
+    moved = sent * slices if kind == "all-gather" else sent  # the gathered result, as for an ICI all-gather
+    groups = [[i + k * per_slice for k in range(slices)] for i in range(per_slice)]
+    return Collective(kind, inst.name, moved, times, groups, "dcn", slices, scope, slices)
 
 
 def dims_spanned(c: Collective, coords: list[list[int]]) -> int:
@@ -130,14 +196,16 @@ def dims_spanned(c: Collective, coords: list[list[int]]) -> int:
     return max(1, sum(len({p[k] for p in positions}) > 1 for k in range(len(positions[0]))))
 
 
-def device_traffic(found: list[Collective], mesh_shape: tuple[int, int]) -> np.ndarray:
-    """Bytes each device sends per program run, as a (data, model) grid.
+def device_traffic(found: list[Collective], mesh_shape) -> np.ndarray:
+    """Bytes each device sends per program run, as a (data, model) grid (dcn × data rows on
+    several slices).
 
     A ring all-gather / reduce-scatter sends (n-1)/n of the buffer, an all-reduce twice
     that, an all-to-all (n-1)/n; a permute sends its buffer from each source whose target
     is another device. Devices outside every group send nothing: that unevenness is what
     the load grid is for."""
-    sent = np.zeros(mesh_shape[0] * mesh_shape[1])
+    rows, cols = grid_shape(mesh_shape)
+    sent = np.zeros(rows * cols)
     for c in found:
         if c.kind == "collective-permute":
             for src, _ in c.groups:
@@ -150,4 +218,4 @@ def device_traffic(found: list[Collective], mesh_shape: tuple[int, int]) -> np.n
             share = (n - 1) / n * (2.0 if c.kind == "all-reduce" else 1.0)
             for d in g:
                 sent[d] += c.total_bytes * share
-    return sent.reshape(mesh_shape)
+    return sent.reshape(rows, cols)

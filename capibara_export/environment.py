@@ -14,11 +14,15 @@ User-set variables always win.
 from __future__ import annotations
 
 import os
+import re
+
+# The seed's hardware (32 v4 chips, 4x8) as a default runtime exposes it (docs/design.md).
+DEFAULT_TARGET = "tpu-v4-64"
 
 
 def accelerator_type(target: str | None) -> str:
     """libtpu's TPU_ACCELERATOR_TYPE for a named slice (tpu-v4-64 -> v4-64, tpu-v5e-32 -> v5litepod-32)."""
-    name = (target or "").removeprefix("tpu-")
+    name = re.sub(r"^\d+x", "", target or "").removeprefix("tpu-")  # one slice of a multi-slice target
     if name.startswith("v5e-"):
         return "v5litepod-" + name.removeprefix("v5e-")
     return name if name.startswith("v4-") else "v4-32"

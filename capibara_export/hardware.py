@@ -30,6 +30,12 @@ class Hardware:
     # 32 devices share 2 cores and rendezvous in host memory), so it adds to the compute
     # and memory time instead of hiding under it.
     overlaps_communication: bool = True
+    # Between slices (multi-slice meshes): the data-centre network, per device. The jax-ml
+    # scaling-book ("How to think about TPUs", TPU specs) gives DCN egress as ~6.25e9 B/s per
+    # TPU chip and 3.125e9 for v5e; its per-hop latency is not published: 1e-5 s (a
+    # datacentre round trip's order) is an assumption, and every DCN figure is unvalidated.
+    dcn_bandwidth: float = 0.0
+    dcn_latency: float = 0.0
 
     def peak_flops(self, compute_dtype: str) -> float:
         return self.peak_bf16_flops if compute_dtype == "bfloat16" else self.peak_fp32_flops
@@ -38,11 +44,14 @@ class Hardware:
 HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # TPU f32 matmuls at DEFAULT precision run as one bf16 MXU pass: same peak as bf16.
     Hardware("tpu-v4-tensorcore", 1.375e14, 1.375e14, 16 * GiB, 0.6e12, 4.5e10, 1e-6, 3,
-             "REFERENCE.md: half of a TPU v4 chip (v4-32 default chip config, 2 devices per chip)"),
+             "REFERENCE.md: half of a TPU v4 chip (v4-32 default chip config, 2 devices per chip); "
+             "DCN: scaling-book, half a chip's 6.25e9 B/s", dcn_bandwidth=3.125e9, dcn_latency=1e-5),
     Hardware("tpu-v4-chip", 2.75e14, 2.75e14, 32 * GiB, 1.2e12, 4.5e10, 1e-6, 3,
-             "REFERENCE.md: TPU v4 chip in megacore mode (Google TPU v4 docs, scaling-book)"),
+             "REFERENCE.md: TPU v4 chip in megacore mode (Google TPU v4 docs, scaling-book); "
+             "DCN: scaling-book, 6.25e9 B/s per chip", dcn_bandwidth=6.25e9, dcn_latency=1e-5),
     Hardware("tpu-v5e-chip", 1.97e14, 1.97e14, 16 * GiB, 8.1e11, 4.5e10, 1e-6, 2,
-             "REFERENCE.md: TPU v5e chip (Google TPU v5e docs)"),
+             "REFERENCE.md: TPU v5e chip (Google TPU v5e docs); DCN: scaling-book, 3.125e9 B/s per chip",
+             dcn_bandwidth=3.125e9, dcn_latency=1e-5),
     # GPU f32 matmuls use TF32 by default in XLA: about half the bf16 dense rate.
     Hardware("nvidia-h100", 7.9e14, 3.95e14, 80 * GiB, 3.0e12, 0.0, 0.0, 0,
              "REFERENCE.md: measured on the lent H100 (8192^3 bf16 matmul, D2D copy)"),

@@ -141,8 +141,9 @@ def _separate(fig, labels: list, step: float = 9.0, tries: int = 12) -> None:
         placed.append(label.get_window_extent(renderer))
 
 
-def load_figure(unit: dict, title: str) -> str:
-    """The per-device communication heatmap, or one line when no device sends anything."""
+def load_figure(unit: dict, title: str, rows: str = "data") -> str:
+    """The per-device communication heatmap, or one line when no device sends anything.
+    `rows`: what the rows are (every mesh axis but `model`: "dcn × data" on several slices)."""
     grid = np.array(unit["load_grid"]["comm_bytes"], dtype=float)
     if not grid.size or float(grid.max()) == 0.0:
         return f"<p>{html.escape(title)}: no collective traffic (every device computes on its own data).</p>"
@@ -153,7 +154,7 @@ def load_figure(unit: dict, title: str) -> str:
     ax.set_xticks(range(grid.shape[1]))
     ax.set_yticks(range(grid.shape[0]))
     ax.set_xlabel("model")
-    ax.set_ylabel("data")
+    ax.set_ylabel(rows)
     ax.set_title(title, fontsize=9)
     for r, c in unit["load_grid"]["hot_devices"]:
         ax.add_patch(plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=2))
@@ -220,8 +221,9 @@ def render_html(analysis: dict, selection: dict) -> str:
         if s["unit_id"]:
             unit = analysis["units"][s["unit_id"]]
             lg = unit["load_grid"]
+            rows = " × ".join(a for a in analysis["build"]["mesh"]["shape"] if a != "model")
             parts.append(load_figure(unit, f"{s['unit_id']}: imbalance {lg['imbalance']:.2f}, "
-                                           f"{len(lg['hot_devices'])} device(s) over {lg['threshold']}x mean"))
+                                           f"{len(lg['hot_devices'])} device(s) over {lg['threshold']}x mean", rows))
     parts.append("<h2>Hotspots of the selected units (compiled, by model scope)</h2>")
     for s in selection["selections"]:
         if s["unit_id"]:

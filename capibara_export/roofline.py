@@ -15,6 +15,11 @@
       full cube (v4 under 4x4x4, v5e under 16x16) have no wraparound links, so rings run
       one way: W uses one link's one-way figure per dimension, not twice it. On a host
       CPU, collectives are memory copies: W is the host memory bandwidth share of a device.
+      Across slices (a collective whose group spans the `dcn` axis) the algorithm is
+      hierarchical: the ICI part runs over the group's devices within a slice (V, n/s), and
+      the DCN part moves `Collective.dcn_bytes` per device at the DCN bandwidth per device,
+      with α_dcn per slice hop: t_dcn = dcn_bytes / W_dcn + α_dcn·(s−1). Its time is
+      booked under the axis "dcn" (DCN constants are unvalidated: hardware.py).
     latency  = max(compute, memory, comm): the binding term is named. Overlap is
                assumed perfect, so this is a lower bound. Where the hardware says
                collectives do not overlap (the simulated CPU mesh, whose α is measured
@@ -29,7 +34,7 @@ Constants come from hardware.HARDWARE (../shared/REFERENCE.md). The TPU compiler
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .collectives import Collective, dims_spanned
 from .hardware import Hardware
@@ -68,6 +73,14 @@ def collective_seconds(c: Collective, bandwidth: float, hop_latency: float) -> f
     return t * c.times
 
 
+def dcn_seconds(c: Collective, hardware: Hardware) -> float:
+    """The DCN part of a collective that spans slices (0 when DCN has no figure)."""
+    if c.slices_spanned <= 1 or hardware.dcn_bandwidth <= 0:
+        return 0.0
+    hops = 1 if c.kind == "collective-permute" else (c.slices_spanned - 1) * (2 if c.kind == "all-reduce" else 1)
+    return c.dcn_bytes / hardware.dcn_bandwidth + hardware.dcn_latency * hops * c.times
+
+
 def roofline(flops: float, bytes_accessed: float, found: list[Collective], hardware: Hardware, compute_dtype: str,
              model_flops: float, num_devices: int, compiler_optimal: float | None = None,
              coords: list[list[int]] | None = None) -> Roofline:
@@ -78,9 +91,18 @@ def roofline(flops: float, bytes_accessed: float, found: list[Collective], hardw
     by_axis: dict[str, float] = {}
     for c in found:
         width = dims_spanned(c, coords or []) if hardware.ici_link_bandwidth else 1
-        t = collective_seconds(c, link * width, hardware.ici_hop_latency)
+        s = c.slices_spanned
+        if s > 1:  # the ICI part: the same collective within one slice
+            ici_axes = "+".join(a for a in c.axis.split("+") if a != "dcn") or "none"
+            c_ici = replace(c, group_size=max(c.group_size // s, 1), axis=ici_axes, slices_spanned=1)
+        else:
+            c_ici = c
+        t = collective_seconds(c_ici, link * width, hardware.ici_hop_latency)
         if t:
-            by_axis[c.axis] = by_axis.get(c.axis, 0.0) + t
+            by_axis[c_ici.axis] = by_axis.get(c_ici.axis, 0.0) + t
+        if s > 1:
+            dcn = dcn_seconds(c, hardware)
+            by_axis["dcn"] = by_axis.get("dcn", 0.0) + dcn
     comm = sum(by_axis.values())
     terms = {"compute": compute, "memory": memory, "communication": comm}
     binding = max(terms, key=terms.get)

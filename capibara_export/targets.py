@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from model.errors import UserError
 
+from .environment import DEFAULT_TARGET
 from .hardware import CPU_PLACEHOLDER, HARDWARE, Hardware, for_device_kind
 
 MESH_AXES = ("data", "model")
+DCN_AXIS = "dcn"          # the slice axis of a multi-slice mesh, in front of MESH_AXES
+MAX_SLICES = 64
 
 
 class TargetError(UserError):
@@ -34,15 +37,28 @@ class Target:
     chip_config: str | None = None
     devices: int | None = None    # fixed device count (TPU targets)
     hardware: str | None = None   # key into hardware.HARDWARE
+    slices: int = 1               # identical slices joined by the data-centre network (TPU only)
 
     @property
     def deviceless(self) -> bool:
         return self.platform == "tpu"
 
+    def with_slices(self, slices: int) -> Target:
+        """S copies of this slice joined by DCN, named `Sx<name>` (`2xtpu-v4-16`)."""
+        if slices == 1:
+            return self
+        if self.platform != "tpu":
+            raise TargetError(f"--slices {slices}: only TPU targets have slices; {self.name} is {self.platform} "
+                              "(use a tpu-v4-N / tpu-v5e-N preset or a topology)")
+        if not 1 < slices <= MAX_SLICES:
+            raise TargetError(f"--slices {slices}: choose 1 to {MAX_SLICES}")
+        return replace(self, name=f"{slices}x{self.name}", slices=slices, devices=(self.devices or 0) * slices or None,
+                       description=f"{slices} x {self.description}, joined by the data-centre network (DCN)")
 
-# The default is the seed's hardware (32 v4 chips x 32 GiB, 4x8) as a default Cloud TPU runtime
-# exposes it: one megacore device per chip (docs/design.md, "Targets and hosts").
-DEFAULT_TARGET = "tpu-v4-64"
+
+# DEFAULT_TARGET (environment.py, read before JAX starts) is the seed's hardware (32 v4 chips x
+# 32 GiB, 4x8) as a default Cloud TPU runtime exposes it: one megacore device per chip
+# (docs/design.md, "Targets and hosts").
 
 # Named slices, as Cloud TPU names them (v4-N: N TensorCores = N/2 chips; v5litepod-N: N chips)
 # and as MaxText's accelerator table maps them to libtpu topologies; v4 in megacore mode, one
@@ -98,6 +114,11 @@ def topology_target(text: str) -> Target | None:
 
 
 def get_target(name: str) -> Target:
+    """A target by name: a preset, `cpu`, `local`, a libtpu topology, or `Sx` before a TPU
+    target for S slices of it (`2xtpu-v4-16`, `4xv5e:16x16`)."""
+    multi = re.fullmatch(r"(\d+)x(\D.*)", name)
+    if multi:
+        return get_target(multi[2]).with_slices(int(multi[1]))
     if name in TARGETS:
         return TARGETS[name]
     found = topology_target(name)
@@ -124,6 +145,8 @@ def devices(target: Target) -> list:
 
         try:
             kw = {"chip_config_name": target.chip_config} if target.chip_config else {}
+            if target.slices > 1:
+                kw["num_slices"] = target.slices
             topo = topologies.get_topology_desc(platform="tpu", topology_name=target.topology, **kw)
         except Exception as err:  # libtpu missing or unusable: jax raises RuntimeError/ValueError variants
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -161,9 +184,22 @@ def _squarest_meshes(n: int, count: int = 4) -> list[str]:
 
 
 def make_mesh(target: Target, shape: tuple[int, int]):
+    """The (data, model) mesh over the target's devices; over S slices, the (dcn, data,
+    model) mesh whose `dcn` axis picks the slice (each slice laid out as `device_grid`)."""
     import jax
 
     devs = devices(target)
+    if target.slices > 1:
+        by_slice: dict[int, list] = {}
+        for d in devs:
+            by_slice.setdefault(int(getattr(d, "slice_index", 0) or 0), []).append(d)
+        per_slice = len(devs) // target.slices
+        if len(by_slice) != target.slices or per_slice != shape[0] * shape[1]:
+            raise TargetError(f"--mesh {shape[0]}x{shape[1]} is one slice's mesh and needs {shape[0] * shape[1]} "
+                              f"devices, but each slice of {target.name} has {per_slice} (e.g. "
+                              f"{', '.join(_squarest_meshes(per_slice))})")
+        grids = [device_grid(by_slice[i], shape) for i in sorted(by_slice)]
+        return jax.sharding.Mesh(np.stack(grids), (DCN_AXIS, *MESH_AXES))
     need = shape[0] * shape[1]
     if len(devs) != need:
         hint = {"tpu": f"{target.name} has {len(devs)} devices; use a mesh whose sizes multiply to {len(devs)} "
@@ -208,6 +244,7 @@ def host_layout(mesh, target: Target | None = None) -> dict:
         chip = "simulated CPU devices" if first.platform == "cpu" else f"one device per {first.platform} chip"
         runtime = "this host's runtime" if first.platform == "cpu" else "the local runtime"
     return {"processes": len(counts), "devices_per_process": int(counts.max()),
+            "slices": int(target.slices) if target is not None else 1,
             "process_grid": owner.tolist(), "chip_config": chip, "device_kind": first.device_kind,
             "runtime": runtime, "default_runtime_loads": not per_core}
 
@@ -222,7 +259,7 @@ def describe(mesh, target: Target | None = None) -> dict:
         "axis_names": list(mesh.axis_names),
         "device_kind": first.device_kind,
         "platform": first.platform,
-        "device_ids": [[int(d.id) for d in row] for row in mesh.devices],
+        "device_ids": np.vectorize(lambda d: int(d.id), otypes=[int])(mesh.devices).tolist(),
         # physical torus position of each device in mesh order (TPU only): the roofline
         # counts how many torus dimensions a collective's group spans
         "device_coords": [list(getattr(d, "coords", ()) or ()) for d in mesh.devices.flat],

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import jax
@@ -19,7 +19,10 @@ from jax.sharding import PartitionSpec
 from model.axes import LOGICAL_AXES, is_names
 from model.errors import UserError
 
-MESH_AXES = ("data", "model")
+# The mesh axes a plan may name. `dcn` exists only on a multi-slice mesh (one position per
+# slice, connected by the data-centre network); on one slice a plan's `dcn` is dropped.
+MESH_AXES = ("dcn", "data", "model")
+DCN = "dcn"
 SHIPPED = Path(__file__).with_name("plans.toml")
 PLAN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -45,6 +48,32 @@ class ShardingPlan:
 
     def spec(self, names: tuple[str | None, ...], kind: str) -> PartitionSpec:
         return linen.logical_to_mesh_axes(names, self.flax_rules(kind))
+
+    def for_mesh(self, axis_names: tuple[str, ...]) -> ShardingPlan:
+        """This plan as it applies to a mesh with these axes.
+
+        On one slice (no `dcn` axis) any `dcn` in the rules is dropped. On several slices a
+        plan that does not name `dcn` gets it in front of its batch rule (or a batch rule of
+        its own): data parallelism across slices with parameters replicated per slice, as
+        MaxText's dcn_data_parallelism does by default, since the data-centre network is
+        ~7x slower per chip than one ICI link. A plan that names `dcn` is used as written."""
+        def drop(rules: Rules) -> Rules:
+            kept = ((logical, tuple(a for a in mesh if a != DCN)) for logical, mesh in rules)
+            return tuple((logical, mesh) for logical, mesh in kept if mesh)
+
+        names = self.params + self.activations
+        if DCN not in axis_names:
+            if not any(DCN in mesh for _, mesh in names):
+                return self
+            return replace(self, params=drop(self.params), activations=drop(self.activations))
+        if any(DCN in mesh for _, mesh in names):
+            return self
+        if any(logical == "batch" for logical, _ in self.activations):
+            activations = tuple((k, (DCN, *m) if k == "batch" else m) for k, m in self.activations)
+        else:
+            activations = (("batch", (DCN,)), *self.activations)
+        return replace(self, activations=activations,
+                       description=f"{self.description} Across slices: batch over dcn.")
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "source": self.source,

@@ -64,6 +64,25 @@ def test_other_targets_and_meshes_build(tmp_path, target, mesh):
     assert rec["mesh"]["shape"] == dict(zip(("data", "model"), map(int, mesh.split("x"))))
 
 
+def test_topology_chip_config_and_slices_options_build(tmp_path):
+    """Any libtpu topology by its flags, and S slices of a preset (a `dcn` mesh axis)."""
+    common = [*TINY, "--entries", "encode_image", "--plans", "dp", "--precisions", "fp32", "--out", str(tmp_path),
+              "--no-cache"]
+    result = run("build", "--topology", "v4:4x4x8", "--chip-config", "megacore", "--mesh", "16x8", "--batch", "128",
+                 *common)
+    assert result.returncode == 0, result.stderr
+    (rec,) = records(tmp_path / "tiny-v4-4x4x8-megacore-16x8")
+    assert rec["status"] == "ok" and rec["mesh"]["shape"] == {"data": 16, "model": 8}
+    hosts = rec["mesh"]["hosts"]
+    assert (hosts["processes"], hosts["devices_per_process"], hosts["slices"]) == (32, 4, 1)
+    result = run("build", "--target", "tpu-v4-16", "--slices", "2", "--mesh", "2x4", "--batch", "16", *common)
+    assert result.returncode == 0, result.stderr
+    (rec,) = records(tmp_path / "tiny-2xtpu-v4-16-2x4")
+    assert rec["status"] == "ok" and rec["unit"]["target"] == "2xtpu-v4-16"
+    assert rec["mesh"]["axis_names"] == ["dcn", "data", "model"] and rec["mesh"]["hosts"]["processes"] == 4
+    assert "2 slices" in result.stdout
+
+
 def _bad_plan(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("[mine]\nparams = { hidden = 'model' }\n")
@@ -84,6 +103,11 @@ def _bad_plan(tmp_path):
     (["--name", "/tmp"], {}, "--name '/tmp': must be one folder name"),
     (["--out", "/etc/passwd"], {}, "is a file, not a folder; choose a folder"),
     (["--target", "cpu", "--mesh", "64x64"], {}, "4096 simulated CPU devices: the `cpu` target simulates at most 512"),
+    (["--target", "cpu", "--mesh", "2x2", "--slices", "2"], {}, "--slices 2: only TPU targets have slices"),
+    (["--slices", "2", "--mesh", "8x8"], {}, "--mesh 8x8 is one slice's mesh and needs 64 devices, but each slice"),
+    (["--topology", "v9:2x2"], {}, "unknown target 'v9:2x2'"),
+    (["--topology", "v4:2x2x2", "--target", "tpu-v5e-32"], {}, "both name the target; give one"),
+    (["--chip-config", "megacore"], {}, "--chip-config goes with --topology"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, env, message):
     args = _bad_plan(tmp_path) if args == "bad-plan-file" else args

@@ -238,8 +238,11 @@ def _analysis_summary(unit: dict) -> dict:
     if unit.get("status") != "ok":
         return {}
     r, m = unit["roofline"], unit["memory"]
+    networks = unit.get("collectives", {}).get("bytes_by_network", {})
     return {"source": "model+compiled", "predicted_latency_s": r["latency_s"], "binding": r["binding"],
-            "mfu": r["mfu"], "peak_bytes_per_device": m["peak"], "fits": m["fits"]}
+            "mfu": r["mfu"], "peak_bytes_per_device": m["peak"], "fits": m["fits"],
+            "collective_bytes_per_device": {"ici": float(networks.get("ici", 0.0)),
+                                            "dcn": float(networks.get("dcn", 0.0))}}
 
 
 def float_params(cfg: BlipConfig, checkpoint: str | None, random_seed: int | None) -> tuple[dict, str]:

@@ -32,6 +32,7 @@ from sharding.precision import get_policy
 from sharding.storage import stored_specs, stored_template
 
 from .. import interrupts
+from ..build_folder import ordered_shape
 from ..programs import ProgramOptions
 from . import executables, manifest as mf, params as params_io, saved_model, stablehlo
 from .loading import inspect_artifact, open_bundle
@@ -131,14 +132,13 @@ class Verifier:
         Simulated devices share this host's memory, so a plan that replicates the weights
         would need devices × their size; above HOST_BUDGET of RAM, a subset is restored
         (the largest arrays the plan shards, plus one it replicates) and the note says so."""
-        shape = self.manifest["mesh"]["shape"]
-        n = int(shape["data"]) * int(shape["model"])
+        shape = ordered_shape(self.manifest["mesh"])
+        n = int(np.prod(list(shape.values())))
         cpus = jax.devices("cpu")
         if len(cpus) < n:
             return Row(a["path"], f"restore sharded ({plan_name})", None, None, "not runnable here",
                        f"needs {n} devices, {len(cpus)} here")
-        mesh = jax.sharding.Mesh(np.array(cpus[:n]).reshape(int(shape["data"]), int(shape["model"])),
-                                 ("data", "model"))
+        mesh = jax.sharding.Mesh(np.array(cpus[:n]).reshape(tuple(shape.values())), tuple(shape))
         plan = ShardingPlan.from_dict(self.manifest["plans"][plan_name])
         specs = params_io.flatten(stored_specs(plan, self.config, get_policy(a["precisions"][0])))
         flat = self.params(a["path"])
