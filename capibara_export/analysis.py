@@ -24,9 +24,9 @@ from .collectives import collectives
 from .compile import MEMORY_FRACTION
 from .hardware import Hardware
 from .hlo import HloProgram
-from .hotspots import by_scope, classify, load_grid
+from .hotspots import by_scope, by_tower, classify, load_grid, scope_totals
 from .records import CompileRecord
-from .roofline import roofline
+from .roofline import collective_times, roofline
 
 SCHEMA = "capibara-export/analysis"
 SCHEMA_VERSION = 1
@@ -37,6 +37,8 @@ def analyze_unit(record: CompileRecord, folder: Path, hardware: Hardware, mesh_s
     """`mesh_shape`: {axis: size} in mesh order, `dcn` first on several slices."""
     out: dict = {"unit": record.unit.to_dict(), "status": record.status, "reason": record.reason,
                  "plan_description": record.plan_description}
+    if record.origin:
+        out["origin"] = record.origin
     if record.status != "ok" or record.memory is None:
         if record.needed_bytes:
             out["memory"] = {"source": "compiled", "needed": record.needed_bytes, "hbm_bytes": hardware.hbm_bytes,
@@ -91,7 +93,8 @@ def analyze_unit(record: CompileRecord, folder: Path, hardware: Hardware, mesh_s
     out["roofline"] = roofline(per_device.flops, per_device.bytes, found, hardware,
                                get_policy(record.unit.precision).compute_dtype, analytic, devices, optimal,
                                coords).to_dict()
-    out["hotspots"] = {"source": "compiled", "scopes": by_scope(program, found)}
+    totals = scope_totals(program, found, lambda c: sum(collective_times(c, hardware, coords).values()))
+    out["hotspots"] = {"source": "compiled", "scopes": by_scope(totals), "towers": by_tower(totals)}
     out["load_grid"] = load_grid(found, mesh_shape)
     out["classification"] = classify(mem)
     return out

@@ -51,6 +51,8 @@ class BuildRequest:
     use_cache: bool = True
     name: str | None = None
     kernel_layout: str = "auto"            # text kernels: auto (the platform's serving layout), in-out, out-in
+    derive_rounds: int = 1                 # rounds of plans proposed by the hotspots (plan_search.py); 0: none
+    derive_budget: int = 4                 # at most this many derived units in all rounds
 
     def folder_name(self) -> str:
         return self.name or f"{self.model_name()}-{get_target(self.target).name}-{self.mesh[0]}x{self.mesh[1]}"
@@ -188,11 +190,14 @@ def _build(request: BuildRequest, progress: ProgressFn | None,
     compiled: dict[str, Compiled] = {}
     texts: dict[str, dict[str, str]] = {}
     plan_of = {p.name: p for p in plans}
-    with interrupts.watched(defer=True):
-        for i, unit in enumerate(todo):
+
+    def compile_all(batch: list[Unit], origins: dict[str, dict] | None = None) -> None:
+        done = len(records)
+        total = done + len(batch)
+        for i, unit in enumerate(batch, start=done):
             interrupts.check()
             if progress:
-                progress(i, len(todo), unit, None)
+                progress(i, total, unit, None)
             plan = plan_of[unit.plan]
             key = cache_key(unit.to_dict(), cfg.to_dict(), plan.to_dict(), mesh_info)
             hit = cache.get(key)
@@ -207,20 +212,17 @@ def _build(request: BuildRequest, progress: ProgressFn | None,
                 cache.put(key, record, unit_texts, kept)
                 if fresh:
                     compiled[unit.id] = fresh
+            record.origin = (origins or {}).get(unit.plan)
             if unit_texts:
                 texts[unit.id] = unit_texts
                 record.hlo_file, record.pre_hlo_file = f"hlo/{unit.id}.hlo.gz", f"hlo/{unit.id}.pre.hlo.gz"
             records.append(record)
             if progress:
-                progress(i + 1, len(todo), unit, record)
-        interrupts.check()
+                progress(i + 1, total, unit, record)
 
-    result = BuildResult(Path(request.out) / request.folder_name(), cfg, records, compiled, mesh, hardware,
-                         {p.name: p for p in plans})
-    with staged_folder(result.folder) as staging:
-        (staging / "hlo").mkdir()
-        for unit_id, unit_texts in texts.items():
-            for name, text in unit_texts.items():
+    def write(staging: Path) -> None:
+        for unit_id in [u for u in texts if not (staging / "hlo" / f"{u}.hlo.gz").exists()]:
+            for name, text in texts[unit_id].items():
                 suffix = "hlo.gz" if name == "hlo" else "pre.hlo.gz"
                 (staging / "hlo" / f"{unit_id}.{suffix}").write_bytes(gzip.compress(text.encode(), compresslevel=6))
         write_records(staging / "records.jsonl", records)
@@ -228,10 +230,53 @@ def _build(request: BuildRequest, progress: ProgressFn | None,
             "request": {**asdict(request), "out": str(request.out)},
             "model_config": cfg.to_dict(), "model_hash": config_hash(cfg),
             "target": asdict(target), "mesh": mesh_info, "hardware": asdict(hardware),
-            "plans": {p.name: p.to_dict() for p in plans}, "toolchain": toolchain(),
+            "plans": {p.name: p.to_dict() for p in plan_of.values()}, "toolchain": toolchain(),
         }, indent=2, default=str))
+
+    with interrupts.watched(defer=True):
+        compile_all(todo)
+        interrupts.check()
+
+    result = BuildResult(Path(request.out) / request.folder_name(), cfg, records, compiled, mesh, hardware, plan_of)
+    with staged_folder(result.folder) as staging:
+        (staging / "hlo").mkdir()
+        write(staging)
+        budget = request.derive_budget
+        for round_no in range(1, request.derive_rounds + 1):
+            derived = derived_units(request, cfg, staging, hardware, plan_of, round_no, budget)
+            if not derived:
+                break
+            with interrupts.watched(defer=True):
+                compile_all([u for u, _ in derived], {u.plan: origin for u, origin in derived})
+                interrupts.check()
+            budget -= len(derived)
+            write(staging)
         result.seconds = time.perf_counter() - started
         if finish:
             finish(staging, result)
     return result
+
+
+def derived_units(request: BuildRequest, cfg: BlipConfig, staging: Path, hardware: Hardware,
+                  plan_of: dict[str, ShardingPlan], round_no: int, budget: int) -> list[tuple[Unit, dict]]:
+    """The units of the plans the hotspots propose (plan_search.py), within the unit budget;
+    each new plan is added to `plan_of`. Reads the analysis of what is compiled so far
+    (kept in the derived cache, so the build's own analysis after this reads it back)."""
+    from .analysis import analyze_build
+    from .cache import DerivedCache
+    from .plan_search import propose
+
+    cache_root = Path(request.out) / ".cache"
+    cache = DerivedCache(cache_root, "analysis") if request.use_cache and cache_root.is_dir() else None
+    analysis = analyze_build(staging, hardware, cache=cache)
+    out: list[tuple[Unit, dict]] = []
+    mesh = f"{request.mesh[0]}x{request.mesh[1]}"
+    for proposal in propose(analysis, plan_of, hardware, round_no):
+        if len(out) + len(proposal.groups) > budget:
+            continue
+        plan_of[proposal.plan.name] = proposal.plan
+        out += [(Unit(request.target, mesh, request.model_name(), config_hash(cfg), entry, proposal.plan.name,
+                      precision, batch, asdict(request.options)), proposal.origin)
+                for entry, precision, batch in proposal.groups]
+    return out
 

@@ -92,6 +92,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--kernel-layout", default="auto", choices=("auto", "in-out", "out-in"),
                    help="how the text towers' dense kernels are stored (default auto: out-in on a GPU, where "
                         "batch-1 decoding is 1.5x faster, in-out on a TPU or CPU; docs/performance.md)")
+    b.add_argument("--derive-rounds", type=_count(0), default=1,
+                   help="rounds of plans proposed by the hotspots (each tower on the plan its figures favour), "
+                        "compiled as extra units of this build (default 1; 0: only the given plans)")
+    b.add_argument("--derive-budget", type=_count(0), default=4,
+                   help="at most this many derived units over all rounds (default 4)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_export_args(b, standalone=False)
 
@@ -234,7 +239,8 @@ def cmd_build(args) -> int:
         precisions=args.precisions or ("fp32", "bf16-mixed", "bf16"), batches=args.batch or (32,),
         options=ProgramOptions(max_new_tokens=args.max_new_tokens, prompt_len=args.prompt_len,
                                text_len=args.text_len, remat=args.remat),
-        out=Path(args.out), use_cache=not args.no_cache, name=args.name, kernel_layout=args.kernel_layout)
+        out=Path(args.out), use_cache=not args.no_cache, name=args.name, kernel_layout=args.kernel_layout,
+        derive_rounds=args.derive_rounds, derive_budget=args.derive_budget)
     summary = {}
 
     weights = None

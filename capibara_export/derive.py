@@ -37,10 +37,30 @@ def derive(folder: Path, name: str | None = None) -> tuple[dict, dict, str]:
     write_json(folder / "selection.json", selection)
     build["selection"] = selection["selections"]
     write_json(folder / "build.json", build)
+    write_derived_plans(folder, build, selection)
     if not use_cache:
         write_report(folder, analysis, selection)
         return analysis, selection, render_summary(analysis, selection)
     return analysis, selection, _cached_report(folder, analysis, selection, DerivedCache(cache_root, "report"))
+
+
+DERIVED_PLANS = "derived-plans.toml"
+
+
+def write_derived_plans(folder: Path, build: dict, selection: dict) -> None:
+    """The derived plans that some selection took, as a plan file (`--plan-file` next time)."""
+    from sharding.plans import ShardingPlan
+
+    from .plan_search import SOURCE, plans_toml
+
+    chosen = {s["plan"] for s in selection["selections"] if s.get("plan")}
+    derived = [ShardingPlan.from_dict(d) for name, d in sorted(build["plans"].items())
+               if name in chosen and d.get("source") == SOURCE]
+    path = folder / DERIVED_PLANS
+    if derived:
+        path.write_text(plans_toml(derived))
+    elif path.exists():
+        path.unlink()
 
 
 def _cached_report(folder: Path, analysis: dict, selection: dict, cache: DerivedCache) -> str:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
 
@@ -26,9 +27,12 @@ BATCH_FAMILY = ("dp", "fsdp")
 HIDDEN_FAMILY = ("hidden", "fsdp-tp", "tp")
 
 
-def by_scope(program: HloProgram, found: list[Collective], top: int = 8) -> list[dict]:
-    """The `top` scopes by FLOPs, each with its share of FLOPs, bytes and collective bytes."""
-    acc: dict[str, dict[str, float]] = defaultdict(lambda: {"flops": 0.0, "bytes": 0.0, "comm_bytes": 0.0})
+def scope_totals(program: HloProgram, found: list[Collective],
+                 comm_seconds: Callable[[Collective], float] | None = None) -> dict[str, dict[str, float]]:
+    """FLOPs, bytes and collective bytes per scope, every instruction counted (loops included);
+    with `comm_seconds` (the roofline's time of one collective) also `comm_s` per scope."""
+    acc: dict[str, dict[str, float]] = defaultdict(lambda: {"flops": 0.0, "bytes": 0.0, "comm_bytes": 0.0,
+                                                            **({"comm_s": 0.0} if comm_seconds else {})})
     for comp, inst, times in program.instructions():
         c = program.instruction_costs(comp, inst)
         if c.flops or c.bytes:
@@ -37,10 +41,33 @@ def by_scope(program: HloProgram, found: list[Collective], top: int = 8) -> list
             row["bytes"] += c.bytes * times
     for c in found:
         acc[c.scope]["comm_bytes"] += c.total_bytes
-    totals = {k: sum(r[k] for r in acc.values()) or 1.0 for k in ("flops", "bytes", "comm_bytes")}
+        if comm_seconds:
+            acc[c.scope]["comm_s"] += comm_seconds(c)
+    return dict(acc)
+
+
+def _with_shares(acc: dict[str, dict[str, float]]) -> list[dict]:
+    totals = {k: sum(r[k] for r in acc.values()) or 1.0 for k in ("flops", "bytes", "comm_bytes")}  # no comm_s share
     rows = [{"scope": s, **r, **{f"{k}_share": r[k] / totals[k] for k in totals}} for s, r in acc.items()]
     rows.sort(key=lambda r: (r["flops"], r["bytes"]), reverse=True)
-    return rows[:top]
+    return rows
+
+
+def by_scope(totals: dict[str, dict[str, float]], top: int = 8) -> list[dict]:
+    """The `top` scopes by FLOPs, each with its share of FLOPs, bytes and collective bytes."""
+    return _with_shares(totals)[:top]
+
+
+def by_tower(totals: dict[str, dict[str, float]]) -> list[dict]:
+    """The same figures summed per top-level scope (the model's towers and heads: vision,
+    text_decoder, itm_head, ...): what a plan with per-tower rules can act on."""
+    towers: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for scope, row in totals.items():
+        top = scope.split("/", 1)[0] or "(unscoped)"
+        for k, v in row.items():
+            towers[top][k] += v
+    towers = {t: dict(row) for t, row in towers.items()}
+    return _with_shares(dict(towers))
 
 
 def load_grid(found: list[Collective], mesh_shape: tuple[int, int], threshold: float = 1.25) -> dict:

@@ -15,7 +15,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from flax import linen
 from jax.sharding import NamedSharding, PartitionSpec
 
 from model import BlipConfig, greedy_caption
@@ -236,5 +235,5 @@ def lower(program: Program, plan: ShardingPlan, mesh) -> jax.stages.Lowered:
     args = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), program.args, in_shardings)
     jitted = jax.jit(program.fn, in_shardings=in_shardings, out_shardings=out_shardings,
                      donate_argnums=program.donate)
-    with jax.set_mesh(mesh), linen.logical_axis_rules(plan.flax_rules("activations")):
+    with jax.set_mesh(mesh), plan.activated():
         return jitted.lower(*args)

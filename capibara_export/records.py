@@ -95,6 +95,7 @@ class CompileRecord:
     code_version: str = field(default_factory=code_version)
     cache_key: str = ""
     cached: bool = False              # true when this run read it from the result cache
+    origin: dict | None = None        # a derived plan's unit: the hotspot that proposed it (plan_search.py)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -169,7 +170,7 @@ _RECORD_TYPES = {
     "memory": (dict, _NONE), "needed_bytes": (int, _NONE), "cost": (dict, _NONE), "hlo_sha256": (str, _NONE),
     "hlo_file": (str, _NONE), "pre_hlo_file": (str, _NONE), "analytic_flops": (int, _NONE),
     "plan_description": str, "mesh": (dict, _NONE), "hardware": (str, _NONE), "toolchain": dict,
-    "code_version": str, "cache_key": str, "cached": bool,
+    "code_version": str, "cache_key": str, "cached": bool, "origin": (dict, _NONE),
 }
 
 

@@ -81,6 +81,26 @@ def dcn_seconds(c: Collective, hardware: Hardware) -> float:
     return c.dcn_bytes / hardware.dcn_bandwidth + hardware.dcn_latency * hops * c.times
 
 
+def collective_times(c: Collective, hardware: Hardware, coords: list[list[int]] | None = None) -> dict[str, float]:
+    """One collective's modelled seconds per run, by the axis they are booked under (its
+    ICI axes, and "dcn" for the part between slices); empty when it costs nothing."""
+    link = hardware.ici_link_bandwidth or hardware.hbm_bandwidth
+    width = dims_spanned(c, coords or []) if hardware.ici_link_bandwidth else 1
+    s = c.slices_spanned
+    if s > 1:  # the ICI part: the same collective within one slice
+        ici_axes = "+".join(a for a in c.axis.split("+") if a != "dcn") or "none"
+        c_ici = replace(c, group_size=max(c.group_size // s, 1), axis=ici_axes, slices_spanned=1)
+    else:
+        c_ici = c
+    out = {}
+    t = collective_seconds(c_ici, link * width, hardware.ici_hop_latency)
+    if t:
+        out[c_ici.axis] = t
+    if s > 1:
+        out["dcn"] = out.get("dcn", 0.0) + dcn_seconds(c, hardware)
+    return out
+
+
 def roofline(flops: float, bytes_accessed: float, found: list[Collective], hardware: Hardware, compute_dtype: str,
              model_flops: float, num_devices: int, compiler_optimal: float | None = None,
              coords: list[list[int]] | None = None) -> Roofline:
@@ -90,19 +110,8 @@ def roofline(flops: float, bytes_accessed: float, found: list[Collective], hardw
     memory = bytes_accessed / hardware.hbm_bandwidth if hardware.hbm_bandwidth else 0.0
     by_axis: dict[str, float] = {}
     for c in found:
-        width = dims_spanned(c, coords or []) if hardware.ici_link_bandwidth else 1
-        s = c.slices_spanned
-        if s > 1:  # the ICI part: the same collective within one slice
-            ici_axes = "+".join(a for a in c.axis.split("+") if a != "dcn") or "none"
-            c_ici = replace(c, group_size=max(c.group_size // s, 1), axis=ici_axes, slices_spanned=1)
-        else:
-            c_ici = c
-        t = collective_seconds(c_ici, link * width, hardware.ici_hop_latency)
-        if t:
-            by_axis[c_ici.axis] = by_axis.get(c_ici.axis, 0.0) + t
-        if s > 1:
-            dcn = dcn_seconds(c, hardware)
-            by_axis["dcn"] = by_axis.get("dcn", 0.0) + dcn
+        for axis, t in collective_times(c, hardware, coords).items():
+            by_axis[axis] = by_axis.get(axis, 0.0) + t
     comm = sum(by_axis.values())
     terms = {"compute": compute, "memory": memory, "communication": comm}
     binding = max(terms, key=terms.get)

@@ -2,7 +2,10 @@
 
 Units that did not compile, are invalid or do not fit the memory budget are dropped
 (never selected). Among the rest, the Pareto front on (predicted latency, peak memory per
-device) is kept and its fastest member chosen, ties going to the smaller footprint.
+device) is kept and its fastest member chosen, ties going to the smaller footprint; the
+reason names the next-fastest fitting plans with their predicted latencies. Plans derived
+from the hotspots (plan_search.py) compete like any other; when one is chosen, the reason
+quotes the hotspot that proposed it.
 Precision is not chosen here: it is a numerical decision for the serving team, so each
 precision gets its own selection. Each selection carries the memory advice of its unit
 (hotspots.advise): only plans valid here, and why the selection differs when it does.
@@ -26,6 +29,10 @@ def _none_selected(units: list[dict]) -> str:
     first_invalid = next((u["reason"] for u in units if u["status"] == "invalid" and u["reason"]), None)
     return (f"no plan selected: {len(units)} considered: {'; '.join(parts)}"
             + (f"; e.g. {first_invalid}" if first_invalid else ""))
+
+
+def _latency(u: dict) -> str:
+    return f"{u['unit']['plan']} {u['roofline']['latency_s'] * 1e3:.3g} ms"
 
 
 def pareto(points: list[tuple[str, float, float]]) -> list[str]:
@@ -60,11 +67,16 @@ def select(analysis: dict) -> dict:
         chosen = by_id[best]
         r = chosen["roofline"]
         others = [by_id[i]["unit"]["plan"] for i in front if i != best]
+        beaten = sorted((u for u in fitting if u["id"] != best), key=lambda u: u["roofline"]["latency_s"])[:3]
         reason = (f"{chosen['unit']['plan']}: fastest predicted latency ({r['latency_s'] * 1e3:.3g} ms, "
                   f"{r['binding']}-bound, MFU {r['mfu']:.0%}) of {len(fitting)} fitting plans, "
                   f"{gib(chosen['memory']['peak'])} per device"
+                  + (f"; next: {', '.join(_latency(u) for u in beaten)}" if beaten else "")
                   + (f"; also on the Pareto front: {', '.join(others)}" if others else ""))
-        entry_sel.update(plan=chosen["unit"]["plan"], unit_id=best, pareto=front, reason=reason,
+        origin = chosen.get("origin")
+        if origin:
+            reason += (f"; a plan derived from the hotspots of {origin['proposed_by']}: {origin['hotspot']}")
+        entry_sel.update(plan=chosen["unit"]["plan"], unit_id=best, pareto=front, reason=reason, derived=bool(origin),
                          predicted_latency_s=r["latency_s"], peak_bytes=chosen["memory"]["peak"],
                          advice=advise(chosen, units))
         selections.append(entry_sel)

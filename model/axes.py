@@ -8,6 +8,9 @@ in `sharding/` map these names to mesh axes, and the pipeline activates a plan w
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 from flax import linen
 
@@ -35,3 +38,33 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """Pin an activation's sharding by logical names; a no-op unless the caller has
     activated logical-axis rules and a mesh (Flax's `with_logical_constraint`)."""
     return linen.with_logical_constraint(x, names)
+
+
+# The model's towers: each is a named scope of the program (HLO metadata) and the top-level
+# key of its parameters, so a plan may give a tower rules of its own (sharding/plans.py).
+TOWERS = ("vision", "text_decoder", "text_encoder")
+
+_TOWER_RULES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("tower_rules", default=None)
+
+
+@contextlib.contextmanager
+def tower_rules(rules_by_tower: dict[str, list]):
+    """Activate per-tower logical-axis rules (flax rule lists by tower name) for `tower`
+    scopes entered while tracing; the pipeline's business, like flax's own rules."""
+    token = _TOWER_RULES.set(dict(rules_by_tower))
+    try:
+        yield
+    finally:
+        _TOWER_RULES.reset(token)
+
+
+@contextlib.contextmanager
+def tower(name: str):
+    """The named scope of one tower; inside it, that tower's rules if a plan gave it any."""
+    with jax.named_scope(name):
+        rules = (_TOWER_RULES.get() or {}).get(name)
+        if rules is None:
+            yield
+        else:
+            with linen.logical_axis_rules(rules):
+                yield

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .axes import BATCH, EMBED, VOCAB, constrain
+from .axes import BATCH, EMBED, VOCAB, constrain, tower
 from .config import BlipConfig
 from .layers import Dense
 from .text import CROSS_KV_NAMES, SELF_KV_NAMES, TextTower
@@ -47,13 +47,13 @@ class Blip(nnx.Module):
         return tower
 
     def encode_image(self, pixels_bchw: jax.Array) -> jax.Array:
-        with jax.named_scope("vision"):
+        with tower("vision"):
             return self.vision(pixels_bchw)
 
     # ------------------------------------------------------------------ captioning
     def decoder_logits(self, ids_bt, mask_bt, image_bpd) -> jax.Array:
         decoder = self._tower("caption")
-        with jax.named_scope("text_decoder"):
+        with tower("text_decoder"):
             return decoder.logits(decoder(ids_bt, mask_bt, image_bpd, causal=True))
 
     def init_cache(self, image_bpd: jax.Array, cache_len: int) -> dict:
@@ -62,7 +62,7 @@ class Blip(nnx.Module):
             raise ValueError(f"cache length {cache_len} exceeds text.max_positions ({t.max_positions}); "
                              "ask for fewer new tokens or a shorter prompt")
         decoder = self._tower("caption")
-        with jax.named_scope("text_decoder"):
+        with tower("text_decoder"):
             cross_kv = decoder.image_keys_values(image_bpd)
         self_kv = jnp.zeros((t.depth, image_bpd.shape[0], cache_len, 2, t.heads, t.head_dim), self.dtype)
         return {"self_kv": constrain(self_kv, SELF_KV_NAMES), "cross_kv": constrain(cross_kv, CROSS_KV_NAMES)}
@@ -77,7 +77,7 @@ class Blip(nnx.Module):
         """Tokens at cache slots pos..pos+T-1 → logits of the last one (B, V) and the new cache;
         `key_mask_bs` and `positions_bt` as in TextTower.decode (right-padded prompts)."""
         decoder = self._tower("caption")
-        with jax.named_scope("text_decoder"):
+        with tower("text_decoder"):
             hidden, cache = decoder.decode(ids_bt, pos, cache, key_mask_bs, positions_bt)
             logits = decoder.logits(hidden[:, -1:])[:, 0]
         return constrain(logits, (BATCH, VOCAB)), cache
@@ -86,7 +86,7 @@ class Blip(nnx.Module):
     def itm_logits(self, image_bpd, ids_bt, mask_bt) -> jax.Array:
         """Image–text matching logits (B, 2); softmax[..., 1] is the match probability."""
         encoder = self._tower("retrieval")
-        with jax.named_scope("text_encoder"):
+        with tower("text_encoder"):
             hidden = encoder(ids_bt, mask_bt, image_bpd, causal=False)
         with jax.named_scope("itm_head"):
             return self.itm_head(hidden[:, 0]).astype(jnp.float32)
@@ -100,7 +100,7 @@ class Blip(nnx.Module):
     def text_features(self, ids_bt, mask_bt) -> jax.Array:
         """L2-normalised text embedding (B, projection_dim): the text encoder without the image."""
         encoder = self._tower("retrieval")
-        with jax.named_scope("text_encoder"):
+        with tower("text_encoder"):
             hidden = encoder(ids_bt, mask_bt, None, causal=False)
         with jax.named_scope("itc_heads"):
             return _normalize(self.text_proj(hidden[:, 0]).astype(jnp.float32))

@@ -7,6 +7,7 @@ with flax.linen.logical_to_mesh_axes (first match wins, each mesh axis once per 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tomllib
 from dataclasses import dataclass, replace
@@ -16,7 +17,7 @@ import jax
 from flax import linen
 from jax.sharding import PartitionSpec
 
-from model.axes import LOGICAL_AXES, is_names
+from model.axes import LOGICAL_AXES, TOWERS, is_names, tower_rules
 from model.errors import UserError
 
 # The mesh axes a plan may name. `dcn` exists only on a multi-slice mesh (one position per
@@ -40,14 +41,34 @@ class ShardingPlan:
     params: Rules
     activations: Rules
     source: str = str(SHIPPED)
+    # Rules of their own for some of the model's towers (model.axes.TOWERS): (tower, params,
+    # activations). A tower's parameters and the activations it constrains use them instead.
+    towers: tuple[tuple[str, Rules, Rules], ...] = ()
 
-    def flax_rules(self, kind: str) -> list[tuple[str, str | tuple[str, ...]]]:
+    def rules(self, kind: str, tower: str | None = None) -> Rules:
+        for name, params, activations in self.towers:
+            if name == tower:
+                return params if kind == "params" else activations
+        return self.params if kind == "params" else self.activations
+
+    def all_rules(self) -> list[Rules]:
+        """Every rule set: the plan's own and each tower's."""
+        return [self.params, self.activations, *(r for _, p, a in self.towers for r in (p, a))]
+
+    def flax_rules(self, kind: str, tower: str | None = None) -> list[tuple[str, str | tuple[str, ...]]]:
         """Rules in the form flax.linen.logical_axis_rules takes."""
-        rules = self.params if kind == "params" else self.activations
-        return [(logical, mesh[0] if len(mesh) == 1 else mesh) for logical, mesh in rules]
+        return [(logical, mesh[0] if len(mesh) == 1 else mesh) for logical, mesh in self.rules(kind, tower)]
 
-    def spec(self, names: tuple[str | None, ...], kind: str) -> PartitionSpec:
-        return linen.logical_to_mesh_axes(names, self.flax_rules(kind))
+    def spec(self, names: tuple[str | None, ...], kind: str, tower: str | None = None) -> PartitionSpec:
+        return linen.logical_to_mesh_axes(names, self.flax_rules(kind, tower))
+
+    @contextlib.contextmanager
+    def activated(self):
+        """The activation rules while a program is traced (inside `jax.set_mesh`): the
+        plan's own, and each tower's inside that tower's scope."""
+        with linen.logical_axis_rules(self.flax_rules("activations")), \
+                tower_rules({t: self.flax_rules("activations", t) for t, _, _ in self.towers}):
+            yield
 
     def for_mesh(self, axis_names: tuple[str, ...]) -> ShardingPlan:
         """This plan as it applies to a mesh with these axes.
@@ -57,28 +78,39 @@ class ShardingPlan:
         its own): data parallelism across slices with parameters replicated per slice, as
         MaxText's dcn_data_parallelism does by default, since the data-centre network is
         ~7x slower per chip than one ICI link. A plan that names `dcn` is used as written."""
-        def drop(rules: Rules) -> Rules:
-            kept = ((logical, tuple(a for a in mesh if a != DCN)) for logical, mesh in rules)
-            return tuple((logical, mesh) for logical, mesh in kept if mesh)
-
-        names = self.params + self.activations
+        named = any(DCN in mesh for rules in self.all_rules() for _, mesh in rules)
         if DCN not in axis_names:
-            if not any(DCN in mesh for _, mesh in names):
+            if not named:
                 return self
-            return replace(self, params=drop(self.params), activations=drop(self.activations))
-        if any(DCN in mesh for _, mesh in names):
-            return self
-        if any(logical == "batch" for logical, _ in self.activations):
-            activations = tuple((k, (DCN, *m) if k == "batch" else m) for k, m in self.activations)
+
+            def change(rules: Rules, kind: str) -> Rules:
+                kept = ((logical, tuple(a for a in mesh if a != DCN)) for logical, mesh in rules)
+                return tuple((logical, mesh) for logical, mesh in kept if mesh)
         else:
-            activations = (("batch", (DCN,)), *self.activations)
-        return replace(self, activations=activations,
-                       description=f"{self.description} Across slices: batch over dcn.")
+            if named:
+                return self
+
+            def change(rules: Rules, kind: str) -> Rules:
+                if kind == "params":
+                    return rules
+                if any(logical == "batch" for logical, _ in rules):
+                    return tuple((k, (DCN, *m) if k == "batch" else m) for k, m in rules)
+                return (("batch", (DCN,)), *rules)
+        changed = replace(self, params=change(self.params, "params"),
+                          activations=change(self.activations, "activations"),
+                          towers=tuple((t, change(p, "params"), change(a, "activations")) for t, p, a in self.towers))
+        if DCN in axis_names:
+            changed = replace(changed, description=f"{self.description} Across slices: batch over dcn.")
+        return changed
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "description": self.description, "source": self.source,
-                "params": {k: list(v) for k, v in self.params},
-                "activations": {k: list(v) for k, v in self.activations}}
+        out = {"name": self.name, "description": self.description, "source": self.source,
+               "params": {k: list(v) for k, v in self.params},
+               "activations": {k: list(v) for k, v in self.activations}}
+        if self.towers:  # absent, not empty, for plans without: recorded plans (and cache keys) stay as they were
+            out["towers"] = {t: {"params": {k: list(v) for k, v in p}, "activations": {k: list(v) for k, v in a}}
+                             for t, p, a in self.towers}
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> ShardingPlan:
@@ -87,7 +119,8 @@ class ShardingPlan:
         if not isinstance(d.get("name"), str) or not PLAN_NAME.fullmatch(d["name"]):
             raise PlanError(f"{where}: recorded plan name {d.get('name')!r} is not a plan name")
         return cls(d["name"], d.get("description", ""), _rules(d["name"], "params", d["params"], where),
-                   _rules(d["name"], "activations", d["activations"], where), where)
+                   _rules(d["name"], "activations", d["activations"], where), where,
+                   _towers(d["name"], d.get("towers", {}), where))
 
 
 def _rules(plan: str, kind: str, raw, where: str) -> Rules:
@@ -113,6 +146,20 @@ def _rules(plan: str, kind: str, raw, where: str) -> Rules:
     return tuple(rules)
 
 
+def _towers(plan: str, raw, where: str) -> tuple[tuple[str, Rules, Rules], ...]:
+    if not isinstance(raw, dict):
+        raise PlanError(f"{where}: plan {plan!r}: `towers` must be a table of tower = {{ params, activations }}")
+    out = []
+    for tower, body in raw.items():
+        if tower not in TOWERS:
+            raise PlanError(f"{where}: plan {plan!r}: unknown tower {tower!r} in towers; known: {', '.join(TOWERS)}")
+        if not isinstance(body, dict) or set(body) - {"params", "activations"}:
+            raise PlanError(f"{where}: plan {plan!r}: towers.{tower} must be a table with params and/or activations")
+        out.append((tower, _rules(plan, f"towers.{tower}.params", body.get("params", {}), where),
+                    _rules(plan, f"towers.{tower}.activations", body.get("activations", {}), where)))
+    return tuple(out)
+
+
 def parse_plans(text: str, where: str) -> dict[str, ShardingPlan]:
     try:
         raw = tomllib.loads(text)
@@ -125,14 +172,15 @@ def parse_plans(text: str, where: str) -> dict[str, ShardingPlan]:
         if not PLAN_NAME.fullmatch(name):
             raise PlanError(f"{where}: plan name {name!r} must be letters, digits, '.', '_' or '-' (at most 64, "
                             "starting with a letter or digit): it becomes part of file names")
-        extra = set(body) - {"description", "params", "activations"}
+        extra = set(body) - {"description", "params", "activations", "towers"}
         if extra:
             raise PlanError(f"{where}: plan {name!r}: unknown key(s) {sorted(extra)}; "
-                            "a plan has description, params and activations")
+                            "a plan has description, params, activations and optionally towers")
         plans[name] = ShardingPlan(
             name=name, description=str(body.get("description", "")),
             params=_rules(name, "params", body.get("params", {}), where),
-            activations=_rules(name, "activations", body.get("activations", {}), where), source=where)
+            activations=_rules(name, "activations", body.get("activations", {}), where), source=where,
+            towers=_towers(name, body.get("towers", {}), where))
     return plans
 
 
@@ -161,6 +209,8 @@ def select_plans(plans: dict[str, ShardingPlan], names: list[str] | None) -> lis
 
 
 def param_specs(plan: ShardingPlan, names_tree: dict) -> dict:
-    """PartitionSpec for every parameter, in the parameter tree's structure."""
-    return jax.tree.map(lambda names: plan.spec(names, "params"), names_tree,
-                        is_leaf=is_names)
+    """PartitionSpec for every parameter, in the parameter tree's structure (a tower's
+    parameters, the subtree under its name, by the tower's rules where the plan has them)."""
+    return {key: jax.tree.map(lambda names, t=key: plan.spec(names, "params", t if t in TOWERS else None), sub,
+                              is_leaf=is_names)
+            for key, sub in names_tree.items()}

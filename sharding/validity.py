@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import jax
 
-from model.axes import is_names
+from model.axes import TOWERS, is_names
+
 from .plans import ShardingPlan
 
 
@@ -43,7 +44,8 @@ def param_problems(plan: ShardingPlan, names_tree: dict, shapes_tree: dict, mesh
     flat_names = jax.tree_util.tree_flatten_with_path(names_tree, is_leaf=is_names)[0]
     shapes = jax.tree.leaves(shapes_tree)
     for (path, names), shape in zip(flat_names, shapes):
-        spec = plan.spec(names, "params")
+        top = str(getattr(path[0], "key", "")) if path else ""
+        spec = plan.spec(names, "params", top if top in TOWERS else None)
         for name, size, entry in zip(names, shape.shape, tuple(spec)):
             if entry is not None and size % _mesh_size(entry, mesh_shape):
                 problems.setdefault((name, size, _describe(entry), _mesh_size(entry, mesh_shape)), []).append(
@@ -54,17 +56,19 @@ def param_problems(plan: ShardingPlan, names_tree: dict, shapes_tree: dict, mesh
 
 def activation_problems(plan: ShardingPlan, axis_sizes: dict[str, set[int]], mesh_shape: dict[str, int]) -> list[str]:
     out = []
-    for logical, mesh_axes in plan.activations:
-        n = _mesh_size(mesh_axes, mesh_shape)
-        for size in sorted(axis_sizes.get(logical, ())):
-            if size % n:
-                out.append(f"activation axis {logical}={size} does not divide over {_describe(mesh_axes)} ({n})")
+    for tower in (None, *(t for t, _, _ in plan.towers)):
+        for logical, mesh_axes in plan.rules("activations", tower):
+            n = _mesh_size(mesh_axes, mesh_shape)
+            for size in sorted(axis_sizes.get(logical, ())):
+                problem = f"activation axis {logical}={size} does not divide over {_describe(mesh_axes)} ({n})"
+                if size % n and problem not in out:
+                    out.append(problem)
     return out
 
 
 def check(plan: ShardingPlan, names_tree: dict, shapes_tree: dict, axis_sizes: dict[str, set[int]],
           mesh_shape: dict[str, int]) -> Validity:
-    unknown_mesh = {a for _, axes in plan.params + plan.activations for a in axes} - set(mesh_shape)
+    unknown_mesh = {a for rules in plan.all_rules() for _, axes in rules for a in axes} - set(mesh_shape)
     if unknown_mesh:
         return Validity(False, (f"plan uses mesh axes {sorted(unknown_mesh)} that this mesh "
                                 f"({', '.join(mesh_shape)}) does not have",))

@@ -141,11 +141,13 @@ ENTRY %main (a: f32[64,64]) -> f32[64,64] {
 def test_instructions_without_metadata_take_their_callers_scope():
     """XLA clones fusions without metadata (a decode step's casts on TPU were 77% of its FLOPs
     "unattributed"): their instructions take the scope of the fusion that calls them."""
-    from capibara_export.hotspots import by_scope
+    from capibara_export.hotspots import by_scope, by_tower, scope_totals
 
     program = HloProgram(FUSED)
     scopes = {program.scope_of(c, i) for c, i, _ in program.instructions() if c.name == "fused_computation.clone"}
     assert scopes == {"text_decoder/mlp"}
-    (row,) = [r for r in by_scope(program, []) if r["flops"]]
+    (row,) = [r for r in by_scope(scope_totals(program, [])) if r["flops"]]
     assert row["scope"] == "text_decoder/mlp" and row["flops_share"] == 1.0
+    (tower,) = [r for r in by_tower(scope_totals(program, [])) if r["flops"]]
+    assert tower["scope"] == "text_decoder" and tower["flops"] == row["flops"]
     assert scope("jit(fn)/text_decoder/lm_head/btd,vd->btv/dot_general") == "text_decoder/lm_head"

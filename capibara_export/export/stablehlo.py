@@ -43,14 +43,13 @@ def flat_shardings(serving: ServingFunction, plan: ShardingPlan, mesh) -> tuple[
 
 def sharded_jit(serving: ServingFunction, plan: ShardingPlan, mesh):
     """The serving function jitted with the plan's shardings (for export or compilation)."""
-    from flax import linen
 
     params, inputs, outputs = flat_shardings(serving, plan, mesh)
     jitted = jax.jit(serving.fn, in_shardings=(params, *inputs), out_shardings=outputs,
                      donate_argnums=serving.program.donate)
 
     def lower(*args):
-        with jax.set_mesh(mesh), linen.logical_axis_rules(plan.flax_rules("activations")):
+        with jax.set_mesh(mesh), plan.activated():
             return jitted.lower(*args)
 
     shardings = (params, *inputs)
@@ -64,10 +63,9 @@ def sharded_platforms(platform: str) -> tuple[str, ...]:
 
 
 def export_sharded(serving: ServingFunction, plan: ShardingPlan, mesh, platform: str) -> export.Exported:
-    from flax import linen
 
     jitted, _, abstract = sharded_jit(serving, plan, mesh)
-    with jax.set_mesh(mesh), linen.logical_axis_rules(plan.flax_rules("activations")):
+    with jax.set_mesh(mesh), plan.activated():
         return export.export(jitted, platforms=sharded_platforms(platform))(*abstract)
 
 
