@@ -271,7 +271,9 @@ def derived_units(request: BuildRequest, cfg: BlipConfig, staging: Path, hardwar
     analysis = analyze_build(staging, hardware, cache=cache)
     out: list[tuple[Unit, dict]] = []
     mesh = f"{request.mesh[0]}x{request.mesh[1]}"
-    for proposal in propose(analysis, plan_of, hardware, round_no):
+    known = [p.for_mesh(tuple(analysis["build"]["mesh"]["axis_names"]))
+             for p in load_plans(list(request.plan_files)).values()]
+    for proposal in propose(analysis, plan_of, hardware, round_no, known):
         if len(out) + len(proposal.groups) > budget:
             continue
         plan_of[proposal.plan.name] = proposal.plan

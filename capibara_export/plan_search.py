@@ -59,8 +59,12 @@ def _same_rules(a: ShardingPlan, b: ShardingPlan) -> bool:
     return (a.params, a.activations, a.towers) == (b.params, b.activations, b.towers)
 
 
-def propose(analysis: dict, plans: dict[str, ShardingPlan], hardware: Hardware, round_no: int = 1) -> list[Proposal]:
-    """Plans worth compiling, most promising first; none that repeats a known plan's rules."""
+def propose(analysis: dict, plans: dict[str, ShardingPlan], hardware: Hardware, round_no: int = 1,
+            known: list[ShardingPlan] = ()) -> list[Proposal]:
+    """Plans worth compiling, most promising first. `plans`: those of the compiled units (the
+    building blocks); `known`: plans the user could have asked for (shipped, plan files). A
+    proposal whose rules repeat one of either is dropped: the user chose which to compile."""
+    everything = [*plans.values(), *known]
     groups: dict[tuple, list[tuple[str, dict]]] = defaultdict(list)
     for uid, a in analysis["units"].items():
         if a["status"] == "ok" and a.get("memory", {}).get("fits") and a.get("hotspots", {}).get("towers"):
@@ -74,7 +78,7 @@ def propose(analysis: dict, plans: dict[str, ShardingPlan], hardware: Hardware, 
             continue
         fastest = min(units, key=lambda x: x[1]["roofline"]["latency_s"])
         for made in (_tower_mix(group, units, fastest, plans, hardware), _relieve_gathers(fastest, plans)):
-            if made is None or any(_same_rules(made[0], p) for p in plans.values()):
+            if made is None or any(_same_rules(made[0], p) for p in everything):
                 continue
             plan, origin, gain = made
             origin = {"round": round_no, "proposed_by": fastest[0], **origin}

@@ -208,6 +208,12 @@ def render_html(analysis: dict, selection: dict) -> str:
              _table(["entry", "batch", "precision", "plan", "why"],
                     [[s["entry"], s["batch"], s["precision"], s["plan"] or "—", s["reason"]]
                      for s in selection["selections"]], "selection")]
+    derived = derived_rows(analysis, selection)
+    if derived:
+        parts += ["<h2>Plans derived from the hotspots</h2>",
+                  "<p>Compiled in this build because a unit's hotspots proposed them (docs/plans.md); the "
+                  "selection compared them with every other unit on their compiled figures.</p>",
+                  _table(["unit", "proposed by", "hotspot", "predicted ms", "outcome"], derived, "derived")]
     parts.append("<h2>Predicted latency and memory per plan × precision (model / compiled)</h2>")
     for entry in entries:
         for batch in batches:
@@ -260,6 +266,28 @@ def render_html(analysis: dict, selection: dict) -> str:
             f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
 
 
+def derived_rows(analysis: dict, selection: dict) -> list[list]:
+    """One row per unit of a derived plan: its origin, prediction, and whether it was selected."""
+    chosen = {s["unit_id"]: s for s in selection["selections"] if s.get("unit_id")}
+    best = {(s["entry"], s["batch"], s["precision"]): s for s in selection["selections"]}
+    rows = []
+    for uid, a in analysis["units"].items():
+        origin = a.get("origin")
+        if not origin:
+            continue
+        u = a["unit"]
+        if a["status"] != "ok":
+            outcome, predicted = a["status"], ""
+        else:
+            predicted = _ms(a["roofline"]["latency_s"])
+            sel = best.get((u["entry"], u["batch"], u["precision"]), {})
+            outcome = ("selected" if uid in chosen else
+                       f"not selected: {sel.get('plan')} predicts {_ms(sel.get('predicted_latency_s'))} ms"
+                       if a["memory"]["fits"] else "over the memory budget")
+        rows.append([uid, origin["proposed_by"], origin["hotspot"], predicted, outcome])
+    return rows
+
+
 def render_summary(analysis: dict, selection: dict) -> str:
     counts: dict[str, int] = {}
     for a in analysis["units"].values():
@@ -270,6 +298,10 @@ def render_summary(analysis: dict, selection: dict) -> str:
     for s in selection["selections"]:
         lines.append(f"| {s['entry']} | {s['batch']} | {s['precision']} | {s['plan'] or '—'} | "
                      f"{_ms(s.get('predicted_latency_s'))} | {s['reason']} |")
+    derived = derived_rows(analysis, selection)
+    if derived:
+        lines += ["", "Plans derived from the hotspots:", "", "| unit | predicted ms | outcome |", "|---|---|---|"]
+        lines += [f"| {r[0]} | {r[3] or '—'} | {r[4]} |" for r in derived]
     return "\n".join(lines) + "\n"
 
 

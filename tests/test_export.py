@@ -29,7 +29,8 @@ def build_bundle(out: Path, *extra) -> Path:
     """A tiny bundle: the portable exports cover every entry; executables and sharded
     exports are made for the selected encode_image and caption units."""
     result = cli("build", "--model", "tiny", "--quiet", "--entries", "encode_image,caption", "--export",
-                 "--random-weights", "--out", out, *(extra if "--plans" in extra else ("--plans", "dp", *extra)))
+                 "--random-weights", "--derive-rounds", "0", "--out", out,   # exactly the plans asked for
+                 *(extra if "--plans" in extra else ("--plans", "dp", *extra)))
     assert result.returncode == 0, result.stderr[-3000:]
     (folder,) = [p for p in out.iterdir() if not p.name.startswith(".")]
     return folder / "bundle"

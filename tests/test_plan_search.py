@@ -87,6 +87,10 @@ def test_towers_that_disagree_propose_a_plan_the_selection_takes(out):
     assert chosen["plan"] == name and chosen["derived"]
     assert "a plan derived from the hotspots of caption-replicated-fp32-b32" in chosen["reason"]
     assert "next: replicated" in chosen["reason"]
+    # the report lists it with its origin and outcome
+    assert "Plans derived from the hotspots" in (result.folder / "report.html").read_text()
+    assert f"| {record.unit.id} | " in (result.folder / "summary.md").read_text()
+    assert "| selected |" in (result.folder / "summary.md").read_text()
     # written out as a plan file that the next build takes with --plan-file
     (again,) = load_plans([result.folder / "derived-plans.toml"])[name].towers
     assert again == result.plans[name].towers[0]
