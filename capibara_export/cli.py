@@ -558,10 +558,12 @@ def main(argv: list[str] | None = None) -> int:
                 environment.prepare(*_environment(args))
             code = COMMANDS[args.command](args)
         if interrupts.requested():  # a Ctrl-C that Python swallowed (in a GC callback) while the work finished
+            interrupts.reset()  # acted on: later work in this process (the Python API, tests) starts clean
             print("capibara-export: interrupted after the work had finished; its output is complete", file=sys.stderr)
             return EXIT_INTERRUPTED
         return code
     except KeyboardInterrupt:
+        interrupts.reset()
         why = {"build": "finished units are cached, run the same command again to resume",
                "export": "no bundle was written; the previous one, if any, is unchanged"}
         print("capibara-export: interrupted" + (f"; {why[args.command]}" if args.command in why else ""),

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from capibara_export import build as build_module
-from capibara_export import cli
+from capibara_export import cli, interrupts
 from capibara_export.cache import ResultCache
 from capibara_export.staging import folder_lock
 
@@ -146,6 +146,7 @@ def test_a_ctrl_c_swallowed_by_a_gc_callback_still_ends_the_command_with_130(mon
     monkeypatch.setitem(cli.COMMANDS, "plans", command)
     assert cli.main(["plans"]) == 130
     assert swallowed and "interrupted after the work had finished" in capsys.readouterr().err
+    assert not interrupts.requested()   # acted on, so the next build in this process is not interrupted
 
 
 def test_a_cpu_run_the_host_memory_cannot_hold_is_not_started(monkeypatch):
