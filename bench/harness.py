@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capibara_export.hardware import Hardware, calibrate_cpu, for_device_kind
-from capibara_export.hlo import HloProgram
-from capibara_export.programs import ProgramOptions, build_program
-from capibara_export.roofline import roofline
+from capibara_export.analysis.hardware import Hardware, calibrate_cpu, for_device_kind
+from capibara_export.analysis.hlo import HloProgram
+from capibara_export.build.programs import ProgramOptions, build_program
+from capibara_export.analysis.roofline import roofline
 from model import get_preset
 from model.layout import serving_layout
 from model.state import init_params

@@ -13,12 +13,12 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bench.harness import attach, hardware, real_inputs
-from capibara_export.collectives import collectives
-from capibara_export.compile import memory_stats
-from capibara_export.hlo import HloProgram
-from capibara_export.programs import build_program, in_specs, lower
-from capibara_export.roofline import roofline
-from capibara_export.targets import get_target, make_mesh
+from capibara_export.analysis.collectives import collectives
+from capibara_export.build.compile import memory_stats
+from capibara_export.analysis.hlo import HloProgram
+from capibara_export.build.programs import build_program, in_specs, lower
+from capibara_export.analysis.roofline import roofline
+from capibara_export.build.targets import get_target, make_mesh
 from model import get_preset
 from model.state import init_params, logical_names
 from sharding import get_policy, load_plans

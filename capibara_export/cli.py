@@ -217,7 +217,7 @@ def _environment(args) -> tuple[str | None, int | None]:
             return None, None  # the command itself reports the missing or broken file
     if getattr(args, "target", None) != "cpu":
         return getattr(args, "target", None), None
-    from .targets import parse_mesh
+    from .build.targets import parse_mesh
 
     rows, cols = parse_mesh(args.mesh)
     return args.target, rows * cols
@@ -226,12 +226,12 @@ def _environment(args) -> tuple[str | None, int | None]:
 def cmd_build(args) -> int:
     from rich.markdown import Markdown
 
-    from .build import BuildRequest, run_build
-    from .build import model_config as build_config
+    from .analysis.derive import derive
+    from .build.driver import BuildRequest, run_build
+    from .build.driver import model_config as build_config
+    from .build.programs import SERVING_ENTRIES, ProgramOptions
+    from .build.targets import parse_mesh
     from .console import build_progress, console, out, reasons_table, records_table
-    from .derive import derive
-    from .programs import SERVING_ENTRIES, ProgramOptions
-    from .targets import parse_mesh
 
     request = BuildRequest(
         target=args.target, mesh=parse_mesh(args.mesh), model=args.model, checkpoint=args.checkpoint,
@@ -299,10 +299,10 @@ def print_bundle_next_steps(bundle: Path, sign_key: str | None, console) -> None
 
 
 def cmd_export(args) -> int:
-    from .build_folder import build_parts, read_build
+    from .build.folder import build_parts, read_build
+    from .build.targets import get_target, make_mesh
     from .console import console
     from .export.bundle import float_params
-    from .targets import get_target, make_mesh
 
     folder = Path(args.build_dir)
     if not (folder / "build.json").is_file() or not (folder / "selection.json").is_file():
@@ -323,7 +323,6 @@ def cmd_verify(args) -> int:
 
     from .console import out
     from .export.verify import Verifier
-
     from .export.verify_processes import across_processes, devices_per_process
 
     verifier = Verifier(Path(args.bundle), _policy(args))
@@ -427,10 +426,8 @@ def cmd_analyze(args) -> int:
     from rich.table import Table
 
     from .console import console, out
-    from .semiotic import ImagePipeline, MnemosyneSemioModule, SemioticError, profile_usage
+    from .semiotic import ImagePipeline, MnemosyneSemioModule, SemioticError, images, profile_usage
     from .semiotic.profiling import trace
-
-    from .semiotic import images
 
     images.limits.max_pixels = args.max_pixels
     sources = [bool(args.checkpoint), bool(args.bundle), args.random_weights]
@@ -475,8 +472,8 @@ def cmd_analyze(args) -> int:
 def cmd_report(args) -> int:
     from rich.markdown import Markdown
 
+    from .analysis.derive import derive
     from .console import out
-    from .derive import derive
 
     folder = Path(args.build_dir)
     if not folder.is_dir():
@@ -494,9 +491,9 @@ def cmd_plans(args) -> int:
     from sharding.plans import load_plans
     from sharding.validity import check
 
-    from .build import BuildRequest, model_config
+    from .build.driver import BuildRequest, model_config
+    from .build.targets import DCN_AXIS, get_target, parse_mesh
     from .console import out
-    from .targets import DCN_AXIS, get_target, parse_mesh
 
     rows, cols = parse_mesh(args.mesh)
     slices = get_target(args.target).slices

@@ -46,7 +46,7 @@ def prepare(target: str | None = None, cpu_devices: int | None = None) -> None:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if cpu_devices:
         if cpu_devices > MAX_SIMULATED_CPU_DEVICES:
-            from .targets import TargetError
+            from .build.targets import TargetError
 
             raise TargetError(f"{cpu_devices} simulated CPU devices: the `cpu` target simulates at most "
                               f"{MAX_SIMULATED_CPU_DEVICES} on one host; use a smaller --mesh, or a TPU --target "

@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from capibara_export.build import BuildRequest, run_build
-from capibara_export.collectives import collectives
-from capibara_export.derive import derive
-from capibara_export.hlo import HloProgram
-from capibara_export.selection import pareto, select
-from capibara_export.targets import get_target, make_mesh
+from capibara_export.build.driver import BuildRequest, run_build
+from capibara_export.analysis.collectives import collectives
+from capibara_export.analysis.derive import derive
+from capibara_export.analysis.hlo import HloProgram
+from capibara_export.analysis.selection import pareto, select
+from capibara_export.build.targets import get_target, make_mesh
 
 SERVING_PLANS = ("replicated", "dp", "fsdp", "fsdp-tp", "hidden")
 
@@ -201,7 +201,7 @@ def test_pareto_front():
 
 
 def test_report_units_ticks_and_empty_panels_say_what_they_show():
-    from capibara_export.report import byte_unit, load_figure, redundancy_reason
+    from capibara_export.analysis.report import byte_unit, load_figure, redundancy_reason
 
     assert byte_unit([3 * 2 ** 30]) == (2 ** 30, "GiB") and byte_unit([5e6, 1e3]) == (2 ** 20, "MiB")
     assert byte_unit([512]) == (1, "B") and byte_unit([]) == (1, "B")

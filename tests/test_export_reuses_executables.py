@@ -15,7 +15,7 @@ from capibara_export.export import executables
 from capibara_export.export import manifest as mf
 from capibara_export.export import params as params_io
 from capibara_export.export.serving import example_inputs, serving_function
-from capibara_export.programs import ProgramOptions
+from capibara_export.build.programs import ProgramOptions
 from model import get_preset
 from sharding.precision import get_policy
 

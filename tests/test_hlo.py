@@ -2,8 +2,8 @@
 
 import pytest
 
-from capibara_export.collectives import axis_of, parse_groups
-from capibara_export.hlo import HloProgram, scope
+from capibara_export.analysis.collectives import axis_of, parse_groups
+from capibara_export.analysis.hlo import HloProgram, scope
 
 LOOP = """HloModule m
 
@@ -141,7 +141,7 @@ ENTRY %main (a: f32[64,64]) -> f32[64,64] {
 def test_instructions_without_metadata_take_their_callers_scope():
     """XLA clones fusions without metadata (a decode step's casts on TPU were 77% of its FLOPs
     "unattributed"): their instructions take the scope of the fusion that calls them."""
-    from capibara_export.hotspots import by_scope, by_tower, scope_totals
+    from capibara_export.analysis.hotspots import by_scope, by_tower, scope_totals
 
     program = HloProgram(FUSED)
     scopes = {program.scope_of(c, i) for c, i, _ in program.instructions() if c.name == "fused_computation.clone"}

@@ -96,7 +96,7 @@ def test_int8_scales_follow_their_kernels():
 
 
 def test_partition_specs_move_with_the_kernels():
-    from capibara_export.programs import build_program, in_specs
+    from capibara_export.build.programs import build_program, in_specs
     from sharding.plans import load_plans
 
     plan = load_plans()["fsdp-tp"]

@@ -1,4 +1,4 @@
-"""Plans proposed by the hotspots (capibara_export/plan_search.py): per-tower rules in the
+"""Plans proposed by the hotspots (capibara_export/analysis/plan_search.py): per-tower rules in the
 plan format, a build that compiles the proposal as an extra unit, and a selection that takes
 it only when it predicts faster."""
 
@@ -59,8 +59,8 @@ def out(tmp_path_factory):
 
 
 def _build(out, plans: tuple[str, ...], **kw):
-    from capibara_export.build import BuildRequest, run_build
-    from capibara_export.derive import derive
+    from capibara_export.build.driver import BuildRequest, run_build
+    from capibara_export.analysis.derive import derive
 
     request = BuildRequest(model="tiny", entries=("caption",), plans=plans, plan_files=(str(out / "vocab.toml"),),
                            precisions=("fp32",), out=out, name="-".join(plans), **kw)
@@ -107,7 +107,7 @@ def test_no_plan_is_derived_when_one_plan_serves_every_tower_best(out):
 
 
 def test_a_derived_unit_that_predicts_slower_is_not_selected():
-    from capibara_export.selection import select
+    from capibara_export.analysis.selection import select
 
     def unit(plan, latency, origin=None):
         u = {"unit": {"entry": "caption", "batch": 32, "precision": "fp32", "plan": plan}, "status": "ok",
@@ -131,8 +131,8 @@ def _leaves(tree):
 def test_a_communication_bound_unit_proposes_its_plan_without_the_gathered_parameter_axis():
     """decode_step of base on tpu-v4-64 in bf16-mixed, as measured: fsdp-tp is the fastest unit
     and communication-bound, most bytes all-gathered over `data`, where it shards `embed`."""
-    from capibara_export.hardware import HARDWARE
-    from capibara_export.plan_search import propose
+    from capibara_export.analysis.hardware import HARDWARE
+    from capibara_export.analysis.plan_search import propose
 
     def unit(plan, latency, binding, by_axis, by_kind):
         return {"unit": {"entry": "decode_step", "batch": 32, "precision": "bf16-mixed", "plan": plan},

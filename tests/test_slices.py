@@ -12,7 +12,7 @@ import math
 import pytest
 from jax.sharding import PartitionSpec
 
-from capibara_export.targets import TargetError, describe, get_target, make_mesh
+from capibara_export.build.targets import TargetError, describe, get_target, make_mesh
 from sharding.plans import PlanError, load_plans, parse_plans
 
 DCN_PLAN = """
@@ -69,8 +69,8 @@ def test_plans_put_the_batch_on_dcn_unless_they_name_it():
 def two_slice_analysis(tmp_path_factory):
     """encode_image of the tiny model on 2 x tpu-v4-16, with dp (the default across slices)
     and a plan that gathers parameters across slices."""
-    from capibara_export.analysis import analyze_build
-    from capibara_export.build import BuildRequest, run_build
+    from capibara_export.analysis.analyze import analyze_build
+    from capibara_export.build.driver import BuildRequest, run_build
 
     out = tmp_path_factory.mktemp("slices")
     plan_file = out / "dcn.toml"

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from capibara_export import analysis as analysis_module
-from capibara_export import report as report_module
-from capibara_export.build import BuildRequest, run_build
-from capibara_export.derive import derive
+from capibara_export.analysis import analyze as analysis_module
+from capibara_export.analysis import report as report_module
+from capibara_export.build.driver import BuildRequest, run_build
+from capibara_export.analysis.derive import derive
 
 DERIVED = ("analysis.json", "selection.json", "report.html", "summary.md")
 

@@ -22,11 +22,11 @@ from sharding.plans import ShardingPlan
 from sharding.precision import get_policy
 from sharding.storage import stored_params, stored_specs
 
-from ..build import ExecutableSource, config_hash
-from ..cache import jax_cache_disabled
-from ..programs import NEEDS_TOWER, SEMIOTIC_ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
-from ..records import toolchain
-from ..staging import staged_folder
+from ..build.cache import jax_cache_disabled
+from ..build.driver import ExecutableSource, config_hash
+from ..build.programs import NEEDS_TOWER, SEMIOTIC_ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
+from ..build.records import toolchain
+from ..build.staging import staged_folder
 from . import compatibility, executables, saved_model, schema, stablehlo, trust
 from . import manifest as mf
 from . import params as params_io

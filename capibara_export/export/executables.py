@@ -26,7 +26,7 @@ from pathlib import Path
 import jax
 from jax.experimental import serialize_executable
 
-from ..hardware import host_available_bytes
+from ..analysis.hardware import host_available_bytes
 from . import pickle_scan
 from .manifest import BundleError
 

@@ -18,7 +18,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import compatibility, executables, manifest as mf, saved_model_check, trust
+from . import compatibility, executables, saved_model_check, trust
+from . import manifest as mf
 from .manifest import BundleError
 from .trust import Trust, TrustPolicy
 

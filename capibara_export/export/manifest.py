@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 
 from model.errors import UserError
 
-from ..records import toolchain
+from ..build.records import toolchain
 
 SCHEMA = "capibara-export/bundle-manifest"
 SCHEMA_VERSION = 2

@@ -17,7 +17,7 @@ from model import BlipConfig
 from sharding.precision import PrecisionPolicy
 from sharding.storage import stored_template
 
-from ..programs import Program, ProgramOptions, build_program
+from ..build.programs import Program, ProgramOptions, build_program
 from .params import flatten, unflatten
 
 INPUT_NAMES = {

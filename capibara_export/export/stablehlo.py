@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sharding.plans import ShardingPlan
 
-from ..programs import in_specs, out_specs
+from ..build.programs import in_specs, out_specs
 from .params import flatten
 from .serving import ServingFunction
 

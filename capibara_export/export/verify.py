@@ -32,9 +32,11 @@ from sharding.precision import get_policy
 from sharding.storage import stored_specs, stored_template
 
 from .. import interrupts
-from ..build_folder import ordered_shape
-from ..programs import ProgramOptions
-from . import executables, manifest as mf, params as params_io, saved_model, stablehlo
+from ..build.folder import ordered_shape
+from ..build.programs import ProgramOptions
+from . import executables, saved_model, stablehlo
+from . import manifest as mf
+from . import params as params_io
 from .loading import inspect_artifact, open_bundle
 from .manifest import BundleError
 from .params import unflatten

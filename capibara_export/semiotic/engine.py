@@ -22,11 +22,13 @@ from model.processor import Preprocessor
 from sharding.precision import get_policy
 from sharding.storage import stored_params
 
-from ..export import manifest as mf, params as params_io, stablehlo
+from ..build.programs import ProgramOptions
+from ..export import manifest as mf
+from ..export import params as params_io
+from ..export import stablehlo
 from ..export.loading import open_bundle
 from ..export.serving import serving_function
 from ..export.trust import TrustPolicy
-from ..programs import ProgramOptions
 
 BATCH_SIZES = (1, 4, 8)
 

@@ -21,6 +21,7 @@ from typing import Union
 
 from PIL import Image, UnidentifiedImageError
 
+
 @dataclass
 class Limits:
     max_pixels: int = 100_000_000

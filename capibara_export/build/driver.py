@@ -22,10 +22,10 @@ from model.layout import serving_layout
 from sharding.plans import ShardingPlan, load_plans, select_plans
 from sharding.precision import DEFAULT_PRECISIONS, get_policy
 
-from . import interrupts
+from .. import interrupts
 from .cache import ResultCache, cache_key
 from .compile import Compiled, compile_unit
-from .hardware import Hardware, calibrate_cpu
+from ..analysis.hardware import Hardware, calibrate_cpu
 from .programs import ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
 from .records import CompileRecord, Unit, toolchain, write_records
 from .staging import check_folder_name, check_output_folder, ensure_replaceable, folder_lock, staged_folder
@@ -129,7 +129,7 @@ ExecutableSource = Callable[[str], "tuple[bytes, str] | None"]
 def serialized(fresh: Compiled, unit_id: str) -> tuple[bytes, str] | None:
     """A unit's executable as the bundle stores it, or None if it cannot be serialized (then
     an export compiles it again and reports the reason there, where it matters)."""
-    from .export import executables
+    from ..export import executables
 
     try:
         return executables.serialize(fresh.executable, unit_id)
@@ -140,7 +140,7 @@ def serialized(fresh: Compiled, unit_id: str) -> tuple[bytes, str] | None:
 def kept_executables(folder: Path, compiled: dict[str, Compiled] | None = None) -> ExecutableSource:
     """Where an export finds a build's executables without compiling: the ones compiled in
     this process (`compiled`), then the build's result cache (by each record's cache key)."""
-    from .build_folder import read_build, read_records
+    from .folder import read_build, read_records
 
     request = read_build(folder)["request"]
     cache = ResultCache(Path(request["out"]) / ".cache", enabled=request["use_cache"])
@@ -262,9 +262,9 @@ def derived_units(request: BuildRequest, cfg: BlipConfig, staging: Path, hardwar
     """The units of the plans the hotspots propose (plan_search.py), within the unit budget;
     each new plan is added to `plan_of`. Reads the analysis of what is compiled so far
     (kept in the derived cache, so the build's own analysis after this reads it back)."""
-    from .analysis import analyze_build
+    from ..analysis.analyze import analyze_build
     from .cache import DerivedCache
-    from .plan_search import propose
+    from ..analysis.plan_search import propose
 
     cache_root = Path(request.out) / ".cache"
     cache = DerivedCache(cache_root, "analysis") if request.use_cache and cache_root.is_dir() else None

@@ -18,14 +18,13 @@ from pathlib import Path
 
 from sharding.precision import get_policy
 
-from .build_folder import REBUILD, BuildFolderError, build_parts, hlo_text, ordered_shape, read_build, read_records
-from .cache import DerivedCache, key_of, source_hash
+from ..build.cache import DerivedCache, key_of, source_hash
+from ..build.folder import REBUILD, BuildFolderError, build_parts, hlo_text, ordered_shape, read_build, read_records
+from ..build.records import CompileRecord
 from .collectives import collectives
-from .compile import MEMORY_FRACTION
-from .hardware import Hardware
+from .hardware import MEMORY_FRACTION, Hardware
 from .hlo import HloProgram
 from .hotspots import by_scope, by_tower, classify, load_grid, scope_totals
-from .records import CompileRecord
 from .roofline import collective_times, roofline
 
 SCHEMA = "capibara-export/analysis"
@@ -115,8 +114,8 @@ def _program(folder: Path, relative: str, sha256: str | None = None) -> HloProgr
 
 
 # Every source file whose code shapes a unit's analysis: an edit there recomputes it.
-ANALYSIS_SOURCES = tuple(f"capibara_export/{m}.py" for m in ("analysis", "hlo", "collectives", "hotspots",
-                                                              "roofline", "hardware", "compile")) \
+ANALYSIS_SOURCES = tuple(f"capibara_export/analysis/{m}.py" for m in ("analyze", "hlo", "collectives", "hotspots",
+                                                                       "roofline", "hardware")) \
     + ("sharding/precision.py",)
 _VOLATILE = ("cached", "lower_s", "compile_s", "hlo_file", "pre_hlo_file")  # no influence on the analysis
 

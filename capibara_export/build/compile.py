@@ -26,13 +26,12 @@ from sharding.plans import ShardingPlan
 from sharding.precision import get_policy
 from sharding.validity import check
 
-from .hardware import GiB, Hardware
-from .export.serving import serving_function
-from .export.stablehlo import sharded_jit
+from ..analysis.hardware import MEMORY_FRACTION, GiB, Hardware
+from ..export.serving import serving_function
+from ..export.stablehlo import sharded_jit
 from .programs import Program, ProgramError, ProgramOptions, in_specs
 from .records import CompileRecord, Unit
 
-MEMORY_FRACTION = 0.9  # the seed's memory budget: a unit fits if its peak stays under 90% of HBM
 
 
 @dataclass

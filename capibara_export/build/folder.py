@@ -115,7 +115,7 @@ def build_parts(build: dict, folder: Path):
     from model import BlipConfig
     from sharding.plans import ShardingPlan
 
-    from .hardware import Hardware
+    from ..analysis.hardware import Hardware
     from .programs import ProgramOptions
 
     path = Path(folder) / "build.json"

@@ -42,10 +42,9 @@ def toolchain() -> dict[str, str]:
 def code_version() -> str:
     """Hash of every source file that shapes a compiled program: model, sharding and the
     pipeline's program and compile code. Any edit there invalidates the result cache."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     files = sorted([*root.glob("model/*.py"), *root.glob("sharding/*.py"), *root.glob("sharding/*.toml"),
-                    root / "capibara_export" / "programs.py", root / "capibara_export" / "compile.py",
-                    root / "capibara_export" / "targets.py"])
+                    *(root / "capibara_export" / "build" / f for f in ("programs.py", "compile.py", "targets.py"))])
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.relative_to(root).as_posix().encode())

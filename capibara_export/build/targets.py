@@ -16,8 +16,8 @@ import numpy as np
 
 from model.errors import UserError
 
-from .environment import DEFAULT_TARGET
-from .hardware import CPU_PLACEHOLDER, HARDWARE, Hardware, for_device_kind
+from ..environment import DEFAULT_TARGET
+from ..analysis.hardware import CPU_PLACEHOLDER, HARDWARE, Hardware, for_device_kind
 
 MESH_AXES = ("data", "model")
 DCN_AXIS = "dcn"          # the slice axis of a multi-slice mesh, in front of MESH_AXES
@@ -106,7 +106,7 @@ def topology_target(text: str) -> Target | None:
         if gen == "v5e" and chip:
             raise TargetError(f"target {text!r}: v5e has one TensorCore per chip, so no megacore; drop '/megacore'")
         raise TargetError(f"target {text!r}: libtpu knows {gen}, but capibara-export has no hardware constants for "
-                          f"it (capibara_export/hardware.py needs its peak FLOP/s, HBM and ICI figures with a "
+                          f"it (capibara_export/analysis/hardware.py needs its peak FLOP/s, HBM and ICI figures with a "
                           "source); use a v4 or v5e topology")
     name = f"{gen}-{shape}" + (f"-{chip}" if chip else "")
     return Target(name, "tpu", f"TPU topology {gen}:{shape}" + (f", {chip}" if chip else ""),

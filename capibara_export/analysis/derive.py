@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .analysis import analyze_build, write_json
-from .build_folder import read_build
-from .cache import DerivedCache, key_of, source_hash
+from ..build.cache import DerivedCache, key_of, source_hash
+from ..build.folder import read_build
+from .analyze import analyze_build, write_json
 from .report import render_summary, write_report
 from .selection import select
 
-REPORT_SOURCES = ("capibara_export/report.py", "capibara_export/selection.py")
+REPORT_SOURCES = ("capibara_export/analysis/report.py", "capibara_export/analysis/selection.py")
 
 
 def derive(folder: Path, name: str | None = None) -> tuple[dict, dict, str]:

@@ -185,7 +185,7 @@ class DerivedCache:
 
 def source_hash(*relative: str) -> str:
     """Hash of the named source files (relative to the repository root)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     digest = hashlib.sha256()
     for name in relative:
         digest.update(name.encode())

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, replace
 
 GiB = 1024 ** 3
+MEMORY_FRACTION = 0.9  # the seed's memory budget: a unit fits if its peak stays under 90% of HBM
 
 
 @dataclass(frozen=True)
