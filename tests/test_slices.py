@@ -133,3 +133,16 @@ def _leaves(tree):
     from model.axes import is_names
 
     return jax.tree.leaves(tree, is_leaf=is_names)
+
+
+def test_device_orders_of_any_mesh_rank_are_read_row_major():
+    """A multi-slice bundle records (dcn, data, model) device ids; loading executables and the
+    bundle's mesh read them row-major as for two axes."""
+    import jax
+
+    from capibara_export.export.executables import execution_devices
+
+    ids = [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
+    manifest = {"mesh": {"platform": "cpu", "device_ids": ids}}
+    assert [d.id for d in execution_devices(manifest)] == list(range(8))
+    assert len(jax.devices("cpu")) >= 8

@@ -33,7 +33,6 @@ from .programs import Program, ProgramError, ProgramOptions, in_specs
 from .records import CompileRecord, Unit
 
 
-
 @dataclass
 class Compiled:
     """What a successful compile leaves behind besides the record."""

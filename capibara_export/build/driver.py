@@ -23,9 +23,9 @@ from sharding.plans import ShardingPlan, load_plans, select_plans
 from sharding.precision import DEFAULT_PRECISIONS, get_policy
 
 from .. import interrupts
+from ..analysis.hardware import Hardware, calibrate_cpu
 from .cache import ResultCache, cache_key
 from .compile import Compiled, compile_unit
-from ..analysis.hardware import Hardware, calibrate_cpu
 from .programs import ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
 from .records import CompileRecord, Unit, toolchain, write_records
 from .staging import check_folder_name, check_output_folder, ensure_replaceable, folder_lock, staged_folder
@@ -113,11 +113,13 @@ def config_hash(cfg: BlipConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def make_unit(request: BuildRequest, cfg: BlipConfig, entry: str, plan: str, precision: str, batch: int) -> Unit:
+    return Unit(request.target, f"{request.mesh[0]}x{request.mesh[1]}", request.model_name(), config_hash(cfg),
+                entry, plan, precision, batch, asdict(request.options))
+
+
 def units(request: BuildRequest, cfg: BlipConfig, plans: list[ShardingPlan]) -> list[Unit]:
-    mesh = f"{request.mesh[0]}x{request.mesh[1]}"
-    options = asdict(request.options)
-    return [Unit(request.target, mesh, request.model_name(), config_hash(cfg), entry, plan.name, precision, batch,
-                 options)
+    return [make_unit(request, cfg, entry, plan.name, precision, batch)
             for entry in request.entries for plan in plans for precision in request.precisions
             for batch in request.batches]
 
@@ -263,22 +265,20 @@ def derived_units(request: BuildRequest, cfg: BlipConfig, staging: Path, hardwar
     each new plan is added to `plan_of`. Reads the analysis of what is compiled so far
     (kept in the derived cache, so the build's own analysis after this reads it back)."""
     from ..analysis.analyze import analyze_build
-    from .cache import DerivedCache
     from ..analysis.plan_search import propose
+    from .cache import DerivedCache
 
     cache_root = Path(request.out) / ".cache"
     cache = DerivedCache(cache_root, "analysis") if request.use_cache and cache_root.is_dir() else None
     analysis = analyze_build(staging, hardware, cache=cache)
     out: list[tuple[Unit, dict]] = []
-    mesh = f"{request.mesh[0]}x{request.mesh[1]}"
     known = [p.for_mesh(tuple(analysis["build"]["mesh"]["axis_names"]))
              for p in load_plans(list(request.plan_files)).values()]
     for proposal in propose(analysis, plan_of, hardware, round_no, known):
         if len(out) + len(proposal.groups) > budget:
             continue
         plan_of[proposal.plan.name] = proposal.plan
-        out += [(Unit(request.target, mesh, request.model_name(), config_hash(cfg), entry, proposal.plan.name,
-                      precision, batch, asdict(request.options)), proposal.origin)
+        out += [(make_unit(request, cfg, entry, proposal.plan.name, precision, batch), proposal.origin)
                 for entry, precision, batch in proposal.groups]
     return out
 

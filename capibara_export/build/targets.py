@@ -16,8 +16,8 @@ import numpy as np
 
 from model.errors import UserError
 
-from ..environment import DEFAULT_TARGET
 from ..analysis.hardware import CPU_PLACEHOLDER, HARDWARE, Hardware, for_device_kind
+from ..environment import DEFAULT_TARGET
 
 MESH_AXES = ("data", "model")
 DCN_AXIS = "dcn"          # the slice axis of a multi-slice mesh, in front of MESH_AXES

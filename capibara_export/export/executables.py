@@ -24,6 +24,7 @@ import pickle
 from pathlib import Path
 
 import jax
+import numpy as np
 from jax.experimental import serialize_executable
 
 from ..analysis.hardware import host_available_bytes
@@ -200,7 +201,7 @@ def execution_devices(manifest: dict) -> list:
     """The devices in the order the executable was compiled for (the manifest's mesh order)."""
     platform = manifest["mesh"]["platform"]
     by_id = {d.id: d for d in jax.devices(platform)}
-    ids = [i for row in manifest["mesh"]["device_ids"] for i in row]
+    ids = [int(i) for i in np.ravel(manifest["mesh"]["device_ids"])]   # row-major, any mesh rank
     missing = [i for i in ids if i not in by_id]
     if missing:
         raise BundleError(f"compiled for {platform} devices {missing[:4]}..., which this runtime does not have")

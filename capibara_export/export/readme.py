@@ -150,7 +150,8 @@ def render_readme(manifest: dict) -> str:
         "from jax.sharding import Mesh, NamedSharding, PartitionSpec",
         "m = json.load(open('manifest.json'))",
         "by_id = {d.id: d for d in jax.devices()}",
-        "mesh = Mesh(np.array([[by_id[i] for i in row] for row in m['mesh']['device_ids']]), m['mesh']['axis_names'])",
+        "ids = np.array(m['mesh']['device_ids'])  # (data, model), or (dcn, data, model) for several slices",
+        "mesh = Mesh(np.array([by_id[i] for i in ids.flat]).reshape(ids.shape), m['mesh']['axis_names'])",
         "spec = lambda s: NamedSharding(mesh, PartitionSpec(*[tuple(x) if isinstance(x, list) else x for x in s]))",
     ]
     if sharded:
@@ -188,7 +189,7 @@ def render_readme(manifest: dict) -> str:
             "trees = json.load(open(art['trees']))",
             "in_tree, out_tree = (jax.tree_util.tree_structure(rebuild(trees[k]), is_leaf=lambda x: x is LEAF)",
             "                     for k in ('in_tree', 'out_tree'))",
-            "devices = [by_id[i] for row in m['mesh']['device_ids'] for i in row]  # need['devices'], in this order",
+            "devices = [by_id[i] for i in np.ravel(m['mesh']['device_ids'])]  # need['devices'], in this order",
             "compiled = serialize_executable.deserialize_and_load(open(art['path'], 'rb').read(), in_tree, out_tree,",
             "                                                     backend=m['mesh']['platform'],"
             " execution_devices=devices)",

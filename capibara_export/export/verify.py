@@ -257,7 +257,8 @@ class Verifier:
         """The bundle's mesh on this machine's devices of its platform, in the recorded order."""
         m = self.manifest["mesh"]
         by_id = {d.id: d for d in jax.devices(m["platform"])}
-        grid = np.array([[by_id[i] for i in row] for row in m["device_ids"]], dtype=object)
+        ids = np.array(m["device_ids"])   # (data, model), or (dcn, data, model) on several slices
+        grid = np.array([by_id[int(i)] for i in ids.flat], dtype=object).reshape(ids.shape)
         return jax.sharding.Mesh(grid, tuple(m["axis_names"]))
 
     # -------------------------------------------------------------- all
