@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capibara_export.analysis.hardware import Hardware, calibrate_cpu, for_device_kind
-from capibara_export.analysis.hlo import HloProgram
+from capibara_export.analysis.calibration import calibrate_cpu, calibrated
+from capibara_export.analysis.hardware import Hardware, for_device_kind
+from capibara_export.analysis.hlo import HloProgram, KernelProfile
 from capibara_export.build.programs import ProgramOptions, build_program
 from capibara_export.analysis.roofline import roofline
 from model import get_preset
@@ -41,7 +42,7 @@ def on_gpu() -> bool:
 def hardware(devices: int = 1) -> Hardware:
     """The local device's constants: the table for a known GPU, a measurement for a CPU."""
     found = for_device_kind(jax.devices()[0].device_kind)
-    return found if found is not None else calibrate_cpu(devices)
+    return calibrated(found, jax.devices()[:devices]) if found is not None else calibrate_cpu(devices)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Runnable:
     bytes_accessed: float
     analytic_flops: int
     memory_peak: int
+    profile: KernelProfile | None = None   # kernels and loop iterations (the per-kernel roofline)
 
     def __call__(self):
         return jax.block_until_ready(self.compiled(*self.args))
@@ -104,11 +106,12 @@ def runnable(model: str, entry: str, precision: str, batch: int, params=None,
     device = jax.devices()[0]
     args = jax.device_put((params, *real_inputs(entry, program)), device)
     compiled = jax.jit(program.fn, donate_argnums=()).lower(*args).compile(compiler_options=compiler_options)
-    costs = HloProgram(compiled.as_text()).costs()
+    hlo = HloProgram(compiled.as_text())
+    costs = hlo.costs()
     stats = compiled.memory_analysis()
     peak = int(getattr(stats, "peak_memory_in_bytes", 0) or 0) if stats is not None else 0
     return Runnable(entry, model, precision, batch, compiled, args, costs.flops, costs.bytes,
-                    program.analytic_flops, peak)
+                    program.analytic_flops, peak, hlo.kernel_profile())
 
 
 def percentiles(rounds: list[float]) -> dict:
@@ -145,7 +148,7 @@ def attach(benchmark, *, entry: str, plan: str, precision: str, batch: int, targ
 def predicted(run: Runnable, devices: int = 1, collectives=()) -> float:
     policy = get_policy(run.precision)
     return roofline(run.flops, run.bytes_accessed, list(collectives), hardware(devices), policy.compute_dtype,
-                    run.analytic_flops, devices).latency_s
+                    run.analytic_flops, devices, profile=run.profile).latency_s
 
 
 def to_jnp(tree):

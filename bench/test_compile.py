@@ -51,8 +51,8 @@ def test_compile_cold(benchmark, target, plan, precision):
     costs, found = hlo.costs(), collectives(hlo, MESH)
     memory = memory_stats(compiled)
     hw = hardware_for(get_target(target), mesh)
-    prediction = roofline(costs.flops, costs.bytes, found, hw, policy.compute_dtype, program.analytic_flops, 32) \
-        if hw.peak_bf16_flops else None
+    prediction = roofline(costs.flops, costs.bytes, found, hw, policy.compute_dtype, program.analytic_flops, 32,
+                          profile=hlo.kernel_profile()) if hw.peak_bf16_flops else None
     attach(benchmark, entry=ENTRY, plan=plan, precision=precision, batch=BATCH, target=target, model=MODEL,
            flops=costs.flops, analytic_flops=program.analytic_flops, memory_peak=memory["peak"],
            predicted_s=prediction.latency_s if prediction else 0.0, items=1, item_name="compiles", devices=32,

@@ -91,7 +91,7 @@ def analyze_unit(record: CompileRecord, folder: Path, hardware: Hardware, mesh_s
     optimal = raw.get("optimal_seconds")
     out["roofline"] = roofline(per_device.flops, per_device.bytes, found, hardware,
                                get_policy(record.unit.precision).compute_dtype, analytic, devices, optimal,
-                               coords).to_dict()
+                               coords, program.kernel_profile()).to_dict()
     totals = scope_totals(program, found, lambda c: sum(collective_times(c, hardware, coords).values()))
     out["hotspots"] = {"source": "compiled", "scopes": by_scope(totals), "towers": by_tower(totals)}
     out["load_grid"] = load_grid(found, mesh_shape)

@@ -197,6 +197,27 @@ class Costs:
         self.bytes += other.bytes * times
 
 
+@dataclass(frozen=True)
+class Kernel:
+    """One instruction that runs as its own kernel: a fusion, a library call (cuBLAS, oneDNN)
+    or an unfused op, with its own FLOPs (a fusion's: everything fused into it) and bytes."""
+    name: str
+    flops: float
+    bytes: float
+    times: float         # runs per program call, loop-corrected
+
+
+@dataclass
+class KernelProfile:
+    """What a per-kernel cost model needs: every kernel and the while-loop iterations."""
+    kernels: list[Kernel]
+    iterations: float    # loop iterations per program call, nested loops multiplied out
+
+    @property
+    def launches(self) -> float:
+        return sum(k.times for k in self.kernels)
+
+
 @dataclass
 class Loop:
     name: str
@@ -421,6 +442,35 @@ class HloProgram:
             times = self.multiplier[name] if loop_corrected else 1.0
             for inst in comp.instructions:
                 total.add(self.instruction_costs(comp, inst), times)
+        return total
+
+    def kernel_profile(self) -> KernelProfile:
+        """Every kernel launch of one call, outside fusion bodies, reducers and collectives
+        (the roofline prices those on their own), and the loop iterations."""
+        kernels = []
+        for name, comp in self.computations.items():
+            if name in self.applied or name in self.fused or name not in self.multiplier:
+                continue
+            for inst in comp.instructions:
+                op = inst.opcode
+                if op in NO_MEMORY or op.endswith("-done") or op.removesuffix("-start") in COLLECTIVES:
+                    continue
+                own = self.instruction_costs(comp, inst)
+                flops = own.flops + (self._fused_flops(dict(inst.called()).get("calls", ""))
+                                     if op == "fusion" else 0.0)
+                kernels.append(Kernel(inst.name, flops, own.bytes, self.multiplier[name]))
+        iterations = sum(loop.trip_count * loop.multiplier for loop in self.loops)
+        return KernelProfile(kernels, iterations)
+
+    def _fused_flops(self, name: str, depth: int = 0) -> float:
+        comp = self.computations.get(name)
+        if comp is None or depth > 8:
+            return 0.0
+        total = 0.0
+        for inst in comp.instructions:
+            total += self.instruction_costs(comp, inst).flops
+            if inst.opcode == "fusion":
+                total += self._fused_flops(dict(inst.called()).get("calls", ""), depth + 1)
         return total
 
     def instructions(self):

@@ -199,7 +199,8 @@ def render_html(analysis: dict, selection: dict) -> str:
     parts = [f"<h1>capibara-export build {html.escape(b['folder'])}</h1>",
              f"<p>Target {html.escape(b['target'])}, mesh {html.escape(str(b['mesh']['shape']))} of "
              f"{html.escape(b['mesh']['device_kind'])}, model {html.escape(str(b['model']))}, hardware constants "
-             f"{html.escape(b['hardware']['name'])} ({html.escape(b['hardware']['source'])}). jax "
+             f"{html.escape(b['hardware']['name'])} ({html.escape(b['hardware']['source'])}); cost-model "
+             f"calibration: {html.escape(b['hardware'].get('calibration', 'none'))}. jax "
              f"{html.escape(b['toolchain']['jax'])}, libtpu {html.escape(b['toolchain']['libtpu'])}.</p>",
              "<p>Figures are tagged: <b>compiled</b> (from the executable and its HLO), <b>model</b> "
              "(the roofline and analytic counts), <b>measured</b> (timed; only in benchmark reports). "

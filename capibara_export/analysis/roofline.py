@@ -23,7 +23,21 @@
     latency  = max(compute, memory, comm): the binding term is named. Overlap is
                assumed perfect, so this is a lower bound. Where the hardware says
                collectives do not overlap (the simulated CPU mesh, whose α is measured
-               by hardware.calibrate_cpu), latency = max(compute, memory) + comm.
+               by calibration.py), latency = max(compute, memory) + comm.
+
+With the program's kernel profile (hlo.HloProgram.kernel_profile) the compute and memory
+part is priced per kernel instead of for the program as a whole:
+
+    kernels  = call + Σ_k times_k · (κ + max(F_k / P', B_k / W')) + iterations · λ
+
+where P' and W' are the achievable GEMM rate and copy bandwidth and κ, λ and call the
+per-kernel, per-loop-iteration and per-call overheads (calibration.py measures all five on
+a CPU host and a local GPU; TPU entries have the published peaks and no overheads). A
+kernel that is memory-bound no longer hides under another that is compute-bound, and a
+batch-1 decode of thousands of tiny kernels costs what its launches cost. Then
+latency = max(kernels, comm), or kernels + comm where collectives do not overlap, and
+the binding term is the largest of compute, memory, overhead (κ, λ and call summed) and
+communication.
     MFU      = (model FLOPs / devices) / (latency · P): useful work only, so replicated
                or redundant compute lowers it.
 
@@ -38,6 +52,7 @@ from dataclasses import asdict, dataclass, replace
 
 from .collectives import Collective, dims_spanned
 from .hardware import Hardware
+from .hlo import KernelProfile
 
 
 @dataclass
@@ -52,6 +67,8 @@ class Roofline:
     peak_flops: float
     link_bandwidth: float
     compiler_optimal_s: float | None = None
+    overhead_s: float = 0.0          # launches, loop iterations and the call (per-kernel model only)
+    kernels: float = 0.0             # kernel launches per call (per-kernel model only)
 
     def to_dict(self) -> dict:
         return {"source": "model", **asdict(self)}
@@ -103,19 +120,38 @@ def collective_times(c: Collective, hardware: Hardware, coords: list[list[int]] 
 
 def roofline(flops: float, bytes_accessed: float, found: list[Collective], hardware: Hardware, compute_dtype: str,
              model_flops: float, num_devices: int, compiler_optimal: float | None = None,
-             coords: list[list[int]] | None = None) -> Roofline:
+             coords: list[list[int]] | None = None, profile: KernelProfile | None = None) -> Roofline:
     peak = hardware.peak_flops(compute_dtype)
     link = hardware.ici_link_bandwidth or hardware.hbm_bandwidth
-    compute = flops / peak if peak else 0.0
-    memory = bytes_accessed / hardware.hbm_bandwidth if hardware.hbm_bandwidth else 0.0
     by_axis: dict[str, float] = {}
     for c in found:
         for axis, t in collective_times(c, hardware, coords).items():
             by_axis[axis] = by_axis.get(axis, 0.0) + t
     comm = sum(by_axis.values())
-    terms = {"compute": compute, "memory": memory, "communication": comm}
+    if profile is None:
+        compute = flops / peak if peak else 0.0
+        memory = bytes_accessed / hardware.hbm_bandwidth if hardware.hbm_bandwidth else 0.0
+        overhead, launches, work = 0.0, 0.0, max(compute, memory)
+    else:
+        compute, memory, overhead, work, launches = _per_kernel(profile, hardware, compute_dtype)
+    terms = {"compute": compute, "memory": memory, "overhead": overhead, "communication": comm}
     binding = max(terms, key=terms.get)
-    latency = terms[binding] if hardware.overlaps_communication else max(compute, memory) + comm
+    latency = max(work, comm) if hardware.overlaps_communication else work + comm
     mfu = (model_flops / num_devices) / (latency * peak) if latency > 0 and peak else 0.0
     optimal = compiler_optimal if compiler_optimal is not None and compiler_optimal > 0 else None
-    return Roofline(compute, memory, comm, by_axis, latency, binding, mfu, peak, link, optimal)
+    return Roofline(compute, memory, comm, by_axis, latency, binding, mfu, peak, link, optimal, overhead, launches)
+
+
+def _per_kernel(profile: KernelProfile, hardware: Hardware, compute_dtype: str) -> tuple[float, ...]:
+    """(compute, memory, overhead, total) seconds of the kernels and the launch count."""
+    rate, bandwidth = hardware.achievable_flops(compute_dtype), hardware.achievable_bandwidth()
+    compute = memory = work = 0.0
+    for k in profile.kernels:
+        c = k.flops / rate if rate else 0.0
+        m = k.bytes / bandwidth if bandwidth else 0.0
+        compute += k.times * c
+        memory += k.times * m
+        work += k.times * max(c, m)
+    launches = profile.launches
+    overhead = hardware.call_overhead + launches * hardware.kernel_overhead + profile.iterations * hardware.loop_overhead
+    return compute, memory, overhead, work + overhead, launches

@@ -23,7 +23,8 @@ from sharding.plans import ShardingPlan, load_plans, select_plans
 from sharding.precision import DEFAULT_PRECISIONS, get_policy
 
 from .. import interrupts
-from ..analysis.hardware import Hardware, calibrate_cpu
+from ..analysis.calibration import calibrated
+from ..analysis.hardware import Hardware
 from .cache import ResultCache, cache_key
 from .compile import Compiled, compile_unit
 from .programs import ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
@@ -179,9 +180,8 @@ def _build(request: BuildRequest, progress: ProgressFn | None,
     mesh = make_mesh(target, request.mesh)
     plans = [p.for_mesh(tuple(mesh.axis_names)) for p in plans]  # a multi-slice mesh adds `dcn`
     cfg = program_config(request, mesh.devices.flat[0].platform)
-    hardware = hardware_for(target, mesh)
-    if hardware.name == "cpu-host":  # no datasheet for a host: measure it once per build
-        hardware = calibrate_cpu(mesh.devices.size)
+    # a CPU host or a local GPU is measured (once per machine, cached); TPU entries are published figures
+    hardware = calibrated(hardware_for(target, mesh), list(mesh.devices.flat))
     mesh_info = describe(mesh, target)
     cache_root = Path(request.out) / ".cache"
     cache = ResultCache(cache_root, enabled=request.use_cache)

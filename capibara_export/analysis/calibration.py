@@ -1,0 +1,272 @@
+"""Measured cost constants for the per-kernel roofline: one mechanism for every platform.
+
+The roofline (roofline.py) prices one program call as
+
+    call_overhead + Σ_kernels times · (kernel_overhead + max(F_k / P, B_k / W))
+                  + loop iterations · loop_overhead          (+ collectives)
+
+with the kernels, their FLOPs and bytes and the loop iterations counted from the optimized
+HLO (hlo.HloProgram.kernel_profile). This module measures P, W and the three overheads on
+the devices a program runs on, with small programs whose own kernels are counted by the
+same HLO reader, so the model reproduces its calibration programs by construction:
+
+  kernel and call   chains of 8 and 64 tiny dependent dots: the time per extra launch,
+                    and what is left per call
+  loop              the same tiny body in a `fori_loop` of 16 and 128 iterations: the time
+                    per extra iteration beyond its kernels (0 if the compiler unrolled both)
+  P                 a model-sized GEMM per device (f32 and bf16), net of the overheads
+  W                 an elementwise add over a large array (read + write), net of them
+  collective hop    (several CPU devices) a tiny all-gather minus a tiny local program
+
+On a CPU host every simulated device works at once (they share the cores), so each figure
+is per device with all of them busy, as the simulated mesh runs. A local GPU is measured on
+one device. TPU entries are returned unchanged: no TPU is reachable from here, their peaks
+are published figures and stay labelled unvalidated (hardware.TPU_CALIBRATION).
+
+Results are cached per machine (host, device kind and count, jax version, this module's
+CALIBRATION_VERSION) in $CAPIBARA_CALIBRATION_CACHE or ~/.cache/capibara-export/
+calibration.json; CAPIBARA_RECALIBRATE=1 measures again. Written by hand: no library
+measures XLA per-launch and per-iteration overheads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+from .hardware import CPU_PLACEHOLDER, Hardware
+from .hlo import HloProgram
+
+CALIBRATION_VERSION = 1
+SECONDS = 0.4  # per timed measurement
+
+
+def calibrated(hardware: Hardware, devices: list) -> Hardware:
+    """`hardware` with the measured constants of `devices` (a CPU host's simulated devices, or
+    a local GPU), from the per-machine cache when measured before. Other entries (TPU
+    targets, compiled on a host that is not the target) are returned as they are."""
+    platform = devices[0].platform
+    if platform == "cpu" and hardware.name == "cpu-host":
+        measure = _measure_cpu
+    elif platform == "gpu" and hardware.name.startswith("nvidia"):
+        measure = _measure_gpu
+    else:
+        return hardware
+    key = _machine_key(devices)
+    cache = _cache_path()
+    stored = {} if os.environ.get("CAPIBARA_RECALIBRATE") else _read(cache)
+    known = {f.name for f in fields(Hardware)}
+    if key in stored and set(stored[key]) <= known:
+        return replace(hardware, **stored[key])
+    figures = measure(hardware, devices)
+    _write(cache, key, figures)
+    return replace(hardware, **figures)
+
+
+def calibrate_cpu(num_devices: int) -> Hardware:
+    """The CPU host entry measured on the first `num_devices` CPU devices (cached)."""
+    import jax
+
+    return calibrated(CPU_PLACEHOLDER, jax.devices("cpu")[:num_devices])
+
+
+# ---------------------------------------------------------------------------- measuring
+def _measure_cpu(hardware: Hardware, devices: list) -> dict:
+    n = len(devices)
+    over = _overheads(devices)
+    size = 512 if n == 1 else 256
+    f32 = _gemm_rate(devices, size, "float32", over)
+    bf16 = _gemm_rate(devices, size, "bfloat16", over)
+    bandwidth = _bandwidth(devices, 64 * 2 ** 20, over)
+    hop = _collective_hop_seconds(devices) if n > 1 else 0.0
+    hop_note = f", collective hop {hop * 1e6:.0f} us (tiny all-gather over {n} devices)" if n > 1 else ""
+    note = (f"measured on {socket.gethostname()} at run time with all {n} devices at once: {size}^3 GEMM "
+            f"f32 {f32:.3g} / bf16 {bf16:.3g} FLOP/s, add over 64 MiB {bandwidth:.3g} B/s per device, "
+            f"kernel {over['kernel'] * 1e6:.1f} us, loop iteration {over['loop'] * 1e6:.1f} us, "
+            f"call {over['call'] * 1e6:.0f} us{hop_note}")
+    return {"peak_bf16_flops": f32, "peak_fp32_flops": f32, "hbm_bandwidth": bandwidth,
+            "achieved_fp32_flops": f32, "achieved_bf16_flops": bf16, "achieved_bandwidth": bandwidth,
+            "hbm_bytes": hardware.hbm_bytes // n, "ici_hop_latency": hop, "overlaps_communication": False,
+            "kernel_overhead": over["kernel"], "loop_overhead": over["loop"], "call_overhead": over["call"],
+            "source": f"measured on this host at run time, divided by {n} simulated devices", "calibration": note}
+
+
+def _measure_gpu(hardware: Hardware, devices: list) -> dict:
+    one = devices[:1]
+    over = _overheads(one)
+    bf16 = _gemm_rate(one, (8192, 768, 3072), "bfloat16", over)
+    f32 = _gemm_rate(one, (8192, 768, 3072), "float32", over)
+    bandwidth = _bandwidth(one, 512 * 2 ** 20, over)
+    note = (f"measured on the local {devices[0].device_kind} at run time: 8192x768x3072 GEMM bf16 {bf16:.3g} / "
+            f"f32 {f32:.3g} FLOP/s, 512 MiB add {bandwidth:.3g} B/s, kernel {over['kernel'] * 1e6:.2f} us, "
+            f"loop iteration {over['loop'] * 1e6:.1f} us, call {over['call'] * 1e6:.0f} us; peaks from the table")
+    return {"achieved_bf16_flops": bf16, "achieved_fp32_flops": f32, "achieved_bandwidth": bandwidth,
+            "kernel_overhead": over["kernel"], "loop_overhead": over["loop"], "call_overhead": over["call"],
+            "calibration": note}
+
+
+def _mesh(devices: list):
+    import numpy as np
+    from jax.sharding import Mesh
+
+    return Mesh(np.array(devices), ("all",))
+
+
+def _sharded(devices: list, shape_per_device: tuple, dtype):
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    shape = (shape_per_device[0] * len(devices), *shape_per_device[1:])
+    return jax.device_put(jnp.ones(shape, dtype), NamedSharding(_mesh(devices), PartitionSpec("all")))
+
+
+def _timed(fn, *args) -> tuple[float, HloProgram]:
+    """Seconds per call of jit(fn)(*args), and the compiled program's HLO."""
+    import jax
+
+    compiled = jax.jit(fn).lower(*args).compile()
+    return _seconds_per_call(lambda a: compiled(*a), args), HloProgram(compiled.as_text())
+
+
+def _seconds_per_call(fn, arg, seconds: float = SECONDS) -> float:
+    import jax
+
+    jax.block_until_ready(fn(arg))
+    best = float("inf")
+    for _ in range(3):  # the best of three windows: the least disturbed by other work on the host
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 3 or reps < 3:
+            jax.block_until_ready(fn(arg))
+            reps += 1
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+def _overheads(devices: list) -> dict:
+    """Seconds per kernel launch, per loop iteration and per call, on `devices` at once.
+    The chain is tiny dots (8x32 by 32x32) each followed by a tanh: XLA fuses elementwise
+    ops through optimization barriers on the CPU, but no backend fuses one dot into the
+    next, so the launches grow with the chain (the HLO reader counts them)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    x = _sharded(devices, (8, 32), jnp.float32)
+    w = jax.device_put(jnp.full((32, 32), 0.01, jnp.float32), NamedSharding(_mesh(devices), PartitionSpec()))
+
+    def chain(k):
+        def fn(v, m):
+            for _ in range(k):
+                v = jnp.tanh(v @ m)
+            return v
+        return fn
+
+    (t1, p1), (t2, p2) = (_timed(chain(k), x, w) for k in (8, 64))
+    l1, l2 = p1.kernel_profile().launches, p2.kernel_profile().launches
+    kernel = max((t2 - t1) / (l2 - l1), 0.0) if l2 > l1 else 0.0
+    call = max(t1 - l1 * kernel, 0.0)
+
+    def loop(n):
+        return lambda v, m: jax.lax.fori_loop(0, n, lambda i, u: jnp.tanh(u @ m), v)
+
+    (t1, p1), (t2, p2) = (_timed(loop(n), x, w) for n in (16, 128))
+    a, b = p1.kernel_profile(), p2.kernel_profile()
+    if b.iterations > a.iterations:
+        per_iteration = (t2 - t1 - (b.launches - a.launches) * kernel) / (b.iterations - a.iterations)
+        loop_s = max(per_iteration, 0.0)
+    else:  # the compiler unrolled both loops: no iteration left to pay for
+        loop_s = 0.0
+    return {"kernel": kernel, "call": call, "loop": loop_s}
+
+
+def _net(seconds: float, program: HloProgram, over: dict) -> float:
+    """A measurement's time less what the model books as overhead (never below 10% of it)."""
+    profile = program.kernel_profile()
+    overhead = over["call"] + profile.launches * over["kernel"] + profile.iterations * over["loop"]
+    return max(seconds - overhead, 0.1 * seconds)
+
+
+def _gemm_rate(devices: list, size, dtype: str, over: dict) -> float:
+    """FLOP/s per device of one GEMM per device, every device at once."""
+    import jax.numpy as jnp
+
+    m, k, n = (size, size, size) if isinstance(size, int) else size
+    a = _sharded(devices, (m, k), getattr(jnp, dtype))
+    b = jnp.ones((k, n), getattr(jnp, dtype))
+    seconds, program = _timed(lambda x, y: x @ y, a, b)
+    return 2.0 * m * k * n / _net(seconds, program, over)
+
+
+def _bandwidth(devices: list, total_bytes: int, over: dict) -> float:
+    """Read + write B/s per device of an elementwise add over `total_bytes` spread over the
+    devices (at least 1 MiB each). Measured on one simulated CPU device it was half the
+    per-device share of all of them at once (5.2 vs 11.3 GB/s on the 2-core host): the
+    devices run on every core together, so the share must come from the whole mesh."""
+    import jax.numpy as jnp
+
+    per_device = max(2 ** 20, total_bytes // len(devices)) // 4
+    x = _sharded(devices, (per_device,), jnp.float32)
+    seconds, program = _timed(lambda v: v + 1.0, x)
+    return 2 * 4 * per_device / _net(seconds, program, over)
+
+
+def _collective_hop_seconds(devices: list) -> float:
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = _mesh(devices)
+    x = _sharded(devices, (1, 8), jnp.float32)
+    gather = jax.jit(lambda v: jax.lax.with_sharding_constraint(v, NamedSharding(mesh, PartitionSpec())))
+    local = jax.jit(lambda v: v + 1.0)
+    extra = _seconds_per_call(gather, x) - _seconds_per_call(local, x)
+    return max(extra, 0.0) / (len(devices) - 1)
+
+
+# ---------------------------------------------------------------------------- the cache
+def _machine_key(devices: list) -> str:
+    import jax
+
+    return "|".join(str(p) for p in (socket.gethostname(), devices[0].platform, devices[0].device_kind,
+                                      len(devices), os.cpu_count(), jax.__version__, CALIBRATION_VERSION))
+
+
+def _cache_path() -> Path:
+    if os.environ.get("CAPIBARA_CALIBRATION_CACHE"):
+        return Path(os.environ["CAPIBARA_CALIBRATION_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "capibara-export" / "calibration.json"
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # no cache, or one we cannot read: measure again
+
+
+def _write(path: Path, key: str, figures: dict) -> None:
+    """Merge one machine's figures into the cache (atomically; a lost race only costs a
+    measurement next time). A cache that cannot be written is not an error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _read(path)
+        data[key] = figures
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def describe(hardware: Hardware) -> dict:
+    """The cost-model constants of an entry, for records and reports."""
+    keys = ("achieved_bf16_flops", "achieved_fp32_flops", "achieved_bandwidth", "kernel_overhead", "loop_overhead",
+            "call_overhead", "calibration")
+    return {k: v for k, v in asdict(hardware).items() if k in keys}

@@ -1,0 +1,118 @@
+"""The per-kernel cost model: kernel launches counted from HLO, the roofline's per-kernel
+terms, and the calibration that measures them once per machine (cached)."""
+
+from dataclasses import replace
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from capibara_export.analysis import calibration
+from capibara_export.analysis.hardware import CPU_PLACEHOLDER, HARDWARE
+from capibara_export.analysis.hlo import HloProgram, Kernel, KernelProfile
+from capibara_export.analysis.roofline import roofline
+from tests.test_hlo import loop_module
+
+
+def test_kernel_profile_counts_launches_and_iterations():
+    """The hand-written loop: one dot per iteration, 12 iterations; constants, tuples,
+    parameters and the loop itself launch nothing."""
+    profile = HloProgram(loop_module(limit=12)).kernel_profile()
+    assert profile.iterations == 12
+    dots = [k for k in profile.kernels if k.name == "d"]
+    assert len(dots) == 1 and dots[0].times == 12 and dots[0].flops == 2 * 8 * 16 * 16
+    # the counter increment is the other kernel of the body; nothing else launches
+    assert sorted(k.name for k in profile.kernels) == ["d", "n"]
+    assert profile.launches == 24
+
+
+def test_kernel_profile_agrees_with_program_totals():
+    """On a compiled program (a scanned MLP in a fori_loop): the kernels' FLOPs and bytes,
+    summed with their run counts, are the program's loop-corrected totals."""
+    w = jnp.ones((4, 64, 64), jnp.float32)
+
+    def fn(x, w):
+        def layer(h, wi):
+            return jnp.tanh(h @ wi), None
+
+        return jax.lax.fori_loop(0, 3, lambda i, h: jax.lax.scan(layer, h, w)[0], x)
+
+    text = jax.jit(fn).lower(jnp.ones((8, 64), jnp.float32), w).compile().as_text()
+    program = HloProgram(text)
+    profile, totals = program.kernel_profile(), program.costs()
+    assert profile.iterations >= 3  # the fori_loop at least (the compiler may unroll the scan)
+    assert sum(k.flops * k.times for k in profile.kernels) == pytest.approx(totals.flops, rel=1e-9)
+    assert sum(k.bytes * k.times for k in profile.kernels) == pytest.approx(totals.bytes, rel=1e-9)
+    assert sum(k.flops * k.times for k in profile.kernels) >= 3 * 4 * 2 * 8 * 64 * 64
+
+
+def test_per_kernel_roofline_terms():
+    """call + Σ times·(κ + max(F/P', B/W')) + iterations·λ, priced with the achievable
+    rates; a memory-bound kernel does not hide under a compute-bound one."""
+    hw = replace(HARDWARE["nvidia-h200"], achieved_bf16_flops=1e12, achieved_bandwidth=1e9, kernel_overhead=1e-6,
+                 loop_overhead=5e-6, call_overhead=4e-5)
+    profile = KernelProfile([Kernel("mm", 2e9, 1e6, 1.0),       # 2 ms of compute, 1 ms of memory
+                             Kernel("copy", 0.0, 3e6, 10.0)],   # 10 x 3 ms of memory
+                            iterations=10)
+    r = roofline(2e9, 3.1e7, [], hw, "bfloat16", 2e9, 1, profile=profile)
+    overhead = 4e-5 + 11 * 1e-6 + 10 * 5e-6
+    assert r.overhead_s == pytest.approx(overhead)
+    assert r.kernels == 11
+    assert r.compute_s == pytest.approx(2e-3) and r.memory_s == pytest.approx(1e-3 + 30e-3)
+    assert r.latency_s == pytest.approx(2e-3 + 30e-3 + overhead)   # not max(2, 31) ms
+    assert r.binding == "memory"
+    # thousands of tiny kernels: the launches bind
+    tiny = KernelProfile([Kernel("k", 10.0, 10.0, 5000.0)], iterations=19)
+    r = roofline(5e4, 5e4, [], hw, "bfloat16", 5e4, 1, profile=tiny)
+    assert r.binding == "overhead" and r.latency_s == pytest.approx(4e-5 + 5000 * (1e-6 + 1e-8) + 19 * 5e-6)
+    # without a profile: the whole-program roofline as before (peaks, no overheads)
+    whole = roofline(2e9, 3.1e7, [], hw, "bfloat16", 2e9, 1)
+    assert whole.latency_s == pytest.approx(max(2e9 / hw.peak_bf16_flops, 3.1e7 / hw.hbm_bandwidth))
+    assert whole.overhead_s == 0.0
+
+
+def test_calibration_is_measured_once_per_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPIBARA_CALIBRATION_CACHE", str(tmp_path / "calibration.json"))
+    monkeypatch.delenv("CAPIBARA_RECALIBRATE", raising=False)
+    devices = jax.devices("cpu")[:4]
+    first = calibration.calibrated(CPU_PLACEHOLDER, devices)
+    assert first.kernel_overhead > 0 and first.call_overhead >= 0 and first.loop_overhead >= 0
+    assert first.achieved_fp32_flops > 0 and first.achieved_bf16_flops > 0 and first.achievable_bandwidth() > 0
+    assert first.peak_fp32_flops == first.achieved_fp32_flops   # a host's peak is what it measures
+    assert "measured" in first.calibration and "4 devices" in first.calibration
+    assert not first.overlaps_communication and first.ici_hop_latency >= 0
+    assert (tmp_path / "calibration.json").is_file()
+
+    def no_measuring(*_):
+        raise AssertionError("measured again although this machine's figures are cached")
+
+    monkeypatch.setattr(calibration, "_measure_cpu", no_measuring)
+    assert calibration.calibrated(CPU_PLACEHOLDER, devices) == first
+    # a different device count is a different machine key: measured (here: refused)
+    with pytest.raises(AssertionError, match="measured again"):
+        calibration.calibrated(CPU_PLACEHOLDER, devices[:2])
+    monkeypatch.setenv("CAPIBARA_RECALIBRATE", "1")
+    with pytest.raises(AssertionError, match="measured again"):
+        calibration.calibrated(CPU_PLACEHOLDER, devices)
+
+
+def test_tpu_entries_keep_published_figures(tmp_path, monkeypatch):
+    """A TPU target compiled on this host is not measured here: its entry comes back as the
+    table has it, labelled unvalidated, with no overhead terms."""
+    monkeypatch.setenv("CAPIBARA_CALIBRATION_CACHE", str(tmp_path / "calibration.json"))
+    tpu = HARDWARE["tpu-v4-chip"]
+    assert calibration.calibrated(tpu, jax.devices("cpu")[:4]) is tpu
+    assert tpu.kernel_overhead == tpu.loop_overhead == tpu.call_overhead == 0.0
+    assert "unvalidated" in tpu.calibration
+    assert not (tmp_path / "calibration.json").exists()
+
+
+def test_unreadable_cache_is_measured_again(tmp_path, monkeypatch):
+    cache = tmp_path / "calibration.json"
+    cache.write_text("{not json")
+    monkeypatch.setenv("CAPIBARA_CALIBRATION_CACHE", str(cache))
+    monkeypatch.setattr(calibration, "_measure_cpu", lambda hw, devices: {"kernel_overhead": 1e-6,
+                                                                          "calibration": "measured (stub)"})
+    got = calibration.calibrated(CPU_PLACEHOLDER, jax.devices("cpu")[:1])
+    assert got.kernel_overhead == 1e-6
+    assert calibration._read(cache) != {}   # rewritten as JSON with this machine's figures
