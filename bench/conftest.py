@@ -15,6 +15,14 @@ def peer_times() -> dict:
     return {}
 
 
+def pytest_configure(config):
+    """Timed runs predict with a calibration measured in the same run (bench/harness.py)."""
+    if not config.getoption("benchmark_disable", False):
+        from bench import harness
+
+        harness.FRESH_CALIBRATION = True
+
+
 def pytest_collection_modifyitems(config, items):
     """With --benchmark-disable nothing is timed, so the plan matrix's fidelity figures mean
     nothing there: keep tiny fp32 (every plan and entry, run once as a test) and deselect

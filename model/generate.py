@@ -22,7 +22,7 @@ import numpy as np
 
 from .blip import Blip
 from .config import TextConfig
-from .layers import gpu_kernels
+from .layers import gpu_kernels, hoisted_layers
 
 
 def caption_prompt(text_cfg: TextConfig, prompt_ids: list[int] | None = None) -> np.ndarray:
@@ -45,6 +45,12 @@ def caption_from_image(model: Blip, image_bpd: jax.Array, prompt_bp: jax.Array, 
                        prompt_mask_bp: jax.Array | None = None) -> jax.Array:
     """Greedy caption from already encoded image tokens (so one encoding serves many calls);
     `prompt_mask_bp` marks the tokens of right-padded prompts (module docstring)."""
+    with hoisted_layers(model.text_decoder.blocks, rows=prompt_bp.shape[0]):   # GPU only (layers.hoisted_layers)
+        return _greedy(model, image_bpd, prompt_bp, max_new_tokens, prompt_mask_bp)
+
+
+def _greedy(model: Blip, image_bpd: jax.Array, prompt_bp: jax.Array, max_new_tokens: int,
+            prompt_mask_bp: jax.Array | None) -> jax.Array:
     t = model.config.text
     b, p = prompt_bp.shape
     if prompt_mask_bp is None:

@@ -187,7 +187,20 @@ def test_gpu_trace_choices_keep_parity(monkeypatch):
     ours = jax.jit(lambda px, pr, m: greedy_caption(model, px, pr, NEW_TOKENS, m))(
         jnp.asarray(x["pixels"]), jnp.asarray(ids), jnp.asarray(mask))
     theirs = case["caption"]["outputs"]["generate_padded"]
-    np.testing.assert_array_equal(np.asarray(ours), _pad_to(theirs, ours.shape[1], case["config"].text.pad_token_id))
+    expected = _pad_to(theirs, ours.shape[1], case["config"].text.pad_token_id)
+    np.testing.assert_array_equal(np.asarray(ours), expected)
+
+    # hoist-layers: the decoder's layer slices taken once before the (rolled) decode loop
+    args = (jnp.asarray(x["pixels"]), jnp.asarray(ids), jnp.asarray(mask))
+
+    def caption():  # a new function each time: jit caches traces by function, not by environment
+        return jax.jit(lambda px, pr, m: greedy_caption(model, px, pr, NEW_TOKENS, m))
+
+    monkeypatch.setenv("CAPIBARA_GPU_KERNELS", "unroll-layers+flat-dots+fast-ln+hoist-layers")
+    hoisted = caption().lower(*args).as_text()
+    np.testing.assert_array_equal(np.asarray(caption()(*args)), expected)
+    monkeypatch.setenv("CAPIBARA_GPU_KERNELS", "unroll-layers+flat-dots+fast-ln")
+    assert caption().lower(*args).as_text() != hoisted, "hoist-layers never reached the trace"
 
 
 def test_gpu_kernel_choice_typo_is_one_clear_error(monkeypatch):

@@ -25,8 +25,11 @@ are published figures and stay labelled unvalidated (hardware.TPU_CALIBRATION).
 
 Results are cached per machine (host, device kind and count, jax version, this module's
 CALIBRATION_VERSION) in $CAPIBARA_CALIBRATION_CACHE or ~/.cache/capibara-export/
-calibration.json; CAPIBARA_RECALIBRATE=1 measures again. Written by hand: no library
-measures XLA per-launch and per-iteration overheads.
+calibration.json; CAPIBARA_RECALIBRATE=1 measures again. A cached figure is only as good as
+the machine is steady: this 2-core VM ran 1.6x slower one hour than the hour before (GEMM
+4.8e9 -> 3.0e9 FLOP/s per device, launch 10.7 -> 18.2 us), so the timed benchmarks always
+measure afresh (bench/harness.py). Written by hand: no library measures XLA per-launch and
+per-iteration overheads.
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ def _measure_cpu(hardware: Hardware, devices: list) -> dict:
 
 def _measure_gpu(hardware: Hardware, devices: list) -> dict:
     one = devices[:1]
+    _warm_up(one)
     over = _overheads(one)
     bf16 = _gemm_rate(one, (8192, 768, 3072), "bfloat16", over)
     f32 = _gemm_rate(one, (8192, 768, 3072), "float32", over)
@@ -107,6 +111,19 @@ def _measure_gpu(hardware: Hardware, devices: list) -> dict:
     return {"achieved_bf16_flops": bf16, "achieved_fp32_flops": f32, "achieved_bandwidth": bandwidth,
             "kernel_overhead": over["kernel"], "loop_overhead": over["loop"], "call_overhead": over["call"],
             "calibration": note}
+
+
+def _warm_up(devices: list, seconds: float = 1.0) -> None:
+    """Keep the GPU busy with GEMMs for a second first: two fresh H200s measured GEMM rates
+    1.6x apart without it (clocks and power state settle under load)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = _sharded(devices, (4096, 4096), jnp.bfloat16)
+    square = jax.jit(lambda x: x @ x)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        jax.block_until_ready(square(a))
 
 
 def _mesh(devices: list):
