@@ -43,7 +43,8 @@ def main() -> None:
         if entry == "caption":  # the decoder's layer slices taken once before the decode loop
             variants.append(("hoisted", "unroll-layers+hoist-layers"))
         for name, kernels in variants:
-            layers._tracing_for_local_gpu = lambda on=kernels is not None: on   # the switch model/layers.py keeps for GPUs
+            # the switch model/layers.py keeps for GPUs
+            layers._tracing_for_local_gpu = lambda on=kernels is not None: on
             os.environ["CAPIBARA_GPU_KERNELS"] = kernels or "xla"
             layers.HOIST_MIN_ROWS = 1
             started = time.perf_counter()
@@ -51,7 +52,8 @@ def main() -> None:
             compile_s = time.perf_counter() - started
             ours = median_seconds(lambda: run.compiled(*run.args))
             print(f"{entry:12s} {name:9s} ours {ours * 1e3:7.1f} ms   "
-                  f"peer {theirs * 1e3:7.1f} ms   peer/ours {theirs / ours:4.2f}x   compile {compile_s:.1f} s", flush=True)
+                  f"peer {theirs * 1e3:7.1f} ms   peer/ours {theirs / ours:4.2f}x   compile {compile_s:.1f} s",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,8 @@ PLANS = {"loop": [
     ("encode_image", 32, "cudnn+unroll-layers+flat-dots+fast-ln", TRITON_ON, "default, triton gemm on", None),
 ]}
 PLAN = [row if len(row) == 6 else (*row, "in-out") for row in PLANS[STUDY]]
-PROFILE = {("caption", 32, "default + hoist-layers"), ("caption", 1, "cudnn+fast-ln+unroll-decode, out-in"), ("caption", 1, "default"), ("caption", 1, "default, in-out"), ("caption", 1, "default, text out-in"), ("caption", 1, "+ unroll-decode"),
+PROFILE = {("caption", 32, "default + hoist-layers"),
+           ("caption", 1, "cudnn+fast-ln+unroll-decode, out-in"), ("caption", 1, "default"), ("caption", 1, "default, in-out"), ("caption", 1, "default, text out-in"), ("caption", 1, "+ unroll-decode"),
            ("caption", 1, "xla (nothing fused, loops rolled)"), ("caption", 1, "cudnn+flat-dots+fast-ln")}
 PEER = {"loop": [("caption", 1), ("caption", 32), ("encode_image", 32)], "layout": [("caption", 1)]}.get(STUDY, [])
 
@@ -170,20 +171,24 @@ def kernel_summary(trace_path: pathlib.Path, calls: int) -> dict:
             "top_kernels_ms_per_call": {k: v / calls / 1e3 for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]}}
 
 
-def profile(run, entry: str, batch: int, label: str, calls: int = 3) -> None:
+def trace_summary(run, calls: int, target: pathlib.Path) -> dict:
+    """Trace `calls` calls of `run` with jax.profiler, copy the trace to `target` and
+    summarise its GPU kernels (kernel_summary)."""
     folder = pathlib.Path(tempfile.mkdtemp(prefix="capibara-prof-"))
     with jax.profiler.trace(str(folder)):
         for _ in range(calls):
             run()
     traces = sorted(folder.rglob("*.trace.json.gz"))
     if not traces:
-        record({"profile": label, "entry": entry, "batch": batch, "error": "no trace.json.gz written",
-                "files": [str(p.relative_to(folder)) for p in folder.rglob("*")][:10]})
-        return
-    target = OUT / f"prof-{entry}-b{batch}-{len(list(OUT.glob('prof-*')))}.trace.json.gz"
+        return {"error": "no trace.json.gz written",
+                "files": [str(p.relative_to(folder)) for p in folder.rglob("*")][:10]}
     shutil.copyfile(traces[-1], target)
-    record({"profile": label, "entry": entry, "batch": batch, "calls": calls, "file": target.name,
-            **kernel_summary(traces[-1], calls)})
+    return {"file": target.name, **kernel_summary(traces[-1], calls)}
+
+
+def profile(run, entry: str, batch: int, label: str, calls: int = 3) -> None:
+    target = OUT / f"prof-{entry}-b{batch}-{len(list(OUT.glob('prof-*')))}.trace.json.gz"
+    record({"profile": label, "entry": entry, "batch": batch, "calls": calls, **trace_summary(run, calls, target)})
 
 
 def settle(plan, peak: float, repeats: int = 3) -> int:

@@ -28,14 +28,14 @@ import jax
 import numpy as np
 
 from bench import harness
-from bench.gpu_decode import kernel_summary
+from bench.gpu_decode import median_s, trace_summary
 from capibara_export.analysis.calibration import calibrated
 from capibara_export.analysis.hardware import for_device_kind
 from capibara_export.analysis.roofline import roofline
 from sharding.precision import get_policy
 
 MODEL = os.environ.get("CAPIBARA_STUDY_MODEL", "base")   # "tiny" for a dry run on a CPU
-ROUNDS = int(os.environ.get("CAPIBARA_STUDY_ROUNDS", "20"))
+ROUNDS = int(os.environ.get("CAPIBARA_STUDY_ROUNDS", "20"))   # read by gpu_decode.median_s too
 OUT = pathlib.Path(os.environ.get("OUT", "/tmp/capibara-gpu"))
 FIGURES = [("encode_image", 1), ("encode_image", 32), ("caption", 1), ("caption", 32)]
 rows: list[dict] = []
@@ -47,32 +47,6 @@ def record(row: dict, hardware=None) -> None:
         {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "model": MODEL, "rounds": ROUNDS,
          "calibration": None if hardware is None else hardware.calibration, "rows": rows}, indent=1))
     print(json.dumps(row), flush=True)
-
-
-def median_s(run) -> float:
-    run()
-    run()
-    times = []
-    for _ in range(ROUNDS):
-        t = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
-def profiled(run, name: str, calls: int = 3) -> dict:
-    import shutil
-    import tempfile
-
-    folder = pathlib.Path(tempfile.mkdtemp(prefix="capibara-prof-"))
-    with jax.profiler.trace(str(folder)):
-        for _ in range(calls):
-            run()
-    traces = sorted(folder.rglob("*.trace.json.gz"))
-    if not traces:
-        return {"error": "no trace written"}
-    shutil.copyfile(traces[-1], OUT / f"prof-{name}.trace.json.gz")
-    return kernel_summary(traces[-1], calls)
 
 
 def main() -> int:
@@ -96,7 +70,7 @@ def main() -> int:
             run = harness.runnable(MODEL, entry, "bf16", batch)
             compile_s = time.perf_counter() - t
             (OUT / f"hlo-{name}.txt.gz").write_bytes(gzip.compress(run.compiled.as_text().encode()))
-            measured = median_s(run)
+            measured = median_s(run)[0]   # 2 warm-ups, median of CAPIBARA_STUDY_ROUNDS calls
         except Exception as err:  # one program that fails is a result, not the end of the run
             record({"figure": name, "error": f"{type(err).__name__}: {str(err)[:300]}"}, hardware)
             continue
@@ -112,7 +86,7 @@ def main() -> int:
                "iterations": run.profile.iterations, "mfu": run.analytic_flops / measured / table.peak_flops(dtype)
                if table else None}
         try:
-            row["profile"] = profiled(run, name)
+            row["profile"] = trace_summary(run, 3, OUT / f"prof-{name}.trace.json.gz")
         except Exception as err:
             row["profile"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
         record(row, hardware)

@@ -22,8 +22,8 @@ import numpy as np
 from capibara_export.analysis.calibration import calibrate_cpu, calibrated
 from capibara_export.analysis.hardware import Hardware, for_device_kind
 from capibara_export.analysis.hlo import HloProgram, KernelProfile
-from capibara_export.build.programs import ProgramOptions, build_program
 from capibara_export.analysis.roofline import roofline
+from capibara_export.build.programs import ProgramOptions, build_program
 from model import get_preset
 from model.layout import serving_layout
 from model.state import init_params

@@ -16,7 +16,6 @@ traced on a CPU host (the build pins JAX_PLATFORMS=cpu) and keep none of these.
 from __future__ import annotations
 
 import contextlib
-
 import math
 import os
 from typing import Callable, Sequence
@@ -184,10 +183,12 @@ def hoisted_layers(stack: nnx.Module, rows: int):
     layer slice before every GEMM that cannot read a slice (batch 32: 6 copies per layer per
     step, 1,440 per caption; H200: 36.4 -> 33.8 ms). With one row per step the dots are
     reductions that read the slice in place, and hoisting only adds the copy (11.28 -> 11.51
-    ms), so it applies from 2 rows (2 to 31 not measured). Does nothing unless both choices
-    are in force."""
+    ms), so it applies from 2 rows (2 to 31 not measured), and only to a concrete batch.
+    Does nothing unless both choices are in force."""
     chosen = gpu_kernels()
-    if stack is None or rows < HOIST_MIN_ROWS or "hoist-layers" not in chosen or "unroll-layers" not in chosen:
+    # a symbolic batch (jax.export's `b`) cannot be compared: such programs keep the slices in the loop
+    if stack is None or "hoist-layers" not in chosen or "unroll-layers" not in chosen \
+            or not (isinstance(rows, int) and rows >= HOIST_MIN_ROWS):
         yield
         return
     _, state = nnx.split(stack)

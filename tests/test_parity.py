@@ -199,6 +199,9 @@ def test_gpu_trace_choices_keep_parity(monkeypatch):
     monkeypatch.setenv("CAPIBARA_GPU_KERNELS", "unroll-layers+flat-dots+fast-ln+hoist-layers")
     hoisted = caption().lower(*args).as_text()
     np.testing.assert_array_equal(np.asarray(caption()(*args)), expected)
+    # a symbolic batch (the bundles' jax.export artifacts) keeps the slices in the loop, and exports
+    (batch,) = jax.export.symbolic_shape("b")
+    jax.export.export(caption())(*(jax.ShapeDtypeStruct((batch, *a.shape[1:]), a.dtype) for a in args))
     monkeypatch.setenv("CAPIBARA_GPU_KERNELS", "unroll-layers+flat-dots+fast-ln")
     assert caption().lower(*args).as_text() != hoisted, "hoist-layers never reached the trace"
 

@@ -153,5 +153,6 @@ def _per_kernel(profile: KernelProfile, hardware: Hardware, compute_dtype: str) 
         memory += k.times * m
         work += k.times * max(c, m)
     launches = profile.launches
-    overhead = hardware.call_overhead + launches * hardware.kernel_overhead + profile.iterations * hardware.loop_overhead
+    overhead = (hardware.call_overhead + launches * hardware.kernel_overhead
+                + profile.iterations * hardware.loop_overhead)
     return compute, memory, overhead, work + overhead, launches
