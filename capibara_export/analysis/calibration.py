@@ -38,7 +38,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from .hardware import CPU_PLACEHOLDER, Hardware
@@ -284,9 +284,3 @@ def _write(path: Path, key: str, figures: dict) -> None:
     except OSError:
         pass
 
-
-def describe(hardware: Hardware) -> dict:
-    """The cost-model constants of an entry, for records and reports."""
-    keys = ("achieved_bf16_flops", "achieved_fp32_flops", "achieved_bandwidth", "kernel_overhead", "loop_overhead",
-            "call_overhead", "calibration")
-    return {k: v for k, v in asdict(hardware).items() if k in keys}
