@@ -12,7 +12,6 @@ our median (how many times faster than Hugging Face eager on the same config and
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import jax
@@ -48,17 +47,10 @@ FRESH_CALIBRATION = False
 @functools.lru_cache(maxsize=4)
 def hardware(devices: int = 1) -> Hardware:
     """The local device's constants: the table for a known GPU, a measurement for a CPU."""
-    previous = os.environ.get("CAPIBARA_RECALIBRATE")
-    if FRESH_CALIBRATION:
-        os.environ["CAPIBARA_RECALIBRATE"] = "1"
-    try:
-        found = for_device_kind(jax.devices()[0].device_kind)
-        return calibrated(found, jax.devices()[:devices]) if found is not None else calibrate_cpu(devices)
-    finally:
-        if previous is None:
-            os.environ.pop("CAPIBARA_RECALIBRATE", None)
-        else:
-            os.environ["CAPIBARA_RECALIBRATE"] = previous
+    found = for_device_kind(jax.devices()[0].device_kind)
+    if found is not None:
+        return calibrated(found, jax.devices()[:devices], refresh=FRESH_CALIBRATION)
+    return calibrate_cpu(devices, refresh=FRESH_CALIBRATION)
 
 
 @dataclass

@@ -85,14 +85,22 @@ def prediction_check(benches: list[Bench]) -> list[dict]:
             continue
         predicted = [b.info["predicted_s"] for b in items]
         measured = [b.median for b in items]
-        rho = float(spearmanr(predicted, measured).statistic)
-        errors = sorted(abs(p - m) / m for p, m in zip(predicted, measured) if m > 0)
-        median_error = float(median(errors)) if errors else None
+        rho, median_error = _fidelity(predicted, measured)
+        # bench/test_plans.py also records the whole-program roofline, for the before/after
+        whole = [b.info.get("predicted_whole_program_s") for b in items]
+        rho_whole, error_whole = _fidelity(whole, measured) if all(whole) else (None, None)
         out.append({"group": group, "entry": entry, "rho": rho, "median_rel_error": median_error,
+                    "whole_program_rho": rho_whole, "whole_program_median_rel_error": error_whole,
                     "overestimates": sum(p > m for p, m in zip(predicted, measured)),
                     "plans": [(b.info["unit"]["plan"], b.info["predicted_s"], b.median, b.info.get("binding", ""))
                               for b in sorted(items, key=lambda b: b.median)]})
     return out
+
+
+def _fidelity(predicted: list[float], measured: list[float]) -> tuple[float, float | None]:
+    """(Spearman ρ, median |predicted − measured| / measured)."""
+    errors = sorted(abs(p - m) / m for p, m in zip(predicted, measured) if m > 0)
+    return float(spearmanr(predicted, measured).statistic), float(median(errors)) if errors else None
 
 
 def compare(new: list[Bench], old: list[Bench], threshold: float) -> list[tuple[str, float, float]]:

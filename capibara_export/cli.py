@@ -395,11 +395,13 @@ def cmd_bench_report(args) -> int:
         table.add_row(*row)
     out.print(table)
     for check in prediction_check(benches):
-        error = check["median_rel_error"]
+        error, whole = check["median_rel_error"], check["whole_program_median_rel_error"]
+        before = "" if whole is None else \
+            f"; whole-program roofline: rank correlation {check['whole_program_rho']:.2f}, median error {whole:.0%}"
         t = Table(title=f"Predicted vs measured: {check['group']} {check['entry']} "
                         f"(Spearman rank correlation {check['rho']:.2f}; median |predicted - measured| / measured "
                         f"{'n/a' if error is None else f'{error:.0%}'}, {check['overestimates']} of "
-                        f"{len(check['plans'])} over)", title_justify="left")
+                        f"{len(check['plans'])} over{before})", title_justify="left")
         for h in ("plan", "predicted ms", "measured ms", "bound"):
             t.add_column(h)
         for plan, pred, meas, bound in check["plans"]:

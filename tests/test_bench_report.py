@@ -37,8 +37,22 @@ def test_table_and_rank_correlation(tmp_path):
     assert check["rho"] == pytest.approx(1.0) and [p[0] for p in check["plans"]][0] == "dp"
     # measured = 2 x predicted everywhere: every prediction is 50% under
     assert check["median_rel_error"] == pytest.approx(0.5) and check["overestimates"] == 0
+    assert check["whole_program_rho"] is None   # recorded only by bench/test_plans.py
     shuffled = load(_write(tmp_path / "b.json", {"dp": 0.009, "replicated": 0.001}))
     assert prediction_check(shuffled)[0]["rho"] < 0.5
+
+
+def test_whole_program_prediction_is_checked_beside_the_per_kernel_one(tmp_path):
+    path = _write(tmp_path / "a.json", {})
+    data = json.loads(path.read_text())
+    for b in data["benchmarks"]:   # the whole-program figure: right order, every one 4x under
+        if b["group"].startswith("plans"):
+            b["extra_info"]["predicted_whole_program_s"] = b["stats"]["median"] / 4
+    path.write_text(json.dumps(data))
+    (check,) = prediction_check(load(path))
+    assert check["whole_program_rho"] == pytest.approx(1.0)
+    assert check["whole_program_median_rel_error"] == pytest.approx(0.75)
+    assert check["median_rel_error"] == pytest.approx(0.5)
 
 
 def test_compare_finds_regressions_beyond_the_threshold(tmp_path):

@@ -48,10 +48,12 @@ CALIBRATION_VERSION = 1
 SECONDS = 0.4  # per timed measurement
 
 
-def calibrated(hardware: Hardware, devices: list) -> Hardware:
+def calibrated(hardware: Hardware, devices: list, refresh: bool = False) -> Hardware:
     """`hardware` with the measured constants of `devices` (a CPU host's simulated devices, or
-    a local GPU), from the per-machine cache when measured before. Other entries (TPU
-    targets, compiled on a host that is not the target) are returned as they are."""
+    a local GPU), from the per-machine cache when measured before, unless `refresh` (or
+    CAPIBARA_RECALIBRATE) asks for a new measurement, which then replaces the cached one.
+    Other entries (TPU targets, compiled on a host that is not the target) are returned as
+    they are."""
     platform = devices[0].platform
     if platform == "cpu" and hardware.name == "cpu-host":
         measure = _measure_cpu
@@ -61,7 +63,7 @@ def calibrated(hardware: Hardware, devices: list) -> Hardware:
         return hardware
     key = _machine_key(devices)
     cache = _cache_path()
-    stored = {} if os.environ.get("CAPIBARA_RECALIBRATE") else _read(cache)
+    stored = {} if refresh or os.environ.get("CAPIBARA_RECALIBRATE") else _read(cache)
     known = {f.name for f in fields(Hardware)}
     if key in stored and set(stored[key]) <= known:
         return replace(hardware, **stored[key])
@@ -70,11 +72,11 @@ def calibrated(hardware: Hardware, devices: list) -> Hardware:
     return replace(hardware, **figures)
 
 
-def calibrate_cpu(num_devices: int) -> Hardware:
+def calibrate_cpu(num_devices: int, refresh: bool = False) -> Hardware:
     """The CPU host entry measured on the first `num_devices` CPU devices (cached)."""
     import jax
 
-    return calibrated(CPU_PLACEHOLDER, jax.devices("cpu")[:num_devices])
+    return calibrated(CPU_PLACEHOLDER, jax.devices("cpu")[:num_devices], refresh)
 
 
 # ---------------------------------------------------------------------------- measuring

@@ -48,9 +48,11 @@ class Proposal:
 
 def tower_seconds(row: dict, hardware: Hardware, compute_dtype: str) -> float:
     """The estimate above for one tower's figures (a `hotspots.towers` row)."""
-    peak = hardware.peak_flops(compute_dtype)
-    compute = row["flops"] / peak if peak else 0.0
-    memory = row["bytes"] / hardware.hbm_bandwidth if hardware.hbm_bandwidth else 0.0
+    # the roofline's achievable rates (the same as the peaks for TPU entries and a CPU host);
+    # a tower has no kernel profile of its own, so no per-launch terms here
+    rate, bandwidth = hardware.achievable_flops(compute_dtype), hardware.achievable_bandwidth()
+    compute = row["flops"] / rate if rate else 0.0
+    memory = row["bytes"] / bandwidth if bandwidth else 0.0
     comm = row.get("comm_s", 0.0)
     return max(compute, memory, comm) if hardware.overlaps_communication else max(compute, memory) + comm
 
