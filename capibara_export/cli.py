@@ -29,6 +29,11 @@ def _csv(kind=str):
     return parse
 
 
+def _jobs(text: str) -> int | None:
+    """--jobs: a positive count, or `auto` (None: workers/auto_jobs decides)."""
+    return None if text == "auto" else _count()(text)
+
+
 def _count(minimum: int = 1):
     """An integer option checked where it is parsed (`analyze --batch 0` used to loop forever)."""
     def parse(text: str) -> int:
@@ -97,6 +102,9 @@ def parser() -> argparse.ArgumentParser:
                         "compiled as extra units of this build (default 1; 0: only the given plans)")
     b.add_argument("--derive-budget", type=_count(0), default=4,
                    help="at most this many derived units over all rounds (default 4)")
+    b.add_argument("--jobs", type=_jobs, default=None, metavar="N|auto",
+                   help="worker processes that compile units (default auto: the core count for TPU targets when "
+                        "at least 4 units per worker are to be compiled, else 1: compile in this process)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_export_args(b, standalone=False)
 
@@ -254,10 +262,10 @@ def cmd_build(args) -> int:
         summary["text"] = derive(staging, name=result.folder.name)[2]
         if weights is not None:
             summary["bundle"] = write_bundle(staging, result.mesh, weights, args, console, final_folder=result.folder,
-                                             compiled=result.compiled)
+                                             compiled=result.compiled, kept=result.kept)
 
     with build_progress(args.quiet) as progress:
-        result = run_build(request, progress=progress, finish=finish)
+        result = run_build(request, progress=progress, finish=finish, jobs=args.jobs)
     counts = result.counts()
     slices = dict(result.mesh.shape).get("dcn", 1)
     where = f"mesh {args.mesh}" + (f" in each of {slices} slices" if slices > 1 else "")
@@ -275,14 +283,14 @@ def cmd_build(args) -> int:
 
 
 def write_bundle(folder: Path, mesh, weights: tuple[dict, str], args, console, final_folder: Path | None = None,
-                 compiled: dict | None = None) -> Path:
+                 compiled: dict | None = None, kept: dict | None = None) -> Path:
     """The bundle of a build folder (export/from_build.py) with the export options of `args`;
     returns where it will be once the folder is in place (`final_folder`, default `folder`)."""
     from .export.from_build import export_build_folder
 
     export_build_folder(folder, mesh, weights, precisions=args.export_precisions, saved_model=not args.no_saved_model,
                         checkpoint=args.checkpoint, entries=args.export_entries, sign_key=args.sign_key,
-                        compiled=compiled, progress=lambda what: console.print(f"exporting {what} ..."))
+                        compiled=compiled, kept=kept, progress=lambda what: console.print(f"exporting {what} ..."))
     return Path(final_folder or folder) / "bundle"
 
 

@@ -15,6 +15,7 @@ import json
 import math
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 from sharding.precision import get_policy
 
@@ -31,9 +32,13 @@ SCHEMA = "capibara-export/analysis"
 SCHEMA_VERSION = 1
 
 
-def analyze_unit(record: CompileRecord, folder: Path, hardware: Hardware, mesh_shape: dict[str, int],
+Programs = Callable[[], "tuple[HloProgram, HloProgram | None]"]
+
+
+def analyze_unit(record: CompileRecord, programs: Programs, hardware: Hardware, mesh_shape: dict[str, int],
                  coords: list[list[int]] | None = None) -> dict:
-    """`mesh_shape`: {axis: size} in mesh order, `dcn` first on several slices."""
+    """`programs()`: the unit's optimized and pre-partition HLO, parsed (read only for a
+    unit that compiled). `mesh_shape`: {axis: size} in mesh order, `dcn` first on slices."""
     out: dict = {"unit": record.unit.to_dict(), "status": record.status, "reason": record.reason,
                  "plan_description": record.plan_description}
     if record.origin:
@@ -49,9 +54,8 @@ def analyze_unit(record: CompileRecord, folder: Path, hardware: Hardware, mesh_s
                budget_fraction=MEMORY_FRACTION, fits=mem["peak"] <= MEMORY_FRACTION * hardware.hbm_bytes)
     out["memory"] = mem
 
-    program = _program(folder, record.hlo_file, record.hlo_sha256)
+    program, pre = programs()
     per_device, counted_once = program.costs(True), program.costs(False)
-    pre = _program(folder, record.pre_hlo_file) if record.pre_hlo_file else None
     global_costs = pre.costs(True) if pre else None
     raw = record.cost or {}
     out["flops"] = {
@@ -120,6 +124,27 @@ ANALYSIS_SOURCES = tuple(f"capibara_export/analysis/{m}.py" for m in ("analyze",
 _VOLATILE = ("cached", "lower_s", "compile_s", "hlo_file", "pre_hlo_file")  # no influence on the analysis
 
 
+def unit_key(record: CompileRecord, hardware: Hardware, mesh_shape: dict[str, int], coords) -> str:
+    """Where a compiled unit's analysis is cached: its record (which the result cache's key
+    already ties to the program), the hardware entry, the mesh and the analysis code."""
+    kept = {k: v for k, v in record.to_dict().items() if k not in _VOLATILE}
+    return key_of({"record": kept, "hardware": asdict(hardware), "mesh": mesh_shape, "coords": coords,
+                   "code": source_hash(*ANALYSIS_SOURCES)})
+
+
+def encode_unit(analysis: dict) -> bytes:
+    """A unit's analysis as the cache and analysis.json store it (a cached unit reads back identical)."""
+    return json.dumps(analysis, sort_keys=True, default=float).encode()
+
+
+def analyze_texts(record: CompileRecord, texts: dict[str, str], hardware: Hardware, mesh: dict) -> dict:
+    """A unit's analysis from its HLO texts in memory (a build worker, before any folder is
+    written); `mesh` as build.json records it."""
+    def programs() -> tuple[HloProgram, HloProgram | None]:
+        return HloProgram(texts["hlo"]), HloProgram(texts["pre"]) if texts.get("pre") else None
+    return analyze_unit(record, programs, hardware, ordered_shape(mesh), mesh.get("device_coords"))
+
+
 def analyze_build(folder: Path, hardware: Hardware | None = None, name: str | None = None,
                   cache: DerivedCache | None = None) -> dict:
     """`name`: the build folder's final name when `folder` is still the staging folder.
@@ -131,20 +156,20 @@ def analyze_build(folder: Path, hardware: Hardware | None = None, name: str | No
     hardware = hardware or build_parts(build, folder)[1]
     mesh_shape = ordered_shape(build["mesh"])
     coords = build["mesh"].get("device_coords")
-    code = source_hash(*ANALYSIS_SOURCES) if cache else ""
     units = {}
     for r in read_records(folder):
         key = None
         if cache and r.status == "ok" and r.cache_key:
-            record = {k: v for k, v in r.to_dict().items() if k not in _VOLATILE}
-            key = key_of({"record": record, "hardware": asdict(hardware), "mesh": mesh_shape, "coords": coords,
-                          "code": code})
+            key = unit_key(r, hardware, mesh_shape, coords)
             units[r.unit.id] = cache.get_json(key)
         if units.get(r.unit.id) is None:
-            units[r.unit.id] = analyze_unit(r, folder, hardware, mesh_shape, coords)
-            if key:  # stored as analysis.json stores it, so a cached unit reads back identical
-                encoded = json.dumps(units[r.unit.id], sort_keys=True, default=float)
-                cache.put(key, "json", encoded.encode())
+            def programs(r=r) -> tuple[HloProgram, HloProgram | None]:
+                return (_program(folder, r.hlo_file, r.hlo_sha256),
+                        _program(folder, r.pre_hlo_file) if r.pre_hlo_file else None)
+            units[r.unit.id] = analyze_unit(r, programs, hardware, mesh_shape, coords)
+            if key:
+                encoded = encode_unit(units[r.unit.id])
+                cache.put(key, "json", encoded)
                 units[r.unit.id] = json.loads(encoded)
     return {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,

@@ -79,6 +79,19 @@ def cost_stats(executable: jax.stages.Compiled) -> dict | None:
     return {k: float(v) for k, v in cost.items() if isinstance(v, (int, float))}
 
 
+# XLA's text records each op's Python call stack: tables of file names, functions and
+# frames after the module header, and a stack_frame_id in each op's metadata. The stack runs
+# through whoever called the compiler (the CLI, a build worker, a test) and the checkout's
+# absolute path, so the same program would hash differently by who compiled it and where.
+# The build folder keeps the text without them (the op_name scopes the analysis reads stay).
+_STACK_TABLE = re.compile(r"^(?:FileNames|FunctionNames|FileLocations|StackFrames)\n(?:\d+ [^\n]*\n)*\n?", re.M)
+_STACK_ID = re.compile(r"\s*stack_frame_id=\d+")
+
+
+def without_python_stacks(hlo_text: str) -> str:
+    return _STACK_ID.sub("", _STACK_TABLE.sub("", hlo_text)).replace(", metadata={}", "")
+
+
 def _gib(n: float) -> str:
     return f"{n / GiB:.1f} GiB"
 
@@ -142,11 +155,11 @@ def compile_unit(cfg: BlipConfig, unit: Unit, plan: ShardingPlan, mesh, hardware
     if record.memory is not None:
         record.memory["arguments_by_kind"] = argument_bytes(program, plan, mesh, record.memory["argument"])
     record.cost = cost_stats(executable)
-    hlo_text = executable.as_text()
+    hlo_text = without_python_stacks(executable.as_text())
     record.hlo_sha256 = hashlib.sha256(hlo_text.encode()).hexdigest()
     record.status = "ok"
     if record.memory is not None:
         ok, why = fits(record.memory, hardware)
         if not ok:
             record.status, record.reason, record.needed_bytes = "does-not-fit", why, record.memory["peak"]
-    return record, Compiled(program, executable, hlo_text, lowered.as_text(dialect="hlo"))
+    return record, Compiled(program, executable, hlo_text, without_python_stacks(lowered.as_text(dialect="hlo")))

@@ -25,12 +25,13 @@ from sharding.precision import DEFAULT_PRECISIONS, get_policy
 from .. import interrupts
 from ..analysis.calibration import calibrated
 from ..analysis.hardware import Hardware
-from .cache import ResultCache, cache_key
+from .cache import DerivedCache, ResultCache, cache_key
 from .compile import Compiled, compile_unit
 from .programs import ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
 from .records import CompileRecord, Unit, toolchain, write_records
 from .staging import check_folder_name, check_output_folder, ensure_replaceable, folder_lock, staged_folder
 from .targets import DEFAULT_TARGET, describe, get_target, hardware_for, make_mesh
+from .workers import CompilePool, resolve_jobs
 
 DEFAULT_OUT = Path("artifacts")
 DEFAULT_BATCHES = (32,)
@@ -71,6 +72,8 @@ class BuildResult:
     mesh: object
     hardware: Hardware
     plans: dict[str, ShardingPlan]
+    kept: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # serialized executables of units
+    # a worker compiled in a --no-cache build (they have no result cache to be found in)
     seconds: float = 0.0
 
     def counts(self) -> dict[str, int]:
@@ -140,9 +143,11 @@ def serialized(fresh: Compiled, unit_id: str) -> tuple[bytes, str] | None:
         return None
 
 
-def kept_executables(folder: Path, compiled: dict[str, Compiled] | None = None) -> ExecutableSource:
-    """Where an export finds a build's executables without compiling: the ones compiled in
-    this process (`compiled`), then the build's result cache (by each record's cache key)."""
+def kept_executables(folder: Path, compiled: dict[str, Compiled] | None = None,
+                     kept: dict[str, tuple[bytes, str]] | None = None) -> ExecutableSource:
+    """Where an export finds a build's executables without compiling: the build's result
+    cache (by each record's cache key), then the ones compiled in this process (`compiled`)
+    or serialized by its workers (`kept`)."""
     from .folder import read_build, read_records
 
     request = read_build(folder)["request"]
@@ -151,29 +156,35 @@ def kept_executables(folder: Path, compiled: dict[str, Compiled] | None = None) 
     compiled = compiled or {}
 
     def find(unit_id: str) -> tuple[bytes, str] | None:
-        kept = cache.executable(keys[unit_id]) if unit_id in keys else None
-        if kept is None and unit_id in compiled:  # a --no-cache build: serialize it now
-            kept = serialized(compiled[unit_id], unit_id)
-        return kept
+        found = cache.executable(keys[unit_id]) if unit_id in keys else None
+        if found is None and unit_id in compiled:  # a --no-cache build: serialize it now
+            found = serialized(compiled[unit_id], unit_id)
+        return found if found is not None else (kept or {}).get(unit_id)
     return find
 
 
 def run_build(request: BuildRequest, progress: ProgressFn | None = None,
-              finish: Callable[[Path, BuildResult], None] | None = None) -> BuildResult:
+              finish: Callable[[Path, BuildResult], None] | None = None, jobs: int | None = 1) -> BuildResult:
     """Compile (or read from cache) every unit and write the build folder.
 
     `progress(i, n, unit, record)` is called before (record None) and after each unit.
     `finish(staging_folder, result)` runs before the folder is renamed into place, so later
     stages (analysis, report, export) land in the same all-or-nothing folder.
+    `jobs`: worker processes that compile (workers.py); None picks by target and unit count
+    (the CLI's default), 1 compiles in this process. It changes no record's content, only how
+    long a build takes. Workers are spawned processes: a script that calls this with jobs != 1
+    needs the usual `if __name__ == "__main__":` guard (multiprocessing imports the script).
     """
     started = time.perf_counter()
     validate(request)
+    if jobs is not None and jobs < 1:
+        raise ProgramError(f"--jobs {jobs}: give a positive number of worker processes (1: compile in this process)")
     with folder_lock(Path(request.out) / request.folder_name()):
-        return _build(request, progress, finish, started)
+        return _build(request, progress, finish, started, jobs)
 
 
 def _build(request: BuildRequest, progress: ProgressFn | None,
-           finish: Callable[[Path, BuildResult], None] | None, started: float) -> BuildResult:
+           finish: Callable[[Path, BuildResult], None] | None, started: float, jobs: int | None) -> BuildResult:
     plans_by_name = load_plans(list(request.plan_files))
     plans = select_plans(plans_by_name, list(request.plans) or None)
     target = get_target(request.target)
@@ -186,34 +197,70 @@ def _build(request: BuildRequest, progress: ProgressFn | None,
     cache_root = Path(request.out) / ".cache"
     cache = ResultCache(cache_root, enabled=request.use_cache)
     cache.sweep()
+    analyses = DerivedCache(cache_root, "analysis") if request.use_cache else None  # what workers analysed
 
     todo = units(request, cfg, plans)
     records: list[CompileRecord] = []
     compiled: dict[str, Compiled] = {}
+    from_workers: dict[str, tuple[bytes, str]] = {}   # executables a worker compiled, for an uncached export
     texts: dict[str, dict[str, str]] = {}
     plan_of = {p.name: p for p in plans}
+    platform = mesh.devices.flat[0].platform
 
     def compile_all(batch: list[Unit], origins: dict[str, dict] | None = None) -> None:
+        keys = [cache_key(u.to_dict(), cfg.to_dict(), plan_of[u.plan].to_dict(), mesh_info) for u in batch]
+        hits = [cache.get(key) for key in keys]
+        misses = [u for u, hit in zip(batch, hits) if hit is None]
+        workers = resolve_jobs(jobs, platform, len(misses))
+        if workers > 1:
+            key_of = {u.id: key for u, key in zip(batch, keys)}
+            with CompilePool(workers, request.target, request.mesh, platform, mesh.devices.size, cfg,
+                             hardware, request.options) as pool:
+                pending = {u.id: pool.submit(u, plan_of[u.plan], key_of[u.id], mesh_info,
+                                             (origins or {}).get(u.plan), analyses is not None) for u in misses}
+                try:
+                    collect(batch, keys, hits, origins, pending)
+                except BaseException:  # Ctrl-C or an error: cache what the workers finished, then stop
+                    for future in pending.values():
+                        if future.done() and not future.cancelled() and future.exception() is None:
+                            keep(*future.result())
+                    raise
+        else:
+            collect(batch, keys, hits, origins, {})
+
+    def keep(record: CompileRecord, unit_texts: dict[str, str], kept: tuple[bytes, str] | None,
+             analysis: tuple[str, bytes] | None) -> tuple[CompileRecord, dict[str, str]]:
+        """Store what a worker sent back: the result cache entry, the unit's analysis, and in
+        an uncached build the executable (for `build --export`)."""
+        cache.put(record.cache_key, record, unit_texts, kept)
+        if analysis is not None and analyses is not None:
+            analyses.put(analysis[0], "json", analysis[1])
+        if kept is not None and not request.use_cache:
+            from_workers[record.unit.id] = kept
+        return record, unit_texts
+
+    def collect(batch: list[Unit], keys: list[str], hits: list, origins: dict[str, dict] | None,
+                pending: dict) -> None:
         done = len(records)
         total = done + len(batch)
-        for i, unit in enumerate(batch, start=done):
+        for i, (unit, key, hit) in enumerate(zip(batch, keys, hits), start=done):
             interrupts.check()
             if progress:
                 progress(i, total, unit, None)
-            plan = plan_of[unit.plan]
-            key = cache_key(unit.to_dict(), cfg.to_dict(), plan.to_dict(), mesh_info)
-            hit = cache.get(key)
             if hit is not None:
                 record, unit_texts = hit
                 record.cached = True
             else:
-                record, fresh = compile_unit(cfg, unit, plan, mesh, hardware, request.options)
-                record.cache_key, record.mesh = key, mesh_info
-                unit_texts = {"hlo": fresh.hlo_text, "pre": fresh.pre_hlo_text} if fresh else {}
-                kept = serialized(fresh, unit.id) if fresh and request.use_cache and record.status == "ok" else None
-                cache.put(key, record, unit_texts, kept)
-                if fresh:
-                    compiled[unit.id] = fresh
+                if unit.id in pending:
+                    record, unit_texts = keep(*pending.pop(unit.id).result())
+                else:
+                    record, fresh = compile_unit(cfg, unit, plan_of[unit.plan], mesh, hardware, request.options)
+                    unit_texts = {"hlo": fresh.hlo_text, "pre": fresh.pre_hlo_text} if fresh else {}
+                    kept = serialized(fresh, unit.id) if fresh and request.use_cache and record.status == "ok" else None
+                    if fresh:
+                        compiled[unit.id] = fresh
+                    record.cache_key, record.mesh = key, mesh_info
+                    cache.put(key, record, unit_texts, kept)
             record.origin = (origins or {}).get(unit.plan)
             if unit_texts:
                 texts[unit.id] = unit_texts
@@ -239,7 +286,8 @@ def _build(request: BuildRequest, progress: ProgressFn | None,
         compile_all(todo)
         interrupts.check()
 
-    result = BuildResult(Path(request.out) / request.folder_name(), cfg, records, compiled, mesh, hardware, plan_of)
+    result = BuildResult(Path(request.out) / request.folder_name(), cfg, records, compiled, mesh, hardware, plan_of,
+                         from_workers)
     with staged_folder(result.folder) as staging:
         (staging / "hlo").mkdir()
         write(staging)
@@ -266,7 +314,6 @@ def derived_units(request: BuildRequest, cfg: BlipConfig, staging: Path, hardwar
     (kept in the derived cache, so the build's own analysis after this reads it back)."""
     from ..analysis.analyze import analyze_build
     from ..analysis.plan_search import propose
-    from .cache import DerivedCache
 
     cache_root = Path(request.out) / ".cache"
     cache = DerivedCache(cache_root, "analysis") if request.use_cache and cache_root.is_dir() else None

@@ -15,10 +15,11 @@ from .bundle import ExportRequest, export_bundle
 
 def export_build_folder(folder: Path, mesh, weights: tuple[dict, str], *, precisions: Sequence[str] | None = None,
                         saved_model: bool = True, checkpoint: str | None = None, entries: Sequence[str] | None = None,
-                        sign_key: str | None = None, compiled: dict | None = None,
+                        sign_key: str | None = None, compiled: dict | None = None, kept: dict | None = None,
                         progress: Callable[[str], None] = lambda _: None) -> Path:
     """Write `folder`/bundle (folder staged or final). `precisions` default to the build's;
-    executables come from `compiled` (this process's build) or the build's cache. Holds the
+    executables come from the build's cache, or for an uncached build from `compiled` (this
+    process's build) and `kept` (serialized by its workers). Holds the
     build folder's lock, so a build cannot replace the folder under the export."""
     folder = Path(folder)
     with folder_lock(folder, flag="build folder"):
@@ -31,7 +32,7 @@ def export_build_folder(folder: Path, mesh, weights: tuple[dict, str], *, precis
             plans=plans, target=build["target"], mesh=mesh, mesh_info=build["mesh"], options=options,
             saved_model=saved_model, processor_from=Path(checkpoint) if checkpoint else None,
             entries=tuple(entries) if entries else None, sign_key=Path(sign_key) if sign_key else None,
-            executables=kept_executables(folder, compiled))
+            executables=kept_executables(folder, compiled, kept))
 
         def step(what: str) -> None:  # between export steps: where a remembered Ctrl-C stops the export
             interrupts.check()
