@@ -66,7 +66,7 @@ def test_an_uncached_parallel_build_keeps_its_executables_for_the_export(tmp_pat
 
 
 def test_workers_are_used_only_where_they_pay(monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(workers, "cores", lambda: 16)
     assert workers.resolve_jobs(None, "tpu", 3) == 1            # too few units to start workers for
     assert workers.resolve_jobs(None, "tpu", 12) == 3           # 4 units per worker
     assert workers.resolve_jobs(None, "tpu", 200) == 16         # at most the core count
@@ -119,3 +119,23 @@ def test_ctrl_c_ends_the_workers_and_keeps_what_they_finished(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".cache", ".capibara-export.lock"]
     assert not list(results.glob("*/*.tmp"))
     assert 2 <= len(list(results.glob("*/*.json"))) < 9
+
+
+def test_a_killed_worker_is_one_clear_error_and_no_folder(tmp_path):
+    args = [sys.executable, "-m", "capibara_export", "build", "--model", "tiny", "--quiet", "--jobs", "2",
+            "--entries", "encode_image,caption,score", "--plans", "replicated,dp,fsdp", "--precisions", "fp32",
+            "--derive-rounds", "0", "--out", str(tmp_path)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, spawned = time.time() + 120, []
+    while time.time() < deadline and len(spawned) < 2:
+        spawned = [p for p in _children(proc.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        time.sleep(0.2)
+    assert len(spawned) == 2
+    time.sleep(3)    # past start-up, into the compiles
+    os.kill(spawned[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    (line,) = [line for line in err.splitlines() if line.startswith("capibara-export: error:")]
+    assert "a compile worker process ended without its result" in line and "--jobs 1" in line
+    assert "Traceback" not in err
+    assert not [p.name for p in tmp_path.iterdir() if p.name not in (".cache", ".capibara-export.lock")]

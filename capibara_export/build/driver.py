@@ -31,7 +31,7 @@ from .programs import ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
 from .records import CompileRecord, Unit, toolchain, write_records
 from .staging import check_folder_name, check_output_folder, ensure_replaceable, folder_lock, staged_folder
 from .targets import DEFAULT_TARGET, describe, get_target, hardware_for, make_mesh
-from .workers import CompilePool, resolve_jobs
+from .workers import CompilePool, outcome, resolve_jobs
 
 DEFAULT_OUT = Path("artifacts")
 DEFAULT_BATCHES = (32,)
@@ -252,7 +252,7 @@ def _build(request: BuildRequest, progress: ProgressFn | None,
                 record.cached = True
             else:
                 if unit.id in pending:
-                    record, unit_texts = keep(*pending.pop(unit.id).result())
+                    record, unit_texts = keep(*outcome(pending.pop(unit.id)))
                 else:
                     record, fresh = compile_unit(cfg, unit, plan_of[unit.plan], mesh, hardware, request.options)
                     unit_texts = {"hlo": fresh.hlo_text, "pre": fresh.pre_hlo_text} if fresh else {}

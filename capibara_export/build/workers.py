@@ -26,8 +26,10 @@ import multiprocessing
 import os
 import signal
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 from model import BlipConfig
+from model.errors import UserError
 from sharding.plans import ShardingPlan
 
 from ..analysis.hardware import Hardware
@@ -43,12 +45,17 @@ AUTO_MIN_UNITS_PER_WORKER = 4
 Kept = tuple[CompileRecord, dict[str, str], "tuple[bytes, str] | None", "tuple[str, bytes] | None"]
 
 
+def cores() -> int:
+    """The cores this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def auto_jobs(platform: str, units: int) -> int:
     """How many workers `--jobs auto` uses: the core count for TPU targets when there are
     enough units to compile, else none (compile in the build's process)."""
     if platform != "tpu":
         return 1
-    return max(1, min(os.cpu_count() or 1, units // AUTO_MIN_UNITS_PER_WORKER))
+    return max(1, min(cores(), units // AUTO_MIN_UNITS_PER_WORKER))
 
 
 def resolve_jobs(jobs: int | None, platform: str, units: int) -> int:
@@ -58,6 +65,20 @@ def resolve_jobs(jobs: int | None, platform: str, units: int) -> int:
     if jobs is None:
         return auto_jobs(platform, units)
     return max(1, min(jobs, units))
+
+
+class WorkerError(UserError):
+    """A compile worker ended without sending its unit back (killed, or out of memory)."""
+
+
+def outcome(future: Future) -> Kept:
+    """A unit's result from its worker, or one clear error when the worker died."""
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise WorkerError("a compile worker process ended without its result (killed, or out of memory: each "
+                          "worker holds its own JAX and model); the units finished before it are cached: run the "
+                          "same command with --jobs 1 to compile in this process") from None
 
 
 _state: dict = {}
