@@ -26,7 +26,7 @@ from capibara_export.build.programs import ProgramError
 TIMINGS = ("compile_s", "lower_s")
 
 
-def _request(out: Path, use_cache: bool = True, plans: tuple[str, ...] = ("replicated", "dp", "fsdp")) -> BuildRequest:
+def _request(out: Path, use_cache: bool = True, plans: tuple[str, ...] = ("dp", "fsdp")) -> BuildRequest:
     return BuildRequest(model="tiny", entries=("encode_image", "caption"), plans=plans, precisions=("fp32",),
                         batches=(32,), out=out, use_cache=use_cache, derive_rounds=0)
 
@@ -47,7 +47,7 @@ def test_a_parallel_build_writes_what_a_sequential_one_writes(tmp_path, monkeypa
     real = hlo.HloProgram.__init__
     monkeypatch.setattr(hlo.HloProgram, "__init__", lambda self, text: parsed.append(1) or real(self, text))
     two = run_build(_request(tmp_path / "two"), finish=finish, jobs=2)
-    assert [r.status for r in one.records] == ["ok"] * 6
+    assert [r.status for r in one.records] == ["ok"] * 4
     assert one.compiled and not two.compiled          # the second build compiled nothing in this process ...
     assert parsed == []                               # ... and parsed no HLO: the workers analysed their units
     content = _content(one.folder)
@@ -59,7 +59,7 @@ def test_a_parallel_build_writes_what_a_sequential_one_writes(tmp_path, monkeypa
 
 
 def test_an_uncached_parallel_build_keeps_its_executables_for_the_export(tmp_path):
-    result = run_build(_request(tmp_path, use_cache=False, plans=("dp", "fsdp")), jobs=2)
+    result = run_build(_request(tmp_path, use_cache=False), jobs=2)
     assert sorted(result.kept) == sorted(r.unit.id for r in result.records) and not result.compiled
     payload, trees = kept_executables(result.folder, result.compiled, result.kept)(result.records[0].unit.id)
     assert len(payload) > 10_000 and json.loads(trees)
