@@ -72,8 +72,8 @@ class BuildResult:
     mesh: object
     hardware: Hardware
     plans: dict[str, ShardingPlan]
-    kept: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # serialized executables of units
-    # a worker compiled in a --no-cache build (they have no result cache to be found in)
+    # serialized executables of the units workers compiled in a --no-cache build (no result cache holds them)
+    kept: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     seconds: float = 0.0
 
     def counts(self) -> dict[str, int]:
@@ -210,14 +210,13 @@ def _build(request: BuildRequest, progress: ProgressFn | None,
     def compile_all(batch: list[Unit], origins: dict[str, dict] | None = None) -> None:
         keys = [cache_key(u.to_dict(), cfg.to_dict(), plan_of[u.plan].to_dict(), mesh_info) for u in batch]
         hits = [cache.get(key) for key in keys]
-        misses = [u for u, hit in zip(batch, hits) if hit is None]
+        misses = [(u, key) for u, key, hit in zip(batch, keys, hits) if hit is None]
         workers = resolve_jobs(jobs, platform, len(misses))
         if workers > 1:
-            key_of = {u.id: key for u, key in zip(batch, keys)}
             with CompilePool(workers, request.target, request.mesh, platform, mesh.devices.size, cfg,
                              hardware, request.options) as pool:
-                pending = {u.id: pool.submit(u, plan_of[u.plan], key_of[u.id], mesh_info,
-                                             (origins or {}).get(u.plan), analyses is not None) for u in misses}
+                pending = {u.id: pool.submit(u, plan_of[u.plan], key, mesh_info, (origins or {}).get(u.plan),
+                                             analyses is not None) for u, key in misses}
                 try:
                     collect(batch, keys, hits, origins, pending)
                 except BaseException:  # Ctrl-C or an error: cache what the workers finished, then stop
