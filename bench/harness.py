@@ -24,7 +24,7 @@ from capibara_export.analysis.hlo import HloProgram, KernelProfile
 from capibara_export.analysis.roofline import roofline
 from capibara_export.build.programs import ProgramOptions, build_program
 from model import get_preset
-from model.layout import serving_layout
+from model.layout import for_platform
 from model.state import init_params
 from sharding.precision import get_policy
 from sharding.storage import stored_params
@@ -102,12 +102,14 @@ def float_params(model: str, seed: int = 0):
 
 def runnable(model: str, entry: str, precision: str, batch: int, params=None,
              towers: tuple[str, ...] | None = None, compiler_options: dict | None = None,
-             layout: str | None = None) -> Runnable:
+             layout: str | None = None, storage: str | None = None) -> Runnable:
     """Compile one entry for the first local device (outside any timed region), with XLA
     `compiler_options` when given (bench/gpu_decode.py compares them). `params` are canonical;
-    they are stored in `layout` (default: the serving layout of the local platform)."""
+    they are stored in `layout` and `storage` (default: the serving layout and layer storage
+    of the local platform, model/layout.py)."""
     cfg = get_preset(model) if towers is None else get_preset(model).with_towers(*towers)
-    cfg = cfg.with_kernel_layout(layout or serving_layout(jax.default_backend()))
+    cfg = for_platform(cfg, jax.default_backend())
+    cfg = cfg.with_kernel_layout(layout or cfg.text.kernel_layout).with_layer_storage(storage or cfg.text.layer_storage)
     policy = get_policy(precision)
     program = build_program(cfg, entry, policy, batch, OPTIONS)
     params = stored_params(params if params is not None else float_params(model), cfg, policy)

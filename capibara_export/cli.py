@@ -97,6 +97,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--kernel-layout", default="auto", choices=("auto", "in-out", "out-in"),
                    help="how the text towers' dense kernels are stored (default auto: out-in on a GPU, where "
                         "batch-1 decoding is 1.5x faster, in-out on a TPU or CPU; docs/performance.md)")
+    b.add_argument("--layer-storage", default="auto", choices=("auto", "stacked", "per-layer"),
+                   help="how the text towers' layers are stored (default auto: per-layer on a CPU, where XLA "
+                        "would copy each stacked layer's weights before every dot, stacked on a TPU or GPU; "
+                        "docs/performance.md)")
     b.add_argument("--derive-rounds", type=_count(0), default=1,
                    help="rounds of plans proposed by the hotspots (each tower on the plan its figures favour), "
                         "compiled as extra units of this build (default 1; 0: only the given plans)")
@@ -248,6 +252,7 @@ def cmd_build(args) -> int:
         options=ProgramOptions(max_new_tokens=args.max_new_tokens, prompt_len=args.prompt_len,
                                text_len=args.text_len, remat=args.remat),
         out=Path(args.out), use_cache=not args.no_cache, name=args.name, kernel_layout=args.kernel_layout,
+        layer_storage=args.layer_storage,
         derive_rounds=args.derive_rounds, derive_budget=args.derive_budget)
     summary = {}
 
@@ -350,7 +355,8 @@ def cmd_verify(args) -> int:
                  "not loaded (unsigned)": "yellow"}
         for r in rows:
             table.add_row(r.artifact, r.output, "" if r.max_abs_error is None else f"{r.max_abs_error:.3g}",
-                          "" if r.tolerance is None else f"{r.tolerance:.3g}", f"[{style[r.result]}]{r.result}[/]", r.note)
+                          "" if r.tolerance is None else f"{r.tolerance:.3g}", f"[{style[r.result]}]{r.result}[/]",
+                          r.note)
         out.print(table)
     failed = [r for r in rows if r.failed]
     counts = {k: sum(r.result == k for r in rows)

@@ -22,6 +22,7 @@ TOWERS = ("caption", "retrieval")
 
 
 KERNEL_LAYOUTS = ("in-out", "out-in")
+LAYER_STORAGES = ("stacked", "per-layer")
 
 
 class ConfigError(UserError):
@@ -101,10 +102,18 @@ class TextConfig:
     # CPU programs) or "out-in" (outputs first: a batch-1 dot reads each output's weights
     # contiguously; the GPU serving layout, see model/layout.py). Not a Hugging Face field.
     kernel_layout: str = "in-out"
+    # How the towers' layers are stored: "stacked" (one array per weight with a leading
+    # `layers` axis, run with lax.scan: checkpoints, TPU and GPU programs) or "per-layer"
+    # (each layer's weights their own arrays, run straight-line: the CPU serving layout,
+    # because XLA:CPU copies a stacked weight's layer slice before every dot; see
+    # model/layout.py). Not a Hugging Face field.
+    layer_storage: str = "stacked"
 
     def __post_init__(self) -> None:
         _check(self.kernel_layout in KERNEL_LAYOUTS,
                f"text.kernel_layout is {self.kernel_layout!r}; choose one of {', '.join(KERNEL_LAYOUTS)}")
+        _check(self.layer_storage in LAYER_STORAGES,
+               f"text.layer_storage is {self.layer_storage!r}; choose one of {', '.join(LAYER_STORAGES)}")
         _check_ints("text", self, ("vocab_size", "width", "depth", "heads", "mlp", "max_positions", "bos_token_id",
                                    "sep_token_id", "pad_token_id"))
         _check(isinstance(self.ln_eps, (int, float)) and not isinstance(self.ln_eps, bool),
@@ -158,6 +167,10 @@ class BlipConfig:
     def with_kernel_layout(self, layout: str) -> BlipConfig:
         """The same model with its text towers' dense kernels stored in `layout`."""
         return dataclasses.replace(self, text=dataclasses.replace(self.text, kernel_layout=layout))
+
+    def with_layer_storage(self, storage: str) -> BlipConfig:
+        """The same model with its text towers' layers stored `storage` ("stacked", "per-layer")."""
+        return dataclasses.replace(self, text=dataclasses.replace(self.text, layer_storage=storage))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

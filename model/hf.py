@@ -122,7 +122,7 @@ def _text_table(cfg: BlipConfig, prefix: str, ours: str) -> tuple[dict, dict, di
 
 
 def _tables(cfg: BlipConfig):
-    top, layers, fused = {}, {}, {}
+    top, layers = {}, {}
     vtop, vlayers = _vision_table(cfg)
     top.update(vtop)
     layers["vision"] = (cfg.vision.depth, vlayers, {})

@@ -160,8 +160,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) 
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn" if fused else None)
 
 
-def stack_layers(create: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs) -> nnx.Module:
-    """`depth` copies of a layer with their parameters stacked on a leading `layers` axis."""
+def stack_layers(create: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs,
+                 storage: str = "stacked") -> nnx.Module:
+    """`depth` copies of a layer: with their parameters stacked on a leading `layers` axis, or
+    with `storage="per-layer"` as a list of modules (`TextConfig.layer_storage`). Either way
+    the random draws are the same, so both hold the same values for one seed."""
+    if storage == "per-layer":
+        stacked = nnx.to_pure_dict(nnx.state(stack_layers(create, depth, rngs)))
+        graphdef = nnx.split(nnx.eval_shape(lambda: create(nnx.Rngs(0))))[0]   # the names without `layers`
+        return nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(depth)])
 
     @nnx.split_rngs(splits=depth)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -187,7 +194,7 @@ def hoisted_layers(stack: nnx.Module, rows: int):
     Does nothing unless both choices are in force."""
     chosen = gpu_kernels()
     # a symbolic batch (jax.export's `b`) cannot be compared: such programs keep the slices in the loop
-    if stack is None or "hoist-layers" not in chosen or "unroll-layers" not in chosen \
+    if stack is None or isinstance(stack, nnx.List) or "hoist-layers" not in chosen or "unroll-layers" not in chosen \
             or not (isinstance(rows, int) and rows >= HOIST_MIN_ROWS):
         yield
         return
@@ -202,24 +209,34 @@ def hoisted_layers(stack: nnx.Module, rows: int):
 
 def scan_layers(stack: nnx.Module, body: Callable, carry, xs=None, remat: str = "none"):
     """Run `body(layer, carry, x) -> (carry, y)` over a stacked layer module with
-    `jax.lax.scan`, so compile time does not grow with depth. `remat` names a
+    `jax.lax.scan`, so compile time does not grow with depth, or over a per-layer list
+    (`stack_layers(storage="per-layer")`) written out layer by layer. `remat` names a
     rematerialisation policy from REMAT_POLICIES (used by training)."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+    if isinstance(stack, nnx.List):   # per-layer storage: straight-line, each layer's own arrays
+        if remat != "none":
+            body = nnx.remat(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        return _layer_by_layer(list(stack), body, carry, xs)
     graphdef, state = nnx.split(stack)
     per_layer = _HOISTED.get(id(stack))
     if per_layer is not None and remat == "none":   # hoisted_layers: straight-line over the slices
-        ys = []
-        for i, layer_state in enumerate(per_layer):
-            x = None if xs is None else jax.tree.map(lambda a, i=i: a[i], xs)
-            carry, y = body(nnx.merge(graphdef, layer_state), carry, x)
-            ys.append(y)
-        return carry, None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys)
+        return _layer_by_layer([nnx.merge(graphdef, layer_state) for layer_state in per_layer], body, carry, xs)
 
     def step(c, inputs):
         layer_state, x = inputs
         return body(nnx.merge(graphdef, layer_state), c, x)
 
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {remat!r}; choose one of {sorted(REMAT_POLICIES)}")
     if remat != "none":
         step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
     return jax.lax.scan(step, carry, (state, xs), unroll=True if "unroll-layers" in gpu_kernels() else 1)
+
+
+def _layer_by_layer(layers: list, body: Callable, carry, xs):
+    """scan_layers' result with the loop written out: `xs` sliced per layer, `ys` stacked."""
+    ys = []
+    for i, layer in enumerate(layers):
+        x = None if xs is None else jax.tree.map(lambda a, i=i: a[i], xs)
+        carry, y = body(layer, carry, x)
+        ys.append(y)
+    return carry, None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys)

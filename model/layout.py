@@ -11,15 +11,26 @@ did not help the whole model (a pure 12-layer GEMV chain ran 3.5x faster, the ca
 program did not), so CPU programs keep the canonical layout; the vision tower keeps it
 everywhere (its dots are matrix-matrix).
 
+A config whose text towers say `layer_storage="per-layer"` stores each of those towers'
+layers as its own arrays (`blocks/0/...`, `blocks/1/...`) instead of stacked on a leading
+`layers` axis, and runs them straight-line instead of with `lax.scan`: the CPU serving
+layout. XLA:CPU feeds a dot only a whole buffer, so a scanned layer's weights are copied
+out of the stacked array before every dot of every decode step; measured on the 2-core
+development host (`small` caption, fp32, batch 1, one CPU device, docs/performance.md): the
+copies were the largest op by time (160 of 388 thread-ms per caption), and the caption
+ran 1.2x faster per-layer. TPU and GPU programs keep stacked layers (their dots read a
+slice in place, and scanning keeps compile time flat in depth); so do checkpoints.
+
 `to_layout` turns any canonical per-parameter tree (arrays, int8 `QArray`s, shape
 structs, logical names, PartitionSpecs) into the config's layout by permuting the kernel
-axes, so values, names and shardings stay in step. int8 scales are computed in the
-canonical layout first (sharding/precision.py reads the contracting axes from canonical
-names) and then moved with their kernel.
+axes and splitting per-layer towers, so values, names and shardings stay in step. int8
+scales are computed in the canonical layout first (sharding/precision.py reads the
+contracting axes from canonical names) and then moved and split with their kernel.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -27,6 +38,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from .axes import LAYERS
 from .config import BlipConfig
 from .layers import Dense
 from .quant import QArray
@@ -36,8 +48,9 @@ CANONICAL = "in-out"
 
 
 def canonical(config: BlipConfig) -> BlipConfig:
-    """The same model in the checkpoint layout."""
-    return config if config.text.kernel_layout == CANONICAL else config.with_kernel_layout(CANONICAL)
+    """The same model in the checkpoint layout: in-out kernels, stacked layers."""
+    text = dataclasses.replace(config.text, kernel_layout=CANONICAL, layer_storage="stacked")
+    return config if text == config.text else dataclasses.replace(config, text=text)
 
 
 def serving_layout(platform: str) -> str:
@@ -46,12 +59,24 @@ def serving_layout(platform: str) -> str:
     return "out-in" if platform == "gpu" else CANONICAL
 
 
+def serving_storage(platform: str) -> str:
+    """How programs that run on `platform` store the text towers' layers: per-layer on a CPU,
+    stacked on a TPU and a GPU (see the module docstring)."""
+    return "per-layer" if platform == "cpu" else "stacked"
+
+
+def for_platform(config: BlipConfig, platform: str) -> BlipConfig:
+    """`config` in the serving layout of `platform`: its kernel layout and layer storage."""
+    return config.with_kernel_layout(serving_layout(platform)).with_layer_storage(serving_storage(platform))
+
+
 @functools.lru_cache(maxsize=32)
 def _moved_kernels(config: BlipConfig) -> tuple[tuple[tuple, int, int, int], ...]:
-    """(path to kernel, rank, inputs, outputs) of every dense kernel `config` stores out-in."""
+    """(path to kernel, rank, inputs, outputs) of every dense kernel `config` stores out-in,
+    in the stacked tree (the kernels move before per-layer towers are split)."""
     if config.text.kernel_layout == CANONICAL:
         return ()
-    model = abstract_model(config)
+    model = abstract_model(config.with_layer_storage("stacked"))
     return tuple((tuple(path) + ("kernel",), len(node.kernel.get_value().shape), node.n_in, node.n_out)
                  for path, node in nnx.iter_graph(model) if isinstance(node, Dense) and node.layout == "out-in")
 
@@ -79,11 +104,73 @@ def _move(leaf, rank: int, n_in: int, n_out: int, forward: bool):
     return jax.numpy.transpose(leaf, perm)
 
 
+@functools.lru_cache(maxsize=32)
+def _per_layer_towers(config: BlipConfig) -> tuple[tuple, ...]:
+    """The path of every layer stack `config` stores per layer (the text towers' `blocks`)."""
+    if config.text.layer_storage == "stacked":
+        return ()
+    return tuple(tuple(path) for path, node in nnx.iter_graph(abstract_model(config)) if isinstance(node, nnx.List))
+
+
+def _layer(leaf, i: int):
+    """Layer i of a stacked leaf: the leading `layers` axis dropped from values, names and specs."""
+    if isinstance(leaf, dict):
+        return {k: _layer(v, i) for k, v in leaf.items()}
+    if isinstance(leaf, QArray):
+        return QArray(q=_layer(leaf.q, i), scale=_layer(leaf.scale, i))
+    if isinstance(leaf, PartitionSpec):
+        return PartitionSpec(*tuple(leaf)[1:])
+    if isinstance(leaf, tuple):   # logical names
+        return leaf[1:]
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+    return leaf[i]
+
+
+def _stacked(layers: list):
+    """The per-layer leaves stacked back on a leading `layers` axis (values, names, specs)."""
+    first = layers[0]
+    if isinstance(first, dict):
+        return {k: _stacked([layer[k] for layer in layers]) for k in first}
+    if isinstance(first, QArray):
+        return QArray(q=_stacked([a.q for a in layers]), scale=_stacked([a.scale for a in layers]))
+    if isinstance(first, PartitionSpec):
+        return PartitionSpec(None, *first)
+    if isinstance(first, tuple):
+        return (LAYERS, *first)
+    if isinstance(first, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((len(layers), *first.shape), first.dtype)
+    if isinstance(first, np.ndarray):
+        return np.stack(layers)
+    return jax.numpy.stack(layers)
+
+
+def _split_towers(tree: dict, config: BlipConfig, forward: bool) -> dict:
+    for path in _per_layer_towers(config):
+        parent = tree
+        for key in path[:-1]:
+            if key not in parent:
+                break
+            parent = parent[key]
+        else:
+            if path[-1] in parent:
+                layers = parent[path[-1]]
+                if forward:
+                    depth = config.text.depth
+                    parent[path[-1]] = {i: _layer(layers, i) for i in range(depth)}
+                else:
+                    parent[path[-1]] = _stacked([layers[i] for i in sorted(layers)])
+    return tree
+
+
 def _convert(tree: dict, config: BlipConfig, forward: bool) -> dict:
     moved = _moved_kernels(config)
-    if not moved:
+    towers = _per_layer_towers(config)
+    if not moved and not towers:
         return tree
     out = _copy_dicts(tree)
+    if not forward:
+        out = _split_towers(out, config, forward)
     for path, rank, n_in, n_out in moved:
         parent = out
         for key in path[:-1]:
@@ -93,7 +180,7 @@ def _convert(tree: dict, config: BlipConfig, forward: bool) -> dict:
         else:
             if path[-1] in parent:
                 parent[path[-1]] = _move(parent[path[-1]], rank, n_in, n_out, forward)
-    return out
+    return _split_towers(out, config, forward) if forward else out
 
 
 def _copy_dicts(tree):

@@ -71,7 +71,8 @@ class TextTower(nnx.Module):
         self.pos_embed = param(rngs, (cfg.max_positions, cfg.width), (None, EMBED), param_dtype)
         self.ln_embed = LayerNorm(cfg.width, cfg.ln_eps, dtype=dtype, param_dtype=param_dtype)
         self.blocks = stack_layers(
-            lambda r: TextBlock(cfg, vision_width, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.depth, rngs)
+            lambda r: TextBlock(cfg, vision_width, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.depth, rngs,
+            storage=cfg.layer_storage)
         if lm_head:
             kw = dict(dtype=dtype, param_dtype=param_dtype)
             # A square kernel cannot name `embed` twice; its output axis stays unsharded.

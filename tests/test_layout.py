@@ -1,5 +1,6 @@
-"""The out-in kernel layout (model/layout.py): the same model, values, names and shardings
-with the text towers' dense kernels stored outputs first."""
+"""The serving layouts (model/layout.py): the same model, values, names and shardings with
+the text towers' dense kernels stored outputs first (out-in) or their layers stored per
+layer instead of stacked."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from jax.sharding import PartitionSpec
 
 from model import BlipConfig, ConfigError, get_preset, greedy_caption
 from model.hf import params_from_hf_tensors
-from model.layout import canonical, from_layout, serving_layout, to_layout
+from model.layout import canonical, for_platform, from_layout, serving_layout, serving_storage, to_layout
 from model.state import abstract_params, bind, init_params, logical_names
 from sharding.precision import abstract_store, get_policy, store
 from tests.test_parity import LOGITS_ATOL, _fixture, _pad_to
 
 TINY = get_preset("tiny")
 OUT_IN = TINY.with_kernel_layout("out-in")
+PER_LAYER = TINY.with_layer_storage("per-layer")
 
 
 def _shapes(tree):
@@ -46,8 +48,10 @@ def test_to_layout_moves_values_names_and_shapes_together():
     assert canonical(OUT_IN) == TINY
 
 
-def test_out_in_model_matches_transformers():
-    """The fixture's HF tensors, converted to out-in, give HF's logits, captions and scores."""
+@pytest.mark.parametrize("layout, storage", [("out-in", "stacked"), ("in-out", "per-layer")])
+def test_serving_layouts_match_transformers(layout, storage):
+    """The fixture's HF tensors, converted to out-in or to per-layer storage, give HF's
+    logits, captions and scores."""
     from tests.hf_reference import NEW_TOKENS
 
     case = _fixture()
@@ -55,9 +59,9 @@ def test_out_in_model_matches_transformers():
     cfg = case["config"]
     pixels = jnp.asarray(x["pixels"])
     caption_cfg = cfg.with_towers("caption")
-    params = to_layout(params_from_hf_tensors(caption_cfg, case["caption"]["tensors"]),
-                       caption_cfg.with_kernel_layout("out-in"))
-    model = bind(caption_cfg.with_kernel_layout("out-in"), jax.tree.map(jnp.asarray, params))
+    serving = caption_cfg.with_kernel_layout(layout).with_layer_storage(storage)
+    params = to_layout(params_from_hf_tensors(caption_cfg, case["caption"]["tensors"]), serving)
+    model = bind(serving, jax.tree.map(jnp.asarray, params))
     image = model.encode_image(pixels)
     logits = model.decoder_logits(jnp.asarray(x["ids"]), jnp.asarray(x["mask"]), image)
     np.testing.assert_allclose(np.asarray(logits), case["caption"]["outputs"]["logits"], atol=LOGITS_ATOL)
@@ -67,9 +71,9 @@ def test_out_in_model_matches_transformers():
     np.testing.assert_array_equal(ours, _pad_to(case["caption"]["outputs"]["generate"], ours.shape[1],
                                                 cfg.text.pad_token_id))
     retrieval_cfg = cfg.with_towers("retrieval")
-    params = to_layout(params_from_hf_tensors(retrieval_cfg, case["retrieval"]["tensors"]),
-                       retrieval_cfg.with_kernel_layout("out-in"))
-    model = bind(retrieval_cfg.with_kernel_layout("out-in"), jax.tree.map(jnp.asarray, params))
+    serving = retrieval_cfg.with_kernel_layout(layout).with_layer_storage(storage)
+    params = to_layout(params_from_hf_tensors(retrieval_cfg, case["retrieval"]["tensors"]), serving)
+    model = bind(serving, jax.tree.map(jnp.asarray, params))
     image = model.encode_image(pixels)
     itm = model.itm_logits(image, jnp.asarray(x["ids"]), jnp.asarray(x["mask"]))
     np.testing.assert_allclose(np.asarray(itm), case["retrieval"]["outputs"]["itm"], atol=LOGITS_ATOL)
@@ -136,3 +140,101 @@ def test_a_short_partition_spec_is_padded_to_the_kernels_rank_before_moving():
     moved = to_layout({"text_decoder": {"blocks": {"mlp": {"fc1": {"kernel": PartitionSpec(None, "data")}}}}},
                       OUT_IN)
     assert moved["text_decoder"]["blocks"]["mlp"]["fc1"]["kernel"] == PartitionSpec(None, None, "data")
+
+
+@pytest.mark.parametrize("config", [PER_LAYER, PER_LAYER.with_kernel_layout("out-in")], ids=["in-out", "out-in"])
+def test_per_layer_storage_splits_values_names_and_specs_together(config):
+    """Each text tower's stacked leaves become one entry per layer, the leading `layers`
+    axis dropped from values, int8 scales, logical names and PartitionSpecs alike; the
+    vision tower stays stacked; joining gives the canonical tree back."""
+    from sharding.plans import load_plans
+    from sharding.storage import stored_params, stored_specs, stored_template
+
+    params = init_params(TINY, 0)
+    split = to_layout(params, config)
+    assert _shapes(split) == _shapes(abstract_params(config)), "split values must fit the per-layer model"
+    assert to_layout(logical_names(TINY), config) == logical_names(config)
+    assert sorted(split["text_decoder"]["blocks"]) == list(range(TINY.text.depth))
+    assert sorted(split["text_encoder"]["blocks"]) == list(range(TINY.text.depth))
+    fc2 = params["text_decoder"]["blocks"]["mlp"]["fc2"]["kernel"]            # (layers, mlp, embed)
+    moved = np.swapaxes(fc2, 1, 2) if config.text.kernel_layout == "out-in" else fc2
+    for i in range(TINY.text.depth):
+        np.testing.assert_array_equal(split["text_decoder"]["blocks"][i]["mlp"]["fc2"]["kernel"], moved[i])
+    assert split["vision"]["blocks"]["mlp"]["fc1"]["kernel"] is params["vision"]["blocks"]["mlp"]["fc1"]["kernel"]
+    back = from_layout(split, config)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, back, params)))
+    assert canonical(config) == TINY
+
+    policy = get_policy("int8-weights")
+    stored = stored_params(params, config, policy)
+    assert _shapes(stored) == _shapes(stored_template(config, policy))
+    q = stored["text_decoder"]["blocks"][1]["mlp"]["fc1"]["kernel"]
+    whole = store(params, logical_names(TINY), policy)["text_decoder"]["blocks"]["mlp"]["fc1"]["kernel"]
+    layer1 = (np.swapaxes(whole.q[1], 0, 1), np.swapaxes(whole.scale[1], 0, 1)) \
+        if config.text.kernel_layout == "out-in" else (whole.q[1], whole.scale[1])
+    np.testing.assert_array_equal(q.q, layer1[0])
+    np.testing.assert_array_equal(q.scale, layer1[1])
+    specs = stored_specs(load_plans()["fsdp-tp"], config, policy)
+    canon = stored_specs(load_plans()["fsdp-tp"], canonical(config), policy)
+    layer_spec = specs["text_decoder"]["blocks"][0]["mlp"]["fc1"]["kernel"].q
+    canon_spec = canon["text_decoder"]["blocks"]["mlp"]["fc1"]["kernel"].q
+    padded = tuple(canon_spec) + (None,) * (3 - len(canon_spec))
+    expected = (padded[2], padded[1]) if config.text.kernel_layout == "out-in" else padded[1:]
+    assert tuple(layer_spec) + (None,) * (2 - len(layer_spec)) == expected
+    assert any(expected), "fsdp-tp shards fc1: the test must see the spec carried over"
+
+
+def test_per_layer_model_equals_the_stacked_model():
+    """Same parameters, same numbers: the per-layer model's logits, captions and decode
+    steps equal the stacked model's exactly (both run the same ops, one loop written out)."""
+    cfg = TINY.with_towers("caption")
+    per_layer = cfg.with_layer_storage("per-layer")
+    params = init_params(cfg, 3)
+    stacked_model, split_model = bind(cfg, params), bind(per_layer, to_layout(params, per_layer))
+    pixels = jax.random.normal(jax.random.key(0), (2, 3, cfg.vision.image_size, cfg.vision.image_size))
+    prompt = jnp.full((2, 1), cfg.text.bos_token_id, jnp.int32)
+    captions = [np.asarray(jax.jit(lambda px, pr, m=m: greedy_caption(m, px, pr, 6))(pixels, prompt))
+                for m in (stacked_model, split_model)]
+    np.testing.assert_array_equal(*captions)
+    image = stacked_model.encode_image(pixels)
+    ids = jnp.array([[cfg.text.bos_token_id, 5, 9], [cfg.text.bos_token_id, 7, 2]], jnp.int32)
+    np.testing.assert_allclose(np.asarray(stacked_model.decoder_logits(ids, None, image)),
+                               np.asarray(split_model.decoder_logits(ids, None, image)), atol=1e-6)
+
+
+def _text_weight_slices(config) -> int:
+    """Weight-sized dynamic slices (copies) of the text decoder's parameters in the compiled
+    CPU caption program."""
+    import re
+
+    from capibara_export.build.programs import build_program
+
+    program = build_program(config, "caption", get_policy("fp32"), 1)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), program.args)
+    text = jax.jit(program.fn).lower(*zeros).compile().as_text()
+    slices = re.findall(r'%dynamic-slice[\w.-]* = f32\[(\d+),(\d+)\][^\n]*op_name="[^"]*text_decoder', text)
+    return sum(1 for rows, cols in slices if int(rows) > 1 and int(cols) > 1)
+
+
+def test_cpu_serving_stores_layers_per_layer_and_the_decode_loop_reads_weights_in_place():
+    """The platform choice, and what it is for: compiled for the CPU, the stacked decoder
+    slices (copies) its layers' weights inside the loops; the per-layer one does not."""
+    assert serving_storage("cpu") == "per-layer"
+    assert serving_storage("tpu") == serving_storage("gpu") == "stacked"
+    assert for_platform(TINY, "cpu").text.layer_storage == "per-layer"
+    assert for_platform(TINY, "gpu").text.kernel_layout == "out-in"
+    cfg = TINY.with_towers("caption")
+    assert _text_weight_slices(cfg) > 0, "the stacked program must show the copies this test guards"
+    assert _text_weight_slices(cfg.with_layer_storage("per-layer")) == 0
+
+
+def test_layer_storage_is_config_data():
+    data = PER_LAYER.to_dict()
+    assert data["text"]["layer_storage"] == "per-layer"
+    assert BlipConfig.from_dict(data) == PER_LAYER
+    del data["text"]["layer_storage"]   # a manifest written before the field existed
+    assert BlipConfig.from_dict(data) == TINY
+    with pytest.raises(ConfigError, match="text.layer_storage is 'rows'; choose one of stacked, per-layer"):
+        TINY.with_layer_storage("rows")
+    assert "layer_storage" not in str(PER_LAYER.to_hf_dict())

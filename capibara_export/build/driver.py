@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from model import BlipConfig, get_preset
-from model.config import KERNEL_LAYOUTS
+from model.config import KERNEL_LAYOUTS, LAYER_STORAGES
 from model.hf import checkpoint_config
-from model.layout import serving_layout
+from model.layout import serving_layout, serving_storage
 from sharding.plans import ShardingPlan, load_plans, select_plans
 from sharding.precision import DEFAULT_PRECISIONS, get_policy
 
@@ -53,6 +53,7 @@ class BuildRequest:
     use_cache: bool = True
     name: str | None = None
     kernel_layout: str = "auto"            # text kernels: auto (the platform's serving layout), in-out, out-in
+    layer_storage: str = "auto"            # text layers: auto (the platform's serving storage), stacked, per-layer
     derive_rounds: int = 1                 # rounds of plans proposed by the hotspots (plan_search.py); 0: none
     derive_budget: int = 4                 # at most this many derived units in all rounds
 
@@ -92,9 +93,11 @@ def model_config(request: BuildRequest) -> BlipConfig:
 
 def program_config(request: BuildRequest, platform: str) -> BlipConfig:
     """The model as this build's programs take it: `model_config` in the requested kernel
-    layout, or for `auto` the serving layout of the devices it compiles for (model/layout.py)."""
+    layout and layer storage, each `auto` the serving choice of the devices it compiles for
+    (model/layout.py)."""
     layout = serving_layout(platform) if request.kernel_layout == "auto" else request.kernel_layout
-    return model_config(request).with_kernel_layout(layout)
+    storage = serving_storage(platform) if request.layer_storage == "auto" else request.layer_storage
+    return model_config(request).with_kernel_layout(layout).with_layer_storage(storage)
 
 
 def validate(request: BuildRequest) -> None:
@@ -106,6 +109,8 @@ def validate(request: BuildRequest) -> None:
         get_policy(precision)
     if request.kernel_layout not in ("auto", *KERNEL_LAYOUTS):
         raise ProgramError(f"--kernel-layout {request.kernel_layout}: choose auto, {', '.join(KERNEL_LAYOUTS)}")
+    if request.layer_storage not in ("auto", *LAYER_STORAGES):
+        raise ProgramError(f"--layer-storage {request.layer_storage}: choose auto, {', '.join(LAYER_STORAGES)}")
     if any(b <= 0 for b in request.batches):
         raise ProgramError(f"--batch sizes must be positive, got {list(request.batches)}")
     check_folder_name(request.name)

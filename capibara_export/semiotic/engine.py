@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from model import BlipConfig
-from model.layout import serving_layout
+from model.layout import for_platform
 from model.processor import Preprocessor
 from sharding.precision import get_policy
 from sharding.storage import stored_params
@@ -116,11 +116,11 @@ class Engine:
 
 class CheckpointEngine(Engine):
     """Jit-compiled serving functions over parameters held in memory: canonical `params`
-    stored once in this platform's serving layout (model/layout.py)."""
+    stored once in this platform's serving layout and layer storage (model/layout.py)."""
 
     def __init__(self, name: str, config: BlipConfig, params: dict, preprocessor: Preprocessor,
                  options: ProgramOptions, precision: str = "fp32", batch_sizes=BATCH_SIZES):
-        config = config.with_kernel_layout(serving_layout(jax.default_backend()))
+        config = for_platform(config, jax.default_backend())
         super().__init__(name, config, preprocessor, options, precision, tuple(batch_sizes))
         policy = get_policy(precision)
         self._flat = jax.device_put(params_io.flatten(stored_params(params, config, policy)))
