@@ -1,9 +1,10 @@
 """Probe for issue 14 item 3: `small` caption, decode_step and encode_image (fp32, batch 1) on
-this CPU with the text towers' layers stacked (scanned, as TPU and GPU programs run them)
-and per-layer (the CPU serving layout, model/layout.py), beside the Hugging Face peer in the
-same process. The variants are timed in turns, round after round, so a drift of the host's
-speed hits all of them alike. Not a pytest benchmark: it compares storages, which the bench
-suite does not (it runs the serving layout only).
+this CPU in three layouts, beside the Hugging Face peer in the same process: layers stacked
+and scanned with the patch-major cross cache (as TPU and GPU programs run them), layers
+per-layer, and per-layer with the head-major cross cache (the CPU serving layout,
+model/layout.py). The variants are timed in turns, round after round, so a drift of the
+host's speed hits all of them alike. Not a pytest benchmark: it compares layouts, which the
+bench suite does not (it runs the serving layout only).
 
     python -m bench.cpu_layers_probe [ROUNDS]     (from the repository root, with the dev extra)
 """
@@ -22,7 +23,11 @@ import numpy as np  # noqa: E402
 
 from bench import harness, peer  # noqa: E402
 
-STORAGES = ("stacked", "per-layer")
+VARIANTS = {   # name: (layer storage, cross cache)
+    "stacked": ("stacked", "patch-major"),
+    "per-layer": ("per-layer", "patch-major"),
+    "serving": ("per-layer", "head-major"),
+}
 
 
 def timed_in_turns(fns: dict, rounds: int) -> dict[str, list[float]]:
@@ -41,25 +46,26 @@ def main(rounds: int = 15) -> None:
     params = peer.our_params("small")
     for entry in ("caption", "decode_step", "encode_image"):
         fns, compile_s = {}, {}
-        for storage in STORAGES:
+        for name, (storage, cross_cache) in VARIANTS.items():
             started = time.perf_counter()
-            run = harness.runnable("small", entry, "fp32", 1, towers=("caption",), params=params, storage=storage)
-            compile_s[storage] = time.perf_counter() - started
-            fns[storage] = lambda run=run: run.compiled(*run.args)
+            run = harness.runnable("small", entry, "fp32", 1, towers=("caption",), params=params, storage=storage,
+                                   cross_cache=cross_cache)
+            compile_s[name] = time.perf_counter() - started
+            fns[name] = lambda run=run: run.compiled(*run.args)
         if entry != "decode_step":   # the peer has no single-step program to compare with
             pixels = harness.pixels("small", 1)
             fns["peer"] = (peer.caption_fn("small", pixels, "fp32", harness.NEW_TOKENS) if entry == "caption"
                            else peer.vision_fn("small", pixels, "fp32"))
         if entry == "caption":
-            same = np.array_equal(np.asarray(fns["stacked"]()), np.asarray(fns["per-layer"]()))
-            print(f"caption tokens identical across storages: {same}")
+            same = all(np.array_equal(np.asarray(fns["stacked"]()), np.asarray(fns[name]())) for name in VARIANTS)
+            print(f"caption tokens identical across layouts: {same}")
         times = timed_in_turns(fns, rounds)
         base = np.median(times["stacked"])
         for name, ts in times.items():
             extra = f"   compile {compile_s[name]:5.1f} s" if name in compile_s else ""
             peer_vs = (f"   peer/ours {np.median(times['peer']) / np.median(ts):4.2f}x"
                        if "peer" in times and name != "peer" else "")
-            print(f"{entry:12s} {name:9s} median {np.median(ts) * 1e3:7.1f} ms   min {np.min(ts) * 1e3:7.1f} ms   "
+            print(f"{entry:12s} {name:10s} median {np.median(ts) * 1e3:7.1f} ms   min {np.min(ts) * 1e3:7.1f} ms   "
                   f"stacked/this {base / np.median(ts):4.2f}x{peer_vs}{extra}", flush=True)
 
 

@@ -102,14 +102,16 @@ def float_params(model: str, seed: int = 0):
 
 def runnable(model: str, entry: str, precision: str, batch: int, params=None,
              towers: tuple[str, ...] | None = None, compiler_options: dict | None = None,
-             layout: str | None = None, storage: str | None = None) -> Runnable:
+             layout: str | None = None, storage: str | None = None, cross_cache: str | None = None) -> Runnable:
     """Compile one entry for the first local device (outside any timed region), with XLA
     `compiler_options` when given (bench/gpu_decode.py compares them). `params` are canonical;
-    they are stored in `layout` and `storage` (default: the serving layout and layer storage
-    of the local platform, model/layout.py)."""
+    the program takes them in the local platform's serving layout (model/layout.py), with
+    the kernel `layout`, layer `storage` and `cross_cache` given instead where given."""
     cfg = get_preset(model) if towers is None else get_preset(model).with_towers(*towers)
     cfg = for_platform(cfg, jax.default_backend())
-    cfg = cfg.with_kernel_layout(layout or cfg.text.kernel_layout).with_layer_storage(storage or cfg.text.layer_storage)
+    cfg = cfg.with_kernel_layout(layout) if layout else cfg
+    cfg = cfg.with_layer_storage(storage) if storage else cfg
+    cfg = cfg.with_cross_cache(cross_cache) if cross_cache else cfg
     policy = get_policy(precision)
     program = build_program(cfg, entry, policy, batch, OPTIONS)
     params = stored_params(params if params is not None else float_params(model), cfg, policy)

@@ -65,7 +65,8 @@ class Blip(nnx.Module):
         with tower("text_decoder"):
             cross_kv = decoder.image_keys_values(image_bpd)
         self_kv = jnp.zeros((t.depth, image_bpd.shape[0], cache_len, 2, t.heads, t.head_dim), self.dtype)
-        return {"self_kv": constrain(self_kv, SELF_KV_NAMES), "cross_kv": constrain(cross_kv, CROSS_KV_NAMES)}
+        return {"self_kv": constrain(self_kv, SELF_KV_NAMES),
+                "cross_kv": constrain(cross_kv, CROSS_KV_NAMES[t.cross_cache])}
 
     def prefill(self, prompt_bt: jax.Array, image_bpd: jax.Array, cache_len: int):
         """Run the prompt through the decoder; returns last-position logits (B, V) and the cache."""

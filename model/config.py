@@ -23,6 +23,7 @@ TOWERS = ("caption", "retrieval")
 
 KERNEL_LAYOUTS = ("in-out", "out-in")
 LAYER_STORAGES = ("stacked", "per-layer")
+CROSS_CACHE_LAYOUTS = ("patch-major", "head-major")
 
 
 class ConfigError(UserError):
@@ -54,8 +55,12 @@ class VisionConfig:
     mlp: int = 3072
     ln_eps: float = 1e-5
     channels: int = 3
+    # "stacked" or "per-layer", as TextConfig.layer_storage. Not a Hugging Face field.
+    layer_storage: str = "stacked"
 
     def __post_init__(self) -> None:
+        _check(self.layer_storage in LAYER_STORAGES,
+               f"vision.layer_storage is {self.layer_storage!r}; choose one of {', '.join(LAYER_STORAGES)}")
         _check_ints("vision", self, ("image_size", "patch_size", "width", "depth", "heads", "mlp", "channels"))
         _check(isinstance(self.ln_eps, (int, float)) and not isinstance(self.ln_eps, bool),
                f"vision.ln_eps is {self.ln_eps!r}; it must be a number")
@@ -102,14 +107,21 @@ class TextConfig:
     # CPU programs) or "out-in" (outputs first: a batch-1 dot reads each output's weights
     # contiguously; the GPU serving layout, see model/layout.py). Not a Hugging Face field.
     kernel_layout: str = "in-out"
-    # How the towers' layers are stored: "stacked" (one array per weight with a leading
+    # How the tower's layers are stored: "stacked" (one array per weight with a leading
     # `layers` axis, run with lax.scan: checkpoints, TPU and GPU programs) or "per-layer"
     # (each layer's weights their own arrays, run straight-line: the CPU serving layout,
     # because XLA:CPU copies a stacked weight's layer slice before every dot; see
     # model/layout.py). Not a Hugging Face field.
     layer_storage: str = "stacked"
+    # How decoding caches the cross-attention keys and values: "patch-major" (L, B, P, 2, N, H)
+    # or "head-major" (L, B, 2, N, H, P), each head's keys and values with the image patches
+    # last: the layout XLA:CPU's attention dots read in place (patch-major is transposed
+    # every step; the CPU serving choice, model/layout.py). Not a Hugging Face field.
+    cross_cache: str = "patch-major"
 
     def __post_init__(self) -> None:
+        _check(self.cross_cache in CROSS_CACHE_LAYOUTS,
+               f"text.cross_cache is {self.cross_cache!r}; choose one of {', '.join(CROSS_CACHE_LAYOUTS)}")
         _check(self.kernel_layout in KERNEL_LAYOUTS,
                f"text.kernel_layout is {self.kernel_layout!r}; choose one of {', '.join(KERNEL_LAYOUTS)}")
         _check(self.layer_storage in LAYER_STORAGES,
@@ -168,9 +180,14 @@ class BlipConfig:
         """The same model with its text towers' dense kernels stored in `layout`."""
         return dataclasses.replace(self, text=dataclasses.replace(self.text, kernel_layout=layout))
 
+    def with_cross_cache(self, layout: str) -> BlipConfig:
+        """The same model caching cross-attention keys and values `layout` (TextConfig.cross_cache)."""
+        return dataclasses.replace(self, text=dataclasses.replace(self.text, cross_cache=layout))
+
     def with_layer_storage(self, storage: str) -> BlipConfig:
-        """The same model with its text towers' layers stored `storage` ("stacked", "per-layer")."""
-        return dataclasses.replace(self, text=dataclasses.replace(self.text, layer_storage=storage))
+        """The same model with every tower's layers stored `storage` ("stacked", "per-layer")."""
+        return dataclasses.replace(self, vision=dataclasses.replace(self.vision, layer_storage=storage),
+                                   text=dataclasses.replace(self.text, layer_storage=storage))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -11,10 +11,9 @@ did not help the whole model (a pure 12-layer GEMV chain ran 3.5x faster, the ca
 program did not), so CPU programs keep the canonical layout; the vision tower keeps it
 everywhere (its dots are matrix-matrix).
 
-A config whose text towers say `layer_storage="per-layer"` stores each of those towers'
-layers as its own arrays (`blocks/0/...`, `blocks/1/...`) instead of stacked on a leading
-`layers` axis, and runs them straight-line instead of with `lax.scan`: the CPU serving
-layout. XLA:CPU feeds a dot only a whole buffer, so a scanned layer's weights are copied
+A tower whose config says `layer_storage="per-layer"` stores each of its layers as its own
+arrays (`blocks/0/...`, `blocks/1/...`) instead of stacked on a leading `layers` axis, and
+runs them straight-line instead of with `lax.scan`: the CPU serving layout. XLA:CPU feeds a dot only a whole buffer, so a scanned layer's weights are copied
 out of the stacked array before every dot of every decode step; measured on the 2-core
 development host (`small` caption, fp32, batch 1, one CPU device, docs/performance.md): the
 copies were the largest op by time (160 of 388 thread-ms per caption), and the caption
@@ -49,8 +48,10 @@ CANONICAL = "in-out"
 
 def canonical(config: BlipConfig) -> BlipConfig:
     """The same model in the checkpoint layout: in-out kernels, stacked layers."""
-    text = dataclasses.replace(config.text, kernel_layout=CANONICAL, layer_storage="stacked")
-    return config if text == config.text else dataclasses.replace(config, text=text)
+    text = dataclasses.replace(config.text, kernel_layout=CANONICAL, layer_storage="stacked", cross_cache="patch-major")
+    vision = dataclasses.replace(config.vision, layer_storage="stacked")
+    same = text == config.text and vision == config.vision
+    return config if same else dataclasses.replace(config, vision=vision, text=text)
 
 
 def serving_layout(platform: str) -> str:
@@ -65,9 +66,16 @@ def serving_storage(platform: str) -> str:
     return "per-layer" if platform == "cpu" else "stacked"
 
 
+def serving_cross_cache(platform: str) -> str:
+    """How programs that run on `platform` cache cross-attention keys and values
+    (TextConfig.cross_cache): head-major on a CPU, patch-major on a TPU and a GPU."""
+    return "head-major" if platform == "cpu" else "patch-major"
+
+
 def for_platform(config: BlipConfig, platform: str) -> BlipConfig:
-    """`config` in the serving layout of `platform`: its kernel layout and layer storage."""
-    return config.with_kernel_layout(serving_layout(platform)).with_layer_storage(serving_storage(platform))
+    """`config` in the serving layout of `platform`: kernel layout, layer storage, cross cache."""
+    return (config.with_kernel_layout(serving_layout(platform)).with_layer_storage(serving_storage(platform))
+            .with_cross_cache(serving_cross_cache(platform)))
 
 
 @functools.lru_cache(maxsize=32)
@@ -105,11 +113,12 @@ def _move(leaf, rank: int, n_in: int, n_out: int, forward: bool):
 
 
 @functools.lru_cache(maxsize=32)
-def _per_layer_towers(config: BlipConfig) -> tuple[tuple, ...]:
-    """The path of every layer stack `config` stores per layer (the text towers' `blocks`)."""
-    if config.text.layer_storage == "stacked":
+def _per_layer_towers(config: BlipConfig) -> tuple[tuple[tuple, int], ...]:
+    """(path, depth) of every layer stack `config` stores per layer (a tower's `blocks`)."""
+    if config.text.layer_storage == config.vision.layer_storage == "stacked":
         return ()
-    return tuple(tuple(path) for path, node in nnx.iter_graph(abstract_model(config)) if isinstance(node, nnx.List))
+    return tuple((tuple(path), len(node)) for path, node in nnx.iter_graph(abstract_model(config))
+                 if isinstance(node, nnx.List))
 
 
 def _layer(leaf, i: int):
@@ -146,7 +155,7 @@ def _stacked(layers: list):
 
 
 def _split_towers(tree: dict, config: BlipConfig, forward: bool) -> dict:
-    for path in _per_layer_towers(config):
+    for path, depth in _per_layer_towers(config):
         parent = tree
         for key in path[:-1]:
             if key not in parent:
@@ -156,7 +165,6 @@ def _split_towers(tree: dict, config: BlipConfig, forward: bool) -> dict:
             if path[-1] in parent:
                 layers = parent[path[-1]]
                 if forward:
-                    depth = config.text.depth
                     parent[path[-1]] = {i: _layer(layers, i) for i in range(depth)}
                 else:
                     parent[path[-1]] = _stacked([layers[i] for i in sorted(layers)])

@@ -5,8 +5,9 @@ tower serves as the captioning decoder (causal, with the LM head tied to the wor
 embeddings plus its own bias) and as the retrieval text encoder (bidirectional, no head).
 
 Decoding keeps a KV cache: `{"self_kv": (L, B, S, 2, N, H), "cross_kv": (L, B, P, 2, N, H)}`
-with keys and values fused on axis 3. The cross-attention keys and values depend only on
-the image, so they are computed once at prefill and read by every step.
+with keys and values fused on axis 3; with `cross_cache="head-major"` (the CPU serving
+choice) the cross entry is (L, B, 2, N, H, P) instead. The cross-attention keys and values
+depend only on the image, so they are computed once at prefill and read by every step.
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ from .config import TextConfig
 from .layers import Dense, LayerNorm, Mlp, attention, param, scan_layers, stack_layers, weight
 
 SELF_KV_NAMES = (LAYERS, BATCH, CACHE_SEQ, None, HEADS, HEAD_DIM)
-CROSS_KV_NAMES = (LAYERS, BATCH, PATCH, None, HEADS, HEAD_DIM)
+CROSS_KV_NAMES = {"patch-major": (LAYERS, BATCH, PATCH, None, HEADS, HEAD_DIM),
+                  "head-major": (LAYERS, BATCH, None, HEADS, HEAD_DIM, PATCH)}
+
+
+def cross_kv_shape(cfg: TextConfig, batch: int, patches: int) -> tuple[int, ...]:
+    """The cross-attention cache's shape in `cfg.cross_cache`'s layout (names: CROSS_KV_NAMES)."""
+    if cfg.cross_cache == "head-major":
+        return (cfg.depth, batch, 2, cfg.heads, cfg.head_dim, patches)
+    return (cfg.depth, batch, patches, 2, cfg.heads, cfg.head_dim)
 
 
 class TextBlock(nnx.Module):
@@ -36,10 +45,13 @@ class TextBlock(nnx.Module):
         self.ln_cross = LayerNorm(d, cfg.ln_eps, dtype=dtype, param_dtype=param_dtype)
         self.mlp = Mlp(d, cfg.mlp, **kw)
         self.ln_mlp = LayerNorm(d, cfg.ln_eps, dtype=dtype, param_dtype=param_dtype)
+        self.cross_cache = cfg.cross_cache
 
     def image_keys_values(self, image_bpd: jax.Array) -> jax.Array:
+        """This layer's cross-attention keys and values: (B, P, 2, N, H), or (B, 2, N, H, P) head-major."""
         with jax.named_scope("cross_kv"):
-            return self.cross_kv(image_bpd)
+            kv = self.cross_kv(image_bpd)
+            return jnp.transpose(kv, (0, 2, 3, 4, 1)) if self.cross_cache == "head-major" else kv
 
     def __call__(self, x_btd, self_mask, *, self_kv=None, pos=None, cross_kv=None):
         """One block. With `self_kv` (B, S, 2, N, H) the new keys/values are written at
@@ -55,7 +67,11 @@ class TextBlock(nnx.Module):
         if cross_kv is not None:
             with jax.named_scope("cross_attention"):
                 q = self.cross_q(x_btd)
-                a = attention(q, cross_kv[:, :, 0], cross_kv[:, :, 1], None)
+                if self.cross_cache == "head-major":   # (B, 2, N, H, P): read as (B, P, N, H) without a copy
+                    k, v = (jnp.transpose(cross_kv[:, i], (0, 3, 1, 2)) for i in (0, 1))
+                else:
+                    k, v = cross_kv[:, :, 0], cross_kv[:, :, 1]
+                a = attention(q, k, v, None)
                 x_btd = self.ln_cross(x_btd + self.cross_out(a))
         x_btd = self.ln_mlp(x_btd + self.mlp(x_btd))
         return constrain(x_btd, (BATCH, SEQ, EMBED)), self_kv
@@ -97,12 +113,12 @@ class TextTower(nnx.Module):
             return constrain(self.ln_embed(words + positions), (BATCH, SEQ, EMBED))
 
     def image_keys_values(self, image_bpd: jax.Array) -> jax.Array:
-        """Cross-attention keys/values for every layer: (L, B, P, 2, N, H)."""
+        """Cross-attention keys/values for every layer: (L, B, P, 2, N, H) or head-major (L, B, 2, N, H, P)."""
         def body(block, carry, _):
             return carry, block.image_keys_values(image_bpd)
 
         _, kv = scan_layers(self.blocks, body, None, remat=self.remat)
-        return constrain(kv, CROSS_KV_NAMES)
+        return constrain(kv, CROSS_KV_NAMES[self.cfg.cross_cache])
 
     def logits(self, hidden_btd: jax.Array) -> jax.Array:
         """LM head: dense, GELU, LN, then the tied embedding matrix plus bias; float32 out."""

@@ -44,7 +44,8 @@ class VisionEncoder(nnx.Module):
         self.patch_embed = Dense((cfg.patch_dim,), (cfg.width,), (None,), (EMBED,), rngs=rngs, **kw)
         self.class_embed = param(rngs, (cfg.width,), (EMBED,), param_dtype)
         self.pos_embed = param(rngs, (cfg.tokens, cfg.width), (None, EMBED), param_dtype)
-        self.blocks = stack_layers(lambda r: VisionBlock(cfg, rngs=r, **kw), cfg.depth, rngs)
+        self.blocks = stack_layers(lambda r: VisionBlock(cfg, rngs=r, **kw), cfg.depth, rngs,
+                                   storage=cfg.layer_storage)
         self.post_ln = LayerNorm(cfg.width, cfg.ln_eps, **kw)
 
     def patchify(self, pixels_bchw: jax.Array) -> jax.Array:

@@ -12,7 +12,15 @@ from jax.sharding import PartitionSpec
 
 from model import BlipConfig, ConfigError, get_preset, greedy_caption
 from model.hf import params_from_hf_tensors
-from model.layout import canonical, for_platform, from_layout, serving_layout, serving_storage, to_layout
+from model.layout import (
+    canonical,
+    for_platform,
+    from_layout,
+    serving_cross_cache,
+    serving_layout,
+    serving_storage,
+    to_layout,
+)
 from model.state import abstract_params, bind, init_params, logical_names
 from sharding.precision import abstract_store, get_policy, store
 from tests.test_parity import LOGITS_ATOL, _fixture, _pad_to
@@ -48,10 +56,11 @@ def test_to_layout_moves_values_names_and_shapes_together():
     assert canonical(OUT_IN) == TINY
 
 
-@pytest.mark.parametrize("layout, storage", [("out-in", "stacked"), ("in-out", "per-layer")])
-def test_serving_layouts_match_transformers(layout, storage):
-    """The fixture's HF tensors, converted to out-in or to per-layer storage, give HF's
-    logits, captions and scores."""
+@pytest.mark.parametrize("layout, storage, cross_cache", [("out-in", "stacked", "patch-major"),
+                                                          ("in-out", "per-layer", "head-major")])
+def test_serving_layouts_match_transformers(layout, storage, cross_cache):
+    """The fixture's HF tensors in the GPU and the CPU serving layouts (out-in kernels;
+    per-layer storage with the head-major cross cache) give HF's logits, captions and scores."""
     from tests.hf_reference import NEW_TOKENS
 
     case = _fixture()
@@ -59,7 +68,7 @@ def test_serving_layouts_match_transformers(layout, storage):
     cfg = case["config"]
     pixels = jnp.asarray(x["pixels"])
     caption_cfg = cfg.with_towers("caption")
-    serving = caption_cfg.with_kernel_layout(layout).with_layer_storage(storage)
+    serving = caption_cfg.with_kernel_layout(layout).with_layer_storage(storage).with_cross_cache(cross_cache)
     params = to_layout(params_from_hf_tensors(caption_cfg, case["caption"]["tensors"]), serving)
     model = bind(serving, jax.tree.map(jnp.asarray, params))
     image = model.encode_image(pixels)
@@ -71,7 +80,7 @@ def test_serving_layouts_match_transformers(layout, storage):
     np.testing.assert_array_equal(ours, _pad_to(case["caption"]["outputs"]["generate"], ours.shape[1],
                                                 cfg.text.pad_token_id))
     retrieval_cfg = cfg.with_towers("retrieval")
-    serving = retrieval_cfg.with_kernel_layout(layout).with_layer_storage(storage)
+    serving = retrieval_cfg.with_kernel_layout(layout).with_layer_storage(storage).with_cross_cache(cross_cache)
     params = to_layout(params_from_hf_tensors(retrieval_cfg, case["retrieval"]["tensors"]), serving)
     model = bind(serving, jax.tree.map(jnp.asarray, params))
     image = model.encode_image(pixels)
@@ -144,9 +153,9 @@ def test_a_short_partition_spec_is_padded_to_the_kernels_rank_before_moving():
 
 @pytest.mark.parametrize("config", [PER_LAYER, PER_LAYER.with_kernel_layout("out-in")], ids=["in-out", "out-in"])
 def test_per_layer_storage_splits_values_names_and_specs_together(config):
-    """Each text tower's stacked leaves become one entry per layer, the leading `layers`
-    axis dropped from values, int8 scales, logical names and PartitionSpecs alike; the
-    vision tower stays stacked; joining gives the canonical tree back."""
+    """Each tower's stacked leaves become one entry per layer, the leading `layers` axis
+    dropped from values, int8 scales, logical names and PartitionSpecs alike (only the text
+    kernels move to out-in); joining gives the canonical tree back."""
     from sharding.plans import load_plans
     from sharding.storage import stored_params, stored_specs, stored_template
 
@@ -160,7 +169,10 @@ def test_per_layer_storage_splits_values_names_and_specs_together(config):
     moved = np.swapaxes(fc2, 1, 2) if config.text.kernel_layout == "out-in" else fc2
     for i in range(TINY.text.depth):
         np.testing.assert_array_equal(split["text_decoder"]["blocks"][i]["mlp"]["fc2"]["kernel"], moved[i])
-    assert split["vision"]["blocks"]["mlp"]["fc1"]["kernel"] is params["vision"]["blocks"]["mlp"]["fc1"]["kernel"]
+    assert sorted(split["vision"]["blocks"]) == list(range(TINY.vision.depth))
+    np.testing.assert_array_equal(split["vision"]["blocks"][1]["mlp"]["fc1"]["kernel"],
+                                  params["vision"]["blocks"]["mlp"]["fc1"]["kernel"][1])
+    assert split["vision"]["class_embed"] is params["vision"]["class_embed"]
     back = from_layout(split, config)
     assert jax.tree.structure(back) == jax.tree.structure(params)
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, back, params)))
@@ -185,11 +197,13 @@ def test_per_layer_storage_splits_values_names_and_specs_together(config):
     assert any(expected), "fsdp-tp shards fc1: the test must see the spec carried over"
 
 
-def test_per_layer_model_equals_the_stacked_model():
-    """Same parameters, same numbers: the per-layer model's logits, captions and decode
-    steps equal the stacked model's exactly (both run the same ops, one loop written out)."""
+@pytest.mark.parametrize("cross_cache", ["patch-major", "head-major"])
+def test_per_layer_model_equals_the_stacked_model(cross_cache):
+    """Same parameters, same numbers: the per-layer model's logits and captions equal the
+    stacked model's (both run the same ops, one loop written out; the head-major cache only
+    reorders the cached keys and values)."""
     cfg = TINY.with_towers("caption")
-    per_layer = cfg.with_layer_storage("per-layer")
+    per_layer = cfg.with_layer_storage("per-layer").with_cross_cache(cross_cache)
     params = init_params(cfg, 3)
     stacked_model, split_model = bind(cfg, params), bind(per_layer, to_layout(params, per_layer))
     pixels = jax.random.normal(jax.random.key(0), (2, 3, cfg.vision.image_size, cfg.vision.image_size))
@@ -203,9 +217,9 @@ def test_per_layer_model_equals_the_stacked_model():
                                np.asarray(split_model.decoder_logits(ids, None, image)), atol=1e-6)
 
 
-def _text_weight_slices(config) -> int:
-    """Weight-sized dynamic slices (copies) of the text decoder's parameters in the compiled
-    CPU caption program."""
+def _copies_in_cpu_caption(config) -> tuple[int, int]:
+    """(weight-sized dynamic slices of the text decoder's parameters, copies of the cached
+    cross-attention keys or values) in the compiled CPU caption program."""
     import re
 
     from capibara_export.build.programs import build_program
@@ -214,27 +228,36 @@ def _text_weight_slices(config) -> int:
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), program.args)
     text = jax.jit(program.fn).lower(*zeros).compile().as_text()
     slices = re.findall(r'%dynamic-slice[\w.-]* = f32\[(\d+),(\d+)\][^\n]*op_name="[^"]*text_decoder', text)
-    return sum(1 for rows, cols in slices if int(rows) > 1 and int(cols) > 1)
+    copies = re.findall(r'%\w*copy[\w.-]* = f32\[([\d,]+)\][^\n]*op_name="[^"]*cross_attention', text)
+    one_layer = config.text.width * config.vision.tokens   # a layer's keys (or values) for one image
+    return (sum(1 for rows, cols in slices if int(rows) > 1 and int(cols) > 1),
+            sum(1 for dims in copies if np.prod([int(d) for d in dims.split(",")]) >= one_layer))
 
 
-def test_cpu_serving_stores_layers_per_layer_and_the_decode_loop_reads_weights_in_place():
+def test_cpu_serving_layout_reads_weights_and_cross_cache_in_place():
     """The platform choice, and what it is for: compiled for the CPU, the stacked decoder
-    slices (copies) its layers' weights inside the loops; the per-layer one does not."""
-    assert serving_storage("cpu") == "per-layer"
+    slices (copies) its layers' weights inside the loops and the patch-major cross cache is
+    transposed before the attention dots; the CPU serving layout does neither."""
+    assert serving_storage("cpu") == "per-layer" and serving_cross_cache("cpu") == "head-major"
     assert serving_storage("tpu") == serving_storage("gpu") == "stacked"
-    assert for_platform(TINY, "cpu").text.layer_storage == "per-layer"
+    assert serving_cross_cache("tpu") == serving_cross_cache("gpu") == "patch-major"
+    cpu = for_platform(TINY, "cpu")
+    assert (cpu.text.layer_storage, cpu.vision.layer_storage, cpu.text.cross_cache) == \
+        ("per-layer", "per-layer", "head-major")
     assert for_platform(TINY, "gpu").text.kernel_layout == "out-in"
     cfg = TINY.with_towers("caption")
-    assert _text_weight_slices(cfg) > 0, "the stacked program must show the copies this test guards"
-    assert _text_weight_slices(cfg.with_layer_storage("per-layer")) == 0
+    slices, copies = _copies_in_cpu_caption(cfg)
+    assert slices > 0 and copies > 0, "the stacked program must show the copies this test guards"
+    assert _copies_in_cpu_caption(for_platform(cfg, "cpu")) == (0, 0)
 
 
 def test_layer_storage_is_config_data():
     data = PER_LAYER.to_dict()
     assert data["text"]["layer_storage"] == "per-layer"
+    assert data["vision"]["layer_storage"] == "per-layer"
     assert BlipConfig.from_dict(data) == PER_LAYER
-    del data["text"]["layer_storage"]   # a manifest written before the field existed
+    del data["text"]["layer_storage"], data["vision"]["layer_storage"]   # a manifest from before the field
     assert BlipConfig.from_dict(data) == TINY
-    with pytest.raises(ConfigError, match="text.layer_storage is 'rows'; choose one of stacked, per-layer"):
+    with pytest.raises(ConfigError, match="layer_storage is 'rows'; choose one of stacked, per-layer"):
         TINY.with_layer_storage("rows")
     assert "layer_storage" not in str(PER_LAYER.to_hf_dict())

@@ -18,7 +18,7 @@ from pathlib import Path
 from model import BlipConfig, get_preset
 from model.config import KERNEL_LAYOUTS, LAYER_STORAGES
 from model.hf import checkpoint_config
-from model.layout import serving_layout, serving_storage
+from model.layout import for_platform
 from sharding.plans import ShardingPlan, load_plans, select_plans
 from sharding.precision import DEFAULT_PRECISIONS, get_policy
 
@@ -92,12 +92,13 @@ def model_config(request: BuildRequest) -> BlipConfig:
 
 
 def program_config(request: BuildRequest, platform: str) -> BlipConfig:
-    """The model as this build's programs take it: `model_config` in the requested kernel
-    layout and layer storage, each `auto` the serving choice of the devices it compiles for
-    (model/layout.py)."""
-    layout = serving_layout(platform) if request.kernel_layout == "auto" else request.kernel_layout
-    storage = serving_storage(platform) if request.layer_storage == "auto" else request.layer_storage
-    return model_config(request).with_kernel_layout(layout).with_layer_storage(storage)
+    """The model as this build's programs take it: `model_config` in the serving layout of the
+    devices it compiles for (model/layout.py), with the kernel layout and layer storage the
+    request names instead of `auto`."""
+    config = for_platform(model_config(request), platform)
+    if request.kernel_layout != "auto":
+        config = config.with_kernel_layout(request.kernel_layout)
+    return config if request.layer_storage == "auto" else config.with_layer_storage(request.layer_storage)
 
 
 def validate(request: BuildRequest) -> None:

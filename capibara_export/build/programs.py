@@ -22,7 +22,7 @@ from model.axes import BATCH, EMBED, PATCH, VOCAB, is_names
 from model.errors import UserError
 from model.generate import beam_search, caption_from_image
 from model.state import bind
-from model.text import CROSS_KV_NAMES, SELF_KV_NAMES
+from model.text import CROSS_KV_NAMES, SELF_KV_NAMES, cross_kv_shape
 from sharding.plans import ShardingPlan
 from sharding.precision import PrecisionPolicy
 from sharding.storage import stored_specs, stored_template
@@ -120,8 +120,8 @@ def build_program(cfg: BlipConfig, entry: str, policy: PrecisionPolicy, batch: i
             return model(p).decode_step(ids, pos, cache)
         s = options.cache_len
         cache = {"self_kv": _struct((t.depth, batch, s, 2, t.heads, t.head_dim), compute),
-                 "cross_kv": _struct((t.depth, batch, v.tokens, 2, t.heads, t.head_dim), compute)}
-        cache_names = {"self_kv": SELF_KV_NAMES, "cross_kv": CROSS_KV_NAMES}
+                 "cross_kv": _struct(cross_kv_shape(t, batch, v.tokens), compute)}
+        cache_names = {"self_kv": SELF_KV_NAMES, "cross_kv": CROSS_KV_NAMES[t.cross_cache]}
         return Program(entry, fn, (params, _struct((batch, 1), jnp.int32), _struct((), jnp.int32), cache),
                        ("params", (BATCH, None), (), cache_names), ((BATCH, VOCAB), cache_names), donate=(3,),
                        axis_sizes={**sizes, "cache_seq": {s}},
