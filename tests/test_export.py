@@ -44,8 +44,9 @@ def verify(bundle: Path, *extra) -> tuple[int, list[dict], str]:
 
 @pytest.fixture(scope="module")
 def cpu_bundle(tmp_path_factory) -> Path:
-    # the GPU serving layout (text kernels out-in, model/layout.py) end to end: params, every
-    # export kind and the README recipes must agree on it; the TPU bundle keeps in-out
+    # the GPU's kernel layout (text kernels out-in, model/layout.py) with the CPU's per-layer
+    # storage and head-major cross cache, end to end: params, every export kind and the README
+    # recipes must agree on them; the TPU bundle keeps in-out, stacked
     # 4 simulated devices (2x2): the CPU mesh path as a TPU bundle's, at a fraction of 32 devices' compile time
     return build_bundle(tmp_path_factory.mktemp("cpu"), "--target", "cpu", "--mesh", "2x2", "--precisions",
                         "fp32,bf16", "--kernel-layout", "out-in")
@@ -59,12 +60,14 @@ def cpu_verified(cpu_bundle):
 def test_cpu_bundle_holds_every_kind_and_verifies(cpu_bundle, cpu_verified):
     manifest = mf.read(cpu_bundle)
     assert {a["kind"] for a in manifest["artifacts"]} == KINDS
-    assert manifest["model"]["config"]["text"]["kernel_layout"] == "out-in"
+    cfg = manifest["model"]["config"]
+    assert (cfg["text"]["kernel_layout"], cfg["text"]["layer_storage"], cfg["vision"]["layer_storage"],
+            cfg["text"]["cross_cache"]) == ("out-in", "per-layer", "per-layer", "head-major")
     params = next(a for a in manifest["artifacts"] if a["kind"] == "params")
     shapes = {x["name"]: x["shape"] for x in params["arrays"]}
-    cfg = manifest["model"]["config"]
-    fc1 = next(v for k, v in shapes.items() if k.startswith("text_decoder") and "fc1" in k and k.endswith("kernel"))
-    assert fc1 == [cfg["text"]["depth"], cfg["text"]["mlp"], cfg["text"]["width"]], "fc1 stored outputs first"
+    fc1 = {k: v for k, v in shapes.items() if k.startswith("text_decoder/blocks/") and k.endswith("fc1/kernel")}
+    assert sorted(fc1) == [f"text_decoder/blocks/{i}/mlp/fc1/kernel" for i in range(cfg["text"]["depth"])]
+    assert all(v == [cfg["text"]["mlp"], cfg["text"]["width"]] for v in fc1.values()), "per layer, outputs first"
     code, rows, err = cpu_verified
     assert code == 0, err
     assert rows and all(r["result"] == "pass" for r in rows)  # a CPU bundle runs entirely here

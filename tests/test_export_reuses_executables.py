@@ -16,7 +16,7 @@ from capibara_export.export import manifest as mf
 from capibara_export.export import params as params_io
 from capibara_export.export.serving import example_inputs, serving_function
 from capibara_export.build.programs import ProgramOptions
-from model import get_preset
+from model import BlipConfig
 from sharding.precision import get_policy
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,8 @@ def test_build_export_and_a_later_export_compile_nothing_again(tmp_path, compile
     assert (folder / "bundle" / exe["path"]).read_bytes() == first
 
     # the kept executable loads and computes what the serving function computes
-    cfg = get_preset("tiny").with_towers(*manifest["model"]["towers"])
+    cfg = BlipConfig.from_dict(manifest["model"]["config"])   # a CPU bundle: layers stored per layer
+    assert cfg.text.layer_storage == "per-layer" and cfg.towers == tuple(manifest["model"]["towers"])
     serving = serving_function(cfg, "encode_image", get_policy("fp32"), 32, ProgramOptions())
     params = params_io.restore(folder / "bundle" / "params" / "float32")
     devices = executables.execution_devices(manifest)
