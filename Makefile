@@ -25,10 +25,12 @@ build: $(VENV)/.runtime
 test: $(VENV)/.dev
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests bench --benchmark-disable
 
-# The timed benchmark run (not part of make test): writes out.json.
+# The timed benchmark run (not part of make test): writes runtime.json (the runtime beside the
+# peer, alone on one CPU device: bench/conftest.py) and out.json (the rest, 32 simulated devices).
 bench: $(VENV)/.dev
-	$(PY) -m pytest -q bench --benchmark-json out.json
-	$(PY) -m capibara_export bench-report out.json
+	$(PY) -m pytest -q bench/test_runtime.py --benchmark-json runtime.json
+	$(PY) -m pytest -q bench --ignore=bench/test_runtime.py --benchmark-json out.json
+	$(PY) -m capibara_export bench-report runtime.json out.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

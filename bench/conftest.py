@@ -1,11 +1,35 @@
 """Benchmark-wide setup: the CLI's process environment, with the CPU simulated as 32
-devices for the mesh benchmarks. JAX_PLATFORMS set by the caller wins (bench/gpu.sh)."""
+devices for the mesh benchmarks, or as one device when the run holds only the runtime
+benchmarks (`pytest bench/test_runtime.py`, as `make bench` runs them): measured on this
+2-core host, a single-device program ran 1.3-1.6x slower in a process with 32 simulated
+CPU devices than in one with one (small encode_image 39 vs 52-62 ms; docs/performance.md),
+which would understate ours against the peer. JAX_PLATFORMS set by the caller wins
+(bench/gpu.sh)."""
+
+import os
+from pathlib import Path
 
 import pytest
 
 from capibara_export import environment
 
-environment.prepare(target=None, cpu_devices=32)
+RUNTIME_FILE = Path(__file__).with_name("test_runtime.py").resolve()
+
+
+def _runtime_only(args: list[str]) -> bool:
+    paths = [Path(a.split("::")[0]).resolve() for a in args if not a.startswith("-")]
+    return bool(paths) and all(p == RUNTIME_FILE for p in paths)
+
+
+def pytest_configure(config):
+    """The device count, before any benchmark module imports jax; timed runs predict with a
+    calibration measured in the same run (bench/harness.py)."""
+    os.environ["CAPIBARA_BENCH_CPU_DEVICES"] = "1" if _runtime_only(list(config.args)) else "32"
+    environment.prepare(target=None, cpu_devices=int(os.environ["CAPIBARA_BENCH_CPU_DEVICES"]))
+    if not config.getoption("benchmark_disable", False):
+        from bench import harness
+
+        harness.FRESH_CALIBRATION = True
 
 
 @pytest.fixture(scope="session")
@@ -13,14 +37,6 @@ def peer_times() -> dict:
     """Median seconds of the Hugging Face peer per (model, entry, precision, batch), filled
     by the peer benchmarks (which run first in test_runtime.py) and read by ours."""
     return {}
-
-
-def pytest_configure(config):
-    """Timed runs predict with a calibration measured in the same run (bench/harness.py)."""
-    if not config.getoption("benchmark_disable", False):
-        from bench import harness
-
-        harness.FRESH_CALIBRATION = True
 
 
 def pytest_collection_modifyitems(config, items):

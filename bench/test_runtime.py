@@ -1,6 +1,7 @@
 """Runtime: the entry programs on the local device, and the Hugging Face peer beside them.
 
-CPU: tiny and small at batch 1. GPU (bench/gpu.sh): base at batch 1 and 32. Compilation is
+CPU: tiny and small at batch 1, on one CPU device when this file runs alone (`make bench`
+does; bench/conftest.py says why). GPU (bench/gpu.sh): base at batch 1 and 32. Compilation is
 outside the timed region, every round ends in block_until_ready (torch: synchronize), and
 the warm-up round is not counted. The peer benchmarks run first so each of ours can carry
 its ratio to the peer in extra_info.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -83,6 +85,8 @@ def test_runtime(benchmark, peer_times, model, entry, precision, batch):
            model=model, flops=run.flops, analytic_flops=run.analytic_flops, memory_peak=run.memory_peak,
            predicted_s=predicted(run), items=items, item_name=name, compute_dtype=policy_dtype,
            peer_s=peer_times.get((model, entry, precision, batch)))
+    # 1 when run alone (bench/conftest.py): more simulated CPU devices slow a one-device program
+    benchmark.extra_info["devices_in_process"] = len(jax.devices())
 
 
 def _assert_matches_peer(model: str, pixels: np.ndarray, ours: np.ndarray) -> None:

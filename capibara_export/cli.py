@@ -161,7 +161,7 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace here")
 
     br = sub.add_parser("bench-report", help="tabulate `pytest bench/ --benchmark-json` output; compare runs")
-    br.add_argument("json", help="pytest-benchmark JSON, e.g. out.json")
+    br.add_argument("json", nargs="+", help="pytest-benchmark JSON, e.g. out.json (several: one table)")
     br.add_argument("--compare", metavar="OLD", help="an earlier JSON: list regressions, exit 1 if any")
     br.add_argument("--threshold", type=float, default=0.10,
                     help="relative median increase that counts as a regression (default 0.10)")
@@ -401,8 +401,8 @@ def cmd_bench_report(args) -> int:
     from .bench_report import HEADERS, compare, load, prediction_check, rows
     from .console import out
 
-    benches = load(Path(args.json))
-    table = Table(title=f"Benchmarks in {args.json}", title_justify="left")
+    benches = [b for path in args.json for b in load(Path(path))]
+    table = Table(title=f"Benchmarks in {', '.join(args.json)}", title_justify="left")
     for h in HEADERS:
         table.add_column(h, overflow="fold")
     for row in rows(benches):

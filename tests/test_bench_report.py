@@ -71,3 +71,31 @@ def test_cli_exit_codes(tmp_path):
     assert bad.returncode == 1 and "1 benchmark(s) slower" in bad.stderr
     missing = subprocess.run(cmd + [str(tmp_path / "nope.json")], capture_output=True, text=True)
     assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def test_several_json_files_make_one_table(tmp_path):
+    """`make bench` writes the runtime benchmarks (one CPU device) and the rest (32 simulated
+    devices) to two files; one report shows both."""
+    runtime = tmp_path / "runtime.json"
+    runtime.write_text(json.dumps({"benchmarks": [_bench(
+        "test_runtime[small-encode_image-fp32-1]", "runtime small", 0.04,
+        unit={"entry": "encode_image", "plan": "single-device", "precision": "fp32", "batch": 1},
+        peer_ratio=1.07, devices_in_process=1)]}))
+    plans = _write(tmp_path / "out.json", {})
+    result = subprocess.run([sys.executable, "-m", "capibara_export", "bench-report", str(runtime), str(plans)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "small" in result.stdout and "encode_image" in result.stdout and "1.07" in result.stdout
+    assert "Spearman rank correlation 1.00" in result.stdout
+
+
+def test_runtime_benchmarks_alone_run_on_one_cpu_device():
+    """bench/conftest.py: only a run of bench/test_runtime.py alone gets one device."""
+    from bench.conftest import _runtime_only
+
+    assert _runtime_only(["bench/test_runtime.py"])
+    assert _runtime_only(["bench/test_runtime.py::test_runtime"])
+    assert not _runtime_only(["bench"])
+    assert not _runtime_only(["tests", "bench"])
+    assert not _runtime_only(["bench/test_runtime.py", "bench/test_plans.py"])
+    assert not _runtime_only([])
