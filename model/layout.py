@@ -1,4 +1,5 @@
-"""Where each dense kernel's axes sit: the canonical layout and the GPU serving layout.
+"""How parameters and the decode cache are laid out: the canonical (checkpoint) layout and
+each platform's serving layout.
 
 Checkpoints, the TPU programs and every parameter tree the pipeline is handed keep the
 canonical "in-out" layout (inputs first). A config whose text towers say
@@ -13,12 +14,16 @@ everywhere (its dots are matrix-matrix).
 
 A tower whose config says `layer_storage="per-layer"` stores each of its layers as its own
 arrays (`blocks/0/...`, `blocks/1/...`) instead of stacked on a leading `layers` axis, and
-runs them straight-line instead of with `lax.scan`: the CPU serving layout. XLA:CPU feeds a dot only a whole buffer, so a scanned layer's weights are copied
-out of the stacked array before every dot of every decode step; measured on the 2-core
-development host (`small` caption, fp32, batch 1, one CPU device, docs/performance.md): the
-copies were the largest op by time (160 of 388 thread-ms per caption), and the caption
-ran 1.2x faster per-layer. TPU and GPU programs keep stacked layers (their dots read a
-slice in place, and scanning keeps compile time flat in depth); so do checkpoints.
+runs them straight-line instead of with `lax.scan`; `TextConfig.cross_cache="head-major"`
+caches the cross-attention keys and values (L, B, 2, N, H, P). Both are the CPU serving
+layout: XLA:CPU hands a dot only a whole buffer, so a scanned layer's weights were copied
+out of the stacked array before every dot of every decode step (160 of 388 thread-ms of the
+`small` caption, fp32, batch 1), and the patch-major cache was transposed before both
+attention dots of every layer and step. Measured side by side on the 2-core development
+host (`python -m bench.cpu_layers_probe`, docs/performance.md): caption 1.23x, decode_step
+1.25x, encode_image 1.06x faster, compile 2.8 -> 7.2 s. TPU and GPU programs keep stacked,
+patch-major layouts (their dots read slices in place, and a scan keeps compile time flat in
+depth); so do checkpoints.
 
 `to_layout` turns any canonical per-parameter tree (arrays, int8 `QArray`s, shape
 structs, logical names, PartitionSpecs) into the config's layout by permuting the kernel
