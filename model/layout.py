@@ -159,24 +159,29 @@ def _stacked(layers: list):
     return jax.numpy.stack(layers)
 
 
+def _replace_at(tree: dict, path: tuple, change) -> None:
+    """tree[path] = change(tree[path]) in place, when the tree holds that path (a tree may
+    hold only some parameters, e.g. one tower's)."""
+    parent = tree
+    for key in path[:-1]:
+        if key not in parent:
+            return
+        parent = parent[key]
+    if path[-1] in parent:
+        parent[path[-1]] = change(parent[path[-1]])
+
+
 def _split_towers(tree: dict, config: BlipConfig, forward: bool) -> dict:
     for path, depth in _per_layer_towers(config):
-        parent = tree
-        for key in path[:-1]:
-            if key not in parent:
-                break
-            parent = parent[key]
+        if forward:
+            _replace_at(tree, path, lambda layers, depth=depth: {i: _layer(layers, i) for i in range(depth)})
         else:
-            if path[-1] in parent:
-                layers = parent[path[-1]]
-                if forward:
-                    parent[path[-1]] = {i: _layer(layers, i) for i in range(depth)}
-                else:
-                    parent[path[-1]] = _stacked([layers[i] for i in sorted(layers)])
+            _replace_at(tree, path, lambda layers: _stacked([layers[i] for i in sorted(layers)]))
     return tree
 
 
 def _convert(tree: dict, config: BlipConfig, forward: bool) -> dict:
+    """Kernels move in the stacked tree; per-layer towers are split after (and joined before)."""
     moved = _moved_kernels(config)
     towers = _per_layer_towers(config)
     if not moved and not towers:
@@ -185,14 +190,7 @@ def _convert(tree: dict, config: BlipConfig, forward: bool) -> dict:
     if not forward:
         out = _split_towers(out, config, forward)
     for path, rank, n_in, n_out in moved:
-        parent = out
-        for key in path[:-1]:
-            if key not in parent:
-                break
-            parent = parent[key]
-        else:
-            if path[-1] in parent:
-                parent[path[-1]] = _move(parent[path[-1]], rank, n_in, n_out, forward)
+        _replace_at(out, path, lambda leaf, r=rank, i=n_in, o=n_out: _move(leaf, r, i, o, forward))
     return _split_towers(out, config, forward) if forward else out
 
 
