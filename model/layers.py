@@ -163,7 +163,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) 
 def stack_layers(create: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs,
                  storage: str = "stacked") -> nnx.Module:
     """`depth` copies of a layer: with their parameters stacked on a leading `layers` axis, or
-    with `storage="per-layer"` as a list of modules (`TextConfig.layer_storage`). Either way
+    with `storage="per-layer"` as a list of modules (a tower config's `layer_storage`). Either way
     the random draws are the same, so both hold the same values for one seed."""
     if storage == "per-layer":
         stacked = nnx.to_pure_dict(nnx.state(stack_layers(create, depth, rngs)))

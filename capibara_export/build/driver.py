@@ -53,7 +53,7 @@ class BuildRequest:
     use_cache: bool = True
     name: str | None = None
     kernel_layout: str = "auto"            # text kernels: auto (the platform's serving layout), in-out, out-in
-    layer_storage: str = "auto"            # text layers: auto (the platform's serving storage), stacked, per-layer
+    layer_storage: str = "auto"            # all towers' layers: auto (the platform's choice), stacked, per-layer
     derive_rounds: int = 1                 # rounds of plans proposed by the hotspots (plan_search.py); 0: none
     derive_budget: int = 4                 # at most this many derived units in all rounds
 
