@@ -138,11 +138,18 @@ class CompilePool:
     def close(self, finished: bool) -> None:
         """Wait for idle workers to exit; after an interruption or error, end the ones still
         compiling (their units are not cached, so the next build compiles them)."""
+        processes = list(getattr(self._pool, "_processes", {}).values())
         if not finished:
             # Python 3.11's executor has no public way to stop running tasks (3.14 adds terminate_workers)
-            for process in list(getattr(self._pool, "_processes", {}).values()):
+            for process in processes:
                 process.terminate()
         self._pool.shutdown(wait=finished, cancel_futures=True)
+        if not finished:   # the build exits only once its workers are gone (a test caught one outliving it)
+            for process in processes:
+                process.join(timeout=10)
+                if process.is_alive():
+                    process.kill()
+                    process.join(timeout=5)
 
     def __enter__(self) -> CompilePool:
         return self
