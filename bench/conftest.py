@@ -6,7 +6,6 @@ CPU devices than in one with one (small encode_image 39 vs 52-62 ms; docs/perfor
 which would understate ours against the peer. JAX_PLATFORMS set by the caller wins
 (bench/gpu.sh)."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -24,8 +23,7 @@ def _runtime_only(args: list[str]) -> bool:
 def pytest_configure(config):
     """The device count, before any benchmark module imports jax; timed runs predict with a
     calibration measured in the same run (bench/harness.py)."""
-    os.environ["CAPIBARA_BENCH_CPU_DEVICES"] = "1" if _runtime_only(list(config.args)) else "32"
-    environment.prepare(target=None, cpu_devices=int(os.environ["CAPIBARA_BENCH_CPU_DEVICES"]))
+    environment.prepare(target=None, cpu_devices=1 if _runtime_only(list(config.args)) else 32)
     if not config.getoption("benchmark_disable", False):
         from bench import harness
 

@@ -108,10 +108,7 @@ def runnable(model: str, entry: str, precision: str, batch: int, params=None,
     the program takes them in the local platform's serving layout (model/layout.py), with
     the kernel `layout`, layer `storage` and `cross_cache` given instead where given."""
     cfg = get_preset(model) if towers is None else get_preset(model).with_towers(*towers)
-    cfg = for_platform(cfg, jax.default_backend())
-    cfg = cfg.with_kernel_layout(layout) if layout else cfg
-    cfg = cfg.with_layer_storage(storage) if storage else cfg
-    cfg = cfg.with_cross_cache(cross_cache) if cross_cache else cfg
+    cfg = for_platform(cfg, jax.default_backend(), layout, storage, cross_cache)
     policy = get_policy(precision)
     program = build_program(cfg, entry, policy, batch, OPTIONS)
     params = stored_params(params if params is not None else float_params(model), cfg, policy)

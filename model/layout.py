@@ -77,10 +77,13 @@ def serving_cross_cache(platform: str) -> str:
     return "head-major" if platform == "cpu" else "patch-major"
 
 
-def for_platform(config: BlipConfig, platform: str) -> BlipConfig:
-    """`config` in the serving layout of `platform`: kernel layout, layer storage, cross cache."""
-    return (config.with_kernel_layout(serving_layout(platform)).with_layer_storage(serving_storage(platform))
-            .with_cross_cache(serving_cross_cache(platform)))
+def for_platform(config: BlipConfig, platform: str, kernel_layout: str | None = None,
+                 layer_storage: str | None = None, cross_cache: str | None = None) -> BlipConfig:
+    """`config` in the serving layout of `platform` (kernel layout, layer storage, cross
+    cache), each with the value given here instead where one is given."""
+    return (config.with_kernel_layout(kernel_layout or serving_layout(platform))
+            .with_layer_storage(layer_storage or serving_storage(platform))
+            .with_cross_cache(cross_cache or serving_cross_cache(platform)))
 
 
 @functools.lru_cache(maxsize=32)

@@ -245,6 +245,8 @@ def test_cpu_serving_layout_reads_weights_and_cross_cache_in_place():
     assert (cpu.text.layer_storage, cpu.vision.layer_storage, cpu.text.cross_cache) == \
         ("per-layer", "per-layer", "head-major")
     assert for_platform(TINY, "gpu").text.kernel_layout == "out-in"
+    overridden = for_platform(TINY, "cpu", layer_storage="stacked")   # build --layer-storage stacked
+    assert (overridden.text.layer_storage, overridden.text.cross_cache) == ("stacked", "head-major")
     cfg = TINY.with_towers("caption")
     slices, copies = _copies_in_cpu_caption(cfg)
     assert slices > 0 and copies > 0, "the stacked program must show the copies this test guards"

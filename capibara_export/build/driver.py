@@ -95,10 +95,8 @@ def program_config(request: BuildRequest, platform: str) -> BlipConfig:
     """The model as this build's programs take it: `model_config` in the serving layout of the
     devices it compiles for (model/layout.py), with the kernel layout and layer storage the
     request names instead of `auto`."""
-    config = for_platform(model_config(request), platform)
-    if request.kernel_layout != "auto":
-        config = config.with_kernel_layout(request.kernel_layout)
-    return config if request.layer_storage == "auto" else config.with_layer_storage(request.layer_storage)
+    chosen = lambda value: None if value == "auto" else value  # noqa: E731
+    return for_platform(model_config(request), platform, chosen(request.kernel_layout), chosen(request.layer_storage))
 
 
 def validate(request: BuildRequest) -> None:
