@@ -7,7 +7,8 @@ process, with the Hugging Face peer in the same run and a profile of the caption
 CAPIBARA_STUDY picks the plan: `loop` (loop unrolling, Triton GEMM, the peer; ~8 min on an
 H100), `flat` (flattened dots, one-pass layer norms; ~1.5 min), `settle` (the default's
 candidates, round-robin; ~2.5 min), `layout`/`layout2` (text kernels out-in), `hoist`
-(layer slices hoisted out of the decode loop; layout None = the platform's default). CAPIBARA_STUDY_BUDGET_S stops starting new variants.
+(layer slices hoisted out of the decode loop; layout None = the platform's default), `attn`
+(the decoder's attentions as cuDNN kernels over a kv-major cross cache; Triton-only GEMMs). CAPIBARA_STUDY_BUDGET_S stops starting new variants.
 
 Each variant is one `CAPIBARA_GPU_KERNELS` value (model.layers.gpu_kernels: `cudnn`,
 `unroll-layers`, `unroll-decode`) and optionally XLA compiler options passed to
@@ -47,6 +48,8 @@ START = time.perf_counter()
 RESULTS = OUT / "gpu-decode.json"
 TRITON_OFF = {"xla_gpu_enable_triton_gemm": False}
 TRITON_ON = {"xla_gpu_enable_triton_gemm": True}
+TRITON_ONLY = {"xla_gpu_enable_triton_gemm": True, "xla_gpu_cublas_fallback": False}
+DEFAULT = "cudnn+unroll-layers+flat-dots+fast-ln+hoist-layers"   # the `fused` preset, spelled out
 STUDY = os.environ.get("CAPIBARA_STUDY", "loop")
 
 # (entry, batch, kernels, compiler options, label), most informative first: the budget may
@@ -107,12 +110,25 @@ PLANS = {"loop": [
     ("caption", 32, "cudnn+unroll-layers+flat-dots+fast-ln+hoist-layers", None, "default + hoist-layers", None),
     ("encode_image", 32, "cudnn+unroll-layers+flat-dots+fast-ln", None, "default", None),
     ("encode_image", 32, "cudnn+unroll-layers+flat-dots+fast-ln", TRITON_ON, "default, triton gemm on", None),
+], "attn": [   # eighth: the decoder's attentions as cuDNN kernels, the cross cache kv-major (one
+    # contiguous (B, P, N, H) array each for keys and values, so cuDNN reads them without a copy)
+    ("caption", 1, DEFAULT, None, "default", None, None),
+    ("caption", 1, DEFAULT + "+cudnn-cross", None, "+ cudnn-cross, kv-major", None, "kv-major"),
+    ("caption", 1, DEFAULT + "+cudnn-cross+cudnn-self", None, "+ cudnn-cross + cudnn-self, kv-major", None, "kv-major"),
+    ("caption", 1, DEFAULT, None, "default, kv-major", None, "kv-major"),
+    ("caption", 32, DEFAULT, None, "default", None, None),
+    ("caption", 32, DEFAULT + "+cudnn-cross", None, "+ cudnn-cross, kv-major", None, "kv-major"),
+    ("caption", 32, DEFAULT + "+cudnn-cross+cudnn-self", None, "+ cudnn-cross + cudnn-self, kv-major", None, "kv-major"),
+    ("encode_image", 32, DEFAULT, None, "default", None, None),
+    ("encode_image", 32, DEFAULT, TRITON_ONLY, "default, Triton GEMMs only (no cuBLAS fallback)", None, None),
 ]}
-PLAN = [row if len(row) == 6 else (*row, "in-out") for row in PLANS[STUDY]]
-PROFILE = {("caption", 32, "default + hoist-layers"),
+PLAN = [(*row, "in-out", None)[:7] if len(row) == 5 else (*row, None)[:7] for row in PLANS[STUDY]]
+PROFILE = {("caption", 32, "default + hoist-layers"), ("caption", 1, "+ cudnn-cross + cudnn-self, kv-major"),
+           ("caption", 1, "+ cudnn-cross, kv-major"),
            ("caption", 1, "cudnn+fast-ln+unroll-decode, out-in"), ("caption", 1, "default"), ("caption", 1, "default, in-out"), ("caption", 1, "default, text out-in"), ("caption", 1, "+ unroll-decode"),
            ("caption", 1, "xla (nothing fused, loops rolled)"), ("caption", 1, "cudnn+flat-dots+fast-ln")}
-PEER = {"loop": [("caption", 1), ("caption", 32), ("encode_image", 32)], "layout": [("caption", 1)]}.get(STUDY, [])
+PEER = {"loop": [("caption", 1), ("caption", 32), ("encode_image", 32)], "layout": [("caption", 1)],
+        "attn": [("caption", 1), ("caption", 32), ("encode_image", 32)]}.get(STUDY, [])
 
 results: list[dict] = []
 
@@ -139,12 +155,13 @@ def median_s(run) -> tuple[float, float]:
     return float(np.median(times)), float(np.percentile(times, 90))
 
 
-def compile_variant(entry: str, batch: int, kernels: str, options: dict | None, layout: str | None = "in-out"):
+def compile_variant(entry: str, batch: int, kernels: str, options: dict | None, layout: str | None = "in-out",
+                    cross_cache: str | None = None):
     """The variant compiled by bench/harness.runnable on the peer's weights, and its compile time."""
     os.environ["CAPIBARA_GPU_KERNELS"] = kernels
     t0 = time.perf_counter()
     run = runnable(MODEL, entry, "bf16", batch, params=peer.our_params(MODEL), towers=("caption",),
-                   compiler_options=options, layout=layout)
+                   compiler_options=options, layout=layout, cross_cache=cross_cache)
     return run, time.perf_counter() - t0
 
 
@@ -195,11 +212,11 @@ def settle(plan, peak: float, repeats: int = 3) -> int:
     """Compile every variant first, then time them round-robin `repeats` times, so clock and
     thermal drift falls on all of them alike; report each variant's median of medians."""
     runs, reference, same = [], {}, {}
-    for entry, batch, kernels, options, label, layout in plan:
+    for entry, batch, kernels, options, label, layout, cross_cache in plan:
         if left_s() < 40:
             break
         try:
-            run, compile_s = compile_variant(entry, batch, kernels, options, layout)
+            run, compile_s = compile_variant(entry, batch, kernels, options, layout, cross_cache)
             out = np.asarray(run())
         except Exception as err:  # an option this XLA rejects is a result, not the end of the study
             record({"entry": entry, "batch": batch, "label": label, "error": f"{type(err).__name__}: {str(err)[:300]}"})
@@ -208,13 +225,17 @@ def settle(plan, peak: float, repeats: int = 3) -> int:
         same[(entry, batch, label)] = bool(np.array_equal(out, reference[(entry, batch)])) if entry == "caption" else \
             float(np.max(np.abs(out.astype(np.float32) - reference[(entry, batch)].astype(np.float32))))
         runs.append((entry, batch, label, run.analytic_flops, compile_s, run))
+        if (entry, batch, label) in PROFILE:   # the optimized HLO, to read the kernels by name afterwards
+            with gzip.open(OUT / f"hlo-{entry}-b{batch}-{len(runs)}.txt.gz", "wt") as fp:
+                fp.write(run.compiled.as_text())
     medians: dict = {(entry, batch, label): [] for entry, batch, label, *_ in runs}
     for _ in range(repeats):
         for entry, batch, label, _, _, run in runs:
             medians[(entry, batch, label)].append(median_s(run)[0])
-    for entry, batch, label, flops, compile_s, _ in runs:
+    for entry, batch, label, flops, compile_s, run in runs:
         m = medians[(entry, batch, label)]
         record({"entry": entry, "batch": batch, "label": label, "compile_s": compile_s,
+                "hlo_launches": run.profile.launches,
                 "median_ms": 1e3 * float(np.median(m)), "medians_ms": [1e3 * x for x in m],
                 "mfu": flops / float(np.median(m)) / peak, "same_as_first": same[(entry, batch, label)]})
     for entry, batch, label, _, _, run in runs:
@@ -242,10 +263,10 @@ def main() -> int:
             peer.vision_fn(MODEL, pixels, "bf16")
         med, p90 = median_s(run)
         record({"peer": "hf-eager", "entry": entry, "batch": batch, "median_ms": 1e3 * med, "p90_ms": 1e3 * p90})
-    if STUDY in ("settle", "layout", "layout2", "hoist"):
+    if STUDY in ("settle", "layout", "layout2", "hoist", "attn"):
         return settle(PLAN, peak)
     reference: dict = {}
-    for entry, batch, kernels, options, label, layout in PLAN:
+    for entry, batch, kernels, options, label, layout, _ in PLAN:
         if left_s() < 60:
             record({"skipped": label, "entry": entry, "batch": batch, "reason": "study budget spent"})
             continue

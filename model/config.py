@@ -23,7 +23,7 @@ TOWERS = ("caption", "retrieval")
 
 KERNEL_LAYOUTS = ("in-out", "out-in")
 LAYER_STORAGES = ("stacked", "per-layer")
-CROSS_CACHE_LAYOUTS = ("patch-major", "head-major")
+CROSS_CACHE_LAYOUTS = ("patch-major", "head-major", "kv-major")
 
 
 class ConfigError(UserError):
@@ -116,7 +116,9 @@ class TextConfig:
     # How decoding caches the cross-attention keys and values: "patch-major" (L, B, P, 2, N, H)
     # or "head-major" (L, B, 2, N, H, P), each head's keys and values with the image patches
     # last: the layout XLA:CPU's attention dots read in place (patch-major is transposed
-    # every step; the CPU serving choice, model/layout.py). Not a Hugging Face field.
+    # every step; the CPU serving choice, model/layout.py) or "kv-major" (L, 2, B, P, N, H):
+    # each layer's keys, and its values, one contiguous (B, P, N, H) array, what a fused
+    # attention kernel (cuDNN) reads without a copy. Not a Hugging Face field.
     cross_cache: str = "patch-major"
 
     def __post_init__(self) -> None:

@@ -6,7 +6,7 @@ embeddings plus its own bias) and as the retrieval text encoder (bidirectional, 
 
 Decoding keeps a KV cache: `{"self_kv": (L, B, S, 2, N, H), "cross_kv": (L, B, P, 2, N, H)}`
 with keys and values fused on axis 3; with `cross_cache="head-major"` (the CPU serving
-choice) the cross entry is (L, B, 2, N, H, P) instead. The cross-attention keys and values
+choice) the cross entry is (L, B, 2, N, H, P) instead, with "kv-major" (L, 2, B, P, N, H). The cross-attention keys and values
 depend only on the image, so they are computed once at prefill and read by every step.
 """
 
@@ -18,17 +18,20 @@ from flax import nnx
 
 from .axes import BATCH, CACHE_SEQ, EMBED, HEAD_DIM, HEADS, LAYERS, PATCH, SEQ, VOCAB, constrain
 from .config import TextConfig
-from .layers import Dense, LayerNorm, Mlp, attention, param, scan_layers, stack_layers, weight
+from .layers import Dense, LayerNorm, Mlp, attention, gpu_kernels, param, scan_layers, stack_layers, weight
 
 SELF_KV_NAMES = (LAYERS, BATCH, CACHE_SEQ, None, HEADS, HEAD_DIM)
 CROSS_KV_NAMES = {"patch-major": (LAYERS, BATCH, PATCH, None, HEADS, HEAD_DIM),
-                  "head-major": (LAYERS, BATCH, None, HEADS, HEAD_DIM, PATCH)}
+                  "head-major": (LAYERS, BATCH, None, HEADS, HEAD_DIM, PATCH),
+                  "kv-major": (LAYERS, None, BATCH, PATCH, HEADS, HEAD_DIM)}
 
 
 def cross_kv_shape(cfg: TextConfig, batch: int, patches: int) -> tuple[int, ...]:
     """The cross-attention cache's shape in `cfg.cross_cache`'s layout (names: CROSS_KV_NAMES)."""
     if cfg.cross_cache == "head-major":
         return (cfg.depth, batch, 2, cfg.heads, cfg.head_dim, patches)
+    if cfg.cross_cache == "kv-major":
+        return (cfg.depth, 2, batch, patches, cfg.heads, cfg.head_dim)
     return (cfg.depth, batch, patches, 2, cfg.heads, cfg.head_dim)
 
 
@@ -48,27 +51,34 @@ class TextBlock(nnx.Module):
         self.cross_cache = cfg.cross_cache
 
     def image_keys_values(self, image_bpd: jax.Array) -> jax.Array:
-        """This layer's cross-attention keys and values: (B, P, 2, N, H), or (B, 2, N, H, P) head-major."""
+        """This layer's cross-attention keys and values: (B, P, 2, N, H), (B, 2, N, H, P) head-major
+        or (2, B, P, N, H) kv-major."""
         with jax.named_scope("cross_kv"):
             kv = self.cross_kv(image_bpd)
-            return jnp.transpose(kv, (0, 2, 3, 4, 1)) if self.cross_cache == "head-major" else kv
+            if self.cross_cache == "head-major":
+                return jnp.transpose(kv, (0, 2, 3, 4, 1))
+            return jnp.transpose(kv, (2, 0, 1, 3, 4)) if self.cross_cache == "kv-major" else kv
 
-    def __call__(self, x_btd, self_mask, *, self_kv=None, pos=None, cross_kv=None):
+    def __call__(self, x_btd, self_mask, *, self_kv=None, pos=None, cross_kv=None, self_lengths=None):
         """One block. With `self_kv` (B, S, 2, N, H) the new keys/values are written at
-        `pos` and attention reads the whole cache; returns (x, updated self_kv or None)."""
+        `pos` and attention reads the whole cache; returns (x, updated self_kv or None).
+        `self_lengths` (B,), when given, says the same as `self_mask` as cache lengths (a
+        fused attention kernel takes those instead of a mask; TextTower.decode)."""
         with jax.named_scope("self_attention"):
             qkv = self.self_qkv(x_btd)
             q, kv = qkv[:, :, 0], qkv[:, :, 1:]
             if self_kv is not None:
                 self_kv = jax.lax.dynamic_update_slice(self_kv, kv.astype(self_kv.dtype), (0, pos, 0, 0, 0))
                 kv = self_kv
-            a = attention(q, kv[:, :, 0], kv[:, :, 1], self_mask)
+            a = attention(q, kv[:, :, 0], kv[:, :, 1], self_mask, kv_lengths=self_lengths)
             x_btd = self.ln_self(x_btd + self.self_out(a))
         if cross_kv is not None:
             with jax.named_scope("cross_attention"):
                 q = self.cross_q(x_btd)
                 if self.cross_cache == "head-major":   # (B, 2, N, H, P): read as (B, P, N, H) without a copy
                     k, v = (jnp.transpose(cross_kv[:, i], (0, 3, 1, 2)) for i in (0, 1))
+                elif self.cross_cache == "kv-major":   # (2, B, P, N, H): two contiguous arrays
+                    k, v = cross_kv[0], cross_kv[1]
                 else:
                     k, v = cross_kv[:, :, 0], cross_kv[:, :, 1]
                 a = attention(q, k, v, None)
@@ -113,7 +123,8 @@ class TextTower(nnx.Module):
             return constrain(self.ln_embed(words + positions), (BATCH, SEQ, EMBED))
 
     def image_keys_values(self, image_bpd: jax.Array) -> jax.Array:
-        """Cross-attention keys/values for every layer: (L, B, P, 2, N, H) or head-major (L, B, 2, N, H, P)."""
+        """Cross-attention keys/values for every layer: (L, B, P, 2, N, H), head-major (L, B, 2, N, H, P)
+        or kv-major (L, 2, B, P, N, H)."""
         def body(block, carry, _):
             return carry, block.image_keys_values(image_bpd)
 
@@ -161,10 +172,15 @@ class TextTower(nnx.Module):
         allowed = (jnp.arange(cache_len)[None, :] <= query_pos[:, None])[None, None]
         if key_mask_bs is not None:
             allowed = allowed & key_mask_bs.astype(bool)[:, None, None, :]
+        # one new token and no padding to hide: the mask is "the first pos+1 slots", which a
+        # fused kernel takes as lengths (GPU `cudnn-self`, layers.attention)
+        lengths = None
+        if t == 1 and key_mask_bs is None and "cudnn-self" in gpu_kernels():
+            lengths = jnp.full((ids_bt.shape[0],), pos + 1, jnp.int32)
 
         def body(block, x, layer_cache):
             self_kv, cross_kv = layer_cache
-            x, self_kv = block(x, allowed, self_kv=self_kv, pos=pos, cross_kv=cross_kv)
+            x, self_kv = block(x, allowed, self_kv=self_kv, pos=pos, cross_kv=cross_kv, self_lengths=lengths)
             return x, self_kv
 
         x, self_kv = scan_layers(self.blocks, body, x, xs=(cache["self_kv"], cache["cross_kv"]),

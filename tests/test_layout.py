@@ -197,11 +197,11 @@ def test_per_layer_storage_splits_values_names_and_specs_together(config):
     assert any(expected), "fsdp-tp shards fc1: the test must see the spec carried over"
 
 
-@pytest.mark.parametrize("cross_cache", ["patch-major", "head-major"])
+@pytest.mark.parametrize("cross_cache", ["patch-major", "head-major", "kv-major"])
 def test_per_layer_model_equals_the_stacked_model(cross_cache):
     """Same parameters, same numbers: the per-layer model's logits and captions equal the
-    stacked model's (both run the same ops, one loop written out; the head-major cache only
-    reorders the cached keys and values)."""
+    stacked model's (both run the same ops, one loop written out; the head-major and
+    kv-major caches only reorder the cached keys and values)."""
     cfg = TINY.with_towers("caption")
     per_layer = cfg.with_layer_storage("per-layer").with_cross_cache(cross_cache)
     params = init_params(cfg, 3)

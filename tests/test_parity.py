@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import BlipConfig, greedy_caption
+from model import BlipConfig, get_preset, greedy_caption
 from model.generate import caption_prompt
 from model.hf import params_from_hf_tensors
-from model.state import bind
+from model.state import bind, init_params
 
 FIXTURE = Path(__file__).parent / "fixtures" / "parity_tiny.npz"
 LOGITS_ATOL = 1e-4
@@ -204,6 +204,46 @@ def test_gpu_trace_choices_keep_parity(monkeypatch):
     jax.export.export(caption())(*(jax.ShapeDtypeStruct((batch, *a.shape[1:]), a.dtype) for a in args))
     monkeypatch.setenv("CAPIBARA_GPU_KERNELS", "unroll-layers+flat-dots+fast-ln")
     assert caption().lower(*args).as_text() != hoisted, "hoist-layers never reached the trace"
+
+
+def test_fused_decode_attention_arguments_keep_parity(monkeypatch):
+    """`cudnn-cross` and `cudnn-self` hand the decoder's attentions to a fused kernel: the
+    cross-attention unmasked over a kv-major cache, the cached self-attention as lengths
+    instead of a mask. Traced here on the CPU as if for a GPU, with XLA's implementation in
+    cuDNN's place (the same call, the same arguments): bf16 logits and greedy captions equal
+    those of the masked path; the lengths path is not taken for right-padded prompts."""
+    from model import layers
+    from model.generate import caption_from_image
+
+    monkeypatch.setattr(layers, "_tracing_for_local_gpu", lambda: True)
+    monkeypatch.setattr(layers, "FUSED_ATTENTION", "xla")
+    cfg = get_preset("tiny").with_towers("caption").with_cross_cache("kv-major")
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), init_params(cfg, 5))
+    model = bind(cfg, params, jnp.bfloat16)
+    pixels = jax.random.normal(jax.random.key(1), (2, 3, cfg.vision.image_size, cfg.vision.image_size))
+    prompt = jnp.array([[cfg.text.bos_token_id, 7, 3]] * 2, jnp.int32)
+    image = jax.jit(model.encode_image)(pixels)
+
+    def run(kernels, mask=None):
+        monkeypatch.setenv("CAPIBARA_GPU_KERNELS", kernels)
+        fn = jax.jit(lambda im, pr, m: caption_from_image(model, im, pr, 8, m))   # new function: a new trace
+        return fn.lower(image, prompt, mask).as_text(), np.asarray(fn(image, prompt, mask))
+
+    plain_hlo, plain = run("xla")
+    fused_hlo, fused = run("cudnn-cross+cudnn-self")
+    assert fused_hlo != plain_hlo, "the choices never reached the trace"
+    np.testing.assert_array_equal(fused, plain)
+    cache = model.init_cache(image, 12)
+    for kernels in ("xla", "cudnn-cross+cudnn-self"):
+        monkeypatch.setenv("CAPIBARA_GPU_KERNELS", kernels)
+        logits, _ = jax.jit(lambda c: model.decode_step(prompt[:, :1], 0, c))(cache)
+        if kernels == "xla":
+            expected = np.asarray(logits)
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=2e-2)
+    mask = jnp.array([[1, 1, 1], [1, 1, 0]], jnp.int32)
+    padded_plain = run("xla", mask)
+    padded_fused = run("cudnn-cross+cudnn-self", mask)
+    np.testing.assert_array_equal(padded_fused[1], padded_plain[1])
 
 
 def test_gpu_kernel_choice_typo_is_one_clear_error(monkeypatch):
