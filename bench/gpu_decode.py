@@ -8,7 +8,8 @@ CAPIBARA_STUDY picks the plan: `loop` (loop unrolling, Triton GEMM, the peer; ~8
 H100), `flat` (flattened dots, one-pass layer norms; ~1.5 min), `settle` (the default's
 candidates, round-robin; ~2.5 min), `layout`/`layout2` (text kernels out-in), `hoist`
 (layer slices hoisted out of the decode loop; layout None = the platform's default), `attn`
-(the decoder's attentions as cuDNN kernels over a kv-major cross cache; Triton-only GEMMs). CAPIBARA_STUDY_BUDGET_S stops starting new variants.
+(the decoder's cross-attention as a cuDNN kernel over a kv-major cross cache; Triton-only
+GEMMs). CAPIBARA_STUDY_BUDGET_S stops starting new variants.
 
 Each variant is one `CAPIBARA_GPU_KERNELS` value (model.layers.gpu_kernels: `cudnn`,
 `unroll-layers`, `unroll-decode`) and optionally XLA compiler options passed to
@@ -110,22 +111,20 @@ PLANS = {"loop": [
     ("caption", 32, "cudnn+unroll-layers+flat-dots+fast-ln+hoist-layers", None, "default + hoist-layers", None),
     ("encode_image", 32, "cudnn+unroll-layers+flat-dots+fast-ln", None, "default", None),
     ("encode_image", 32, "cudnn+unroll-layers+flat-dots+fast-ln", TRITON_ON, "default, triton gemm on", None),
-], "attn": [   # eighth: the decoder's attentions as cuDNN kernels, the cross cache kv-major (one
+], "attn": [   # eighth: the decoder's cross-attention as a cuDNN kernel, the cross cache kv-major (one
     # contiguous (B, P, N, H) array each for keys and values, so cuDNN reads them without a copy)
     ("caption", 1, DEFAULT, None, "default", None, None),
     ("caption", 1, DEFAULT + "+cudnn-cross", None, "+ cudnn-cross, kv-major", None, "kv-major"),
-    ("caption", 1, DEFAULT + "+cudnn-cross+cudnn-self", None, "+ cudnn-cross + cudnn-self, kv-major", None, "kv-major"),
     ("caption", 1, DEFAULT, None, "default, kv-major", None, "kv-major"),
     ("caption", 32, DEFAULT, None, "default", None, None),
     ("caption", 32, DEFAULT + "+cudnn-cross", None, "+ cudnn-cross, kv-major", None, "kv-major"),
-    ("caption", 32, DEFAULT + "+cudnn-cross+cudnn-self", None, "+ cudnn-cross + cudnn-self, kv-major", None, "kv-major"),
     ("encode_image", 32, DEFAULT, None, "default", None, None),
     ("encode_image", 32, DEFAULT, TRITON_ONLY, "default, Triton GEMMs only (no cuBLAS fallback)", None, None),
 ]}
 PLAN = [(*row, "in-out", None)[:7] if len(row) == 5 else (*row, None)[:7] for row in PLANS[STUDY]]
-PROFILE = {("caption", 32, "default + hoist-layers"), ("caption", 1, "+ cudnn-cross + cudnn-self, kv-major"),
-           ("caption", 1, "+ cudnn-cross, kv-major"),
-           ("caption", 1, "cudnn+fast-ln+unroll-decode, out-in"), ("caption", 1, "default"), ("caption", 1, "default, in-out"), ("caption", 1, "default, text out-in"), ("caption", 1, "+ unroll-decode"),
+PROFILE = {("caption", 32, "default + hoist-layers"), ("caption", 1, "+ cudnn-cross, kv-major"),
+           ("caption", 1, "cudnn+fast-ln+unroll-decode, out-in"), ("caption", 1, "default"),
+           ("caption", 1, "default, in-out"), ("caption", 1, "default, text out-in"), ("caption", 1, "+ unroll-decode"),
            ("caption", 1, "xla (nothing fused, loops rolled)"), ("caption", 1, "cudnn+flat-dots+fast-ln")}
 PEER = {"loop": [("caption", 1), ("caption", 32), ("encode_image", 32)], "layout": [("caption", 1)],
         "attn": [("caption", 1), ("caption", 32), ("encode_image", 32)]}.get(STUDY, [])

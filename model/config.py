@@ -118,7 +118,8 @@ class TextConfig:
     # last: the layout XLA:CPU's attention dots read in place (patch-major is transposed
     # every step; the CPU serving choice, model/layout.py) or "kv-major" (L, 2, B, P, N, H):
     # each layer's keys, and its values, one contiguous (B, P, N, H) array, what a fused
-    # attention kernel (cuDNN) reads without a copy. Not a Hugging Face field.
+    # attention kernel (cuDNN) reads without a copy; measured no faster on an H200, so no
+    # platform's default (docs/performance.md). Not a Hugging Face field.
     cross_cache: str = "patch-major"
 
     def __post_init__(self) -> None:

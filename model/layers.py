@@ -122,7 +122,7 @@ class Mlp(nnx.Module):
             return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
-GPU_KERNEL_CHOICES = ("cudnn", "cudnn-cross", "cudnn-self", "unroll-layers", "unroll-decode", "flat-dots",
+GPU_KERNEL_CHOICES = ("cudnn", "cudnn-cross", "unroll-layers", "unroll-decode", "flat-dots",
                       "fast-ln", "hoist-layers")
 # `unroll-decode` (the whole greedy loop straight-line) is measured but not in the default:
 # no faster on the H100 and a 3x longer compile (docs/performance.md).
@@ -155,23 +155,16 @@ def gpu_kernels() -> frozenset[str]:
 FUSED_ATTENTION = "cudnn"   # the fused implementation; tests trace the same calls with "xla" on a CPU
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-              kv_lengths: jax.Array | None = None) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
     """Softmax attention over (batch, len, heads, head_dim) tensors; mask is boolean,
-    broadcastable to (batch, heads, q_len, k_len), True where attending is allowed.
-    `kv_lengths` (batch,), where the caller has them, say the same as `mask`: only the first
-    kv_lengths[b] keys are attended (a decode step's cache). GPU choices (gpu_kernels):
-    `cudnn` fuses unmasked attention of equal lengths (the encoders), `cudnn-cross` unmasked
-    attention of unequal lengths (the decoder's cross-attention), `cudnn-self` attention given
-    as lengths (the decoder's cached self-attention), each as one cuDNN kernel."""
+    broadcastable to (batch, heads, q_len, k_len), True where attending is allowed. GPU
+    choices (gpu_kernels): `cudnn` runs unmasked attention of equal lengths (the encoders) as
+    one cuDNN kernel, `cudnn-cross` unmasked attention of unequal lengths too (the decoder's
+    cross-attention; measured slower on an H200, so not in the default: docs/performance.md)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    chosen = gpu_kernels()
-    half = q.dtype in (jnp.bfloat16, jnp.float16)
-    if half and kv_lengths is not None and "cudnn-self" in chosen:
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=kv_lengths,
-                                            implementation=FUSED_ATTENTION)
     same = q.shape[1] == k.shape[1]
-    fused = mask is None and half and ("cudnn" if same else "cudnn-cross") in chosen
+    fused = mask is None and q.dtype in (jnp.bfloat16, jnp.float16) and ("cudnn" if same else "cudnn-cross") \
+        in gpu_kernels()
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                         implementation=FUSED_ATTENTION if fused else None)
 

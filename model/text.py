@@ -6,8 +6,9 @@ embeddings plus its own bias) and as the retrieval text encoder (bidirectional, 
 
 Decoding keeps a KV cache: `{"self_kv": (L, B, S, 2, N, H), "cross_kv": (L, B, P, 2, N, H)}`
 with keys and values fused on axis 3; with `cross_cache="head-major"` (the CPU serving
-choice) the cross entry is (L, B, 2, N, H, P) instead, with "kv-major" (L, 2, B, P, N, H). The cross-attention keys and values
-depend only on the image, so they are computed once at prefill and read by every step.
+choice) the cross entry is (L, B, 2, N, H, P) instead, with "kv-major" (L, 2, B, P, N, H).
+The cross-attention keys and values depend only on the image, so they are computed once at
+prefill and read by every step.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from flax import nnx
 
 from .axes import BATCH, CACHE_SEQ, EMBED, HEAD_DIM, HEADS, LAYERS, PATCH, SEQ, VOCAB, constrain
 from .config import TextConfig
-from .layers import Dense, LayerNorm, Mlp, attention, gpu_kernels, param, scan_layers, stack_layers, weight
+from .layers import Dense, LayerNorm, Mlp, attention, param, scan_layers, stack_layers, weight
 
 SELF_KV_NAMES = (LAYERS, BATCH, CACHE_SEQ, None, HEADS, HEAD_DIM)
 CROSS_KV_NAMES = {"patch-major": (LAYERS, BATCH, PATCH, None, HEADS, HEAD_DIM),
@@ -59,18 +60,16 @@ class TextBlock(nnx.Module):
                 return jnp.transpose(kv, (0, 2, 3, 4, 1))
             return jnp.transpose(kv, (2, 0, 1, 3, 4)) if self.cross_cache == "kv-major" else kv
 
-    def __call__(self, x_btd, self_mask, *, self_kv=None, pos=None, cross_kv=None, self_lengths=None):
+    def __call__(self, x_btd, self_mask, *, self_kv=None, pos=None, cross_kv=None):
         """One block. With `self_kv` (B, S, 2, N, H) the new keys/values are written at
-        `pos` and attention reads the whole cache; returns (x, updated self_kv or None).
-        `self_lengths` (B,), when given, says the same as `self_mask` as cache lengths (a
-        fused attention kernel takes those instead of a mask; TextTower.decode)."""
+        `pos` and attention reads the whole cache; returns (x, updated self_kv or None)."""
         with jax.named_scope("self_attention"):
             qkv = self.self_qkv(x_btd)
             q, kv = qkv[:, :, 0], qkv[:, :, 1:]
             if self_kv is not None:
                 self_kv = jax.lax.dynamic_update_slice(self_kv, kv.astype(self_kv.dtype), (0, pos, 0, 0, 0))
                 kv = self_kv
-            a = attention(q, kv[:, :, 0], kv[:, :, 1], self_mask, kv_lengths=self_lengths)
+            a = attention(q, kv[:, :, 0], kv[:, :, 1], self_mask)
             x_btd = self.ln_self(x_btd + self.self_out(a))
         if cross_kv is not None:
             with jax.named_scope("cross_attention"):
@@ -172,15 +171,10 @@ class TextTower(nnx.Module):
         allowed = (jnp.arange(cache_len)[None, :] <= query_pos[:, None])[None, None]
         if key_mask_bs is not None:
             allowed = allowed & key_mask_bs.astype(bool)[:, None, None, :]
-        # one new token and no padding to hide: the mask is "the first pos+1 slots", which a
-        # fused kernel takes as lengths (GPU `cudnn-self`, layers.attention)
-        lengths = None
-        if t == 1 and key_mask_bs is None and "cudnn-self" in gpu_kernels():
-            lengths = jnp.full((ids_bt.shape[0],), pos + 1, jnp.int32)
 
         def body(block, x, layer_cache):
             self_kv, cross_kv = layer_cache
-            x, self_kv = block(x, allowed, self_kv=self_kv, pos=pos, cross_kv=cross_kv, self_lengths=lengths)
+            x, self_kv = block(x, allowed, self_kv=self_kv, pos=pos, cross_kv=cross_kv)
             return x, self_kv
 
         x, self_kv = scan_layers(self.blocks, body, x, xs=(cache["self_kv"], cache["cross_kv"]),
