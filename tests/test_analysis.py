@@ -191,6 +191,43 @@ def test_selection_never_picks_a_unit_that_does_not_fit():
     assert set(s["dropped"]) == {"a", "b"} and "Pareto front: slow-small" in s["reason"]
 
 
+def test_bf16_is_refused_where_the_measured_bf16_matmul_rate_is_below_f32():
+    """A CPU without native bf16 dots (this host's calibration: bf16 GEMMs at 0.70-0.81x f32)
+    runs bf16 programs slower than fp32 ones: the selection still names the plan it would
+    serve, but refuses every bf16-compute precision (int8-weights computes in bf16 too) with
+    the measured reason; fp32 is untouched, and hardware with faster bf16 refuses nothing."""
+    units = {f"{precision}-{plan}": {**_unit(plan, latency=latency),
+                                     "unit": {"entry": "caption", "batch": 8, "precision": precision, "plan": plan}}
+             for precision in ("fp32", "bf16", "bf16-mixed", "int8-weights")
+             for plan, latency in (("dp", 1.0), ("fsdp", 2.0))}
+    cpu = {"name": "cpu (this host)", "source": "measured on this host at run time",
+           "achieved_bf16_flops": 3.0e10, "achieved_fp32_flops": 4.0e10}
+    chosen = {s["precision"]: s for s in select({"build": {"hardware": cpu}, "units": units})["selections"]}
+    for precision in ("bf16", "bf16-mixed", "int8-weights"):
+        s = chosen[precision]
+        assert s["plan"] == "dp" and s["refused"].startswith("refused on cpu (this host): bf16 matmuls run at 0.75x")
+        assert "3e+10 vs 4e+10 FLOP/s, measured on this host at run time" in s["refused"]
+        assert s["reason"].startswith(s["refused"]) and "Would serve dp: fastest predicted" in s["reason"]
+    assert "refused" not in chosen["fp32"] and chosen["fp32"]["plan"] == "dp"
+    tpu = {**cpu, "name": "tpu-v4", "achieved_bf16_flops": 2.6e14, "achieved_fp32_flops": 6.0e13}
+    assert not any("refused" in s for s in select({"build": {"hardware": tpu}, "units": units})["selections"])
+    assert not any("refused" in s for s in select({"build": {"hardware": {}}, "units": units})["selections"])
+
+
+def test_the_export_writes_no_executable_for_a_refused_precision_unless_it_is_named():
+    from types import SimpleNamespace
+
+    from capibara_export.export.bundle import selected_units
+
+    selection = [{"entry": "caption", "batch": 8, "precision": "fp32", "plan": "dp"},
+                 {"entry": "caption", "batch": 8, "precision": "bf16", "plan": "dp", "refused": "refused on cpu: ..."},
+                 {"entry": "score", "batch": 8, "precision": "bf16", "plan": None}]
+    default = SimpleNamespace(selection=selection, precisions=("fp32", "bf16"), export_refused=False)
+    assert selected_units(default) == ([selection[0]], [selection[1]])
+    named = SimpleNamespace(selection=selection, precisions=("fp32", "bf16"), export_refused=True)
+    assert selected_units(named) == (selection[:2], [])
+
+
 def test_no_fitting_unit_selects_nothing_and_says_why_for_each():
     (s,) = select({"units": {"b": _unit("oom", status="does-not-fit")}})["selections"]
     assert s["plan"] is None and s["reason"] == "no plan selected: 1 considered: 1 over the memory budget (oom)"

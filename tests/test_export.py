@@ -48,8 +48,10 @@ def cpu_bundle(tmp_path_factory) -> Path:
     # storage and head-major cross cache, end to end: params, every export kind and the README
     # recipes must agree on them; the TPU bundle keeps in-out, stacked
     # 4 simulated devices (2x2): the CPU mesh path as a TPU bundle's, at a fraction of 32 devices' compile time
+    # bf16 named for the export: written even where this host's selection refuses it (bf16 dots
+    # slower than f32), so the bundle is the same on every machine
     return build_bundle(tmp_path_factory.mktemp("cpu"), "--target", "cpu", "--mesh", "2x2", "--precisions",
-                        "fp32,bf16", "--kernel-layout", "out-in")
+                        "fp32,bf16", "--kernel-layout", "out-in", "--export-precisions", "fp32,bf16")
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,12 @@ def test_cpu_bundle_holds_every_kind_and_verifies(cpu_bundle, cpu_verified):
     fc1 = {k: v for k, v in shapes.items() if k.startswith("text_decoder/blocks/") and k.endswith("fc1/kernel")}
     assert sorted(fc1) == [f"text_decoder/blocks/{i}/mlp/fc1/kernel" for i in range(cfg["text"]["depth"])]
     assert all(v == [cfg["text"]["mlp"], cfg["text"]["width"]] for v in fc1.values()), "per layer, outputs first"
+    # the selection refuses bf16 exactly where this host's measured bf16 matmuls are slower than f32
+    hardware = json.loads((cpu_bundle.parent / "analysis.json").read_text())["build"]["hardware"]
+    slower = hardware["achieved_bf16_flops"] < hardware["achieved_fp32_flops"]
+    for sel in manifest["selection"]:
+        assert ("refused" in sel) == (slower and sel["precision"] == "bf16"), sel
+    assert any(a["kind"] == "executable" and a.get("precision") == "bf16" for a in manifest["artifacts"])
     code, rows, err = cpu_verified
     assert code == 0, err
     assert rows and all(r["result"] == "pass" for r in rows)  # a CPU bundle runs entirely here

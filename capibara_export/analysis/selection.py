@@ -7,11 +7,17 @@ reason names the next-fastest fitting plans with their predicted latencies. Plan
 from the hotspots (plan_search.py) compete like any other; when one is chosen, the reason
 quotes the hotspot that proposed it.
 Precision is not chosen here: it is a numerical decision for the serving team, so each
-precision gets its own selection. Each selection carries the memory advice of its unit
+precision gets its own selection. One exception is made from measurements: where the
+build's hardware figures say bf16 matmuls run slower than f32 ones (a CPU without native
+bf16 dots: XLA:CPU widens bf16 around every dot, so a bf16 program is slower than fp32),
+every bf16-compute selection is marked `refused` with that reason, and the export writes no
+executable for it unless the precision is named explicitly. Each selection carries the memory advice of its unit
 (hotspots.advise): only plans valid here, and why the selection differs when it does.
 """
 
 from __future__ import annotations
+
+from sharding.precision import get_policy
 
 from .hotspots import advise, gib
 
@@ -45,7 +51,24 @@ def pareto(points: list[tuple[str, float, float]]) -> list[str]:
     return front
 
 
+def refused_precisions(analysis: dict) -> dict[str, str]:
+    """Precisions that compute in bf16, each with the reason to refuse it, where the build's
+    hardware figures (measured at run time for a CPU or a local GPU) give bf16 matmuls a lower
+    rate than f32 ones; empty elsewhere (TPUs, GPUs, a CPU with native bf16 dots)."""
+    hardware = analysis.get("build", {}).get("hardware", {})
+    bf16, f32 = hardware.get("achieved_bf16_flops", 0.0), hardware.get("achieved_fp32_flops", 0.0)
+    if not (bf16 and f32 and bf16 < f32):
+        return {}
+    precisions = {a["unit"]["precision"] for a in analysis["units"].values()}
+    reason = (f"refused on {hardware.get('name', 'this hardware')}: bf16 matmuls run at {bf16 / f32:.2f}x the f32 "
+              f"rate here ({bf16:.3g} vs {f32:.3g} FLOP/s, {hardware.get('source', 'measured')}), so bf16 is "
+              "slower than fp32; serve fp32 on this hardware, or name the precision in --export-precisions to "
+              "export its executables anyway")
+    return {p: reason for p in sorted(precisions) if get_policy(p).compute_dtype == "bfloat16"}
+
+
 def select(analysis: dict) -> dict:
+    refused = refused_precisions(analysis)
     groups: dict[tuple, list[dict]] = {}
     for uid, a in analysis["units"].items():
         u = a["unit"]
@@ -76,6 +99,9 @@ def select(analysis: dict) -> dict:
         origin = chosen.get("origin")
         if origin:
             reason += (f"; a plan derived from the hotspots of {origin['proposed_by']}: {origin['hotspot']}")
+        if precision in refused:
+            entry_sel["refused"] = refused[precision]
+            reason = f"{refused[precision]}. Would serve {reason}"
         entry_sel.update(plan=chosen["unit"]["plan"], unit_id=best, pareto=front, reason=reason, derived=bool(origin),
                          predicted_latency_s=r["latency_s"], peak_bytes=chosen["memory"]["peak"],
                          advice=advise(chosen, units))

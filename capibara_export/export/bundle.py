@@ -54,8 +54,19 @@ class ExportRequest:
     processor_from: Path | None = None   # a checkpoint folder holding the tokenizer; None: synthetic
     entries: tuple[str, ...] | None = None  # portable exports to write (default: every entry the towers allow)
     sign_key: Path | None = None           # ed25519 private key (PEM) that signs the manifest
+    # write executables for selections refused on this hardware (analysis/selection.py): only
+    # when the precisions were named (--export-precisions)
+    export_refused: bool = False
     # the build's serialized executables by unit id (build.kept_executables); a unit it lacks is compiled
     executables: ExecutableSource = lambda unit_id: None
+
+
+def selected_units(req: ExportRequest) -> tuple[list[dict], list[dict]]:
+    """(selections whose executables the bundle gets, selections left out because the
+    selection refused their precision on this hardware and the precisions were not named)."""
+    wanted = [s for s in req.selection if s["plan"] and s["precision"] in req.precisions]
+    refused = [s for s in wanted if s.get("refused") and not req.export_refused]
+    return [s for s in wanted if s not in refused], refused
 
 
 def storage_form(precision: str) -> str:
@@ -129,9 +140,11 @@ def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _
                                                platforms=list(stablehlo.PLATFORMS), batch="b",
                                                warmup={"path": saved_model.WARMUP, "batch_sizes": batches}))
 
-        for sel in req.selection:
-            if not sel["plan"] or sel["precision"] not in req.precisions:
-                continue
+        chosen, refused = selected_units(req)
+        for sel in refused:
+            progress(f"no executable for {sel['entry']} {sel['precision']} batch {sel['batch']}: "
+                     f"{sel['refused'].split(':')[0]} (selection.json says why)")
+        for sel in chosen:
             artifacts += _selected_unit(req, bundle, sel, progress)
 
         progress("tokenizer and image processor")

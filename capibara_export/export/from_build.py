@@ -17,7 +17,8 @@ def export_build_folder(folder: Path, mesh, weights: tuple[dict, str], *, precis
                         saved_model: bool = True, checkpoint: str | None = None, entries: Sequence[str] | None = None,
                         sign_key: str | None = None, compiled: dict | None = None, kept: dict | None = None,
                         progress: Callable[[str], None] = lambda _: None) -> Path:
-    """Write `folder`/bundle (folder staged or final). `precisions` default to the build's;
+    """Write `folder`/bundle (folder staged or final). `precisions` default to the build's
+    (then no executable is written for a selection refused on this hardware; named, they are);
     executables come from the build's cache, or for an uncached build from `compiled` (this
     process's build) and `kept` (serialized by its workers). Holds the
     build folder's lock, so a build cannot replace the folder under the export."""
@@ -27,7 +28,7 @@ def export_build_folder(folder: Path, mesh, weights: tuple[dict, str], *, precis
         config, _, options, plans = build_parts(build, folder)
         req = ExportRequest(
             build_folder=folder, config=config, params=weights[0], weights=weights[1],
-            precisions=tuple(precisions or build["request"]["precisions"]),
+            precisions=tuple(precisions or build["request"]["precisions"]), export_refused=bool(precisions),
             selection=read_selection(folder), analysis=read_analysis(folder),
             plans=plans, target=build["target"], mesh=mesh, mesh_info=build["mesh"], options=options,
             saved_model=saved_model, processor_from=Path(checkpoint) if checkpoint else None,
