@@ -29,5 +29,9 @@ def test_base_saved_model_holds_each_weight_once_and_the_bundle_verifies(tmp_pat
     assert code == 0, err
     assert not [r for r in rows if r["result"] in ("FAIL", "error")]
     assert np.sum([r["result"] == "pass" for r in rows]) >= 7  # params, 2 entries × (stablehlo, saved_model, ...)
+    captions = [r for r in rows if "caption" in r["artifact"] and r["output"] == "out" and r["result"] == "pass"]
+    # bf16 may take the other branch only at a near-tie of the reference logits, and says so
+    assert captions and all(r["note"] == "token ids identical" or r["note"].startswith("ids identical up to near-ties")
+                            for r in captions)
     exported = {a.get("entry") for a in mf.read(bundle)["artifacts"] if a["kind"] == "jax.export"}
     assert exported == {"encode_image", "caption"}  # --export-entries
