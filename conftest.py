@@ -9,7 +9,7 @@ the short files at the end even out.
 """
 
 LONGEST_FIRST = (
-    "tests/test_export.py",               # the CPU bundle: build, every artifact kind, verify (~6 min)
+    "tests/test_export.py",               # the CPU bundle: build, every artifact kind, verify (~4 min)
     "tests/test_sharded_equivalence.py",  # every valid plan run on 32 simulated devices (~5 min)
     "tests/test_cli_build.py",            # the CLI in subprocesses (~5 min)
     "tests/test_tpu_bundle.py",           # 8- and 2-process serving (~4 min)
