@@ -228,6 +228,19 @@ def test_the_export_writes_no_executable_for_a_refused_precision_unless_it_is_na
     assert selected_units(named) == (selection[:2], [])
 
 
+def test_serving_a_refused_precision_says_the_build_refused_it():
+    from capibara_export.export.manifest import BundleError
+    from capibara_export.export.sharded_server import sharded_artifact
+
+    manifest = {"artifacts": [{"kind": "jax.export-sharded", "entry": "caption", "precision": "fp32", "path": "x"}],
+                "selection": [{"entry": "caption", "batch": 8, "precision": "bf16", "plan": "dp",
+                               "refused": "refused on cpu-host: bf16 matmuls run at 0.67x the f32 rate here"}]}
+    assert sharded_artifact(manifest, "caption", "fp32")["path"] == "x"
+    with pytest.raises(BundleError, match=r"no sharded program for caption in bf16; it has: caption \(fp32\); "
+                                          r"the build's selection refused on cpu-host: bf16 matmuls run at 0.67x"):
+        sharded_artifact(manifest, "caption", "bf16")
+
+
 def test_no_fitting_unit_selects_nothing_and_says_why_for_each():
     (s,) = select({"units": {"b": _unit("oom", status="does-not-fit")}})["selections"]
     assert s["plan"] is None and s["reason"] == "no plan selected: 1 considered: 1 over the memory budget (oom)"

@@ -11,7 +11,7 @@ precision gets its own selection. One exception is made from measurements: where
 build's hardware figures say bf16 matmuls run slower than f32 ones (a CPU without native
 bf16 dots: XLA:CPU widens bf16 around every dot, so a bf16 program is slower than fp32),
 every bf16-compute selection is marked `refused` with that reason, and the export writes no
-executable for it unless the precision is named explicitly. Each selection carries the memory advice of its unit
+executable or sharded program for it unless the precision is named explicitly. Each selection carries the memory advice of its unit
 (hotspots.advise): only plans valid here, and why the selection differs when it does.
 """
 
@@ -63,7 +63,7 @@ def refused_precisions(analysis: dict) -> dict[str, str]:
     reason = (f"refused on {hardware.get('name', 'this hardware')}: bf16 matmuls run at {bf16 / f32:.2f}x the f32 "
               f"rate here ({bf16:.3g} vs {f32:.3g} FLOP/s, {hardware.get('source', 'measured')}), so bf16 is "
               "slower than fp32; serve fp32 on this hardware, or name the precision in --export-precisions to "
-              "export its executables anyway")
+              "export its compiled programs anyway")
     return {p: reason for p in sorted(precisions) if get_policy(p).compute_dtype == "bfloat16"}
 
 

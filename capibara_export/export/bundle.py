@@ -54,8 +54,8 @@ class ExportRequest:
     processor_from: Path | None = None   # a checkpoint folder holding the tokenizer; None: synthetic
     entries: tuple[str, ...] | None = None  # portable exports to write (default: every entry the towers allow)
     sign_key: Path | None = None           # ed25519 private key (PEM) that signs the manifest
-    # write executables for selections refused on this hardware (analysis/selection.py): only
-    # when the precisions were named (--export-precisions)
+    # write the compiled programs (executables, sharded exports) of selections refused on this
+    # hardware (analysis/selection.py): only when the precisions were named (--export-precisions)
     export_refused: bool = False
     # the build's serialized executables by unit id (build.kept_executables); a unit it lacks is compiled
     executables: ExecutableSource = lambda unit_id: None
@@ -142,7 +142,7 @@ def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _
 
         chosen, refused = selected_units(req)
         for sel in refused:
-            progress(f"no executable for {sel['entry']} {sel['precision']} batch {sel['batch']}: "
+            progress(f"no compiled program for {sel['entry']} {sel['precision']} batch {sel['batch']}: "
                      f"{sel['refused'].split(':')[0]} (selection.json says why)")
         for sel in chosen:
             artifacts += _selected_unit(req, bundle, sel, progress)

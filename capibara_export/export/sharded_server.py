@@ -40,8 +40,11 @@ def sharded_artifact(manifest: dict, entry: str, precision: str | None = None) -
     have = sorted({f"{a['entry']} ({a['precision']})" for a in manifest["artifacts"]
                    if a["kind"] == "jax.export-sharded"})
     if not found:
+        refused = [s["refused"] for s in manifest.get("selection", []) if s.get("refused") and s["entry"] == entry
+                   and precision in (None, s["precision"])]
         raise BundleError(f"the bundle has no sharded program for {entry}"
-                          + (f" in {precision}" if precision else "") + f"; it has: {', '.join(have) or 'none'}")
+                          + (f" in {precision}" if precision else "") + f"; it has: {', '.join(have) or 'none'}"
+                          + (f"; the build's selection {refused[0]}" if refused else ""))
     raise BundleError(f"the bundle has {entry} in {len(found)} precisions: choose one with --precision "
                       f"({', '.join(a['precision'] for a in found)})")
 
