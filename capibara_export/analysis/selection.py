@@ -11,8 +11,9 @@ precision gets its own selection. One exception is made from measurements: where
 build's hardware figures say bf16 matmuls run slower than f32 ones (a CPU without native
 bf16 dots: XLA:CPU widens bf16 around every dot, so a bf16 program is slower than fp32),
 every bf16-compute selection is marked `refused` with that reason, and the export writes no
-executable or sharded program for it unless the precision is named explicitly. Each selection carries the memory advice of its unit
-(hotspots.advise): only plans valid here, and why the selection differs when it does.
+executable or sharded program for it unless the precision is named explicitly. Each
+selection carries the memory advice of its unit (hotspots.advise): only plans valid here,
+and why the selection differs when it does.
 """
 
 from __future__ import annotations
