@@ -23,7 +23,7 @@ TOWERS = ("caption", "retrieval")
 
 KERNEL_LAYOUTS = ("in-out", "out-in")
 LAYER_STORAGES = ("stacked", "per-layer")
-CROSS_CACHE_LAYOUTS = ("patch-major", "head-major", "kv-major")
+CROSS_CACHE_LAYOUTS = ("patch-major", "head-major", "kv-major")   # their axis orders: model.text.CROSS_KV_ORDER
 
 
 class ConfigError(UserError):

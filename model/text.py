@@ -22,18 +22,17 @@ from .config import TextConfig
 from .layers import Dense, LayerNorm, Mlp, attention, param, scan_layers, stack_layers, weight
 
 SELF_KV_NAMES = (LAYERS, BATCH, CACHE_SEQ, None, HEADS, HEAD_DIM)
-CROSS_KV_NAMES = {"patch-major": (LAYERS, BATCH, PATCH, None, HEADS, HEAD_DIM),
-                  "head-major": (LAYERS, BATCH, None, HEADS, HEAD_DIM, PATCH),
-                  "kv-major": (LAYERS, None, BATCH, PATCH, HEADS, HEAD_DIM)}
+# A layer's cross-attention keys and values are computed as (B, P, 2, N, H); each cache layout
+# (TextConfig.cross_cache) stores them in this axis order, behind the leading layers axis.
+CROSS_KV_ORDER = {"patch-major": (0, 1, 2, 3, 4), "head-major": (0, 2, 3, 4, 1), "kv-major": (2, 0, 1, 3, 4)}
+_CROSS_KV_AXES = (BATCH, PATCH, None, HEADS, HEAD_DIM)
+CROSS_KV_NAMES = {layout: (LAYERS, *(_CROSS_KV_AXES[i] for i in order)) for layout, order in CROSS_KV_ORDER.items()}
 
 
 def cross_kv_shape(cfg: TextConfig, batch: int, patches: int) -> tuple[int, ...]:
     """The cross-attention cache's shape in `cfg.cross_cache`'s layout (names: CROSS_KV_NAMES)."""
-    if cfg.cross_cache == "head-major":
-        return (cfg.depth, batch, 2, cfg.heads, cfg.head_dim, patches)
-    if cfg.cross_cache == "kv-major":
-        return (cfg.depth, 2, batch, patches, cfg.heads, cfg.head_dim)
-    return (cfg.depth, batch, patches, 2, cfg.heads, cfg.head_dim)
+    computed = (batch, patches, 2, cfg.heads, cfg.head_dim)
+    return (cfg.depth, *(computed[i] for i in CROSS_KV_ORDER[cfg.cross_cache]))
 
 
 class TextBlock(nnx.Module):
@@ -56,9 +55,8 @@ class TextBlock(nnx.Module):
         or (2, B, P, N, H) kv-major."""
         with jax.named_scope("cross_kv"):
             kv = self.cross_kv(image_bpd)
-            if self.cross_cache == "head-major":
-                return jnp.transpose(kv, (0, 2, 3, 4, 1))
-            return jnp.transpose(kv, (2, 0, 1, 3, 4)) if self.cross_cache == "kv-major" else kv
+            order = CROSS_KV_ORDER[self.cross_cache]
+            return kv if order == tuple(range(kv.ndim)) else jnp.transpose(kv, order)
 
     def __call__(self, x_btd, self_mask, *, self_kv=None, pos=None, cross_kv=None):
         """One block. With `self_kv` (B, S, 2, N, H) the new keys/values are written at

@@ -62,11 +62,11 @@ class ExportRequest:
 
 
 def selected_units(req: ExportRequest) -> tuple[list[dict], list[dict]]:
-    """(selections whose executables the bundle gets, selections left out because the
+    """(selections whose compiled programs the bundle gets, selections left out because the
     selection refused their precision on this hardware and the precisions were not named)."""
     wanted = [s for s in req.selection if s["plan"] and s["precision"] in req.precisions]
-    refused = [s for s in wanted if s.get("refused") and not req.export_refused]
-    return [s for s in wanted if s not in refused], refused
+    left_out = lambda s: bool(s.get("refused")) and not req.export_refused  # noqa: E731
+    return [s for s in wanted if not left_out(s)], [s for s in wanted if left_out(s)]
 
 
 def storage_form(precision: str) -> str:
