@@ -40,17 +40,24 @@ def peer_times() -> dict:
 def pytest_collection_modifyitems(config, items):
     """With --benchmark-disable nothing is timed, so the plan matrix's fidelity figures mean
     nothing there: keep tiny fp32 (every plan and entry, run once as a test) and deselect
-    the parameters listed in test_plans.TIMED_ONLY (the timed `make bench` runs them all)."""
+    the parameters listed in test_plans.TIMED_ONLY (the timed `make bench` runs them all).
+    Likewise the cold compile benchmark keeps test_compile.UNTIMED_PLANS on each target and
+    precision: every plan's compile on both targets is a test elsewhere (tests/test_analysis.py
+    on tpu-v4-64, tests/test_sharded_equivalence.py on the CPU mesh)."""
     if not config.getoption("benchmark_disable", False):
         return
+    from bench.test_compile import UNTIMED_PLANS
     from bench.test_plans import TIMED_ONLY
+
+    def timed_only(item) -> bool:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.originalname == "test_plan_on_cpu_mesh":
+            return bool(TIMED_ONLY & {params.get("model"), params.get("precision")})
+        return item.originalname == "test_compile_cold" and params.get("plan") not in UNTIMED_PLANS
 
     keep, drop = [], []
     for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        timed_only = item.originalname == "test_plan_on_cpu_mesh" and \
-            TIMED_ONLY & {params.get("model"), params.get("precision")}
-        (drop if timed_only else keep).append(item)
+        (drop if timed_only(item) else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

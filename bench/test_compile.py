@@ -23,6 +23,7 @@ from sharding.validity import check
 MODEL, ENTRY, BATCH, MESH = "small", "encode_image", 32, (4, 8)
 TARGETS = ["cpu", "tpu-v4-64"]
 PRECISIONS = ["fp32", "bf16"]
+UNTIMED_PLANS = {"dp"}   # what `make test` (--benchmark-disable) compiles per target and precision
 
 
 def _valid_plans() -> list[str]:

@@ -37,13 +37,15 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 def param(rngs: nnx.Rngs | None, shape: Sequence[int], names: Names, dtype, std: float | None = 0.02,
           fill: float = 0.0) -> nnx.Param:
-    """A parameter with logical axis names; normal(0, std) when std is set, else constant `fill`."""
+    """A parameter with logical axis names; normal(0, std) when std is set, else constant `fill`.
+    The rule is kept as metadata (init_std, init_fill) for state.init_params, which draws
+    random parameters on the host instead of tracing these jax.random draws."""
     assert len(shape) == len(names), (shape, names)
     if std is None:
         value = jnp.full(tuple(shape), fill, dtype)
     else:
         value = (std * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)).astype(dtype)
-    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False, init_std=std, init_fill=fill)
 
 
 def weight(p: nnx.Param, dtype) -> jax.Array:

@@ -28,9 +28,10 @@ activations = { batch = ["dcn", "data", "model"] }
 def tpu_bundle(tmp_path_factory) -> Path:
     # fsdp: parameters sharded over all 32 devices, so each of the 8 hosts must restore only its share;
     # 4 new tokens: each decode step all-gathers the weights over gloo, ~2.7 s a step across 8 local processes
-    # no SavedModel: the CPU bundle (test_export.py) and the base bundle check that artifact kind
+    # no SavedModel: the CPU bundle (test_export.py) and the base bundle check that artifact kind;
+    # the portable exports of the semiotic entries too (the CPU bundle has all nine)
     return build_bundle(tmp_path_factory.mktemp("tpu"), "--precisions", "fp32", "--plans", "fsdp",
-                        "--max-new-tokens", "4", "--no-saved-model")
+                        "--max-new-tokens", "4", "--no-saved-model", "--export-entries", "encode_image,caption,score")
 
 
 
@@ -175,7 +176,7 @@ def two_slice_bundle(tmp_path_factory) -> Path:
     plan.write_text(FSDP_ACROSS_SLICES)
     return build_bundle(out, "--target", "tpu-v4-8", "--slices", "2", "--mesh", "2x2", "--batch", "8",
                         "--precisions", "fp32", "--plans", "fsdp-dcn", "--plan-file", plan, "--max-new-tokens", "4",
-                        "--no-saved-model")
+                        "--no-saved-model", "--export-entries", "encode_image,caption")
 
 
 def test_two_processes_of_two_slices_serve_the_bundle_each_restoring_half(two_slice_bundle):

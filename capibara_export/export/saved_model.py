@@ -79,9 +79,16 @@ def _describe_signature(name: str, concrete, entry: str) -> dict:
     return {"name": name, "entry": entry, "inputs": inputs, "outputs": outputs}
 
 
-def run(folder: Path, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def load(folder: Path):
+    """The SavedModel, loaded once for all its signatures (each load re-reads every variable
+    and each first call compiles its XLA cluster again: verify ran three loads per bundle)."""
     import tensorflow as tf
 
-    loaded = tf.saved_model.load(str(folder))
+    return tf.saved_model.load(str(folder))
+
+
+def run(loaded, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import tensorflow as tf
+
     outputs = loaded.signatures[signature](**{k: tf.constant(v) for k, v in inputs.items()})
     return {k: v.numpy() for k, v in outputs.items()}

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,7 @@ class Verifier:
         self.options = ProgramOptions(**self.manifest["model"]["options"])
         self._params: dict[str, dict] = {}
         self._reference: dict[tuple, object] = {}
+        self._tie_logits: dict[tuple, np.ndarray] = {}   # near_ties: one row's next-token logits, by its inputs
 
     def params(self, rel: str) -> dict:
         if rel not in self._params:
@@ -180,14 +182,22 @@ class Verifier:
         """A check that accepts caption rows whose first differing token was a near tie: the
         reference's logits for the two tokens within the precision's tolerance, where bf16
         rounding in another compiler legitimately picks either. Anything else fails."""
+        def logits_after(row: int, prefix: np.ndarray) -> np.ndarray:
+            # the same diverging row comes back from every caption artifact of a bundle (the
+            # SavedModel's caption and serving_default, the executable, the sharded export)
+            key = (precision, params_rel, hashlib.sha256(pixels[row].tobytes()).hexdigest(), prefix.tobytes())
+            if key not in self._tie_logits:
+                model = bind(self.config, unflatten(self.params(params_rel), self._template(precision)), jnp.float32)
+                image = model.encode_image(jnp.asarray(pixels[row:row + 1]))
+                ids = jnp.asarray(prefix[None])
+                self._tie_logits[key] = np.asarray(model.decoder_logits(ids, jnp.ones_like(ids), image)[0, -1])
+            return self._tie_logits[key]
+
         def check(got: np.ndarray, want: np.ndarray) -> tuple[bool, str]:
-            model = bind(self.config, unflatten(self.params(params_rel), self._template(precision)), jnp.float32)
             notes = []
             for row in np.nonzero((got != want).any(axis=1))[0]:
                 k = int(np.argmax(got[row] != want[row]))
-                prefix = jnp.asarray(want[row:row + 1, :k])
-                image = model.encode_image(jnp.asarray(pixels[row:row + 1]))
-                logits = np.asarray(model.decoder_logits(prefix, jnp.ones_like(prefix), image)[0, -1])
+                logits = logits_after(row, want[row, :k])
                 margin = abs(float(logits[want[row, k]] - logits[got[row, k]]))
                 limit = TOLERANCE[precision] * max(1.0, float(np.abs(logits).max()))
                 if margin > limit:
@@ -203,10 +213,11 @@ class Verifier:
         rows = []
         params_rel = next(p["path"] for p in self.manifest["artifacts"]
                           if p["kind"] == "params" and a["precision"] in p["precisions"])
+        loaded = saved_model.load(mf.confined(self.bundle, a["path"]))
         for sig in a["signatures"]:
             signature, entry = sig["name"], sig["entry"]
             inputs, want = self.reference(entry, a["precision"], params_rel, VERIFY_BATCH)
-            got = saved_model.run(mf.confined(self.bundle, a["path"]), signature, dict(zip(INPUT_NAMES[entry], inputs)))
+            got = saved_model.run(loaded, signature, dict(zip(INPUT_NAMES[entry], inputs)))
             if entry == "score":
                 got = {k: got[k] for k in want}
             else:
