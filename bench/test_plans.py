@@ -24,7 +24,7 @@ from capibara_export.analysis.collectives import collectives
 from capibara_export.analysis.hlo import HloProgram
 from capibara_export.analysis.roofline import roofline
 from capibara_export.build.compile import memory_stats
-from capibara_export.build.programs import build_program, in_specs, lower
+from capibara_export.build.programs import build_program, in_specs, lower, place
 from capibara_export.build.targets import get_target, make_mesh
 from model import get_preset
 from model.state import abstract_params, init_params, logical_names
@@ -64,10 +64,10 @@ def test_plan_on_cpu_mesh(benchmark, model, precision, entry, plan):
     host_args = (params, *real_inputs(entry, program))
     if program.donate:  # decode_step donates its cache: every round gets its own copy (not timed)
         out = benchmark.pedantic(lambda *a: jax.block_until_ready(compiled(*a)),
-                                 setup=lambda: (jax.device_put(host_args, shardings), {}), rounds=ROUNDS[model],
+                                 setup=lambda: (place(host_args, shardings), {}), rounds=ROUNDS[model],
                                  warmup_rounds=1)
     else:
-        args = jax.device_put(host_args, shardings)
+        args = place(host_args, shardings)
         out = benchmark.pedantic(lambda: jax.block_until_ready(compiled(*args)), rounds=ROUNDS[model], warmup_rounds=1)
     assert np.all(np.isfinite(np.asarray(jax.tree.leaves(out)[0], np.float32)))
     hlo = HloProgram(compiled.as_text())

@@ -15,7 +15,7 @@ from capibara_export.export import executables
 from capibara_export.export import manifest as mf
 from capibara_export.export import params as params_io
 from capibara_export.export.serving import example_inputs, serving_function
-from capibara_export.build.programs import ProgramOptions
+from capibara_export.build.programs import ProgramOptions, place
 from model import BlipConfig
 from sharding.precision import get_policy
 
@@ -65,7 +65,7 @@ def test_build_export_and_a_later_export_compile_nothing_again(tmp_path, compile
     loaded = executables.load(folder / "bundle" / exe["path"], folder / "bundle" / exe["trees"], "cpu", devices)
     (pixels,) = example_inputs(serving, 32)
     shardings = loaded.input_shardings[0]
-    ours = loaded(jax.device_put(params, shardings[0]), jax.device_put(pixels, shardings[1]))
+    ours = loaded(*place((params, pixels), shardings))
     reference = jax.jit(serving.fn)(params, pixels)
     np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), atol=1e-5)
 
