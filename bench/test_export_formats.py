@@ -77,7 +77,8 @@ def test_saved_model_cold_load(benchmark, setup):
     benchmark.group = "export load (cold start)"
     saved_model.save(folder / "sm-load", {ENTRY: serving}, flat, MODEL)
     named = dict(zip(INPUT_NAMES[ENTRY], inputs))
-    out = benchmark.pedantic(lambda: saved_model.run(folder / "sm-load", ENTRY, named)["token_ids"], rounds=ROUNDS)
+    out = benchmark.pedantic(lambda: saved_model.run(saved_model.load(folder / "sm-load"), ENTRY, named)["token_ids"],
+                             rounds=ROUNDS)
     _info(benchmark, "saved_model")
     np.testing.assert_array_equal(out, reference)
 

@@ -53,4 +53,14 @@ def prepare(target: str | None = None, cpu_devices: int | None = None) -> None:
                               "for larger meshes (they compile deviceless)")
         import jax
 
-        jax.config.update("jax_num_cpu_devices", int(cpu_devices))
+        try:
+            jax.config.update("jax_num_cpu_devices", int(cpu_devices))
+        except RuntimeError:
+            # JAX already started in this process (a command called in-process, after other
+            # JAX work): its devices serve if there are enough; programs take the first ones
+            if jax.config.jax_num_cpu_devices < int(cpu_devices):
+                from .build.targets import TargetError
+
+                raise TargetError(f"this process already runs JAX on {jax.config.jax_num_cpu_devices} CPU "
+                                  f"device(s) and {cpu_devices} are needed; run the command in a new process") \
+                    from None

@@ -132,3 +132,17 @@ def test_any_libtpu_topology_is_a_target_beyond_32_devices(tmp_path):
         get_target("v5e:4x8/megacore")
     with pytest.raises(TargetError, match=r"has 64 devices; use a mesh whose sizes multiply to 64 \(e.g. 8x8, 4x16"):
         make_mesh(get_target("v4:4x4x4/megacore"), (4, 8))
+
+
+def test_a_command_called_in_process_after_jax_started_uses_the_devices_it_has():
+    """environment.prepare after JAX started (the CLI's main() called in a test process of 32
+    simulated devices): fewer devices are served by the first ones; more is one clear error."""
+    import jax
+
+    from capibara_export import environment
+    from capibara_export.build.targets import TargetError
+
+    assert len(jax.devices("cpu")) == 32     # JAX is running: the conftest's 32 devices
+    environment.prepare(target=None, cpu_devices=4)
+    with pytest.raises(TargetError, match="already runs JAX on 32 CPU device.*64 are needed"):
+        environment.prepare(target=None, cpu_devices=64)
