@@ -58,9 +58,9 @@ def prepare(target: str | None = None, cpu_devices: int | None = None) -> None:
         except RuntimeError:
             # JAX already started in this process (a command called in-process, after other
             # JAX work): its devices serve if there are enough; programs take the first ones
-            if jax.config.jax_num_cpu_devices < int(cpu_devices):
+            have = len(jax.devices("cpu"))
+            if have < int(cpu_devices):
                 from .build.targets import TargetError
 
-                raise TargetError(f"this process already runs JAX on {jax.config.jax_num_cpu_devices} CPU "
-                                  f"device(s) and {cpu_devices} are needed; run the command in a new process") \
-                    from None
+                raise TargetError(f"this process already runs JAX on {have} CPU device(s) and {cpu_devices} "
+                                  "are needed; run the command in a new process") from None

@@ -199,3 +199,27 @@ def test_export_with_a_misspelt_entry_is_refused_and_the_old_bundle_stays(cpu_bu
     assert "--export-entries captoin: not an entry of this model" in result.stderr.strip().splitlines()[-1]
     after = {p.relative_to(build): p.read_bytes() for p in (build / "bundle").rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_a_near_tie_is_judged_on_the_logits_the_prefix_predicts():
+    """Row 1 diverges at token 2: accepted when the reference's logits at position 1 (what the
+    prefix ids[:2] predicts) hold the two tokens within tolerance, refused when they do not,
+    whatever the logits at other positions say; a divergence in the prompt is refused."""
+    import numpy as np
+
+    from capibara_export.export.verify import Verifier
+
+    want = np.array([[7, 3, 4, 5], [7, 3, 4, 5]])
+    got = np.array([[7, 3, 4, 5], [7, 3, 9, 5]])
+    logits = np.zeros((1, 4, 12), np.float32)          # the diverging rows only: row 1
+    logits[0, 2, 4], logits[0, 2, 9] = 10.0, -10.0     # position 2: far apart, but not the prefix's
+    verifier = Verifier.__new__(Verifier)
+    verifier._next_token_logits = lambda *_: logits
+    check = verifier.near_ties("bf16", "params/bfloat16", np.zeros((2, 3, 4, 4), np.float32))
+    accepted, note = check(got, want)
+    assert accepted and note == "ids identical up to near-ties: row 1 at token 2 (margin 0)", note
+    logits[0, 1, 4] = 5.0                              # position 1 now tells 4 from 9 clearly
+    accepted, note = check(got, want)
+    assert not accepted and note.startswith("row 1 diverges at token 2 with logit margin 5"), note
+    accepted, note = check(np.array([[8, 3, 4, 5], [7, 3, 4, 5]]), want)
+    assert not accepted and note == "row 0 differs in its prompt", note
