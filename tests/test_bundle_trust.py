@@ -18,6 +18,7 @@ import pytest
 from capibara_export import cli as cli_module
 from capibara_export.export import executables, manifest as mf, pickle_scan
 from capibara_export.export.trust import keygen
+from tests.test_export import in_process as main_in_process
 
 pytestmark = pytest.mark.slow
 ENV = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
@@ -117,7 +118,7 @@ def test_hash_matching_bundles_with_planted_code_are_refused_and_nothing_runs(si
     rehash(bundle, manifest)
 
     started = time.perf_counter()
-    result = run_cli("verify", bundle, "--json", "--allow-unsigned-executables")
+    result = main_in_process("verify", bundle, "--json", "--allow-unsigned-executables")
     assert time.perf_counter() - started < 120
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -131,7 +132,7 @@ def test_hash_matching_bundles_with_planted_code_are_refused_and_nothing_runs(si
     # inspect and analyze never load those artifacts, and still refuse the bundle whole
     for command in (["inspect", bundle], ["analyze", tmp_path / "none.png", "--bundle", bundle]):
         started = time.perf_counter()
-        result = run_cli(*command)
+        result = main_in_process(*command)
         assert time.perf_counter() - started < 60, command
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and "Traceback" not in result.stderr, (command, result.stderr[-2000:])
@@ -172,7 +173,7 @@ def test_paths_out_of_the_bundle_are_refused_by_every_command_before_reading(sig
 
 def test_signed_bundle_verifies_with_its_key_and_is_refused_with_another_or_after_any_change(
         signed_bundle, keys, tmp_path, capsys):
-    result = run_cli("verify", signed_bundle, "--json", "--trust-key", keys[1])
+    result = main_in_process("verify", signed_bundle, "--json", "--trust-key", keys[1])
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert result.returncode == 0, result.stderr[-2000:]
     executables_run = [r for r in rows if r["artifact"].startswith("executables/")]
@@ -196,7 +197,7 @@ def test_signed_bundle_verifies_with_its_key_and_is_refused_with_another_or_afte
 
 
 def test_unsigned_bundles_never_load_executables_without_the_opt_in(signed_bundle, tmp_path):
-    result = run_cli("verify", signed_bundle, "--json")  # no --trust-key: the signature is not checked
+    result = main_in_process("verify", signed_bundle, "--json")  # no --trust-key: the signature is not checked
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert result.returncode == 0, result.stderr[-2000:]
     exe_rows = [r for r in rows if r["artifact"].startswith("executables/")]

@@ -18,6 +18,7 @@ from capibara_export.semiotic import (MnemosyneSemioModule, SemioticError, Semio
 from capibara_export.semiotic.codes import CodesError
 from capibara_export.semiotic.pipeline import ImagePipeline
 from model.processor import write_synthetic_processor
+from tests.test_export import in_process
 from tests.test_parity import _fixture
 
 
@@ -193,8 +194,7 @@ def test_profile_usage_reports_only_what_the_backend_reports():
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "capibara_export", "analyze", *map(str, args)], capture_output=True,
-                          text=True, timeout=600)
+    return in_process("analyze", *args)
 
 
 def test_cli_json_lines_profile_trace_and_bad_arguments(checkpoints, images, tmp_path):

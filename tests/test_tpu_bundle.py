@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from capibara_export.export import manifest as mf
-from tests.test_export import KINDS, _pixels, _serve, build_bundle, cli, verify
+from tests.test_export import KINDS, _pixels, _serve, build_bundle, in_process, verify
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +87,7 @@ def test_serve_refuses_a_runtime_that_cannot_be_the_slice_in_one_line(tpu_bundle
              "--coordinator", "127.0.0.1:1"],
     }
     running = {want: _serve(tpu_bundle, *args) for want, args in cases.items()}
-    wrong_n = cli("verify", tpu_bundle, "--processes", 4)   # refused before verify does any work
+    wrong_n = in_process("verify", tpu_bundle, "--processes", 4)   # refused before verify does any work
     assert wrong_n.returncode == 2 and wrong_n.stdout == "", wrong_n.stdout[-500:]
     assert "--processes 4: this bundle's mesh spans 8 process(es) x 4 device(s)" in wrong_n.stderr, wrong_n.stderr
     for want, proc in running.items():
@@ -159,7 +159,7 @@ def test_manifest_documents_every_artifact(tpu_bundle):
 
 
 def test_inspect_says_what_for_whom_and_until_when(tpu_bundle):
-    result = cli("inspect", tpu_bundle)
+    result = in_process("inspect", tpu_bundle)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "serving teams" in out and "params/float32" in out

@@ -56,10 +56,12 @@ def test_remat_full_lowers_peak_memory_on_tpu():
     mesh = make_mesh(get_target("v4:2x2x4"), (4, 8))   # 32 TensorCores as devices
     peaks = {}
     for remat in ("none", "full"):
-        program = build_program(get_preset("small"), "train_step", get_policy("bf16-mixed"), 32,
+        # tiny at batch 256: its saved activations (34 MB a device without remat, 21 MB with) outweigh
+        # what XLA keeps anyway, at a quarter of small's compile time (at batch 32 both need 0 bytes)
+        program = build_program(CFG, "train_step", get_policy("bf16-mixed"), 256,
                                 ProgramOptions(text_len=32, remat=remat))
         peaks[remat] = lower(program, load_plans()["fsdp"], mesh).compile().memory_analysis().temp_size_in_bytes
-    assert peaks["full"] < peaks["none"]
+    assert peaks["full"] < 0.9 * peaks["none"], peaks
 
 
 def test_int8_is_a_serving_precision():

@@ -91,11 +91,12 @@ class MnemosyneSemioModule:
                options: ProgramOptions | None = None) -> MnemosyneSemioModule:
         """Random weights, for testing the serving path only (it warns: outputs are meaningless)."""
         cfg = get_preset(preset)
-        folder = Path(tempfile.mkdtemp(prefix="capibara-processor-"))
-        write_synthetic_processor(folder, cfg)
+        with tempfile.TemporaryDirectory(prefix="capibara-processor-") as folder:
+            # the processor reads its files on construction; nothing is left behind in /tmp
+            write_synthetic_processor(Path(folder), cfg)
+            preprocessor = Preprocessor.from_folder(Path(folder), cfg)
         engine = CheckpointEngine(f"random:{preset}:{seed}", cfg, init_params(cfg, seed),
-                                  Preprocessor.from_folder(folder, cfg), options or ProgramOptions(text_len=32),
-                                  precision)
+                                  preprocessor, options or ProgramOptions(text_len=32), precision)
         return cls(engine, engine, random_weights=True)
 
     @classmethod
