@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from capibara_export import cli as cli_module
 from capibara_export.export import executables, manifest as mf, pickle_scan
 from capibara_export.export.trust import keygen
 from tests.test_export import in_process as main_in_process
@@ -40,8 +39,8 @@ def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
 
 
 def in_process(capsys, *args) -> tuple[int, str]:
-    code = cli_module.main([str(a) for a in args])
-    return code, capsys.readouterr().err
+    result = main_in_process(*args)   # JAX started first: the command keeps this process's devices
+    return result.returncode, result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -41,10 +41,15 @@ def build_bundle(out: Path, *extra) -> Path:
 def in_process(*args) -> subprocess.CompletedProcess:
     """A command run by the CLI's own main() in this test process, its output captured: what
     `verify` checks is the same, without a new interpreter importing JAX, TensorFlow, torch and
-    transformers again (about 10 s of CPU per call on this suite's 2 cores). Builds stay
-    subprocesses: a build's target sets process-wide libtpu variables."""
+    transformers again (about 10 s of CPU per call on this suite's 2 cores). JAX is started
+    first, so a command never lowers this process's 32 simulated devices to its bundle's count
+    (a command takes the first devices it needs). Builds stay subprocesses: a CPU-target build
+    needs exactly its mesh's devices, and a TPU target sets process-wide libtpu variables."""
+    import jax
+
     from capibara_export import cli as cli_module
 
+    jax.devices()
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = cli_module.main([str(a) for a in args])
