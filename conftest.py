@@ -8,21 +8,22 @@ measured longest first (docs/performance.md, `--durations`) keeps both workers b
 the short files at the end even out.
 """
 
-LONGEST_FIRST = (   # 2026-11-28 --durations (docs/performance.md, "The test suite")
-    "tests/test_export.py",               # the CPU bundle: build, every artifact kind, verify, a tampered copy
-    "tests/test_tpu_bundle.py",           # 8- and 2-process serving
-    "tests/test_sharded_equivalence.py",  # every valid plan run on 32 simulated devices
+LONGEST_FIRST = (   # 2026-11-28, second run: --durations (docs/performance.md, "The test suite")
     "tests/test_cli_build.py",            # the CLI in subprocesses
+    "tests/test_export.py",               # the CPU bundle: build, every artifact kind, verify, a tampered copy
+    "tests/test_sharded_equivalence.py",  # every valid plan run on 32 simulated devices
+    "tests/test_tpu_bundle.py",           # 8- and 2-process serving
     "tests/test_analysis.py",             # base on every serving plan, compiled for tpu-v4-64
     "tests/test_export_base.py",          # the base bundle
-    "tests/test_bundle_trust.py",
     "tests/test_parity.py",
-    "tests/test_layout.py",
-    "tests/test_train_step.py",
-    "bench/test_plans.py",
     "tests/test_semiotic.py",
+    "tests/test_train_step.py",
     "bench/test_runtime.py",
+    "tests/test_layout.py",
+    "bench/test_plans.py",
+    "tests/test_build_jobs.py",
     "bench/test_compile.py",
+    "tests/test_bundle_trust.py",
 )
 
 
