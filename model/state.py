@@ -67,7 +67,9 @@ def init_params(config: BlipConfig, seed: int = 0) -> dict:
         shape, dtype, meta = v.get_value().shape, v.get_value().dtype, v.get_metadata()
         if meta["init_std"] is None:
             return v.replace(jnp.full(shape, meta["init_fill"], dtype))
-        return v.replace(jnp.asarray((meta["init_std"] * rng.standard_normal(shape, np.float32)).astype(dtype)))
+        drawn = rng.standard_normal(shape, np.float32)
+        drawn *= meta["init_std"]   # in place: the base preset is 361M draws, an extra pass ~0.5 s
+        return v.replace(jnp.asarray(drawn.astype(dtype, copy=False)))
 
     drawn = jax.tree.map(draw, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return to_layout(nnx.to_pure_dict(drawn), config)
