@@ -180,11 +180,16 @@ def test_a_caption_only_checkpoint_captions_and_says_what_it_cannot_do(checkpoin
         module.analyze_culture(images["photo.jpg"])
 
 
-def test_random_weights_must_be_asked_for_and_then_warn():
+def test_random_weights_must_be_asked_for_and_then_warn(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # where its synthetic processor files go
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         module = MnemosyneSemioModule.random("tiny")
     assert module.random_weights and any("meaningless" in str(w.message) for w in caught)
+    assert not list(tmp_path.iterdir()), "the processor's temporary folder is left behind"
+    assert module.captioner.preprocessor.prompt(None).size   # read on construction, usable after the folder went
 
 
 def test_profile_usage_reports_only_what_the_backend_reports():
