@@ -3,6 +3,7 @@
 Public entry methods (what the pipeline compiles, through `model.programs`-style wrappers):
   encode_image      pixels → image tokens
   decoder_logits    teacher-forced captioning logits (and so the training loss)
+  caption_logits    the same from pixels (the image encoded first)
   prefill / decode_step   KV-cached incremental decoding
   itm / itc         image–text matching probability and contrastive similarity
 """
@@ -55,6 +56,11 @@ class Blip(nnx.Module):
         decoder = self._tower("caption")
         with tower("text_decoder"):
             return decoder.logits(decoder(ids_bt, mask_bt, image_bpd, causal=True))
+
+    def caption_logits(self, pixels_bchw, ids_bt, mask_bt) -> jax.Array:
+        """Teacher-forced logits from pixels: the training loss's, and what every prefix of
+        `ids_bt` predicts next (position k-1 for the prefix ids[:, :k]; the decoder is causal)."""
+        return self.decoder_logits(ids_bt, mask_bt, self.encode_image(pixels_bchw))
 
     def init_cache(self, image_bpd: jax.Array, cache_len: int) -> dict:
         t = self.config.text

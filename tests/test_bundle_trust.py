@@ -38,7 +38,7 @@ def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
                           timeout=timeout, env=ENV)
 
 
-def in_process(capsys, *args) -> tuple[int, str]:
+def in_process(*args) -> tuple[int, str]:
     result = main_in_process(*args)   # JAX started first: the command keeps this process's devices
     return result.returncode, result.stderr
 
@@ -140,7 +140,7 @@ def test_hash_matching_bundles_with_planted_code_are_refused_and_nothing_runs(si
 
 
 @pytest.mark.parametrize("craft", ["dotdot", "absolute", "dev-zero", "symlink-out", "symlink-inside-folder"])
-def test_paths_out_of_the_bundle_are_refused_by_every_command_before_reading(signed_bundle, tmp_path, capsys, craft):
+def test_paths_out_of_the_bundle_are_refused_by_every_command_before_reading(signed_bundle, tmp_path, craft):
     bundle = Path(shutil.copytree(signed_bundle, tmp_path / "bundle"))
     outside = tmp_path / "outside.bin"
     outside.write_bytes(pickle.dumps(Plant(tmp_path / "planted")))
@@ -162,7 +162,7 @@ def test_paths_out_of_the_bundle_are_refused_by_every_command_before_reading(sig
     for command in (["verify", bundle, "--allow-unsigned-executables"], ["inspect", bundle],
                     ["analyze", tmp_path / "none.png", "--bundle", bundle]):
         started = time.perf_counter()
-        code, err = in_process(capsys, *command)
+        code, err = in_process(*command)
         assert time.perf_counter() - started < 30, command
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("capibara-export: error: "), (command, err)
@@ -171,7 +171,7 @@ def test_paths_out_of_the_bundle_are_refused_by_every_command_before_reading(sig
 
 
 def test_signed_bundle_verifies_with_its_key_and_is_refused_with_another_or_after_any_change(
-        signed_bundle, keys, tmp_path, capsys):
+        signed_bundle, keys, tmp_path):
     result = main_in_process("verify", signed_bundle, "--json", "--trust-key", keys[1])
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert result.returncode == 0, result.stderr[-2000:]
@@ -179,19 +179,19 @@ def test_signed_bundle_verifies_with_its_key_and_is_refused_with_another_or_afte
     assert executables_run and all(r["result"] == "pass" for r in executables_run)  # signed: executables load
 
     other = keygen(tmp_path / "other")[1]
-    code, err = in_process(capsys, "inspect", signed_bundle, "--trust-key", other)
+    code, err = in_process("inspect", signed_bundle, "--trust-key", other)
     assert code == 2 and "manifest signature does not verify" in err and len(err.strip().splitlines()) == 1
 
     altered = Path(shutil.copytree(signed_bundle, tmp_path / "altered"))
     data = bytearray((altered / "manifest.json").read_bytes())
     data[data.index(b'"tiny"')+1] ^= 0x01  # one byte of the model name
     (altered / "manifest.json").write_bytes(bytes(data))
-    code, err = in_process(capsys, "verify", altered, "--trust-key", keys[1])
+    code, err = in_process("verify", altered, "--trust-key", keys[1])
     assert code == 2 and "manifest signature does not verify" in err
 
     unsigned = Path(shutil.copytree(signed_bundle, tmp_path / "unsigned"))
     (unsigned / "manifest.json.sig").unlink()
-    code, err = in_process(capsys, "verify", unsigned, "--trust-key", keys[1])
+    code, err = in_process("verify", unsigned, "--trust-key", keys[1])
     assert code == 2 and "not signed" in err
 
 

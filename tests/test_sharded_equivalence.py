@@ -68,7 +68,7 @@ def _assert_captions_equal_up_to_ties(ours, ref, params, precision, pixels):
 
     def logits(params, pixels, ids):
         model = bind(CFG, params, compute)
-        return model.decoder_logits(ids, jnp.ones_like(ids), model.encode_image(pixels))
+        return model.caption_logits(pixels, ids, jnp.ones_like(ids))
     all_logits = np.asarray(jax.jit(logits)(params, pixels[rows], ref[rows]), np.float32)
     for i, row in enumerate(rows):
         k = int(np.argmax(ours[row] != ref[row]))

@@ -149,7 +149,7 @@ def build_program(cfg: BlipConfig, entry: str, policy: PrecisionPolicy, batch: i
     def fn(p, state, px, ids, mask):
         def loss_fn(p):
             m = model(p, options.remat)
-            logits = m.decoder_logits(ids, mask, m.encode_image(px))
+            logits = m.caption_logits(px, ids, mask)
             losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
             weights = mask[:, 1:].astype(jnp.float32)
             return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)

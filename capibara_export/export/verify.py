@@ -209,7 +209,7 @@ class Verifier:
 
             def logits(flat, pixels, ids):
                 model = bind(config, unflatten(flat, template), jnp.float32)
-                return model.decoder_logits(ids, jnp.ones_like(ids), model.encode_image(pixels))
+                return model.caption_logits(pixels, ids, jnp.ones_like(ids))
             self._tie_logits[key] = np.asarray(jax.jit(logits)(self.params(params_rel), pixels, ids))
         return self._tie_logits[key]
 
