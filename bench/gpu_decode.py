@@ -9,7 +9,9 @@ H100), `flat` (flattened dots, one-pass layer norms; ~1.5 min), `settle` (the de
 candidates, round-robin; ~2.5 min), `layout`/`layout2` (text kernels out-in), `hoist`
 (layer slices hoisted out of the decode loop; layout None = the platform's default), `attn`
 (the decoder's cross-attention as a cuDNN kernel over a kv-major cross cache; Triton-only
-GEMMs). CAPIBARA_STUDY_BUDGET_S stops starting new variants.
+GEMMs), `pallas` (each decode-step attention as one Pallas kernel; ~3 min), `graphs` (the
+decode loop's while captured in CUDA graphs; ~2 min).
+CAPIBARA_STUDY_BUDGET_S stops starting new variants.
 
 Each variant is one `CAPIBARA_GPU_KERNELS` value (model.layers.gpu_kernels: `cudnn`,
 `unroll-layers`, `unroll-decode`) and optionally XLA compiler options passed to
@@ -26,6 +28,7 @@ process; the timing itself is the same rounds/median bench/harness.py uses.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -50,7 +53,9 @@ RESULTS = OUT / "gpu-decode.json"
 TRITON_OFF = {"xla_gpu_enable_triton_gemm": False}
 TRITON_ON = {"xla_gpu_enable_triton_gemm": True}
 TRITON_ONLY = {"xla_gpu_enable_triton_gemm": True, "xla_gpu_cublas_fallback": False}
-DEFAULT = "cudnn+unroll-layers+flat-dots+fast-ln+hoist-layers"   # the `fused` preset, spelled out
+BEFORE_PALLAS = "cudnn+unroll-layers+flat-dots+fast-ln+hoist-layers"   # the `fused` preset until 2026-11-28
+DEFAULT = BEFORE_PALLAS + "+pallas-decode"                             # the `fused` preset, spelled out
+WHILE_GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"}
 STUDY = os.environ.get("CAPIBARA_STUDY", "loop")
 
 # (entry, batch, kernels, compiler options, label), most informative first: the budget may
@@ -113,16 +118,28 @@ PLANS = {"loop": [
     ("encode_image", 32, "cudnn+unroll-layers+flat-dots+fast-ln", TRITON_ON, "default, triton gemm on", None),
 ], "attn": [   # eighth: the decoder's cross-attention as a cuDNN kernel, the cross cache kv-major (one
     # contiguous (B, P, N, H) array each for keys and values, so cuDNN reads them without a copy)
+    ("caption", 1, BEFORE_PALLAS, None, "default", None, None),
+    ("caption", 1, BEFORE_PALLAS + "+cudnn-cross", None, "+ cudnn-cross, kv-major", None, "kv-major"),
+    ("caption", 1, BEFORE_PALLAS, None, "default, kv-major", None, "kv-major"),
+    ("caption", 32, BEFORE_PALLAS, None, "default", None, None),
+    ("caption", 32, BEFORE_PALLAS + "+cudnn-cross", None, "+ cudnn-cross, kv-major", None, "kv-major"),
+    ("encode_image", 32, BEFORE_PALLAS, None, "default", None, None),
+    ("encode_image", 32, BEFORE_PALLAS, TRITON_ONLY, "default, Triton GEMMs only (no cuBLAS fallback)", None, None),
+], "pallas": [   # ninth: each decode-step attention (self and cross) as one Pallas kernel (model/decode_attention.py)
+    ("caption", 1, BEFORE_PALLAS, None, "default", None, None),
+    ("caption", 1, BEFORE_PALLAS + "+pallas-decode", None, "+ pallas-decode", None, None),
+    ("caption", 32, BEFORE_PALLAS, None, "default", None, None),
+    ("caption", 32, BEFORE_PALLAS + "+pallas-decode", None, "+ pallas-decode", None, None),
+], "graphs": [   # tenth: the decode loop's while and conditionals captured in CUDA graphs (command buffers)
     ("caption", 1, DEFAULT, None, "default", None, None),
-    ("caption", 1, DEFAULT + "+cudnn-cross", None, "+ cudnn-cross, kv-major", None, "kv-major"),
-    ("caption", 1, DEFAULT, None, "default, kv-major", None, "kv-major"),
+    ("caption", 1, DEFAULT, WHILE_GRAPHS, "+ while/conditional command buffers", None, None),
+    ("caption", 1, DEFAULT, {"xla_gpu_graph_min_graph_size": 1}, "graph min size 1", None, None),
     ("caption", 32, DEFAULT, None, "default", None, None),
-    ("caption", 32, DEFAULT + "+cudnn-cross", None, "+ cudnn-cross, kv-major", None, "kv-major"),
-    ("encode_image", 32, DEFAULT, None, "default", None, None),
-    ("encode_image", 32, DEFAULT, TRITON_ONLY, "default, Triton GEMMs only (no cuBLAS fallback)", None, None),
+    ("caption", 32, DEFAULT, WHILE_GRAPHS, "+ while/conditional command buffers", None, None),
 ]}
 PLAN = [(*row, "in-out", None)[:7] if len(row) == 5 else (*row, None)[:7] for row in PLANS[STUDY]]
-PROFILE = {("caption", 32, "default + hoist-layers"), ("caption", 1, "+ cudnn-cross, kv-major"),
+PROFILE = {("caption", 32, "default + hoist-layers"), ("caption", 1, "+ pallas-decode"),
+           ("caption", 32, "+ pallas-decode"), ("caption", 1, "+ cudnn-cross, kv-major"),
            ("caption", 1, "cudnn+fast-ln+unroll-decode, out-in"), ("caption", 1, "default"),
            ("caption", 1, "default, in-out"), ("caption", 1, "default, text out-in"), ("caption", 1, "+ unroll-decode"),
            ("caption", 1, "xla (nothing fused, loops rolled)"), ("caption", 1, "cudnn+flat-dots+fast-ln")}
@@ -158,6 +175,11 @@ def compile_variant(entry: str, batch: int, kernels: str, options: dict | None, 
                     cross_cache: str | None = None):
     """The variant compiled by bench/harness.runnable on the peer's weights, and its compile time."""
     os.environ["CAPIBARA_GPU_KERNELS"] = kernels
+    from model import decode_attention
+    for which in ("self", "cross"):   # the probe's fastest kernel settings for this batch, if it ran
+        decode_attention.OVERRIDE.pop(which, None)
+        if (batch, which) in TUNED:
+            decode_attention.OVERRIDE[which] = TUNED[(batch, which)]
     t0 = time.perf_counter()
     run = runnable(MODEL, entry, "bf16", batch, params=peer.our_params(MODEL), towers=("caption",),
                    compiler_options=options, layout=layout, cross_cache=cross_cache)
@@ -205,6 +227,61 @@ def trace_summary(run, calls: int, target: pathlib.Path) -> dict:
 def profile(run, entry: str, batch: int, label: str, calls: int = 3) -> None:
     target = OUT / f"prof-{entry}-b{batch}-{len(list(OUT.glob('prof-*')))}.trace.json.gz"
     record({"profile": label, "entry": entry, "batch": batch, "calls": calls, **trace_summary(run, calls, target)})
+
+
+TUNED: dict = {}   # (batch, "self" | "cross") -> the fastest decode_attention tuning in attention_probe
+
+
+def attention_probe(chain: int = 32, budget_s: float = 100.0) -> None:
+    """Decode-step attention alone (base: 12 heads of 64; the self cache after a 4-token prompt
+    and 20 new tokens, the cross cache over 577 image tokens), XLA's against the Pallas kernel
+    at a few tunings: `chain` dependent calls in one program (the output is the next query),
+    so per-call time is kernel time, not dispatch. Stops starting variants after `budget_s`."""
+    import jax.numpy as jnp
+
+    from model.decode_attention import decode_attention, key_bias
+
+    def chained(attend):
+        def run(q, kv, bias):
+            for _ in range(chain):
+                q = attend(q, kv, bias)
+            return q
+        return jax.jit(run)
+
+    xla = chained(lambda q, kv, bias: jax.nn.dot_product_attention(
+        q, kv[:, :, 0], kv[:, :, 1], bias=None if bias is None else bias[:, None, None, :]))
+    begun = time.perf_counter()
+    for batch in (1, 32):
+        for keys, masked in ((577, False), (24, True)):
+            rng = np.random.default_rng(0)
+            kv = jnp.asarray(rng.normal(size=(batch, keys, 2, 12, 64)), jnp.bfloat16)
+            q = jnp.asarray(rng.normal(size=(batch, 1, 12, 64)), jnp.bfloat16)
+            bias = key_bias(jnp.asarray(rng.random((batch, 1, 1, keys)) > 0.2), keys) if masked else None
+            reference = np.asarray(xla(q, kv, bias), np.float32)
+            variants = {"xla": (xla, None)}
+            for block, chunks, warps in ((128, 1, 4), (64, 1, 4), (64, 1, 2), (32, 1, 1), (128, 1, 8), (64, 4, 4),
+                                         (128, 5, 4), (32, 8, 2)):
+                tuning = {"block": block, "chunks": chunks, "num_warps": warps}
+                variants[f"pallas {tuning}"] = (chained(functools.partial(decode_attention, **tuning)), tuning)
+            fastest = (float("inf"), None)
+            for label, (fn, tuning) in variants.items():
+                if time.perf_counter() - begun > budget_s:
+                    record({"probe": "decode attention", "batch": batch, "keys": keys, "skipped": label})
+                    continue
+                try:
+                    out = np.asarray(fn(q, kv, bias), np.float32)
+                    med, _ = median_s(lambda: jax.block_until_ready(fn(q, kv, bias)))
+                    diff = float(np.max(np.abs(out - reference)))
+                    record({"probe": "decode attention", "batch": batch, "keys": keys, "label": label,
+                            "us_per_call": 1e6 * med / chain, "max_abs_diff_vs_xla": diff})
+                    if tuning is not None and diff < 0.1 and med < fastest[0]:
+                        fastest = (med, tuning)
+                except Exception as err:
+                    record({"probe": "decode attention", "batch": batch, "keys": keys, "label": label,
+                            "error": f"{type(err).__name__}: {str(err)[:300]}"})
+            if fastest[1] is not None:
+                TUNED[(batch, "self" if masked else "cross")] = fastest[1]
+    record({"probe": "decode attention", "tuned": {f"b{b} {which}": t for (b, which), t in TUNED.items()}})
 
 
 def settle(plan, peak: float, repeats: int = 3) -> int:
@@ -262,7 +339,9 @@ def main() -> int:
             peer.vision_fn(MODEL, pixels, "bf16")
         med, p90 = median_s(run)
         record({"peer": "hf-eager", "entry": entry, "batch": batch, "median_ms": 1e3 * med, "p90_ms": 1e3 * p90})
-    if STUDY in ("settle", "layout", "layout2", "hoist", "attn"):
+    if STUDY == "pallas":
+        attention_probe()
+    if STUDY in ("settle", "layout", "layout2", "hoist", "attn", "pallas", "graphs"):
         return settle(PLAN, peak)
     reference: dict = {}
     for entry, batch, kernels, options, label, layout, _ in PLAN:

@@ -8,9 +8,10 @@ statistics in f32 whatever the compute dtype.
 
 On a local GPU (and only there) some kernel choices change, see `gpu_kernels`: unmasked
 bf16 self-attention goes to cuDNN's fused flash attention, the layer loops are unrolled,
-dots contract one flattened axis, and layer norms take E[x^2] - E[x]^2 (one reduction
-instead of two). Each was measured on a lent H100 (docs/performance.md). TPU programs are
-traced on a CPU host (the build pins JAX_PLATFORMS=cpu) and keep none of these.
+dots contract one flattened axis, layer norms take E[x^2] - E[x]^2 (one reduction
+instead of two), and each decode step's attention is one Pallas kernel (model/decode_attention.py).
+Each was measured on a lent H100 or H200 (docs/performance.md). TPU programs are traced on a
+CPU host (the build pins JAX_PLATFORMS=cpu) and keep none of these.
 """
 
 from __future__ import annotations
@@ -125,14 +126,38 @@ class Mlp(nnx.Module):
 
 
 GPU_KERNEL_CHOICES = ("cudnn", "cudnn-cross", "unroll-layers", "unroll-decode", "flat-dots",
-                      "fast-ln", "hoist-layers")
+                      "fast-ln", "hoist-layers", "pallas-decode")
 # `unroll-decode` (the whole greedy loop straight-line) is measured but not in the default:
-# no faster on the H100 and a 3x longer compile (docs/performance.md).
-GPU_KERNEL_PRESETS = {"fused": ("cudnn", "unroll-layers", "flat-dots", "fast-ln", "hoist-layers"), "xla": ()}
+# no faster on the H100 and a 3x longer compile (docs/performance.md). `pallas-decode` (each
+# decode-step attention as one Pallas kernel, model/decode_attention.py): H200 caption bf16
+# batch 1 11.34 -> 10.59 ms, batch 32 34.37 -> 30.29 ms, the same ids.
+GPU_KERNEL_PRESETS = {"fused": ("cudnn", "unroll-layers", "flat-dots", "fast-ln", "hoist-layers", "pallas-decode"),
+                      "xla": ()}
+
+
+_PORTABLE = [0]   # open portable_kernels() contexts
 
 
 def _tracing_for_local_gpu() -> bool:
-    return jax.default_backend() == "gpu"
+    return jax.default_backend() == "gpu" and not _PORTABLE[0]
+
+
+@contextlib.contextmanager
+def portable_kernels():
+    """Trace without any GPU-only kernel choice, even on a GPU host: what jax.export
+    artifacts need (cuDNN and Triton custom calls carry no compatibility guarantee, and a
+    Triton grid cannot take a symbolic batch)."""
+    _PORTABLE[0] += 1
+    try:
+        yield
+    finally:
+        _PORTABLE[0] -= 1
+
+
+def pallas_interpret() -> bool:
+    """Whether a Pallas kernel must run in interpret mode: traced for anything but a real GPU
+    (the tests trace GPU choices on the CPU, see tests/test_parity.py)."""
+    return jax.default_backend() != "gpu"
 
 
 def gpu_kernels() -> frozenset[str]:

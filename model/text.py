@@ -19,7 +19,19 @@ from flax import nnx
 
 from .axes import BATCH, CACHE_SEQ, EMBED, HEAD_DIM, HEADS, LAYERS, PATCH, SEQ, VOCAB, constrain
 from .config import TextConfig
-from .layers import Dense, LayerNorm, Mlp, attention, param, scan_layers, stack_layers, weight
+from .decode_attention import decode_attention, key_bias, launch_settings
+from .layers import (
+    Dense,
+    LayerNorm,
+    Mlp,
+    attention,
+    gpu_kernels,
+    pallas_interpret,
+    param,
+    scan_layers,
+    stack_layers,
+    weight,
+)
 
 SELF_KV_NAMES = (LAYERS, BATCH, CACHE_SEQ, None, HEADS, HEAD_DIM)
 # A layer's cross-attention keys and values are computed as (B, P, 2, N, H); each cache layout
@@ -58,27 +70,43 @@ class TextBlock(nnx.Module):
             order = CROSS_KV_ORDER[self.cross_cache]
             return kv if order == tuple(range(kv.ndim)) else jnp.transpose(kv, order)
 
+    def cross_attention(self, q, cross_kv, one_query: bool):
+        """Queries (B, T, N, H) against the image tokens' keys and values in this block's cache layout."""
+        if one_query and self.cross_cache == "patch-major":   # the Pallas decode kernel reads the cache in place
+            b, keys, _, n, _ = cross_kv.shape
+            return decode_attention(q, cross_kv, None, interpret=pallas_interpret(),
+                                    **launch_settings("cross", b, n, keys))
+        if self.cross_cache == "head-major":   # (B, 2, N, H, P): read as (B, P, N, H) without a copy
+            k, v = (jnp.transpose(cross_kv[:, i], (0, 3, 1, 2)) for i in (0, 1))
+        elif self.cross_cache == "kv-major":   # (2, B, P, N, H): two contiguous arrays
+            k, v = cross_kv[0], cross_kv[1]
+        else:
+            k, v = cross_kv[:, :, 0], cross_kv[:, :, 1]
+        return attention(q, k, v, None)
+
     def __call__(self, x_btd, self_mask, *, self_kv=None, pos=None, cross_kv=None):
         """One block. With `self_kv` (B, S, 2, N, H) the new keys/values are written at
-        `pos` and attention reads the whole cache; returns (x, updated self_kv or None)."""
+        `pos` and attention reads the whole cache; returns (x, updated self_kv or None).
+        A decode step (one token per row) on a local GPU with `pallas-decode` attends with one
+        Pallas kernel per attention (model/decode_attention.py) instead of XLA's reductions."""
+        # a symbolic batch cannot size a Triton grid: such traces keep XLA's attention
+        one_query = x_btd.shape[1] == 1 and isinstance(x_btd.shape[0], int) and "pallas-decode" in gpu_kernels()
         with jax.named_scope("self_attention"):
             qkv = self.self_qkv(x_btd)
             q, kv = qkv[:, :, 0], qkv[:, :, 1:]
             if self_kv is not None:
                 self_kv = jax.lax.dynamic_update_slice(self_kv, kv.astype(self_kv.dtype), (0, pos, 0, 0, 0))
                 kv = self_kv
-            a = attention(q, kv[:, :, 0], kv[:, :, 1], self_mask)
+            if one_query and self_kv is not None:
+                b, keys, _, n, _ = self_kv.shape
+                a = decode_attention(qkv, self_kv, key_bias(self_mask, keys), q_slot=0, interpret=pallas_interpret(),
+                                     **launch_settings("self", b, n, keys))
+            else:
+                a = attention(q, kv[:, :, 0], kv[:, :, 1], self_mask)
             x_btd = self.ln_self(x_btd + self.self_out(a))
         if cross_kv is not None:
             with jax.named_scope("cross_attention"):
-                q = self.cross_q(x_btd)
-                if self.cross_cache == "head-major":   # (B, 2, N, H, P): read as (B, P, N, H) without a copy
-                    k, v = (jnp.transpose(cross_kv[:, i], (0, 3, 1, 2)) for i in (0, 1))
-                elif self.cross_cache == "kv-major":   # (2, B, P, N, H): two contiguous arrays
-                    k, v = cross_kv[0], cross_kv[1]
-                else:
-                    k, v = cross_kv[:, :, 0], cross_kv[:, :, 1]
-                a = attention(q, k, v, None)
+                a = self.cross_attention(self.cross_q(x_btd), cross_kv, one_query)
                 x_btd = self.ln_cross(x_btd + self.cross_out(a))
         x_btd = self.ln_mlp(x_btd + self.mlp(x_btd))
         return constrain(x_btd, (BATCH, SEQ, EMBED)), self_kv

@@ -151,3 +151,20 @@ def test_instructions_without_metadata_take_their_callers_scope():
     (tower,) = [r for r in by_tower(scope_totals(program, [])) if r["flops"]]
     assert tower["scope"] == "text_decoder" and tower["flops"] == row["flops"]
     assert scope("jit(fn)/text_decoder/lm_head/btd,vd->btv/dot_general") == "text_decoder/lm_head"
+
+
+TRITON_CALL = """HloModule m
+
+ENTRY %main (q: bf16[1,1,12,64], kv: bf16[1,577,2,12,64]) -> bf16[1,1,12,64] {
+  %q = bf16[1,1,12,64]{3,2,1,0} parameter(0)
+  %kv = bf16[1,577,2,12,64]{4,3,2,1,0} parameter(1)
+  ROOT %pallas_call.1 = bf16[1,1,12,64]{3,2,1,0} custom-call(%q, %kv, %kv), custom_call_target="__gpu$xla.gpu.triton", backend_config={"name":"decode_attention"}
+}
+"""
+
+
+def test_a_buffer_passed_twice_is_read_once():
+    """The Pallas decode-attention kernel takes the fused KV cache as both its keys and its
+    values operand; the traffic is the cache once, plus the query and the output."""
+    kernel, = HloProgram(TRITON_CALL).kernel_profile().kernels
+    assert kernel.bytes == 2 * (577 * 2 * 12 * 64 + 2 * 12 * 64)

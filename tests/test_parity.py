@@ -206,6 +206,43 @@ def test_gpu_trace_choices_keep_parity(monkeypatch):
     assert caption().lower(*args).as_text() != hoisted, "hoist-layers never reached the trace"
 
 
+def test_pallas_decode_attention_keeps_parity(monkeypatch):
+    """`pallas-decode` (the GPU default): every decode step's self- and cross-attention is the
+    Pallas kernel of model/decode_attention.py, traced here as if for a GPU and run in
+    interpret mode. Greedy captions from right-padded prompts (masked self-attention) equal
+    transformers', and the decode step's logits match the plain path's."""
+    from model import layers
+    from tests.hf_reference import NEW_TOKENS, padded_prompts
+
+    monkeypatch.setattr(layers, "_tracing_for_local_gpu", lambda: True)
+    case = _fixture()
+    model, x = _model(case, "caption"), case["inputs"]
+    ids, mask = padded_prompts(x)
+    args = (jnp.asarray(x["pixels"]), jnp.asarray(ids), jnp.asarray(mask))
+
+    def caption():  # a new function each time: jit caches traces by function, not by environment
+        return jax.jit(lambda px, pr, m: greedy_caption(model, px, pr, NEW_TOKENS, m))
+
+    monkeypatch.setenv("CAPIBARA_GPU_KERNELS", "unroll-layers+pallas-decode")
+    assert str(jax.make_jaxpr(caption())(*args)).count("pallas_call") == 2, "self and cross attention, once each"
+    ours = caption()(*args)
+    expected = _pad_to(case["caption"]["outputs"]["generate_padded"], ours.shape[1], case["config"].text.pad_token_id)
+    np.testing.assert_array_equal(np.asarray(ours), expected)
+
+    # one step after a right-padded prompt: the padding masked, the cache read whole
+    image, prompt = jax.jit(model.encode_image)(args[0]), args[1]
+    p = prompt.shape[1]
+    key_mask = jnp.concatenate([args[2], jnp.ones((prompt.shape[0], 12 - p), args[2].dtype)], axis=1)
+    _, cache = jax.jit(lambda c: model.decode_step(prompt, 0, c, key_mask))(model.init_cache(image, 12))
+
+    def step():
+        return jax.jit(lambda t, c, m: model.decode_step(t, p, c, m)[0])(prompt[:, :1], cache, key_mask)
+
+    pallas = step()
+    monkeypatch.setenv("CAPIBARA_GPU_KERNELS", "unroll-layers")
+    np.testing.assert_allclose(np.asarray(pallas), np.asarray(step()), atol=LOGITS_ATOL)
+
+
 def test_fused_cross_attention_over_a_kv_major_cache_keeps_parity(monkeypatch):
     """`cudnn-cross` hands the decoder's cross-attention (one query row against every image
     token) to the fused kernel, reading keys and values from a kv-major cache. Traced here on

@@ -404,7 +404,9 @@ class HloProgram:
             fused = self.computations.get(dict(inst.called()).get("calls", ""))
             if fused is not None:
                 return self._fusion_bytes(comp, inst, fused)
-        return inst.shape.bytes + sum(self._operand_bytes(comp, o) for o in inst.operands)
+        # a buffer passed twice is read once (the Pallas decode kernel takes the fused KV cache as
+        # its keys operand and its values operand: counted twice, the H200 caption b32 read 2x)
+        return inst.shape.bytes + sum(self._operand_bytes(comp, o) for o in dict.fromkeys(inst.operands))
 
     def _fusion_bytes(self, comp: Computation, inst: Instruction, fused: Computation) -> float:
         params = {i.name: int(i.operands[0]) for i in fused.instructions if i.opcode == "parameter"}

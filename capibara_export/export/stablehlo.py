@@ -18,6 +18,7 @@ import jax
 from jax import export
 from jax.sharding import NamedSharding, PartitionSpec
 
+from model import portable_kernels
 from sharding.plans import ShardingPlan
 
 from ..build.programs import in_specs, out_specs
@@ -29,7 +30,8 @@ PLATFORMS = ("tpu", "cpu", "cuda")
 
 def export_portable(serving: ServingFunction) -> export.Exported:
     batch = export.symbolic_shape("b")[0]
-    return export.export(jax.jit(serving.fn), platforms=PLATFORMS)(*serving.abstract(batch))
+    with portable_kernels():   # on a GPU host too: artifacts for every platform hold no GPU-only kernel
+        return export.export(jax.jit(serving.fn), platforms=PLATFORMS)(*serving.abstract(batch))
 
 
 def flat_shardings(serving: ServingFunction, plan: ShardingPlan, mesh) -> tuple[dict, tuple, object]:
@@ -65,7 +67,7 @@ def sharded_platforms(platform: str) -> tuple[str, ...]:
 def export_sharded(serving: ServingFunction, plan: ShardingPlan, mesh, platform: str) -> export.Exported:
 
     jitted, _, abstract = sharded_jit(serving, plan, mesh)
-    with jax.set_mesh(mesh), plan.activated():
+    with jax.set_mesh(mesh), plan.activated(), portable_kernels():
         return export.export(jitted, platforms=sharded_platforms(platform))(*abstract)
 
 
