@@ -15,7 +15,9 @@ values on one axis), masked by an arbitrary boolean key mask (right-padded promp
 image tokens long (a prime). Same online-softmax scheme (FlashAttention-2) as that kernel.
 
 Used only where model.layers.gpu_kernels() holds `pallas-decode` (traced for a local GPU);
-`interpret=True` runs the same kernel on a CPU for tests.
+`interpret=True` runs the same kernel on a CPU for tests. JAX 0.11 marks Pallas' Triton
+backend deprecated in favour of Mosaic GPU; this kernel uses only pallas_call, BlockSpecs,
+ref indexing and CompilerParams, so a port is small.
 """
 
 from __future__ import annotations
