@@ -10,7 +10,8 @@ candidates, round-robin; ~2.5 min), `layout`/`layout2` (text kernels out-in), `h
 (layer slices hoisted out of the decode loop; layout None = the platform's default), `attn`
 (the decoder's cross-attention as a cuDNN kernel over a kv-major cross cache; Triton-only
 GEMMs), `pallas` (each decode-step attention as one Pallas kernel; ~3 min), `graphs` (the
-decode loop's while captured in CUDA graphs; ~2 min).
+decode loop's while captured in CUDA graphs; ~2 min), `cache` (the self-attention kernel reading
+the stacked cache in place, `pallas-cache`; ~2 min).
 CAPIBARA_STUDY_BUDGET_S stops starting new variants.
 
 Each variant is one `CAPIBARA_GPU_KERNELS` value (model.layers.gpu_kernels: `cudnn`,
@@ -130,6 +131,11 @@ PLANS = {"loop": [
     ("caption", 1, BEFORE_PALLAS + "+pallas-decode", None, "+ pallas-decode", None, None),
     ("caption", 32, BEFORE_PALLAS, None, "default", None, None),
     ("caption", 32, BEFORE_PALLAS + "+pallas-decode", None, "+ pallas-decode", None, None),
+], "cache": [   # eleventh (not run yet): the self-attention kernel reads the stacked cache in place
+    ("caption", 1, DEFAULT, None, "default", None, None),
+    ("caption", 1, DEFAULT + "+pallas-cache", None, "+ pallas-cache", None, None),
+    ("caption", 32, DEFAULT, None, "default", None, None),
+    ("caption", 32, DEFAULT + "+pallas-cache", None, "+ pallas-cache", None, None),
 ], "graphs": [   # tenth: the decode loop's while and conditionals captured in CUDA graphs (command buffers)
     ("caption", 1, DEFAULT, None, "default", None, None),
     ("caption", 1, DEFAULT, WHILE_GRAPHS, "+ while/conditional command buffers", None, None),
@@ -139,6 +145,7 @@ PLANS = {"loop": [
 ]}
 PLAN = [(*row, "in-out", None)[:7] if len(row) == 5 else (*row, None)[:7] for row in PLANS[STUDY]]
 PROFILE = {("caption", 32, "default + hoist-layers"), ("caption", 1, "+ pallas-decode"),
+           ("caption", 1, "+ pallas-cache"),
            ("caption", 32, "+ pallas-decode"), ("caption", 1, "+ cudnn-cross, kv-major"),
            ("caption", 1, "cudnn+fast-ln+unroll-decode, out-in"), ("caption", 1, "default"),
            ("caption", 1, "default, in-out"), ("caption", 1, "default, text out-in"), ("caption", 1, "+ unroll-decode"),
@@ -341,7 +348,7 @@ def main() -> int:
         record({"peer": "hf-eager", "entry": entry, "batch": batch, "median_ms": 1e3 * med, "p90_ms": 1e3 * p90})
     if STUDY == "pallas":
         attention_probe()
-    if STUDY in ("settle", "layout", "layout2", "hoist", "attn", "pallas", "graphs"):
+    if STUDY in ("settle", "layout", "layout2", "hoist", "attn", "pallas", "graphs", "cache"):
         return settle(PLAN, peak)
     reference: dict = {}
     for entry, batch, kernels, options, label, layout, _ in PLAN:

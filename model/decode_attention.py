@@ -62,26 +62,49 @@ def key_block(keys: int, block: int = 128) -> int:
     return min(block, 1 << (keys.bit_length() - 1))
 
 
-def _kernel(q_ref, k_ref, v_ref, bias_ref, *out_refs, keys: int, block: int, chunk: int, scale: float):
-    """One (row, head, key chunk): q_ref (H,), k_ref / v_ref (S, H), bias_ref (S,) or None.
-    With one chunk out_refs is o_ref (H,), the normalised output; with several it is the
-    chunk's unnormalised sum, running max and total, each (H,) (the max and the total
+def _kernel(*refs, keys: int, block: int, chunk: int, scale: float, fresh: bool, stacked: bool, biased: bool):
+    """One (row, head, key chunk). refs, in order: q_ref (H,); with `fresh` this token's own
+    key and value (H,) each; the cache as k_ref / v_ref (S, H), or `stacked` as the whole
+    (L, B, S, 2, N, H) cache and a (1,) layer index read in place; bias_ref (S,) if `biased`;
+    then the outputs. With one chunk that is o_ref (H,), the normalised output; with several,
+    the chunk's unnormalised sum, running max and total, each (H,) (the max and the total
     broadcast), for `_merge`. Key blocks are a static loop; a block that would run past the
     end starts at S - block instead (no load reads out of bounds) and masks the rows an
-    earlier block took."""
+    earlier block took. A fresh token starts the softmax (chunk 0 only), so the cache need not
+    hold it yet."""
+    refs = list(refs)
+    q_ref = refs.pop(0)
+    new_k_ref, new_v_ref = (refs.pop(0), refs.pop(0)) if fresh else (None, None)
+    if stacked:
+        cache_ref, layer_ref = refs.pop(0), refs.pop(0)
+        layer, row, head = layer_ref[0], pl.program_id(0), pl.program_id(1)
+        keys_at = lambda window: cache_ref[layer, row, window, 0, head, :]    # noqa: E731
+        values_at = lambda window: cache_ref[layer, row, window, 1, head, :]  # noqa: E731
+    else:
+        k_ref, v_ref = refs.pop(0), refs.pop(0)
+        keys_at = lambda window: k_ref[window, :]    # noqa: E731
+        values_at = lambda window: v_ref[window, :]  # noqa: E731
+    bias_ref = refs.pop(0) if biased else None
+    out_refs = refs
     q = q_ref[...].astype(jnp.float32) * scale
-    m = jnp.full((), MASKED, jnp.float32)
-    total = jnp.zeros((), jnp.float32)
-    acc = jnp.zeros(q.shape, jnp.float32)
-    rows = jnp.arange(block)
     split = chunk < keys
     base = pl.program_id(2) * chunk if split else 0
+    if fresh:
+        own = jnp.sum(new_k_ref[...].astype(jnp.float32) * q)
+        first_chunk = (base == 0).astype(jnp.float32) if split else 1.0   # arithmetic, not a scalar select:
+        m = first_chunk * own + (1.0 - first_chunk) * MASKED               # Triton lowers no i1 scalar where
+        total = first_chunk * jnp.ones((), jnp.float32)
+        acc = first_chunk * new_v_ref[...].astype(jnp.float32)
+    else:
+        m = jnp.full((), MASKED, jnp.float32)
+        total = jnp.zeros((), jnp.float32)
+        acc = jnp.zeros(q.shape, jnp.float32)
+    rows = jnp.arange(block)
     for offset in range(0, chunk, block):
         first = base + offset
         start = jnp.minimum(first, keys - block) if split else min(first, keys - block)
         window = pl.ds(start, block)
-        k = k_ref[window, :].astype(jnp.float32)
-        s = jnp.sum(k * q[None, :], axis=1)
+        s = jnp.sum(keys_at(window).astype(jnp.float32) * q[None, :], axis=1)
         if bias_ref is not None:
             s = s + bias_ref[window]
         if split:   # rows before `first` (taken already) or past this chunk's end are not this block's
@@ -91,8 +114,7 @@ def _kernel(q_ref, k_ref, v_ref, bias_ref, *out_refs, keys: int, block: int, chu
         m_next = jnp.maximum(m, jnp.max(s))
         p = jnp.exp(s - m_next)
         correction = jnp.exp(m - m_next)
-        v = v_ref[window, :].astype(jnp.float32)
-        acc = acc * correction + jnp.sum(p[:, None] * v, axis=0)
+        acc = acc * correction + jnp.sum(p[:, None] * values_at(window).astype(jnp.float32), axis=0)
         total = total * correction + jnp.sum(p)
         m = m_next
     if split:
@@ -121,40 +143,50 @@ def key_bias(allowed: jax.Array, keys: int) -> jax.Array:
     return jnp.where(mask[:, 0], 0.0, MASKED).astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("q_slot", "block", "chunks", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("q_slot", "fresh", "block", "chunks", "num_warps", "interpret"))
 def decode_attention(q: jax.Array, kv: jax.Array, bias: jax.Array | None = None, *, q_slot: int | None = None,
-                     block: int = 128, chunks: int = 1, num_warps: int = 4, interpret: bool = False) -> jax.Array:
+                     layer: jax.Array | int | None = None, fresh: bool = False, block: int = 128, chunks: int = 1,
+                     num_warps: int = 4, interpret: bool = False) -> jax.Array:
     """Attention of one query per row: q (B, 1, N, H), or (B, 1, 3, N, H) with `q_slot`
     picking the query out of a fused projection without copying it; kv (B, S, 2, N, H) with
-    keys at [:, :, 0] and values at [:, :, 1]; bias (B or 1, S) f32 added to the scores
-    (key_bias). `chunks` > 1 splits the keys over that many programs per (row, head) and
-    merges their partial sums after (more parallel work at batch 1, one more kernel).
-    Returns (B, 1, N, H) in q's dtype, the same values (to rounding) as
-    jax.nn.dot_product_attention with the scale 1/sqrt(H)."""
-    b, keys, two, n, h = kv.shape
-    if two != 2 or q.shape[0] != b or q.shape[1] != 1 or q.shape[-2:] != (n, h):
+    keys at [:, :, 0] and values at [:, :, 1], or with `layer` the whole stacked cache
+    (L, B, S, 2, N, H), read at that layer in place (no slice copied out first); bias
+    (B or 1, S) f32 added to the scores (key_bias). With `fresh` (q fused, q_slot 0) the
+    token's own key and value, slots 1 and 2 of q, are attended to as well, so the cache need
+    not hold them yet: the bias must then hide the slot they will take. `chunks` > 1 splits the
+    keys over that many programs per (row, head) and merges their partial sums after (more
+    parallel work at batch 1, one more kernel). Returns (B, 1, N, H) in q's dtype, the same
+    values (to rounding) as jax.nn.dot_product_attention with the scale 1/sqrt(H)."""
+    stacked = layer is not None
+    b, keys, two, n, h = kv.shape[1:] if stacked else kv.shape
+    if two != 2 or q.shape[0] != b or q.shape[1] != 1 or q.shape[-2:] != (n, h) or kv.ndim != 5 + stacked:
         raise ValueError(f"decode attention: q {q.shape} and kv {kv.shape} are not (B, 1, [3,] N, H) and "
-                         "(B, S, 2, N, H)")
-    if (q.ndim == 5) != (q_slot is not None):
-        raise ValueError("decode attention: q_slot names the query in a fused (B, 1, 3, N, H) projection")
+                         f"{'(L, B, S, 2, N, H)' if stacked else '(B, S, 2, N, H)'}")
+    if (q.ndim == 5) != (q_slot is not None) or (fresh and q_slot != 0):
+        raise ValueError("decode attention: q_slot names the query in a fused (B, 1, 3, N, H) projection "
+                         "(slot 0 with `fresh`: the token's key and value are slots 1 and 2)")
     block = key_block(keys, block)
     chunk = max(block, -(-keys // chunks // block) * block) if chunks > 1 else keys
     grid = (b, n, -(-keys // chunk))
-    q_lead = (0,) if q_slot is None else (0, q_slot)
-    in_specs = [
-        pl.BlockSpec((None, None, *(None,) * (q.ndim - 4), None, h), lambda i, j, c: (i, *q_lead, j, 0)),
-        pl.BlockSpec((None, keys, None, None, h), lambda i, j, c: (i, 0, 0, j, 0)),
-        pl.BlockSpec((None, keys, None, None, h), lambda i, j, c: (i, 0, 1, j, 0)),
-    ]
-    operands = [q, kv, kv]
+    slot_spec = lambda slot: pl.BlockSpec((None, None, *(None,) * (q.ndim - 4), None, h),  # noqa: E731
+                                          lambda i, j, c: (i, 0, *(() if slot is None else (slot,)), j, 0))
+    in_specs, operands = [slot_spec(q_slot)], [q]
+    if fresh:
+        in_specs += [slot_spec(1), slot_spec(2)]
+        operands += [q, q]
+    if stacked:
+        in_specs += [pl.BlockSpec(kv.shape, lambda i, j, c: (0,) * 6), pl.BlockSpec((1,), lambda i, j, c: (0,))]
+        operands += [kv, jnp.asarray(layer, jnp.int32).reshape(1)]
+    else:
+        in_specs += [pl.BlockSpec((None, keys, None, None, h), lambda i, j, c: (i, 0, 0, j, 0)),    # keys
+                     pl.BlockSpec((None, keys, None, None, h), lambda i, j, c: (i, 0, 1, j, 0))]    # values
+        operands += [kv, kv]
     if bias is not None:
         shared = bias.shape[0] == 1
         in_specs.append(pl.BlockSpec((None, keys), lambda i, j, c: (0 if shared else i, 0)))
         operands.append(bias)
-    kernel = functools.partial(_kernel, keys=keys, block=block, chunk=chunk, scale=1.0 / math.sqrt(h))
-    if bias is None:
-        kernel = functools.partial(lambda q_ref, k_ref, v_ref, *outs, body: body(q_ref, k_ref, v_ref, None, *outs),
-                                   body=kernel)
+    kernel = functools.partial(_kernel, keys=keys, block=block, chunk=chunk, scale=1.0 / math.sqrt(h), fresh=fresh,
+                               stacked=stacked, biased=bias is not None)
     if grid[2] == 1:
         out_specs = pl.BlockSpec((None, None, None, h), lambda i, j, c: (i, 0, j, 0))
         out_shape = jax.ShapeDtypeStruct((b, 1, n, h), q.dtype)

@@ -126,11 +126,15 @@ class Mlp(nnx.Module):
 
 
 GPU_KERNEL_CHOICES = ("cudnn", "cudnn-cross", "unroll-layers", "unroll-decode", "flat-dots",
-                      "fast-ln", "hoist-layers", "pallas-decode")
+                      "fast-ln", "hoist-layers", "pallas-decode", "pallas-cache")
 # `unroll-decode` (the whole greedy loop straight-line) is measured but not in the default:
 # no faster on the H100 and a 3x longer compile (docs/performance.md). `pallas-decode` (each
 # decode-step attention as one Pallas kernel, model/decode_attention.py): H200 caption bf16
-# batch 1 11.34 -> 10.59 ms, batch 32 34.37 -> 30.29 ms, the same ids.
+# batch 1 11.34 -> 10.59 ms, batch 32 34.37 -> 30.29 ms, the same ids. `pallas-cache` (with it:
+# the self-attention kernel reads the stacked cache in place plus the token's own key and value,
+# and the cache is written once per step, model.text.TextTower.decode) removes the two copy
+# kernels per layer and step its profile showed; written without a GPU to measure it on, so
+# not in the default until bench/gpu_decode.py's `pallas` study has timed it.
 GPU_KERNEL_PRESETS = {"fused": ("cudnn", "unroll-layers", "flat-dots", "fast-ln", "hoist-layers", "pallas-decode"),
                       "xla": ()}
 

@@ -47,6 +47,12 @@ def cross_kv_shape(cfg: TextConfig, batch: int, patches: int) -> tuple[int, ...]
     return (cfg.depth, *(computed[i] for i in CROSS_KV_ORDER[cfg.cross_cache]))
 
 
+def pallas_decoding(x_btd: jax.Array) -> bool:
+    """Whether this step's attention runs as Pallas kernels: one token per row, on a local GPU
+    with `pallas-decode`, and a concrete batch (a symbolic one cannot size a Triton grid)."""
+    return x_btd.shape[1] == 1 and isinstance(x_btd.shape[0], int) and "pallas-decode" in gpu_kernels()
+
+
 class TextBlock(nnx.Module):
     def __init__(self, cfg: TextConfig, vision_width: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, layout=cfg.kernel_layout)
@@ -84,25 +90,35 @@ class TextBlock(nnx.Module):
             k, v = cross_kv[:, :, 0], cross_kv[:, :, 1]
         return attention(q, k, v, None)
 
-    def __call__(self, x_btd, self_mask, *, self_kv=None, pos=None, cross_kv=None):
+    def __call__(self, x_btd, self_mask, *, self_kv=None, pos=None, cross_kv=None, stacked_kv=None):
         """One block. With `self_kv` (B, S, 2, N, H) the new keys/values are written at
         `pos` and attention reads the whole cache; returns (x, updated self_kv or None).
         A decode step (one token per row) on a local GPU with `pallas-decode` attends with one
-        Pallas kernel per attention (model/decode_attention.py) instead of XLA's reductions."""
-        # a symbolic batch cannot size a Triton grid: such traces keep XLA's attention
-        one_query = x_btd.shape[1] == 1 and isinstance(x_btd.shape[0], int) and "pallas-decode" in gpu_kernels()
+        Pallas kernel per attention (model/decode_attention.py) instead of XLA's reductions.
+        `stacked_kv` = (the whole (L, B, S, 2, N, H) cache, this layer's index), `pallas-cache`:
+        the kernel reads the cache in place and this token's key and value from the projection,
+        and the block returns them, (B, 1, 2, N, H), for the caller to write once per step;
+        `self_mask` must then hide slot `pos`."""
         with jax.named_scope("self_attention"):
             qkv = self.self_qkv(x_btd)
-            q, kv = qkv[:, :, 0], qkv[:, :, 1:]
-            if self_kv is not None:
-                self_kv = jax.lax.dynamic_update_slice(self_kv, kv.astype(self_kv.dtype), (0, pos, 0, 0, 0))
-                kv = self_kv
-            if one_query and self_kv is not None:
-                b, keys, _, n, _ = self_kv.shape
-                a = decode_attention(qkv, self_kv, key_bias(self_mask, keys), q_slot=0, interpret=pallas_interpret(),
-                                     **launch_settings("self", b, n, keys))
+            if stacked_kv is not None:   # pallas-cache
+                cache, layer = stacked_kv
+                b, keys, _, n, _ = cache.shape[1:]
+                a = decode_attention(qkv, cache, key_bias(self_mask, keys), q_slot=0, layer=layer, fresh=True,
+                                     interpret=pallas_interpret(), **launch_settings("self", b, n, keys))
+                one_query, self_kv = True, qkv[:, :, 1:]
             else:
-                a = attention(q, kv[:, :, 0], kv[:, :, 1], self_mask)
+                q, kv = qkv[:, :, 0], qkv[:, :, 1:]
+                if self_kv is not None:
+                    self_kv = jax.lax.dynamic_update_slice(self_kv, kv.astype(self_kv.dtype), (0, pos, 0, 0, 0))
+                    kv = self_kv
+                one_query = pallas_decoding(x_btd)
+                if one_query and self_kv is not None:
+                    b, keys, _, n, _ = self_kv.shape
+                    a = decode_attention(qkv, self_kv, key_bias(self_mask, keys), q_slot=0,
+                                         interpret=pallas_interpret(), **launch_settings("self", b, n, keys))
+                else:
+                    a = attention(q, kv[:, :, 0], kv[:, :, 1], self_mask)
             x_btd = self.ln_self(x_btd + self.self_out(a))
         if cross_kv is not None:
             with jax.named_scope("cross_attention"):
@@ -197,6 +213,19 @@ class TextTower(nnx.Module):
         allowed = (jnp.arange(cache_len)[None, :] <= query_pos[:, None])[None, None]
         if key_mask_bs is not None:
             allowed = allowed & key_mask_bs.astype(bool)[:, None, None, :]
+
+        if pallas_decoding(x) and "pallas-cache" in gpu_kernels() and self.remat == "none":
+            # every layer's kernel reads the stacked cache in place; the new rows are written once
+            stale = allowed & (jnp.arange(cache_len) != pos)[None, None, None, :]
+
+            def fresh(block, x, inputs):
+                layer, cross_kv = inputs
+                return block(x, stale, cross_kv=cross_kv, stacked_kv=(cache["self_kv"], layer))
+
+            x, rows = scan_layers(self.blocks, fresh, x, xs=(jnp.arange(self.cfg.depth), cache["cross_kv"]))
+            self_kv = jax.lax.dynamic_update_slice(cache["self_kv"], rows.astype(cache["self_kv"].dtype),
+                                                   (0, 0, pos, 0, 0, 0))
+            return x, {"self_kv": constrain(self_kv, SELF_KV_NAMES), "cross_kv": cache["cross_kv"]}
 
         def body(block, x, layer_cache):
             self_kv, cross_kv = layer_cache

@@ -65,14 +65,41 @@ def test_masked_keys_do_not_contribute():
     assert not np.allclose(np.asarray(decode_attention(q, kv.at[:, shown].add(100.0), bias, interpret=True)), base)
 
 
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_stacked_cache_read_in_place_with_the_fresh_token(chunks):
+    """`layer` + `fresh`: the kernel reads one layer of the whole stacked (L, B, S, 2, N, H)
+    cache, which does not hold this token yet, plus the token's own key and value from the
+    fused projection: the same as writing them at `pos` first and attending over that layer."""
+    layers_, batch, keys, heads, head_dim, pos = 3, 2, 40, 2, 16, 29
+    rng = np.random.default_rng(3)
+    cache = jnp.asarray(rng.normal(size=(layers_, batch, keys, 2, heads, head_dim)), jnp.float32)
+    qkv = jnp.asarray(rng.normal(size=(batch, 1, 3, heads, head_dim)), jnp.float32)
+    allowed = (np.arange(keys) <= pos)[None, None, None, :] & (rng.random((batch, 1, 1, keys)) > 0.3)
+    allowed[..., pos] = True
+    for layer in range(layers_):
+        written = cache[layer].at[:, pos].set(qkv[:, 0, 1:])
+        expected = _reference(qkv[:, :, 0], written, jnp.asarray(allowed))
+        hidden = jnp.asarray(allowed & (np.arange(keys) != pos))   # the stale slot the token will take
+        out = decode_attention(qkv, cache, key_bias(hidden, keys), q_slot=0, layer=jnp.int32(layer), fresh=True,
+                               chunks=chunks, block=16, interpret=True)
+        np.testing.assert_allclose(np.asarray(out), expected, atol=2e-6)
+
+
 @pytest.mark.parametrize("chunks,kernels", [(1, 1), (5, 1)])
 def test_lowers_to_one_triton_kernel_for_a_gpu(chunks, kernels):
     """Lowered for CUDA on this CPU host: Pallas' Triton lowering accepts the kernel (every
-    loaded array a power of two) and emits one Triton call; the chunked form adds only XLA ops."""
+    loaded array a power of two) and emits one Triton call; the chunked form adds only XLA ops.
+    So does the stacked-cache form with the fresh token and a traced layer index."""
     q = jax.ShapeDtypeStruct((1, 1, 3, 12, 64), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 577, 2, 12, 64), jnp.bfloat16)
     bias = jax.ShapeDtypeStruct((1, 577), jnp.float32)
     lowered = jax.jit(lambda q, kv, b: decode_attention(q, kv, b, q_slot=0, chunks=chunks)).trace(q, kv, bias) \
+        .lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == kernels
+    stacked = jax.ShapeDtypeStruct((12, 1, 24, 2, 12, 64), jnp.bfloat16)
+    lowered = jax.jit(lambda q, kv, b, layer: decode_attention(q, kv, b, q_slot=0, layer=layer, fresh=True,
+                                                               chunks=chunks)).trace(
+        q, stacked, jax.ShapeDtypeStruct((1, 24), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32)) \
         .lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == kernels
 

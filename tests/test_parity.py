@@ -211,7 +211,8 @@ def test_pallas_decode_attention_keeps_parity(monkeypatch):
     Pallas kernel of model/decode_attention.py, traced here as if for a GPU and run in
     interpret mode. Greedy captions from right-padded prompts (masked self-attention) equal
     transformers', and the decode step's logits match the plain path's."""
-    from model import layers
+    from model import layers, text
+    from model.decode_attention import decode_attention
     from tests.hf_reference import NEW_TOKENS, padded_prompts
 
     monkeypatch.setattr(layers, "_tracing_for_local_gpu", lambda: True)
@@ -223,11 +224,22 @@ def test_pallas_decode_attention_keeps_parity(monkeypatch):
     def caption():  # a new function each time: jit caches traces by function, not by environment
         return jax.jit(lambda px, pr, m: greedy_caption(model, px, pr, NEW_TOKENS, m))
 
-    monkeypatch.setenv("CAPIBARA_GPU_KERNELS", "unroll-layers+pallas-decode")
-    assert str(jax.make_jaxpr(caption())(*args)).count("pallas_call") == 2, "self and cross attention, once each"
-    ours = caption()(*args)
-    expected = _pad_to(case["caption"]["outputs"]["generate_padded"], ours.shape[1], case["config"].text.pad_token_id)
-    np.testing.assert_array_equal(np.asarray(ours), expected)
+    # pallas-cache: the self-attention kernel reads the stacked cache in place plus the token's
+    # own key and value; hoist-layers runs the layers straight-line (static layer indices)
+    for kernels in ("unroll-layers+pallas-decode", "unroll-layers+pallas-decode+pallas-cache",
+                    "unroll-layers+pallas-decode+pallas-cache+hoist-layers"):
+        monkeypatch.setenv("CAPIBARA_GPU_KERNELS", kernels)
+        calls = []
+        monkeypatch.setattr(text, "decode_attention", lambda *a, **kw: calls.append(kw.get("layer") is not None)
+                            or decode_attention(*a, **kw))
+        jax.make_jaxpr(caption())(*args)
+        # traced: self + cross in the layer scan's body, or in each of the 2 straight-line layers
+        assert len(calls) == (4 if "hoist" in kernels else 2), kernels
+        assert sum(calls) == (len(calls) // 2 if "pallas-cache" in kernels else 0), "in place: the self-attention"
+        ours = caption()(*args)
+        expected = _pad_to(case["caption"]["outputs"]["generate_padded"], ours.shape[1],
+                           case["config"].text.pad_token_id)
+        np.testing.assert_array_equal(np.asarray(ours), expected, err_msg=kernels)
 
     # one step after a right-padded prompt: the padding masked, the cache read whole
     image, prompt = jax.jit(model.encode_image)(args[0]), args[1]
@@ -239,8 +251,12 @@ def test_pallas_decode_attention_keeps_parity(monkeypatch):
         return jax.jit(lambda t, c, m: model.decode_step(t, p, c, m)[0])(prompt[:, :1], cache, key_mask)
 
     pallas = step()
+    monkeypatch.setenv("CAPIBARA_GPU_KERNELS", "unroll-layers+pallas-decode+pallas-cache")
+    in_place = step()
     monkeypatch.setenv("CAPIBARA_GPU_KERNELS", "unroll-layers")
-    np.testing.assert_allclose(np.asarray(pallas), np.asarray(step()), atol=LOGITS_ATOL)
+    plain = np.asarray(step())
+    np.testing.assert_allclose(np.asarray(pallas), plain, atol=LOGITS_ATOL)
+    np.testing.assert_allclose(np.asarray(in_place), plain, atol=LOGITS_ATOL)
 
 
 def test_fused_cross_attention_over_a_kv_major_cache_keeps_parity(monkeypatch):
