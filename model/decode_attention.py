@@ -158,8 +158,8 @@ def decode_attention(q: jax.Array, kv: jax.Array, bias: jax.Array | None = None,
     parallel work at batch 1, one more kernel). Returns (B, 1, N, H) in q's dtype, the same
     values (to rounding) as jax.nn.dot_product_attention with the scale 1/sqrt(H)."""
     stacked = layer is not None
-    b, keys, two, n, h = kv.shape[1:] if stacked else kv.shape
-    if two != 2 or q.shape[0] != b or q.shape[1] != 1 or q.shape[-2:] != (n, h) or kv.ndim != 5 + stacked:
+    b, keys, two, n, h = kv.shape[-5:] if kv.ndim == 5 + stacked else (None,) * 5
+    if two != 2 or q.shape[0] != b or q.shape[1] != 1 or q.shape[-2:] != (n, h):
         raise ValueError(f"decode attention: q {q.shape} and kv {kv.shape} are not (B, 1, [3,] N, H) and "
                          f"{'(L, B, S, 2, N, H)' if stacked else '(B, S, 2, N, H)'}")
     if (q.ndim == 5) != (q_slot is not None) or (fresh and q_slot != 0):

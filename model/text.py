@@ -101,24 +101,22 @@ class TextBlock(nnx.Module):
         `self_mask` must then hide slot `pos`."""
         with jax.named_scope("self_attention"):
             qkv = self.self_qkv(x_btd)
-            if stacked_kv is not None:   # pallas-cache
-                cache, layer = stacked_kv
-                b, keys, _, n, _ = cache.shape[1:]
-                a = decode_attention(qkv, cache, key_bias(self_mask, keys), q_slot=0, layer=layer, fresh=True,
-                                     interpret=pallas_interpret(), **launch_settings("self", b, n, keys))
-                one_query, self_kv = True, qkv[:, :, 1:]
+            q, kv = qkv[:, :, 0], qkv[:, :, 1:]
+            if stacked_kv is not None:   # pallas-cache: the cache is read as it was; the new rows go back
+                (cache, layer), self_kv = stacked_kv, kv
             else:
-                q, kv = qkv[:, :, 0], qkv[:, :, 1:]
                 if self_kv is not None:
                     self_kv = jax.lax.dynamic_update_slice(self_kv, kv.astype(self_kv.dtype), (0, pos, 0, 0, 0))
                     kv = self_kv
-                one_query = pallas_decoding(x_btd)
-                if one_query and self_kv is not None:
-                    b, keys, _, n, _ = self_kv.shape
-                    a = decode_attention(qkv, self_kv, key_bias(self_mask, keys), q_slot=0,
-                                         interpret=pallas_interpret(), **launch_settings("self", b, n, keys))
-                else:
-                    a = attention(q, kv[:, :, 0], kv[:, :, 1], self_mask)
+                cache, layer = self_kv, None
+            one_query = stacked_kv is not None or pallas_decoding(x_btd)
+            if one_query and cache is not None:
+                b, keys, _, n, _ = cache.shape[-5:]
+                a = decode_attention(qkv, cache, key_bias(self_mask, keys), q_slot=0, layer=layer,
+                                     fresh=layer is not None, interpret=pallas_interpret(),
+                                     **launch_settings("self", b, n, keys))
+            else:
+                a = attention(q, kv[:, :, 0], kv[:, :, 1], self_mask)
             x_btd = self.ln_self(x_btd + self.self_out(a))
         if cross_kv is not None:
             with jax.named_scope("cross_attention"):
