@@ -121,3 +121,41 @@ def test_golden_snapshot_covers_every_parameter():
     fsdp = snapshot["fsdp"]["params"]
     assert fsdp["vision.blocks.qkv.kernel"] == "P(None, ('data', 'model'), None, None, None)"
     assert snapshot["fsdp-tp"]["params"]["text_decoder.blocks.mlp.fc1.kernel"] == "P(None, 'data', 'model')"
+
+
+def _constraints(lowered) -> list[str]:
+    return [line.split("<@mesh", 1)[1] for line in lowered.as_text().splitlines() if "sdy.sharding_constraint" in line]
+
+
+def test_a_program_lowered_under_a_second_plan_takes_that_plans_activation_rules():
+    """JAX caches a trace per function object and never sees the plan's (flax) activation
+    rules: before programs.traced_afresh, the second lowering of one program reused the
+    first plan's sharding constraints (a replicated decode_step ran with dp's batch split)."""
+    from capibara_export.build.programs import build_program, lower
+    from capibara_export.build.targets import get_target, make_mesh
+    from capibara_export.export.serving import serving_function
+    from capibara_export.export.stablehlo import sharded_jit
+    from sharding import get_policy
+
+    mesh = make_mesh(get_target("cpu"), (4, 8))
+    plans = load_plans()
+
+    def program():
+        return build_program(get_preset("tiny"), "encode_image", get_policy("fp32"), 32)
+
+    shared = program()
+    first = _constraints(lower(shared, plans["hidden"], mesh))
+    second = _constraints(lower(shared, plans["fsdp-tp"], mesh))
+    assert second == _constraints(lower(program(), plans["fsdp-tp"], mesh))
+    assert first != second and any('{"data"}' in c for c in second), (first, second)
+
+    def serving():
+        return serving_function(get_preset("tiny"), "encode_image", get_policy("fp32"), 32)
+
+    def sharded(s, plan):
+        _, lowered, abstract = sharded_jit(s, plans[plan], mesh)
+        return _constraints(lowered(*abstract))
+
+    shared = serving()
+    assert sharded(shared, "hidden") == first
+    assert sharded(shared, "fsdp-tp") == sharded(serving(), "fsdp-tp") == second

@@ -238,14 +238,27 @@ def out_specs(program: Program, plan: ShardingPlan):
     return _specs(program, plan, program.out_names)
 
 
+def traced_afresh(fn: Callable) -> Callable:
+    """A new function object that calls `fn`, for jax.jit to trace under the current context.
+
+    JAX caches a traced jaxpr per function object, argument types and JAX's own config; the
+    plan's activation rules (flax's logical_axis_rules) and the model's kernel choices are
+    Python context it does not see. Jitting the same `fn` under a second plan reused the
+    first plan's trace, sharding constraints and all (measured: a decode_step lowered under
+    dp, then under replicated, ran replicated with dp's batch split). Every lowering under a
+    plan or a kernel context therefore traces a fresh object."""
+    return lambda *args: fn(*args)
+
+
 def lower(program: Program, plan: ShardingPlan, mesh) -> jax.stages.Lowered:
-    """jit(...).lower(...) with every argument and output sharded by the plan on `mesh`."""
+    """jit(...).lower(...) with every argument and output sharded by the plan on `mesh`
+    (traced afresh: the plan's activation rules are in effect, whatever was traced before)."""
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
     to_sharding = lambda tree: jax.tree.map(lambda s: NamedSharding(mesh, s), tree, is_leaf=is_spec)  # noqa: E731
     in_shardings = tuple(to_sharding(s) for s in in_specs(program, plan))
     out_shardings = to_sharding(out_specs(program, plan))
     args = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), program.args, in_shardings)
-    jitted = jax.jit(program.fn, in_shardings=in_shardings, out_shardings=out_shardings,
+    jitted = jax.jit(traced_afresh(program.fn), in_shardings=in_shardings, out_shardings=out_shardings,
                      donate_argnums=program.donate)
     with jax.set_mesh(mesh), plan.activated():
         return jitted.lower(*args)

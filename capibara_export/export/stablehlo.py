@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from model import portable_kernels
 from sharding.plans import ShardingPlan
 
-from ..build.programs import in_specs, out_specs
+from ..build.programs import in_specs, out_specs, traced_afresh
 from .params import flatten
 from .serving import ServingFunction
 
@@ -31,7 +31,7 @@ PLATFORMS = ("tpu", "cpu", "cuda")
 def export_portable(serving: ServingFunction) -> export.Exported:
     batch = export.symbolic_shape("b")[0]
     with portable_kernels():   # on a GPU host too: artifacts for every platform hold no GPU-only kernel
-        return export.export(jax.jit(serving.fn), platforms=PLATFORMS)(*serving.abstract(batch))
+        return export.export(jax.jit(traced_afresh(serving.fn)), platforms=PLATFORMS)(*serving.abstract(batch))
 
 
 def flat_shardings(serving: ServingFunction, plan: ShardingPlan, mesh) -> tuple[dict, tuple, object]:
@@ -47,7 +47,7 @@ def sharded_jit(serving: ServingFunction, plan: ShardingPlan, mesh):
     """The serving function jitted with the plan's shardings (for export or compilation)."""
 
     params, inputs, outputs = flat_shardings(serving, plan, mesh)
-    jitted = jax.jit(serving.fn, in_shardings=(params, *inputs), out_shardings=outputs,
+    jitted = jax.jit(traced_afresh(serving.fn), in_shardings=(params, *inputs), out_shardings=outputs,
                      donate_argnums=serving.program.donate)
 
     def lower(*args):
