@@ -26,6 +26,16 @@ def test_kernel_profile_counts_launches_and_iterations():
     assert profile.launches == 24
 
 
+def test_kernel_profile_marks_kernels_that_transpose():
+    """A kernel with a transpose in it (or fused into it) is marked; the add next to it is not."""
+    def fn(x):
+        return jnp.swapaxes(x, 0, 1) * 2.0 + 1.0, jnp.tanh(x) + 1.0
+
+    program = HloProgram(jax.jit(fn).lower(jnp.ones((64, 48), jnp.float32)).compile().as_text())
+    marked = {k.transposes for k in program.kernel_profile().kernels if k.bytes}
+    assert marked == {True, False}
+
+
 def test_kernel_profile_agrees_with_program_totals():
     """On a compiled program (a scanned MLP in a fori_loop): the kernels' FLOPs and bytes,
     summed with their run counts, are the program's loop-corrected totals."""
@@ -65,10 +75,34 @@ def test_per_kernel_roofline_terms():
     tiny = KernelProfile([Kernel("k", 10.0, 10.0, 5000.0)], iterations=19)
     r = roofline(5e4, 5e4, [], hw, "bfloat16", 5e4, 1, profile=tiny)
     assert r.binding == "overhead" and r.latency_s == pytest.approx(4e-5 + 5000 * (1e-6 + 1e-8) + 19 * 5e-6)
+    # a transposing kernel is priced at the measured transposing rate, where there is one
+    moved = KernelProfile([Kernel("t", 0.0, 3e6, 1.0, transposes=True), Kernel("c", 0.0, 3e6, 1.0)], iterations=0)
+    assert roofline(0, 6e6, [], hw, "bfloat16", 0, 1, profile=moved).memory_s == pytest.approx(6e-3)  # no figure: W'
+    slow = replace(hw, transpose_bandwidth=2.5e8)
+    assert roofline(0, 6e6, [], slow, "bfloat16", 0, 1, profile=moved).memory_s == pytest.approx(12e-3 + 3e-3)
     # without a profile: the whole-program roofline as before (peaks, no overheads)
     whole = roofline(2e9, 3.1e7, [], hw, "bfloat16", 2e9, 1)
     assert whole.latency_s == pytest.approx(max(2e9 / hw.peak_bf16_flops, 3.1e7 / hw.hbm_bandwidth))
     assert whole.overhead_s == 0.0
+
+
+def test_collectives_priced_with_a_fixed_rendezvous_and_a_measured_all_reduce_factor():
+    """On the simulated CPU mesh a collective costs a fixed time plus α per other member, and
+    an all-reduce is one rendezvous (its factor measured, about 1), not a ring's two."""
+    from capibara_export.analysis.collectives import Collective
+    from capibara_export.analysis.roofline import collective_seconds
+
+    def one(kind, n, times=3.0):
+        return Collective(kind, "c", 8e3, times, [list(range(n))], "model", n, "")
+
+    gather = collective_seconds(one("all-gather", 8), 1e9, 2e-5, overhead=6e-5, all_reduce_factor=1.0)
+    assert gather == pytest.approx(3 * (8e3 * 7 / 8 / 1e9 + 7 * 2e-5 + 6e-5))
+    reduce = collective_seconds(one("all-reduce", 8), 1e9, 2e-5, overhead=6e-5, all_reduce_factor=1.0)
+    assert reduce == pytest.approx(3 * (2 * 8e3 * 7 / 8 / 1e9 + 7 * 2e-5 + 6e-5))
+    ring = collective_seconds(one("all-reduce", 8), 1e9, 2e-5)    # TPU and GPU: no overhead, factor 2
+    assert ring == pytest.approx(3 * (2 * 8e3 * 7 / 8 / 1e9 + 2 * 7 * 2e-5))
+    assert collective_seconds(one("all-gather", 1), 1e9, 2e-5, overhead=6e-5) == 0.0   # a group of one moves nothing
+    assert HARDWARE["tpu-v4-chip"].collective_overhead == 0.0 and HARDWARE["tpu-v4-chip"].all_reduce_latency_factor == 2
 
 
 def test_calibration_is_measured_once_per_machine(tmp_path, monkeypatch):
@@ -80,7 +114,10 @@ def test_calibration_is_measured_once_per_machine(tmp_path, monkeypatch):
     assert first.achieved_fp32_flops > 0 and first.achieved_bf16_flops > 0 and first.achievable_bandwidth() > 0
     assert first.peak_fp32_flops == first.achieved_fp32_flops   # a host's peak is what it measures
     assert "measured" in first.calibration and "4 devices" in first.calibration
-    assert not first.overlaps_communication and first.ici_hop_latency >= 0
+    assert not first.overlaps_communication and first.ici_hop_latency >= 0 and first.collective_overhead >= 0
+    assert first.ici_hop_latency + first.collective_overhead > 0     # a rendezvous of 4 threads is not free
+    assert first.all_reduce_latency_factor > 0 and "per hop" in first.calibration
+    assert 0 < first.transpose_bandwidth and "transposed" in first.calibration
     assert (tmp_path / "calibration.json").is_file()
 
     def no_measuring(*_):

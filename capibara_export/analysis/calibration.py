@@ -15,8 +15,11 @@ same HLO reader, so the model reproduces its calibration programs by constructio
   loop              the same tiny body in a `fori_loop` of 16 and 128 iterations: the time
                     per extra iteration beyond its kernels (0 if the compiler unrolled both)
   P                 a model-sized GEMM per device (f32 and bf16), net of the overheads
-  W                 an elementwise add over a large array (read + write), net of them
-  collective hop    (several CPU devices) a tiny all-gather minus a tiny local program
+  W                 an elementwise add over a large array (read + write), net of them; on a
+                    CPU host also the same bytes written transposed (W for transposing kernels)
+  collectives       (several CPU devices) chains of tiny dependent all-gathers over all the
+                    devices and over groups of 4, and of all-reduces: a fixed time per
+                    collective, a time per hop, and an all-reduce's hops in all-gathers'
 
 On a CPU host every simulated device works at once (they share the cores), so each figure
 is per device with all of them busy, as the simulated mesh runs. A local GPU is measured on
@@ -42,9 +45,9 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from .hardware import CPU_PLACEHOLDER, Hardware
-from .hlo import HloProgram
+from .hlo import COLLECTIVES, HloProgram
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2  # 2: collectives measured as chains, a transposing copy's bandwidth
 SECONDS = 0.4  # per timed measurement
 
 
@@ -87,15 +90,21 @@ def _measure_cpu(hardware: Hardware, devices: list) -> dict:
     f32 = _gemm_rate(devices, size, "float32", over)
     bf16 = _gemm_rate(devices, size, "bfloat16", over)
     bandwidth = _bandwidth(devices, 64 * 2 ** 20, over)
-    hop = _collective_hop_seconds(devices) if n > 1 else 0.0
-    hop_note = f", collective hop {hop * 1e6:.0f} us (tiny all-gather over {n} devices)" if n > 1 else ""
+    transposing = _bandwidth(devices, 64 * 2 ** 20, over, transpose=True)
+    coll = _collective_costs(devices, over) if n > 1 else {"hop": 0.0, "overhead": 0.0, "all_reduce": 2.0}
+    hop_note = (f", collective {coll['overhead'] * 1e6:.0f} us + {coll['hop'] * 1e6:.1f} us per hop, all-reduce "
+                f"{coll['all_reduce']:.2f}x an all-gather's hops (chains of tiny collectives over {n} devices and "
+                f"groups of {coll['group']})") if n > 1 else ""
     note = (f"measured on {socket.gethostname()} at run time with all {n} devices at once: {size}^3 GEMM "
-            f"f32 {f32:.3g} / bf16 {bf16:.3g} FLOP/s, add over 64 MiB {bandwidth:.3g} B/s per device, "
+            f"f32 {f32:.3g} / bf16 {bf16:.3g} FLOP/s, add over 64 MiB {bandwidth:.3g} B/s per device "
+            f"(transposed {transposing:.3g}), "
             f"kernel {over['kernel'] * 1e6:.1f} us, loop iteration {over['loop'] * 1e6:.1f} us, "
             f"call {over['call'] * 1e6:.0f} us{hop_note}")
     return {"peak_bf16_flops": f32, "peak_fp32_flops": f32, "hbm_bandwidth": bandwidth,
             "achieved_fp32_flops": f32, "achieved_bf16_flops": bf16, "achieved_bandwidth": bandwidth,
-            "hbm_bytes": hardware.hbm_bytes // n, "ici_hop_latency": hop, "overlaps_communication": False,
+            "transpose_bandwidth": transposing, "hbm_bytes": hardware.hbm_bytes // n, "ici_hop_latency": coll["hop"],
+            "collective_overhead": coll["overhead"], "all_reduce_latency_factor": coll["all_reduce"],
+            "overlaps_communication": False,
             "kernel_overhead": over["kernel"], "loop_overhead": over["loop"], "call_overhead": over["call"],
             "source": f"measured on this host at run time, divided by {n} simulated devices", "calibration": note}
 
@@ -224,30 +233,71 @@ def _gemm_rate(devices: list, size, dtype: str, over: dict) -> float:
     return 2.0 * m * k * n / _net(seconds, program, over)
 
 
-def _bandwidth(devices: list, total_bytes: int, over: dict) -> float:
+def _bandwidth(devices: list, total_bytes: int, over: dict, transpose: bool = False) -> float:
     """Read + write B/s per device of an elementwise add over `total_bytes` spread over the
     devices (at least 1 MiB each). Measured on one simulated CPU device it was half the
     per-device share of all of them at once (5.2 vs 11.3 GB/s on the 2-core host): the
-    devices run on every core together, so the share must come from the whole mesh."""
+    devices run on every core together, so the share must come from the whole mesh.
+    With `transpose`, each device's square block is written transposed (what XLA:CPU's
+    transpose fusions do to attention caches: 0.2-0.4x the streaming rate on the 2-core host)."""
     import jax.numpy as jnp
 
     per_device = max(2 ** 20, total_bytes // len(devices)) // 4
+    if transpose:
+        side = int(per_device ** 0.5)
+        x = _sharded(devices, (1, side, side), jnp.float32)
+        seconds, program = _timed(lambda v: jnp.swapaxes(v, 1, 2) + 1.0, x)
+        return 2 * 4 * side * side / _net(seconds, program, over)
     x = _sharded(devices, (per_device,), jnp.float32)
     seconds, program = _timed(lambda v: v + 1.0, x)
     return 2 * 4 * per_device / _net(seconds, program, over)
 
 
-def _collective_hop_seconds(devices: list) -> float:
+def _collective_costs(devices: list, over: dict) -> dict:
+    """A collective's cost on the simulated CPU mesh: a fixed rendezvous time plus a time
+    per hop (other group member), and an all-reduce's hops in all-gathers'. Each is the
+    slope of a chain of dependent tiny collectives (4 vs 32 of them, less the chain's own
+    kernel launches), over all devices and over groups of 4, as the kernel overhead is
+    measured: one tiny all-gather timed alone (the figure before this) came out at half what
+    the same collective costs inside a program, and varied 3x between calibrations (7 to 26
+    us per hop), because a lone call starts with every device thread idle and in step."""
+    n = len(devices)
+    group = next((g for g in (4, 2) if n % g == 0 and g < n), n)
+    full = _collective_slope(devices, n, "all-gather", over)
+    part = _collective_slope(devices, group, "all-gather", over) if group < n else full
+    hop = max((full - part) / (n - group), 0.0) if group < n else full / max(n - 1, 1)
+    overhead = max(part - hop * (group - 1), 0.0) if group < n else 0.0
+    reduce = _collective_slope(devices, n, "all-reduce", over)
+    factor = (reduce - overhead) / (hop * (n - 1)) if hop > 0 else 2.0
+    return {"hop": hop, "overhead": overhead, "all_reduce": max(factor, 0.0), "group": group}
+
+
+def _collective_slope(devices: list, group: int, kind: str, over: dict) -> float:
+    """Seconds per extra tiny `kind` collective over groups of `group` devices in a chain."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    mesh = _mesh(devices)
-    x = _sharded(devices, (1, 8), jnp.float32)
-    gather = jax.jit(lambda v: jax.lax.with_sharding_constraint(v, NamedSharding(mesh, PartitionSpec())))
-    local = jax.jit(lambda v: v + 1.0)
-    extra = _seconds_per_call(gather, x) - _seconds_per_call(local, x)
-    return max(extra, 0.0) / (len(devices) - 1)
+    mesh = Mesh(np.array(devices).reshape(len(devices) // group, group), ("rest", "group"))
+    spec = PartitionSpec(("rest", "group"))
+    x = jax.device_put(jnp.ones((8 * len(devices),), jnp.float32), NamedSharding(mesh, spec))
+
+    def chain(k):
+        def body(v):
+            for _ in range(k):  # each step needs the last: nothing runs two collectives at once
+                if kind == "all-gather":
+                    v = jnp.tanh(jax.lax.all_gather(v, "group", tiled=True)[: v.shape[0]] + 1.0)
+                else:
+                    v = jnp.tanh(jax.lax.psum(v, "group") * 0.01)
+            return v
+        return jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec)
+
+    (t1, p1), (t2, p2) = (_timed(chain(k), x) for k in (4, 32))
+    c1, c2 = (sum(1 for _, inst, _ in p.instructions() if inst.opcode.removesuffix("-start") in COLLECTIVES)
+              for p in (p1, p2))
+    l1, l2 = p1.kernel_profile().launches, p2.kernel_profile().launches
+    return max(t2 - t1 - (l2 - l1) * over["kernel"], 0.0) / max(c2 - c1, 1)
 
 
 # ---------------------------------------------------------------------------- the cache

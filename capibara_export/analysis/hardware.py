@@ -42,9 +42,14 @@ class Hardware:
     achieved_bf16_flops: float = 0.0   # a model-sized GEMM's rate, FLOP/s per device
     achieved_fp32_flops: float = 0.0
     achieved_bandwidth: float = 0.0    # a large copy's rate (read + write), B/s per device
+    transpose_bandwidth: float = 0.0   # a transposing copy's rate (0: as achieved_bandwidth)
     kernel_overhead: float = 0.0       # seconds per kernel launch beyond its work
     loop_overhead: float = 0.0         # seconds per while-loop iteration beyond its kernels
     call_overhead: float = 0.0         # seconds per program call (dispatch), once
+    # Collectives beyond the α–β terms (calibration.py measures both on a CPU host, where a
+    # collective is a rendezvous of the device threads that share the cores):
+    collective_overhead: float = 0.0   # seconds per collective, whatever its group size
+    all_reduce_latency_factor: float = 2.0  # an all-reduce's latency in all-gathers' (a ring: 2)
     calibration: str = "none: peak figures, no per-kernel or per-iteration overhead"
 
     def peak_flops(self, compute_dtype: str) -> float:
@@ -54,8 +59,11 @@ class Hardware:
         achieved = self.achieved_bf16_flops if compute_dtype == "bfloat16" else self.achieved_fp32_flops
         return achieved or self.peak_flops(compute_dtype)
 
-    def achievable_bandwidth(self) -> float:
-        return self.achieved_bandwidth or self.hbm_bandwidth
+    def achievable_bandwidth(self, transposes: bool = False) -> float:
+        """B/s per device for a kernel's bytes; a kernel that transposes gets the measured
+        transposing rate where there is one (XLA:CPU: 0.2-0.4x a streaming copy's)."""
+        plain = self.achieved_bandwidth or self.hbm_bandwidth
+        return (self.transpose_bandwidth or plain) if transposes else plain
 
 
 # No TPU is reachable from here: TPU entries keep the published peaks, and no per-kernel or

@@ -205,6 +205,7 @@ class Kernel:
     flops: float
     bytes: float
     times: float         # runs per program call, loop-corrected
+    transposes: bool = False   # moves elements across a layout change (a transpose in it or fused into it)
 
 
 @dataclass
@@ -458,11 +459,20 @@ class HloProgram:
                 if op in NO_MEMORY or op.endswith("-done") or op.removesuffix("-start") in COLLECTIVES:
                     continue
                 own = self.instruction_costs(comp, inst)
-                flops = own.flops + (self._fused_flops(dict(inst.called()).get("calls", ""))
-                                     if op == "fusion" else 0.0)
-                kernels.append(Kernel(inst.name, flops, own.bytes, self.multiplier[name]))
+                fused = dict(inst.called()).get("calls", "") if op == "fusion" else ""
+                flops = own.flops + (self._fused_flops(fused) if fused else 0.0)
+                transposes = op == "transpose" or (bool(fused) and self._fuses(fused, "transpose"))
+                kernels.append(Kernel(inst.name, flops, own.bytes, self.multiplier[name], transposes))
         iterations = sum(loop.trip_count * loop.multiplier for loop in self.loops)
         return KernelProfile(kernels, iterations)
+
+    def _fuses(self, name: str, opcode: str, depth: int = 0) -> bool:
+        """Whether a fused computation (or one fused into it) holds an `opcode` instruction."""
+        comp = self.computations.get(name)
+        if comp is None or depth > 8:
+            return False
+        return any(inst.opcode == opcode or (inst.opcode == "fusion" and self._fuses(
+            dict(inst.called()).get("calls", ""), opcode, depth + 1)) for inst in comp.instructions)
 
     def _fused_flops(self, name: str, depth: int = 0) -> float:
         comp = self.computations.get(name)

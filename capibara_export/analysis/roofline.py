@@ -6,10 +6,11 @@
     comm     = Σ_axes Σ_c t(c)    over the collectives c on each mesh axis, with the
                                   α–β model of the jax-ml scaling-book / Alpa:
         all-gather, reduce-scatter   t = V·(n−1)/n / W + α·(n−1)
-        all-reduce                   t = 2·V·(n−1)/n / W + 2·α·(n−1)
+        all-reduce                   t = 2·V·(n−1)/n / W + r·α·(n−1)    (r = 2 for a ring)
         all-to-all                   t = V·(n−1)/n / (4·W) + α·(n−1)
         collective-permute           t = V / W + α
-      V: bytes per device, n: group size, α: per-hop latency (~1 µs).
+      V: bytes per device, n: group size, α: per-hop latency (~1 µs); on the simulated CPU
+      mesh each collective also costs a measured fixed rendezvous time, and r is measured.
       W: one-way ICI link bandwidth times the number of torus dimensions the group spans
       (a group over x, y and z drives three links at once). TPU slices smaller than a
       full cube (v4 under 4x4x4, v5e under 16x16) have no wraparound links, so rings run
@@ -30,7 +31,8 @@ part is priced per kernel instead of for the program as a whole:
 
     kernels  = call + Σ_k times_k · (κ + max(F_k / P', B_k / W')) + iterations · λ
 
-where P' and W' are the achievable GEMM rate and copy bandwidth and κ, λ and call the
+where P' and W' are the achievable GEMM rate and copy bandwidth (a transposing kernel's
+W' is the measured transposing copy's, where there is one) and κ, λ and call the
 per-kernel, per-loop-iteration and per-call overheads (calibration.py measures all five on
 a CPU host and a local GPU; TPU entries have the published peaks and no overheads). A
 kernel that is memory-bound no longer hides under another that is compute-bound, and a
@@ -74,20 +76,25 @@ class Roofline:
         return {"source": "model", **asdict(self)}
 
 
-def collective_seconds(c: Collective, bandwidth: float, hop_latency: float) -> float:
+def collective_seconds(c: Collective, bandwidth: float, hop_latency: float, overhead: float = 0.0,
+                       all_reduce_factor: float = 2.0) -> float:
+    """One collective's seconds per run: α–β plus a fixed `overhead` per collective (0 on
+    TPU and GPU entries; measured for the simulated CPU mesh, calibration.py). An
+    all-reduce's latency is `all_reduce_factor` all-gathers' (2 for a ring's reduce-scatter
+    then all-gather; about 1 for the CPU's single rendezvous, measured)."""
     n = max(c.group_size, 1)
     if c.axis == "none" or n <= 1 or bandwidth <= 0:
         return 0.0
     frac = (n - 1) / n
     if c.kind == "all-reduce":
-        t = 2 * c.bytes * frac / bandwidth + 2 * hop_latency * (n - 1)
+        t = 2 * c.bytes * frac / bandwidth + all_reduce_factor * hop_latency * (n - 1)
     elif c.kind == "all-to-all":
         t = c.bytes * frac / (4 * bandwidth) + hop_latency * (n - 1)
     elif c.kind == "collective-permute":
         t = c.bytes / bandwidth + hop_latency
     else:  # all-gather, reduce-scatter
         t = c.bytes * frac / bandwidth + hop_latency * (n - 1)
-    return t * c.times
+    return (t + overhead) * c.times
 
 
 def dcn_seconds(c: Collective, hardware: Hardware) -> float:
@@ -110,7 +117,8 @@ def collective_times(c: Collective, hardware: Hardware, coords: list[list[int]] 
     else:
         c_ici = c
     out = {}
-    t = collective_seconds(c_ici, link * width, hardware.ici_hop_latency)
+    t = collective_seconds(c_ici, link * width, hardware.ici_hop_latency, hardware.collective_overhead,
+                           hardware.all_reduce_latency_factor)
     if t:
         out[c_ici.axis] = t
     if s > 1:
@@ -144,11 +152,12 @@ def roofline(flops: float, bytes_accessed: float, found: list[Collective], hardw
 
 def _per_kernel(profile: KernelProfile, hardware: Hardware, compute_dtype: str) -> tuple[float, ...]:
     """(compute, memory, overhead, total) seconds of the kernels and the launch count."""
-    rate, bandwidth = hardware.achievable_flops(compute_dtype), hardware.achievable_bandwidth()
+    rate = hardware.achievable_flops(compute_dtype)
+    bandwidth = {False: hardware.achievable_bandwidth(), True: hardware.achievable_bandwidth(transposes=True)}
     compute = memory = work = 0.0
     for k in profile.kernels:
         c = k.flops / rate if rate else 0.0
-        m = k.bytes / bandwidth if bandwidth else 0.0
+        m = k.bytes / bandwidth[k.transposes] if bandwidth[k.transposes] else 0.0
         compute += k.times * c
         memory += k.times * m
         work += k.times * max(c, m)
