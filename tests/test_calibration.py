@@ -118,6 +118,7 @@ def test_calibration_is_measured_once_per_machine(tmp_path, monkeypatch):
     assert first.ici_hop_latency + first.collective_overhead > 0     # a rendezvous of 4 threads is not free
     assert first.all_reduce_latency_factor > 0 and "per hop" in first.calibration
     assert 0 < first.transpose_bandwidth and "transposed" in first.calibration
+    assert len(first.gemm_rates) == 2 and all(f > 0 and b > 0 for _, f, b in first.gemm_rates)
     assert (tmp_path / "calibration.json").is_file()
 
     def no_measuring(*_):
@@ -156,3 +157,28 @@ def test_unreadable_cache_is_measured_again(tmp_path, monkeypatch):
     got = calibration.calibrated(CPU_PLACEHOLDER, jax.devices("cpu")[:1])
     assert got.kernel_overhead == 1e-6
     assert calibration._read(cache) != {}   # rewritten as JSON with this machine's figures
+
+
+def test_matmul_kernels_take_the_rate_measured_for_their_size():
+    """Between two measured GEMM sizes a matmul kernel's rate is interpolated (log-log);
+    beyond them the end points hold; other kernels keep the single rate."""
+    hw = replace(CPU_PLACEHOLDER, achieved_fp32_flops=3e9, achieved_bandwidth=1e12,
+                 gemm_rates=[[2 * 256 ** 3, 3e9, 2e9], [2 * 512 ** 3, 6e9, 4e9]])    # a JSON cache's lists
+    assert hash(hw) and hw.gemm_rates == ((2 * 256 ** 3, 3e9, 2e9), (2 * 512 ** 3, 6e9, 4e9))
+    middle = 2 * 256 ** 3 * 2 ** 1.5                   # halfway in log
+    assert hw.gemm_rate(middle, "float32") == pytest.approx((3e9 * 6e9) ** 0.5)
+    assert hw.gemm_rate(1e3, "float32") == 3e9 and hw.gemm_rate(1e12, "bfloat16") == 4e9
+    big = KernelProfile([Kernel("mm", 2 * 512 ** 3, 0.0, 1.0, matmul=True), Kernel("add", 2 * 512 ** 3, 0.0, 1.0)], 0)
+    r = roofline(0, 0, [], hw, "float32", 0, 1, profile=big)
+    assert r.compute_s == pytest.approx(2 * 512 ** 3 / 6e9 + 2 * 512 ** 3 / 3e9)
+    assert replace(hw, gemm_rates=()).gemm_rate(middle, "float32") == 3e9    # no curve: the one rate
+
+
+def test_kernel_profile_marks_matmul_kernels():
+    def fn(x, w):
+        return jnp.tanh(x @ w) + 1.0, x * 2.0
+
+    program = HloProgram(jax.jit(fn).lower(jnp.ones((64, 48), jnp.float32), jnp.ones((48, 32))).compile().as_text())
+    kernels = program.kernel_profile().kernels
+    assert any(k.matmul and k.flops >= 2 * 64 * 48 * 32 for k in kernels)
+    assert any(not k.matmul and k.bytes for k in kernels)

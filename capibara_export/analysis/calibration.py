@@ -14,7 +14,9 @@ same HLO reader, so the model reproduces its calibration programs by constructio
                     and what is left per call
   loop              the same tiny body in a `fori_loop` of 16 and 128 iterations: the time
                     per extra iteration beyond its kernels (0 if the compiler unrolled both)
-  P                 a model-sized GEMM per device (f32 and bf16), net of the overheads
+  P                 a model-sized GEMM per device (f32 and bf16), net of the overheads; on a
+                    CPU host a 512^3 one too (1024^3 on one device): a matmul kernel's rate
+                    is interpolated for its size (1.6x between the two on 32 devices)
   W                 an elementwise add over a large array (read + write), net of them; on a
                     CPU host also the same bytes written transposed (W for transposing kernels)
   collectives       (several CPU devices) chains of tiny dependent all-gathers over all the
@@ -47,7 +49,7 @@ from pathlib import Path
 from .hardware import CPU_PLACEHOLDER, Hardware
 from .hlo import COLLECTIVES, HloProgram
 
-CALIBRATION_VERSION = 2  # 2: collectives measured as chains, a transposing copy's bandwidth
+CALIBRATION_VERSION = 2  # 2: collectives as chains, a transposing copy's bandwidth, GEMM rates by size
 SECONDS = 0.4  # per timed measurement
 
 
@@ -87,8 +89,12 @@ def _measure_cpu(hardware: Hardware, devices: list) -> dict:
     n = len(devices)
     over = _overheads(devices)
     size = 512 if n == 1 else 256
-    f32 = _gemm_rate(devices, size, "float32", over)
-    bf16 = _gemm_rate(devices, size, "bfloat16", over)
+    # no smaller sizes: a 64^3 or 128^3 GEMM's time is mostly the call overhead subtracted from
+    # it, and pricing tiny's kernels at those rates took its median error from 17% to 24%
+    sizes = (256, 512) if n > 1 else (512, 1024)
+    curve = tuple((2.0 * s ** 3, _gemm_rate(devices, s, "float32", over), _gemm_rate(devices, s, "bfloat16", over))
+                  for s in sizes)
+    f32, bf16 = next((f, b) for flops, f, b in curve if flops == 2.0 * size ** 3)
     bandwidth = _bandwidth(devices, 64 * 2 ** 20, over)
     transposing = _bandwidth(devices, 64 * 2 ** 20, over, transpose=True)
     coll = _collective_costs(devices, over) if n > 1 else {"hop": 0.0, "overhead": 0.0, "all_reduce": 2.0}
@@ -96,13 +102,15 @@ def _measure_cpu(hardware: Hardware, devices: list) -> dict:
                 f"{coll['all_reduce']:.2f}x an all-gather's hops (chains of tiny collectives over {n} devices and "
                 f"groups of {coll['group']})") if n > 1 else ""
     note = (f"measured on {socket.gethostname()} at run time with all {n} devices at once: {size}^3 GEMM "
-            f"f32 {f32:.3g} / bf16 {bf16:.3g} FLOP/s, add over 64 MiB {bandwidth:.3g} B/s per device "
+            f"f32 {f32:.3g} / bf16 {bf16:.3g} FLOP/s (f32 at {'/'.join(f'{s}^3' for s in sizes)}: "
+            f"{' / '.join(f'{f:.2g}' for _, f, _ in curve)}), add over 64 MiB {bandwidth:.3g} B/s per device "
             f"(transposed {transposing:.3g}), "
             f"kernel {over['kernel'] * 1e6:.1f} us, loop iteration {over['loop'] * 1e6:.1f} us, "
             f"call {over['call'] * 1e6:.0f} us{hop_note}")
     return {"peak_bf16_flops": f32, "peak_fp32_flops": f32, "hbm_bandwidth": bandwidth,
             "achieved_fp32_flops": f32, "achieved_bf16_flops": bf16, "achieved_bandwidth": bandwidth,
-            "transpose_bandwidth": transposing, "hbm_bytes": hardware.hbm_bytes // n, "ici_hop_latency": coll["hop"],
+            "transpose_bandwidth": transposing, "gemm_rates": curve, "hbm_bytes": hardware.hbm_bytes // n,
+            "ici_hop_latency": coll["hop"],
             "collective_overhead": coll["overhead"], "all_reduce_latency_factor": coll["all_reduce"],
             "overlaps_communication": False,
             "kernel_overhead": over["kernel"], "loop_overhead": over["loop"], "call_overhead": over["call"],

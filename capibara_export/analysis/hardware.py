@@ -9,6 +9,7 @@ host has no fixed figures; its entry is filled by a short calibration when asked
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -43,6 +44,9 @@ class Hardware:
     achieved_fp32_flops: float = 0.0
     achieved_bandwidth: float = 0.0    # a large copy's rate (read + write), B/s per device
     transpose_bandwidth: float = 0.0   # a transposing copy's rate (0: as achieved_bandwidth)
+    # GEMM rate by size: (FLOPs of one GEMM, f32 FLOP/s, bf16 FLOP/s) points, smallest first;
+    # a matmul kernel's FLOPs take the rate interpolated for its size (empty: the one rate above)
+    gemm_rates: tuple = ()
     kernel_overhead: float = 0.0       # seconds per kernel launch beyond its work
     loop_overhead: float = 0.0         # seconds per while-loop iteration beyond its kernels
     call_overhead: float = 0.0         # seconds per program call (dispatch), once
@@ -58,6 +62,25 @@ class Hardware:
     def achievable_flops(self, compute_dtype: str) -> float:
         achieved = self.achieved_bf16_flops if compute_dtype == "bfloat16" else self.achieved_fp32_flops
         return achieved or self.peak_flops(compute_dtype)
+
+    def __post_init__(self):  # a JSON cache gives lists: keep the entry hashable and comparable
+        object.__setattr__(self, "gemm_rates", tuple(tuple(p) for p in self.gemm_rates))
+
+    def gemm_rate(self, flops: float, compute_dtype: str) -> float:
+        """FLOP/s for one matmul kernel of `flops`: log-log interpolation between the measured
+        sizes, the end points beyond them (on the 2-core host's 32 simulated devices a 512^3
+        GEMM ran at 1.6x a 256^3 one's rate)."""
+        column = 2 if compute_dtype == "bfloat16" else 1
+        points = [(p[0], p[column]) for p in self.gemm_rates if p[0] > 0 and p[column] > 0]
+        if not points or flops <= 0:
+            return self.achievable_flops(compute_dtype)
+        if flops <= points[0][0]:
+            return points[0][1]
+        for (f0, r0), (f1, r1) in zip(points, points[1:]):
+            if flops <= f1:
+                w = math.log(flops / f0) / math.log(f1 / f0)
+                return math.exp(math.log(r0) * (1 - w) + math.log(r1) * w)
+        return points[-1][1]
 
     def achievable_bandwidth(self, transposes: bool = False) -> float:
         """B/s per device for a kernel's bytes; a kernel that transposes gets the measured

@@ -36,6 +36,7 @@ ELEMENTWISE = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "n
                "shift-right-arithmetic", "is-finite", "real", "imag"}
 NO_MEMORY = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "call", "conditional",
              "after-all", "partition-id", "replica-id", "opt-barrier", "iota", "add-dependency"}
+MATMULS = ("dot", "convolution")
 COLLECTIVES = {"all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute"}
 
 _HEAD = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*")
@@ -206,6 +207,7 @@ class Kernel:
     bytes: float
     times: float         # runs per program call, loop-corrected
     transposes: bool = False   # moves elements across a layout change (a transpose in it or fused into it)
+    matmul: bool = False       # a dot or convolution (or one fused into it, or a library GEMM call)
 
 
 @dataclass
@@ -462,7 +464,8 @@ class HloProgram:
                 fused = dict(inst.called()).get("calls", "") if op == "fusion" else ""
                 flops = own.flops + (self._fused_flops(fused) if fused else 0.0)
                 transposes = op == "transpose" or (bool(fused) and self._fuses(fused, "transpose"))
-                kernels.append(Kernel(inst.name, flops, own.bytes, self.multiplier[name], transposes))
+                matmul = own.matmul_flops > 0 or (bool(fused) and any(self._fuses(fused, o) for o in MATMULS))
+                kernels.append(Kernel(inst.name, flops, own.bytes, self.multiplier[name], transposes, matmul))
         iterations = sum(loop.trip_count * loop.multiplier for loop in self.loops)
         return KernelProfile(kernels, iterations)
 

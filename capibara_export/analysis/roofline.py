@@ -31,7 +31,8 @@ part is priced per kernel instead of for the program as a whole:
 
     kernels  = call + Σ_k times_k · (κ + max(F_k / P', B_k / W')) + iterations · λ
 
-where P' and W' are the achievable GEMM rate and copy bandwidth (a transposing kernel's
+where P' and W' are the achievable GEMM rate (a matmul kernel's at its size, where the
+calibration measured several) and copy bandwidth (a transposing kernel's
 W' is the measured transposing copy's, where there is one) and κ, λ and call the
 per-kernel, per-loop-iteration and per-call overheads (calibration.py measures all five on
 a CPU host and a local GPU; TPU entries have the published peaks and no overheads). A
@@ -156,7 +157,7 @@ def _per_kernel(profile: KernelProfile, hardware: Hardware, compute_dtype: str) 
     bandwidth = {False: hardware.achievable_bandwidth(), True: hardware.achievable_bandwidth(transposes=True)}
     compute = memory = work = 0.0
     for k in profile.kernels:
-        c = k.flops / rate if rate else 0.0
+        c = k.flops / (hardware.gemm_rate(k.flops, compute_dtype) if k.matmul else rate) if rate else 0.0
         m = k.bytes / bandwidth[k.transposes] if bandwidth[k.transposes] else 0.0
         compute += k.times * c
         memory += k.times * m
