@@ -36,7 +36,7 @@ ELEMENTWISE = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "n
                "shift-right-arithmetic", "is-finite", "real", "imag"}
 NO_MEMORY = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "call", "conditional",
              "after-all", "partition-id", "replica-id", "opt-barrier", "iota", "add-dependency"}
-MATMULS = ("dot", "convolution")
+MATMULS = frozenset({"dot", "convolution"})
 COLLECTIVES = {"all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute"}
 
 _HEAD = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*")
@@ -463,19 +463,29 @@ class HloProgram:
                 own = self.instruction_costs(comp, inst)
                 fused = dict(inst.called()).get("calls", "") if op == "fusion" else ""
                 flops = own.flops + (self._fused_flops(fused) if fused else 0.0)
-                transposes = op == "transpose" or (bool(fused) and self._fuses(fused, "transpose"))
-                matmul = own.matmul_flops > 0 or (bool(fused) and any(self._fuses(fused, o) for o in MATMULS))
+                ops = self._fused_opcodes(fused) | {op} if fused else {op}
+                transposes, matmul = "transpose" in ops, own.matmul_flops > 0 or bool(ops & MATMULS)
                 kernels.append(Kernel(inst.name, flops, own.bytes, self.multiplier[name], transposes, matmul))
         iterations = sum(loop.trip_count * loop.multiplier for loop in self.loops)
         return KernelProfile(kernels, iterations)
 
-    def _fuses(self, name: str, opcode: str, depth: int = 0) -> bool:
-        """Whether a fused computation (or one fused into it) holds an `opcode` instruction."""
-        comp = self.computations.get(name)
-        if comp is None or depth > 8:
-            return False
-        return any(inst.opcode == opcode or (inst.opcode == "fusion" and self._fuses(
-            dict(inst.called()).get("calls", ""), opcode, depth + 1)) for inst in comp.instructions)
+    @cached_property
+    def _opcode_memo(self) -> dict[str, frozenset[str]]:
+        return {}
+
+    def _fused_opcodes(self, name: str, depth: int = 0) -> frozenset[str]:
+        """Every opcode in a fused computation and the fusions nested in it (one walk each,
+        remembered: a fused computation is read once however many flags ask)."""
+        memo = self._opcode_memo
+        if name not in memo:
+            comp = self.computations.get(name)
+            ops: set[str] = set()
+            for inst in comp.instructions if comp is not None and depth <= 8 else ():
+                ops.add(inst.opcode)
+                if inst.opcode == "fusion":
+                    ops |= self._fused_opcodes(dict(inst.called()).get("calls", ""), depth + 1)
+            memo[name] = frozenset(ops)
+        return memo[name]
 
     def _fused_flops(self, name: str, depth: int = 0) -> float:
         comp = self.computations.get(name)

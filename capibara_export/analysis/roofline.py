@@ -157,8 +157,10 @@ def _per_kernel(profile: KernelProfile, hardware: Hardware, compute_dtype: str) 
     bandwidth = {False: hardware.achievable_bandwidth(), True: hardware.achievable_bandwidth(transposes=True)}
     compute = memory = work = 0.0
     for k in profile.kernels:
-        c = k.flops / (hardware.gemm_rate(k.flops, compute_dtype) if k.matmul else rate) if rate else 0.0
-        m = k.bytes / bandwidth[k.transposes] if bandwidth[k.transposes] else 0.0
+        p = hardware.gemm_rate(k.flops, compute_dtype) if k.matmul else rate
+        w = bandwidth[k.transposes]
+        c = k.flops / p if p else 0.0
+        m = k.bytes / w if w else 0.0
         compute += k.times * c
         memory += k.times * m
         work += k.times * max(c, m)
