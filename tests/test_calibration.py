@@ -36,6 +36,23 @@ def test_kernel_profile_marks_kernels_that_transpose():
     assert marked == {True, False}
 
 
+def test_kernel_profile_marks_matrix_vector_products():
+    """A dot of one row (a batch-1 decode step's projection), bare or batched, is marked
+    matrix-vector; the same dot of 8 rows is a GEMM; an elementwise kernel is neither."""
+    def marks(rows):
+        x, w = jnp.ones((4, rows, 64), jnp.float32), jnp.ones((4, 64, 32), jnp.float32)
+        fns = (lambda x, w: jnp.tanh(x[0] @ w[0]), lambda x, w: jnp.einsum("bmk,bkn->bmn", x, w) + 1.0)
+        found = set()
+        for fn in fns:
+            kernels = HloProgram(jax.jit(fn).lower(x, w).compile().as_text()).kernel_profile().kernels
+            found |= {(k.matmul, k.matvec) for k in kernels if k.matmul}
+            assert not any(k.matvec for k in kernels if not k.matmul)
+        return found
+
+    assert marks(1) == {(True, True)}
+    assert marks(8) == {(True, False)}
+
+
 def test_kernel_profile_agrees_with_program_totals():
     """On a compiled program (a scanned MLP in a fori_loop): the kernels' FLOPs and bytes,
     summed with their run counts, are the program's loop-corrected totals."""
@@ -80,6 +97,15 @@ def test_per_kernel_roofline_terms():
     assert roofline(0, 6e6, [], hw, "bfloat16", 0, 1, profile=moved).memory_s == pytest.approx(6e-3)  # no figure: W'
     slow = replace(hw, transpose_bandwidth=2.5e8)
     assert roofline(0, 6e6, [], slow, "bfloat16", 0, 1, profile=moved).memory_s == pytest.approx(12e-3 + 3e-3)
+    # a GEMM's bytes at the measured skinny GEMM's rate; a matrix-vector product's at W'
+    gemms = KernelProfile([Kernel("g", 1e3, 3e6, 1.0, matmul=True),
+                           Kernel("v", 1e3, 3e6, 1.0, matmul=True, matvec=True)], iterations=0)
+    assert roofline(0, 6e6, [], hw, "bfloat16", 0, 1, profile=gemms).memory_s == pytest.approx(6e-3)  # no figure
+    skinny = replace(hw, matmul_bandwidth=5e8)
+    assert roofline(0, 6e6, [], skinny, "bfloat16", 0, 1, profile=gemms).memory_s == pytest.approx(6e-3 + 3e-3)
+    both = KernelProfile([Kernel("gt", 0.0, 3e6, 1.0, transposes=True, matmul=True)], iterations=0)
+    assert roofline(0, 3e6, [], replace(slow, matmul_bandwidth=5e8), "bfloat16", 0, 1,
+                    profile=both).memory_s == pytest.approx(12e-3)   # the slower of its two rates
     # without a profile: the whole-program roofline as before (peaks, no overheads)
     whole = roofline(2e9, 3.1e7, [], hw, "bfloat16", 2e9, 1)
     assert whole.latency_s == pytest.approx(max(2e9 / hw.peak_bf16_flops, 3.1e7 / hw.hbm_bandwidth))
@@ -118,6 +144,7 @@ def test_calibration_is_measured_once_per_machine(tmp_path, monkeypatch):
     assert first.ici_hop_latency + first.collective_overhead > 0     # a rendezvous of 4 threads is not free
     assert 1.0 <= first.all_reduce_latency_factor <= 2.0 and "per hop" in first.calibration
     assert 0 < first.transpose_bandwidth and "transposed" in first.calibration
+    assert 0 < first.matmul_bandwidth and "GEMM's bytes" in first.calibration
     assert len(first.gemm_rates) == 2 and all(f > 0 and b > 0 for _, f, b in first.gemm_rates)
     assert (tmp_path / "calibration.json").is_file()
 

@@ -19,6 +19,8 @@ same HLO reader, so the model reproduces its calibration programs by constructio
                     is interpolated for its size (1.6x between the two on 32 devices)
   W                 an elementwise add over a large array (read + write), net of them; on a
                     CPU host also the same bytes written transposed (W for transposing kernels)
+                    and a skinny GEMM's bytes (1600x4x512 per device: W for every matmul
+                    kernel that is not matrix-vector; XLA:CPU streams those at 0.4-0.5x the add)
   collectives       (several CPU devices) chains of tiny dependent all-gathers over all the
                     devices and over groups of 4, and of all-reduces: a fixed time per
                     collective, a time per hop, and an all-reduce's hops in all-gathers'
@@ -49,7 +51,7 @@ from pathlib import Path
 from .hardware import CPU_PLACEHOLDER, Hardware
 from .hlo import COLLECTIVES, HloProgram
 
-CALIBRATION_VERSION = 2  # 2: collectives as chains, a transposing copy's bandwidth, GEMM rates by size
+CALIBRATION_VERSION = 3  # 2: collectives as chains, a transposing copy's bandwidth, GEMM rates by size; 3: skinny GEMM
 SECONDS = 0.4  # per timed measurement
 
 
@@ -97,6 +99,7 @@ def _measure_cpu(hardware: Hardware, devices: list) -> dict:
     f32, bf16 = next((f, b) for flops, f, b in curve if flops == 2.0 * size ** 3)
     bandwidth = _bandwidth(devices, 64 * 2 ** 20, over)
     transposing = _bandwidth(devices, 64 * 2 ** 20, over, transpose=True)
+    skinny = _gemm_bandwidth(devices, over)
     coll = _collective_costs(devices, over) if n > 1 else {"hop": 0.0, "overhead": 0.0, "all_reduce": 2.0}
     hop_note = (f", collective {coll['overhead'] * 1e6:.0f} us + {coll['hop'] * 1e6:.1f} us per hop, all-reduce "
                 f"{coll['all_reduce']:.2f}x an all-gather's hops (chains of tiny collectives over {n} devices and "
@@ -104,12 +107,13 @@ def _measure_cpu(hardware: Hardware, devices: list) -> dict:
     note = (f"measured on {socket.gethostname()} at run time with all {n} devices at once: {size}^3 GEMM "
             f"f32 {f32:.3g} / bf16 {bf16:.3g} FLOP/s (f32 at {'/'.join(f'{s}^3' for s in sizes)}: "
             f"{' / '.join(f'{f:.2g}' for _, f, _ in curve)}), add over 64 MiB {bandwidth:.3g} B/s per device "
-            f"(transposed {transposing:.3g}), "
+            f"(transposed {transposing:.3g}, a 1600x4x512 GEMM's bytes {skinny:.3g}), "
             f"kernel {over['kernel'] * 1e6:.1f} us, loop iteration {over['loop'] * 1e6:.1f} us, "
             f"call {over['call'] * 1e6:.0f} us{hop_note}")
     return {"peak_bf16_flops": f32, "peak_fp32_flops": f32, "hbm_bandwidth": bandwidth,
             "achieved_fp32_flops": f32, "achieved_bf16_flops": bf16, "achieved_bandwidth": bandwidth,
-            "transpose_bandwidth": transposing, "gemm_rates": curve, "hbm_bytes": hardware.hbm_bytes // n,
+            "transpose_bandwidth": transposing, "matmul_bandwidth": skinny, "gemm_rates": curve,
+            "hbm_bytes": hardware.hbm_bytes // n,
             "ici_hop_latency": coll["hop"],
             "collective_overhead": coll["overhead"], "all_reduce_latency_factor": coll["all_reduce"],
             "overlaps_communication": False,
@@ -259,6 +263,23 @@ def _bandwidth(devices: list, total_bytes: int, over: dict, transpose: bool = Fa
     x = _sharded(devices, (per_device,), jnp.float32)
     seconds, program = _timed(lambda v: v + 1.0, x)
     return 2 * 4 * per_device / _net(seconds, program, over)
+
+
+def _gemm_bandwidth(devices: list, over: dict, shape: tuple = (1600, 4, 512)) -> float:
+    """B/s per device of a memory-bound GEMM (its operands read, its result written), every
+    device at once. XLA:CPU's GEMMs of a few rows or a thin contraction (embed-sharded
+    projections; a decode step's at batch 8) move their bytes at 0.4-0.5x an add's rate
+    (1600x4x512 2.0-2.5e8 B/s, 8x768x3072 2.5e8, add 5.4-5.9e8 on the 2-core host), while
+    one row (a matrix-vector product) streams at the add's: the roofline prices matmul
+    kernels' bytes at this rate and matrix-vector kernels' at W."""
+    import jax.numpy as jnp
+
+    m, k, n = shape
+    a = _sharded(devices, (m, k), jnp.float32)
+    b = _sharded(devices, (k, n), jnp.float32)
+    per = len(devices)
+    seconds, program = _timed(lambda x, y: jnp.einsum("dmk,dkn->dmn", x.reshape(per, m, k), y.reshape(per, k, n)), a, b)
+    return 4 * (m * k + k * n + m * n) / _net(seconds, program, over)
 
 
 def _collective_costs(devices: list, over: dict) -> dict:

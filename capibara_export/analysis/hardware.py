@@ -44,6 +44,7 @@ class Hardware:
     achieved_fp32_flops: float = 0.0
     achieved_bandwidth: float = 0.0    # a large copy's rate (read + write), B/s per device
     transpose_bandwidth: float = 0.0   # a transposing copy's rate (0: as achieved_bandwidth)
+    matmul_bandwidth: float = 0.0      # a memory-bound (skinny) GEMM's rate, bytes (0: as achieved_bandwidth)
     # GEMM rate by size: (FLOPs of one GEMM, f32 FLOP/s, bf16 FLOP/s) points, smallest first;
     # a matmul kernel's FLOPs take the rate interpolated for its size (empty: the one rate above)
     gemm_rates: tuple = ()
@@ -82,11 +83,14 @@ class Hardware:
                 return math.exp(math.log(r0) * (1 - w) + math.log(r1) * w)
         return points[-1][1]
 
-    def achievable_bandwidth(self, transposes: bool = False) -> float:
+    def achievable_bandwidth(self, transposes: bool = False, gemm: bool = False) -> float:
         """B/s per device for a kernel's bytes; a kernel that transposes gets the measured
-        transposing rate where there is one (XLA:CPU: 0.2-0.4x a streaming copy's)."""
+        transposing rate where there is one (XLA:CPU: 0.2-0.4x a streaming copy's), a GEMM
+        (a matmul that is not matrix-vector) the measured skinny GEMM's (XLA:CPU: 1600x4x512
+        or 8x768x3072 dots stream their bytes at 0.4-0.5x the add's rate)."""
         plain = self.achieved_bandwidth or self.hbm_bandwidth
-        return (self.transpose_bandwidth or plain) if transposes else plain
+        rates = [r for r, use in ((self.transpose_bandwidth, transposes), (self.matmul_bandwidth, gemm)) if use and r]
+        return min(rates, default=plain)
 
 
 # No TPU is reachable from here: TPU entries keep the published peaks, and no per-kernel or

@@ -37,6 +37,7 @@ ELEMENTWISE = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "n
 NO_MEMORY = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "call", "conditional",
              "after-all", "partition-id", "replica-id", "opt-barrier", "iota", "add-dependency"}
 MATMULS = frozenset({"dot", "convolution"})
+MATVEC = "dot/matvec"  # a marker among a fused computation's opcodes (hlo.HloProgram._fused_opcodes)
 COLLECTIVES = {"all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute"}
 
 _HEAD = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*")
@@ -47,6 +48,7 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _DIMS = re.compile(r"(lhs_contracting_dims|dimensions)=\{([\d,]*)\}")
+_DOT_DIMS = re.compile(r"\b([lr]hs_(?:contracting|batch)_dims)=\{([\d,]*)\}")
 _GEMM_TARGET = re.compile(r'custom_call_target="(__cublas\$gemm|__cublas\$lt\$matmul[\w$]*)"')
 _GEMM_CONTRACTING = re.compile(r'"lhs_contracting_dimensions":\[([^\]]*)\]')
 _DIRECTION = re.compile(r"direction=(\w+)")
@@ -208,6 +210,7 @@ class Kernel:
     times: float         # runs per program call, loop-corrected
     transposes: bool = False   # moves elements across a layout change (a transpose in it or fused into it)
     matmul: bool = False       # a dot or convolution (or one fused into it, or a library GEMM call)
+    matvec: bool = False       # its dots are matrix-vector products (one row or column: XLA:CPU streams them)
 
 
 @dataclass
@@ -227,6 +230,19 @@ class Loop:
     trip_count: int
     source: str          # known_trip_count | condition | unknown (counted once)
     multiplier: float    # how many times the loop instruction itself runs
+
+
+def _matvec(comp: Computation, inst: Instruction) -> bool:
+    """A dot with a single row or column beside its batch and contracting dimensions (a
+    batch-1 decode step's projections): XLA:CPU runs it as a matrix-vector product that
+    streams the matrix at the copy rate, where a skinny GEMM of a few rows runs at 0.4x it."""
+    dims = {k: [int(d) for d in v.split(",") if d] for k, v in _DOT_DIMS.findall(inst.attrs)}
+    free = []
+    for side, operand in zip(("lhs", "rhs"), inst.operands[:2]):
+        shape = comp.by_name[operand].shape.dims if operand in comp.by_name else ()
+        bound = set(dims.get(f"{side}_contracting_dims", [])) | set(dims.get(f"{side}_batch_dims", []))
+        free.append(math.prod(n for d, n in enumerate(shape) if d not in bound))
+    return len(free) == 2 and min(free) == 1
 
 
 class HloProgram:
@@ -465,7 +481,8 @@ class HloProgram:
                 flops = own.flops + (self._fused_flops(fused) if fused else 0.0)
                 ops = self._fused_opcodes(fused) | {op} if fused else {op}
                 transposes, matmul = "transpose" in ops, own.matmul_flops > 0 or bool(ops & MATMULS)
-                kernels.append(Kernel(inst.name, flops, own.bytes, self.multiplier[name], transposes, matmul))
+                matvec = matmul and (MATVEC in ops if fused else op == "dot" and _matvec(comp, inst))
+                kernels.append(Kernel(inst.name, flops, own.bytes, self.multiplier[name], transposes, matmul, matvec))
         iterations = sum(loop.trip_count * loop.multiplier for loop in self.loops)
         return KernelProfile(kernels, iterations)
 
@@ -475,15 +492,21 @@ class HloProgram:
 
     def _fused_opcodes(self, name: str, depth: int = 0) -> frozenset[str]:
         """Every opcode in a fused computation and the fusions nested in it (one walk each,
-        remembered: a fused computation is read once however many flags ask)."""
+        remembered: a fused computation is read once however many flags ask), and MATVEC
+        where every dot in it is a matrix-vector product."""
         memo = self._opcode_memo
         if name not in memo:
             comp = self.computations.get(name)
             ops: set[str] = set()
+            dots = []
             for inst in comp.instructions if comp is not None and depth <= 8 else ():
                 ops.add(inst.opcode)
+                if inst.opcode == "dot":
+                    dots.append(_matvec(comp, inst))
                 if inst.opcode == "fusion":
                     ops |= self._fused_opcodes(dict(inst.called()).get("calls", ""), depth + 1)
+            if dots and all(dots):
+                ops.add(MATVEC)
             memo[name] = frozenset(ops)
         return memo[name]
 

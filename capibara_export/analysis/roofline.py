@@ -33,7 +33,9 @@ part is priced per kernel instead of for the program as a whole:
 
 where P' and W' are the achievable GEMM rate (a matmul kernel's at its size, where the
 calibration measured several) and copy bandwidth (a transposing kernel's
-W' is the measured transposing copy's, where there is one) and κ, λ and call the
+W' is the measured transposing copy's, a GEMM's that is not matrix-vector the measured
+skinny GEMM's, where there is one: XLA:CPU moves a few-row or thin GEMM's bytes at 0.4-0.5x
+an add's rate) and κ, λ and call the
 per-kernel, per-loop-iteration and per-call overheads (calibration.py measures all five on
 a CPU host and a local GPU; TPU entries have the published peaks and no overheads). A
 kernel that is memory-bound no longer hides under another that is compute-bound, and a
@@ -154,11 +156,11 @@ def roofline(flops: float, bytes_accessed: float, found: list[Collective], hardw
 def _per_kernel(profile: KernelProfile, hardware: Hardware, compute_dtype: str) -> tuple[float, ...]:
     """(compute, memory, overhead, total) seconds of the kernels and the launch count."""
     rate = hardware.achievable_flops(compute_dtype)
-    bandwidth = {False: hardware.achievable_bandwidth(), True: hardware.achievable_bandwidth(transposes=True)}
+    bandwidth = {(t, gemm): hardware.achievable_bandwidth(t, gemm) for t in (False, True) for gemm in (False, True)}
     compute = memory = work = 0.0
     for k in profile.kernels:
         p = hardware.gemm_rate(k.flops, compute_dtype) if k.matmul else rate
-        w = bandwidth[k.transposes]
+        w = bandwidth[k.transposes, k.matmul and not k.matvec]
         c = k.flops / p if p else 0.0
         m = k.bytes / w if w else 0.0
         compute += k.times * c
