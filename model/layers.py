@@ -114,6 +114,16 @@ class LayerNorm(nnx.Module):
         return y.astype(self.dtype)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, x·Φ(x) = x/2·(1 + erf(x/√2)): the formulation torch's (and so the Hugging
+    Face BLIP reference's) `gelu` computes. `jax.nn.gelu(approximate=False)` writes it with
+    erfc(−x/√2), which XLA expands into two rational approximations, an exp and a select:
+    on XLA:CPU that kernel took 0.435 ms for a (197, 1536) f32 block against 0.219 ms for this
+    one, and both are within 1.1e-6 of a float64 reference (torch: 1.2e-6)."""
+    half, root_half = (jnp.asarray(v, x.dtype) for v in (0.5, math.sqrt(0.5)))
+    return half * x * (1 + jax.lax.erf(x * root_half))
+
+
 class Mlp(nnx.Module):
     def __init__(self, width: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs, layout: str = "in-out"):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, layout=layout)
@@ -122,7 +132,7 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         with jax.named_scope("mlp"):
-            return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+            return self.fc2(gelu(self.fc1(x)))
 
 
 GPU_KERNEL_CHOICES = ("cudnn", "cudnn-cross", "unroll-layers", "unroll-decode", "flat-dots",

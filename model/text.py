@@ -25,6 +25,7 @@ from .layers import (
     LayerNorm,
     Mlp,
     attention,
+    gelu,
     gpu_kernels,
     pallas_interpret,
     param,
@@ -175,7 +176,7 @@ class TextTower(nnx.Module):
         if self.head_dense is None:
             raise ValueError("this text tower has no LM head (it is the retrieval encoder)")
         with jax.named_scope("lm_head"):
-            h = self.head_ln(jax.nn.gelu(self.head_dense(hidden_btd), approximate=False))
+            h = self.head_ln(gelu(self.head_dense(hidden_btd)))
             out = jnp.einsum("btd,vd->btv", h, weight(self.word_embed, self.dtype))
             out = out + weight(self.head_bias, self.dtype)
             return constrain(out.astype(jnp.float32), (BATCH, SEQ, VOCAB))
