@@ -119,7 +119,13 @@ def gelu(x: jax.Array) -> jax.Array:
     Face BLIP reference's) `gelu` computes. `jax.nn.gelu(approximate=False)` writes it with
     erfc(−x/√2), which XLA expands into two rational approximations, an exp and a select:
     on XLA:CPU that kernel took 0.435 ms for a (197, 1536) f32 block against 0.219 ms for this
-    one, and both are within 1.1e-6 of a float64 reference (torch: 1.2e-6)."""
+    one, and both are within 1.1e-6 of a float64 reference (torch: 1.2e-6).
+
+    Under `portable_kernels()` (artifacts another runtime deserializes) it stays the erfc form:
+    JAX 0.10.2 serializes `erf` as a `chlo.erf` composite (vhlo.composite_v2) that
+    TensorFlow 2.21's StableHLO 1.13.7 cannot read, so a SavedModel holding it fails to load."""
+    if _PORTABLE[0]:
+        return jax.nn.gelu(x, approximate=False)
     half, root_half = (jnp.asarray(v, x.dtype) for v in (0.5, math.sqrt(0.5)))
     return half * x * (1 + jax.lax.erf(x * root_half))
 
@@ -158,9 +164,10 @@ def _tracing_for_local_gpu() -> bool:
 
 @contextlib.contextmanager
 def portable_kernels():
-    """Trace without any GPU-only kernel choice, even on a GPU host: what jax.export
-    artifacts need (cuDNN and Triton custom calls carry no compatibility guarantee, and a
-    Triton grid cannot take a symbolic batch)."""
+    """Trace without any GPU-only kernel choice, even on a GPU host, and with only ops every
+    consumer of a serialized program reads (the GELU's erfc form, see `gelu`): what jax.export
+    and SavedModel artifacts need (cuDNN and Triton custom calls carry no compatibility
+    guarantee, and a Triton grid cannot take a symbolic batch)."""
     _PORTABLE[0] += 1
     try:
         yield

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from model import portable_kernels
+
 from .serving import INPUT_NAMES, ServingFunction, example_inputs
 from .stablehlo import PLATFORMS
 from .warmup import write_warmup
@@ -38,7 +40,14 @@ def save(folder: Path, servings: dict[str, ServingFunction], flat_params: dict, 
          batch_sizes=(1,)) -> list[dict]:
     """Write a SavedModel with one signature per entry in `servings` plus `serving_default`
     (caption, else the first), and TF Serving warmup requests for every signature at every
-    batch size; returns the signatures as the manifest describes them."""
+    batch size; returns the signatures as the manifest describes them. Traced with portable
+    kernels: TensorFlow deserializes the StableHLO with its own, older StableHLO."""
+    with portable_kernels():
+        return _save(folder, servings, flat_params, model_name, batch_sizes)
+
+
+def _save(folder: Path, servings: dict[str, ServingFunction], flat_params: dict, model_name: str,
+          batch_sizes) -> list[dict]:
     import tensorflow as tf
     from jax.experimental import jax2tf
 
