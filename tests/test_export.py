@@ -123,7 +123,9 @@ def _pixels(path: Path, batch: int = 32, size: int = 32) -> Path:
 
 def test_serve_runs_the_executable_on_the_mesh_by_position_and_matches_the_export(cpu_bundle, tmp_path):
     """One process (a CPU bundle): the serialized executable where trust allows, else the sharded
-    export; identical outputs, written by process 0."""
+    export; the same outputs, written by process 0. Equal to float32 rounding, not bit for bit:
+    the executable (compiled by the build) computes the GELU in its erf form, the portable export
+    in its erfc form (model.layers.gelu)."""
     import numpy as np
 
     pixels = _pixels(tmp_path / "in.npz")
@@ -139,7 +141,8 @@ def test_serve_runs_the_executable_on_the_mesh_by_position_and_matches_the_expor
         with np.load(out) as data:
             outs[flag] = data["image_embeds"]
     a, b = outs.values()
-    assert a.shape[0] == 32 and np.array_equal(a, b)
+    assert a.shape[0] == 32 and not np.array_equal(a, np.zeros_like(a))
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
 def _flip_one_byte(path: Path) -> Path:
