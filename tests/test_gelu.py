@@ -19,7 +19,7 @@ def _reference(x: np.ndarray) -> np.ndarray:
 def test_gelu_is_exact_in_both_forms():
     x = jax.random.normal(jax.random.PRNGKey(0), (64, 96), jnp.float32) * 3
     fast = np.asarray(jax.jit(gelu)(x))
-    with portable_kernels():
+    with portable_kernels():   # a new function object: jax.jit would reuse gelu's trace from above
         portable = np.asarray(jax.jit(lambda v: gelu(v))(x))
     np.testing.assert_allclose(fast, _reference(np.asarray(x)), atol=2e-6, rtol=0)
     np.testing.assert_allclose(portable, _reference(np.asarray(x)), atol=2e-6, rtol=0)
@@ -27,9 +27,12 @@ def test_gelu_is_exact_in_both_forms():
     assert jax.jit(gelu)(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16   # no promotion to f32
 
 
-def test_portable_gelu_serializes_without_composites():
-    """What a SavedModel's XlaCallModule must read: plain StableHLO, no composite op."""
+def test_compiled_programs_take_the_erf_form_and_portable_ones_serialize_without_composites():
+    """Compiled here: torch's erf form (the faster kernel on XLA:CPU). Serialized for another
+    runtime (a SavedModel's XlaCallModule): plain StableHLO, no composite op."""
     x = jax.ShapeDtypeStruct((4, 8), jnp.float32)
+    compiled_here = jax.jit(gelu).lower(x).as_text()
+    assert "chlo.erf" in compiled_here and "erfc" not in compiled_here
     with portable_kernels():
         text = jax.export.export(jax.jit(lambda v: gelu(v)))(x).mlir_module()
     ops = [line for line in text.splitlines() if not line.startswith("#loc")]

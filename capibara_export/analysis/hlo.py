@@ -503,8 +503,11 @@ class HloProgram:
                 ops.add(inst.opcode)
                 if inst.opcode == "dot":
                     dots.append(_matvec(comp, inst))
-                if inst.opcode == "fusion":
-                    ops |= self._fused_opcodes(dict(inst.called()).get("calls", ""), depth + 1)
+                if inst.opcode == "fusion":   # a nested fusion's dots count as this one's, its marker does not
+                    nested = self._fused_opcodes(dict(inst.called()).get("calls", ""), depth + 1)
+                    ops |= nested - {MATVEC}
+                    if "dot" in nested:
+                        dots.append(MATVEC in nested)
             if dots and all(dots):
                 ops.add(MATVEC)
             memo[name] = frozenset(ops)
