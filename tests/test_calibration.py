@@ -26,14 +26,45 @@ def test_kernel_profile_counts_launches_and_iterations():
     assert profile.launches == 24
 
 
-def test_kernel_profile_marks_kernels_that_transpose():
-    """A kernel with a transpose in it (or fused into it) is marked; the add next to it is not."""
+def test_kernel_profile_marks_kernels_that_gather_elements():
+    """A kernel with a transpose that changes the innermost dimension (or fused into it) is
+    marked; the add next to it is not, and neither is attention's (B, T, H, D) -> (B, H, T, D),
+    which keeps the innermost dimension and moves whole rows."""
     def fn(x):
         return jnp.swapaxes(x, 0, 1) * 2.0 + 1.0, jnp.tanh(x) + 1.0
 
     program = HloProgram(jax.jit(fn).lower(jnp.ones((64, 48), jnp.float32)).compile().as_text())
     marked = {k.transposes for k in program.kernel_profile().kernels if k.bytes}
     assert marked == {True, False}
+
+    def heads(x):   # (B, T, H, D): heads first (rows of D move), then keys transposed (elements move)
+        return jnp.transpose(x, (0, 2, 1, 3)) * 2.0, jnp.transpose(x, (0, 2, 3, 1)) * 3.0
+
+    program = HloProgram(jax.jit(heads).lower(jnp.ones((2, 17, 4, 8), jnp.float32)).compile().as_text())
+    kernels = [k for k in program.kernel_profile().kernels if k.bytes]
+    # XLA:CPU computes each product into a transposed layout, then copies it to row-major:
+    # of those copies only the keys' (tokens innermost) gathers elements
+    assert len(kernels) >= 2 and sum(k.transposes for k in kernels) == 1
+
+
+LAYOUT_MODULE = """HloModule m
+
+ENTRY main {
+  p = f32[4,16,1,8]{3,2,1,0} parameter(0)
+  t = f32[4,8,1,16]{1,2,3,0} transpose(p), dimensions={0,3,2,1}
+  q = f32[4,16,8]{2,1,0} parameter(1)
+  rows = f32[16,4,8]{2,1,0} transpose(q), dimensions={1,0,2}
+  c = f32[4,8,1,16]{3,2,1,0} copy(t)
+  ROOT out = (f32[4,8,1,16]{1,2,3,0}, f32[4,8,1,16]{3,2,1,0}, f32[16,4,8]{2,1,0}) tuple(t, c, rows)
+}
+"""
+
+
+def test_gathering_follows_layouts():
+    """XLA writes a transpose into its output's layout (physically a copy of whole rows) and
+    lets a copy change the layout: the physical innermost dimension decides, size-1 ones aside."""
+    kernels = {k.name: k.transposes for k in HloProgram(LAYOUT_MODULE).kernel_profile().kernels}
+    assert kernels == {"t": False, "c": True, "rows": False}
 
 
 def test_kernel_profile_marks_matrix_vector_products():
@@ -143,7 +174,7 @@ def test_calibration_is_measured_once_per_machine(tmp_path, monkeypatch):
     assert not first.overlaps_communication and first.ici_hop_latency >= 0 and first.collective_overhead >= 0
     assert first.ici_hop_latency + first.collective_overhead > 0     # a rendezvous of 4 threads is not free
     assert 1.0 <= first.all_reduce_latency_factor <= 2.0 and "per hop" in first.calibration
-    assert 0 < first.transpose_bandwidth and "transposed" in first.calibration
+    assert 0 < first.transpose_bandwidth and "element-gathering transpose" in first.calibration
     assert 0 < first.matmul_bandwidth and "GEMM's bytes" in first.calibration
     assert len(first.gemm_rates) == 2 and all(f > 0 and b > 0 for _, f, b in first.gemm_rates)
     assert (tmp_path / "calibration.json").is_file()

@@ -18,7 +18,8 @@ same HLO reader, so the model reproduces its calibration programs by constructio
                     CPU host a 512^3 one too (1024^3 on one device): a matmul kernel's rate
                     is interpolated for its size (1.6x between the two on 32 devices)
   W                 an elementwise add over a large array (read + write), net of them; on a
-                    CPU host also the same bytes written transposed (W for transposing kernels)
+                    CPU host also an attention block (8x197x6x64 per device) written with its
+                    tokens innermost (W for kernels that gather single elements)
                     and a skinny GEMM's bytes (1600x4x512 per device: W for every matmul
                     kernel that is not matrix-vector; XLA:CPU streams those at 0.4-0.5x the add)
   collectives       (several CPU devices) chains of tiny dependent all-gathers over all the
@@ -42,6 +43,7 @@ per-iteration overheads.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -51,7 +53,8 @@ from pathlib import Path
 from .hardware import CPU_PLACEHOLDER, Hardware
 from .hlo import COLLECTIVES, HloProgram
 
-CALIBRATION_VERSION = 3  # 2: collectives as chains, a transposing copy's bandwidth, GEMM rates by size; 3: skinny GEMM
+CALIBRATION_VERSION = 4  # 2: collectives as chains, a transposing copy's bandwidth, GEMM rates by size; 3: skinny GEMM;
+# 4: the transposing rate on an attention-shaped block
 SECONDS = 0.4  # per timed measurement
 
 
@@ -98,7 +101,7 @@ def _measure_cpu(hardware: Hardware, devices: list) -> dict:
                   for s in sizes)
     f32, bf16 = next((f, b) for flops, f, b in curve if flops == 2.0 * size ** 3)
     bandwidth = _bandwidth(devices, 64 * 2 ** 20, over)
-    transposing = _bandwidth(devices, 64 * 2 ** 20, over, transpose=True)
+    transposing = _transpose_bandwidth(devices, over)
     skinny = _gemm_bandwidth(devices, over)
     coll = _collective_costs(devices, over) if n > 1 else {"hop": 0.0, "overhead": 0.0, "all_reduce": 2.0}
     hop_note = (f", collective {coll['overhead'] * 1e6:.0f} us + {coll['hop'] * 1e6:.1f} us per hop, all-reduce "
@@ -107,7 +110,8 @@ def _measure_cpu(hardware: Hardware, devices: list) -> dict:
     note = (f"measured on {socket.gethostname()} at run time with all {n} devices at once: {size}^3 GEMM "
             f"f32 {f32:.3g} / bf16 {bf16:.3g} FLOP/s (f32 at {'/'.join(f'{s}^3' for s in sizes)}: "
             f"{' / '.join(f'{f:.2g}' for _, f, _ in curve)}), add over 64 MiB {bandwidth:.3g} B/s per device "
-            f"(transposed {transposing:.3g}, a 1600x4x512 GEMM's bytes {skinny:.3g}), "
+            f"(an element-gathering transpose of {'x'.join(map(str, TRANSPOSE_BLOCK))} {transposing:.3g}, "
+            f"a 1600x4x512 GEMM's bytes {skinny:.3g}), "
             f"kernel {over['kernel'] * 1e6:.1f} us, loop iteration {over['loop'] * 1e6:.1f} us, "
             f"call {over['call'] * 1e6:.0f} us{hop_note}")
     return {"peak_bf16_flops": f32, "peak_fp32_flops": f32, "hbm_bandwidth": bandwidth,
@@ -245,24 +249,34 @@ def _gemm_rate(devices: list, size, dtype: str, over: dict) -> float:
     return 2.0 * m * k * n / _net(seconds, program, over)
 
 
-def _bandwidth(devices: list, total_bytes: int, over: dict, transpose: bool = False) -> float:
+def _bandwidth(devices: list, total_bytes: int, over: dict) -> float:
     """Read + write B/s per device of an elementwise add over `total_bytes` spread over the
     devices (at least 1 MiB each). Measured on one simulated CPU device it was half the
     per-device share of all of them at once (5.2 vs 11.3 GB/s on the 2-core host): the
-    devices run on every core together, so the share must come from the whole mesh.
-    With `transpose`, each device's square block is written transposed (what XLA:CPU's
-    transpose fusions do to attention caches: 0.2-0.4x the streaming rate on the 2-core host)."""
+    devices run on every core together, so the share must come from the whole mesh."""
     import jax.numpy as jnp
 
     per_device = max(2 ** 20, total_bytes // len(devices)) // 4
-    if transpose:
-        side = int(per_device ** 0.5)
-        x = _sharded(devices, (1, side, side), jnp.float32)
-        seconds, program = _timed(lambda v: jnp.swapaxes(v, 1, 2) + 1.0, x)
-        return 2 * 4 * side * side / _net(seconds, program, over)
     x = _sharded(devices, (per_device,), jnp.float32)
     seconds, program = _timed(lambda v: v + 1.0, x)
     return 2 * 4 * per_device / _net(seconds, program, over)
+
+
+# An attention block per device, (batch, tokens, heads, head_dim), its keys written head-major
+# with the tokens innermost: the element-gathering transpose XLA:CPU runs around attention
+# (hlo._gathers_elements). A square 724^2 block, measured before, ran at 0.2x an add on one host
+# and 0.4x on another while attention's transposes ran at 0.6-0.9x on both (docs/performance.md).
+TRANSPOSE_BLOCK, TRANSPOSE_PERM = (8, 197, 6, 64), (0, 2, 3, 1)
+
+
+def _transpose_bandwidth(devices: list, over: dict) -> float:
+    """Read + write B/s per device of an element-gathering transpose (with an add, as XLA
+    fuses one) of an attention-shaped block per device, every device at once."""
+    import jax.numpy as jnp
+
+    x = _sharded(devices, TRANSPOSE_BLOCK, jnp.float32)
+    seconds, program = _timed(lambda v: jnp.transpose(v, TRANSPOSE_PERM) + 1.0, x)
+    return 2 * 4 * math.prod(TRANSPOSE_BLOCK) / _net(seconds, program, over)
 
 
 def _gemm_bandwidth(devices: list, over: dict, shape: tuple = (1600, 4, 512)) -> float:

@@ -43,7 +43,7 @@ class Hardware:
     achieved_bf16_flops: float = 0.0   # a model-sized GEMM's rate, FLOP/s per device
     achieved_fp32_flops: float = 0.0
     achieved_bandwidth: float = 0.0    # a large copy's rate (read + write), B/s per device
-    transpose_bandwidth: float = 0.0   # a transposing copy's rate (0: as achieved_bandwidth)
+    transpose_bandwidth: float = 0.0   # an element-gathering transpose's rate (0: as achieved_bandwidth)
     matmul_bandwidth: float = 0.0      # a memory-bound (skinny) GEMM's rate, bytes (0: as achieved_bandwidth)
     # GEMM rate by size: (FLOPs of one GEMM, f32 FLOP/s, bf16 FLOP/s) points, smallest first;
     # a matmul kernel's FLOPs take the rate interpolated for its size (empty: the one rate above)
@@ -84,8 +84,9 @@ class Hardware:
         return points[-1][1]
 
     def achievable_bandwidth(self, transposes: bool = False, gemm: bool = False) -> float:
-        """B/s per device for a kernel's bytes; a kernel that transposes gets the measured
-        transposing rate where there is one (XLA:CPU: 0.2-0.4x a streaming copy's), a GEMM
+        """B/s per device for a kernel's bytes; a kernel that gathers single elements (a
+        transpose that changes the innermost dimension) gets the measured transposing rate where
+        there is one (XLA:CPU, attention-shaped: 0.6-0.9x a streaming add's), a GEMM
         (a matmul that is not matrix-vector) the measured skinny GEMM's (XLA:CPU: 1600x4x512
         or 8x768x3072 dots stream their bytes at 0.4-0.5x the add's rate)."""
         plain = self.achieved_bandwidth or self.hbm_bandwidth

@@ -38,11 +38,13 @@ NO_MEMORY = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "
              "after-all", "partition-id", "replica-id", "opt-barrier", "iota", "add-dependency"}
 MATMULS = frozenset({"dot", "convolution"})
 MATVEC = "dot/matvec"  # a marker among a fused computation's opcodes (hlo.HloProgram._fused_opcodes)
+GATHERS_ELEMENTS = "transpose/elements"  # the same, for a transpose or copy that changes the minor dimension
 COLLECTIVES = {"all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute"}
 
 _HEAD = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*")
 _OPCODE = re.compile(r"\s*([\w\-]+)\(")
 _LEAF = re.compile(r"([a-z]+\d*)\[([\d,]*)\]")
+_LAYOUT = re.compile(r"\]\{([\d,]+)")       # the first leaf's minor-to-major order
 _CALLS = re.compile(r"\b(calls|to_apply|condition|body|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
@@ -88,10 +90,20 @@ def _split_top(text: str) -> list[str]:
 @dataclass
 class Shape:
     leaves: list[tuple[str, tuple[int, ...]]]
+    layout: tuple[int, ...] = ()   # the first leaf's minor-to-major order (): none written (row-major)
 
     @classmethod
     def parse(cls, text: str) -> Shape:
-        return cls([(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _LEAF.findall(text)])
+        layout = _LAYOUT.search(text)
+        return cls([(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _LEAF.findall(text)],
+                   tuple(int(d) for d in layout.group(1).split(",")) if layout else ())
+
+    @property
+    def minor(self) -> int | None:
+        """The physically innermost dimension with more than one element (None: a scalar's)."""
+        dims = self.dims
+        order = self.layout if len(self.layout) == len(dims) else tuple(range(len(dims) - 1, -1, -1))
+        return next((d for d in order if dims[d] > 1), None)
 
     @property
     def elements(self) -> int:
@@ -208,7 +220,7 @@ class Kernel:
     flops: float
     bytes: float
     times: float         # runs per program call, loop-corrected
-    transposes: bool = False   # moves elements across a layout change (a transpose in it or fused into it)
+    transposes: bool = False   # gathers single elements: a transpose or copy in it changes the innermost dimension
     matmul: bool = False       # a dot or convolution (or one fused into it, or a library GEMM call)
     matvec: bool = False       # its dots are matrix-vector products (one row or column: XLA:CPU streams them)
 
@@ -230,6 +242,24 @@ class Loop:
     trip_count: int
     source: str          # known_trip_count | condition | unknown (counted once)
     multiplier: float    # how many times the loop instruction itself runs
+
+
+def _gathers_elements(comp: Computation, inst: Instruction) -> bool:
+    """A transpose or layout-changing copy whose output's innermost dimension is not its
+    operand's: it reads single elements at a stride. One that keeps the innermost dimension
+    (attention's (B, T, H, D) -> (B, H, T, D)) moves whole rows, a strided copy at the
+    streaming rate; on the 2-core host the first kind ran at 0.6-0.9x an add's bandwidth on
+    attention shapes, the second at 1.1x (docs/performance.md)."""
+    if inst.opcode not in ("transpose", "copy") or not inst.operands:
+        return False
+    source = comp.by_name.get(inst.operands[0])
+    out = inst.shape.minor
+    if source is None or out is None:
+        return inst.opcode == "transpose" and source is None   # an operand not seen: assume the worse
+    if inst.opcode == "transpose":
+        perm = [int(d) for d in dict(_DIMS.findall(inst.attrs)).get("dimensions", "").split(",") if d]
+        out = perm[out] if out < len(perm) else out
+    return out != source.shape.minor
 
 
 def _matvec(comp: Computation, inst: Instruction) -> bool:
@@ -480,7 +510,8 @@ class HloProgram:
                 fused = dict(inst.called()).get("calls", "") if op == "fusion" else ""
                 flops = own.flops + (self._fused_flops(fused) if fused else 0.0)
                 ops = self._fused_opcodes(fused) | {op} if fused else {op}
-                transposes, matmul = "transpose" in ops, own.matmul_flops > 0 or bool(ops & MATMULS)
+                transposes = GATHERS_ELEMENTS in ops if fused else _gathers_elements(comp, inst)
+                matmul = own.matmul_flops > 0 or bool(ops & MATMULS)
                 matvec = matmul and (MATVEC in ops if fused else op == "dot" and _matvec(comp, inst))
                 kernels.append(Kernel(inst.name, flops, own.bytes, self.multiplier[name], transposes, matmul, matvec))
         iterations = sum(loop.trip_count * loop.multiplier for loop in self.loops)
@@ -492,8 +523,9 @@ class HloProgram:
 
     def _fused_opcodes(self, name: str, depth: int = 0) -> frozenset[str]:
         """Every opcode in a fused computation and the fusions nested in it (one walk each,
-        remembered: a fused computation is read once however many flags ask), and MATVEC
-        where every dot in it is a matrix-vector product."""
+        remembered: a fused computation is read once however many flags ask), MATVEC where
+        every dot in it is a matrix-vector product and GATHERS_ELEMENTS where a transpose or
+        copy in it changes the innermost dimension."""
         memo = self._opcode_memo
         if name not in memo:
             comp = self.computations.get(name)
@@ -501,6 +533,8 @@ class HloProgram:
             dots = []
             for inst in comp.instructions if comp is not None and depth <= 8 else ():
                 ops.add(inst.opcode)
+                if _gathers_elements(comp, inst):
+                    ops.add(GATHERS_ELEMENTS)
                 if inst.opcode == "dot":
                     dots.append(_matvec(comp, inst))
                 if inst.opcode == "fusion":   # a nested fusion's dots count as this one's, its marker does not
