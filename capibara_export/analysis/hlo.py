@@ -44,7 +44,7 @@ COLLECTIVES = {"all-gather", "all-reduce", "reduce-scatter", "all-to-all", "coll
 _HEAD = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*")
 _OPCODE = re.compile(r"\s*([\w\-]+)\(")
 _LEAF = re.compile(r"([a-z]+\d*)\[([\d,]*)\]")
-_LAYOUT = re.compile(r"\]\{([\d,]+)")       # the first leaf's minor-to-major order
+_LAYOUT = re.compile(r"^[\s(]*[a-z]+\d*\[[\d,]*\]\{([\d,]+)")   # the first leaf's minor-to-major order
 _CALLS = re.compile(r"\b(calls|to_apply|condition|body|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
@@ -254,8 +254,10 @@ def _gathers_elements(comp: Computation, inst: Instruction) -> bool:
         return False
     source = comp.by_name.get(inst.operands[0])
     out = inst.shape.minor
-    if source is None or out is None:
-        return inst.opcode == "transpose" and source is None   # an operand not seen: assume the worse
+    if source is None:          # an operand not seen: assume the worse for a transpose
+        return inst.opcode == "transpose"
+    if out is None:             # a scalar
+        return False
     if inst.opcode == "transpose":
         perm = [int(d) for d in dict(_DIMS.findall(inst.attrs)).get("dimensions", "").split(",") if d]
         out = perm[out] if out < len(perm) else out
