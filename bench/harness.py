@@ -149,7 +149,8 @@ def attach(benchmark, *, entry: str, plan: str, precision: str, batch: int, targ
     median = float(np.median(rounds))
     peak = hw.peak_flops(compute_dtype) * devices
     runs = runs_the_program and analytic_flops > 0
-    info.update(timed=True, **percentiles(rounds), achieved_flops_per_s=flops * devices / median if runs else None,
+    info.update(timed=True, rounds_s=[float(r) for r in rounds], **percentiles(rounds),
+                achieved_flops_per_s=flops * devices / median if runs else None,
                 mfu=(analytic_flops / median) / peak if peak and runs else None, items_per_s=items / median,
                 peer_ratio=(peer_s / median) if peer_s else None)
 

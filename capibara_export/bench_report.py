@@ -3,7 +3,8 @@
 - a table of every benchmark: its unit, median and p90/p99, achieved FLOP/s, MFU,
   images or tokens per second, the roofline prediction and the ratio to the peer;
 - the prediction check: per group with predictions (the plans on the CPU mesh), predicted
-  against measured latency and their Spearman rank correlation;
+  against measured latency and their Spearman rank correlation, with how far the timing
+  noise alone moves that correlation (a bootstrap over each plan's timed rounds);
 - `--compare OLD`: benchmarks whose median grew beyond the threshold, with a non-zero exit.
 """
 
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 
-from scipy.stats import spearmanr
+import numpy as np
+from scipy.stats import rankdata, spearmanr
 
 from model.errors import UserError
 
@@ -89,8 +91,11 @@ def prediction_check(benches: list[Bench]) -> list[dict]:
         # bench/test_plans.py also records the whole-program roofline, for the before/after
         whole = [b.info.get("predicted_whole_program_s") for b in items]
         rho_whole, error_whole = _fidelity(whole, measured) if all(whole) else (None, None)
+        rounds = [b.info.get("rounds_s") for b in items]
+        noise = rank_noise(predicted, rounds) if all(rounds) else {"interval": None, "self": None}
         out.append({"group": group, "entry": entry, "rho": rho, "median_rel_error": median_error,
                     "whole_program_rho": rho_whole, "whole_program_median_rel_error": error_whole,
+                    "rho_interval": noise["interval"], "measurement_rho": noise["self"],
                     "overestimates": sum(p > m for p, m in zip(predicted, measured)),
                     "plans": [(b.info["unit"]["plan"], b.info["predicted_s"], b.median, b.info.get("binding", ""))
                               for b in sorted(items, key=lambda b: b.median)]})
@@ -101,6 +106,34 @@ def _fidelity(predicted: list[float], measured: list[float]) -> tuple[float, flo
     """(Spearman ρ, median |predicted − measured| / measured)."""
     errors = sorted(abs(p - m) / m for p, m in zip(predicted, measured) if m > 0)
     return float(spearmanr(predicted, measured).statistic), float(median(errors)) if errors else None
+
+
+def rank_noise(predicted: list[float], rounds: list[list[float]], resamples: int = 2000,
+               seed: int = 0) -> dict:
+    """How much of a rank correlation the timing noise decides. Percentile bootstrap: each
+    resample draws every plan's timed rounds again with replacement and takes their median.
+    `interval` is the 5th-95th percentile of ρ(predicted, resampled medians); `self` is the
+    mean of ρ(measured medians, resampled medians): the correlation a predictor that knew
+    the measured medians exactly would be expected to reach against a repeat of this
+    measurement. Either is None where its ranks all tie. Where `self` sits under a goal, the measurement
+    cannot resolve the ranking that finely, whatever the model. Written by hand: scipy.stats.bootstrap resamples one
+    sample, not one per plan."""
+    rng = np.random.default_rng(seed)
+    draws = np.stack([np.median(rng.choice(np.asarray(r), (resamples, len(r))), axis=1) for r in rounds], axis=1)
+    medians = np.array([np.median(r) for r in rounds])
+    drawn_ranks = rankdata(draws, axis=1)
+
+    def rho(ranks: np.ndarray) -> np.ndarray:  # Pearson of ranks against every resample's ranks
+        a = drawn_ranks - drawn_ranks.mean(axis=1, keepdims=True)
+        b = ranks - ranks.mean()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (a @ b) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b))
+
+    against_prediction, against_itself = rho(rankdata(predicted)), rho(rankdata(medians))
+    interval = tuple(float(x) for x in np.nanpercentile(against_prediction, [5, 95])) \
+        if np.isfinite(against_prediction).any() else None
+    itself = float(np.nanmean(against_itself)) if np.isfinite(against_itself).any() else None
+    return {"interval": interval, "self": itself}
 
 
 def compare(new: list[Bench], old: list[Bench], threshold: float) -> list[tuple[str, float, float]]:

@@ -412,8 +412,12 @@ def cmd_bench_report(args) -> int:
         error, whole = check["median_rel_error"], check["whole_program_median_rel_error"]
         before = "" if whole is None else \
             f"; whole-program roofline: rank correlation {check['whole_program_rho']:.2f}, median error {whole:.0%}"
-        t = Table(title=f"Predicted vs measured: {check['group']} {check['entry']} "
-                        f"(Spearman rank correlation {check['rho']:.2f}; median |predicted - measured| / measured "
+        noise = "" if check["rho_interval"] is None else \
+            ", {:.2f} to {:.2f} under the timing noise".format(*check["rho_interval"])
+        if check["measurement_rho"] is not None:
+            noise += f", {check['measurement_rho']:.2f} for the measurement against a repeat of itself"
+        t = Table(title=f"Predicted vs measured: {check['group']} {check['entry']} (Spearman rank correlation "
+                        f"{check['rho']:.2f}{noise}; median |predicted - measured| / measured "
                         f"{'n/a' if error is None else f'{error:.0%}'}, {check['overestimates']} of "
                         f"{len(check['plans'])} over{before})", title_justify="left")
         for h in ("plan", "predicted ms", "measured ms", "bound"):

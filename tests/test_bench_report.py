@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from capibara_export.bench_report import compare, load, prediction_check, rows
+from capibara_export.bench_report import compare, load, prediction_check, rank_noise, rows
 
 
 def _bench(name, group, median, **info):
@@ -53,6 +53,47 @@ def test_whole_program_prediction_is_checked_beside_the_per_kernel_one(tmp_path)
     assert check["whole_program_rho"] == pytest.approx(1.0)
     assert check["whole_program_median_rel_error"] == pytest.approx(0.75)
     assert check["median_rel_error"] == pytest.approx(0.5)
+
+
+def test_rank_correlation_is_reported_with_the_timing_noise(tmp_path):
+    """tiny bf16 score of 2026-11-28 in miniature: two plans whose timed rounds overlap, ranked
+    the other way round by the model. The noise interval reaches both below and to 1, and the
+    measurement against itself falls short of 1; plans far apart leave the figures at 1."""
+    path = _write(tmp_path / "a.json", {})
+    data = json.loads(path.read_text())
+    rounds = {"dp": [0.036, 0.041, 0.043, 0.040, 0.039], "fsdp": [0.156, 0.168, 0.186, 0.160, 0.175],
+              "replicated": [0.162, 0.183, 0.187, 0.180, 0.170], "hidden": [0.69, 0.70, 0.74, 0.70, 0.69]}
+    predicted = {"dp": 0.044, "fsdp": 0.168, "replicated": 0.153, "hidden": 0.54}
+    for b in data["benchmarks"]:
+        plan = b["extra_info"]["unit"]["plan"]
+        if plan in rounds:
+            b["stats"]["median"] = sorted(rounds[plan])[2]
+            b["extra_info"].update(rounds_s=rounds[plan], predicted_s=predicted[plan])
+    path.write_text(json.dumps(data))
+    (check,) = prediction_check(load(path))
+    assert check["rho"] == pytest.approx(0.8)           # one swapped pair of four
+    low, high = check["rho_interval"]
+    assert low == pytest.approx(0.8) and high == pytest.approx(1.0)
+    # a repeat swaps fsdp and replicated in some resamples (0.8), never anything else
+    assert 0.85 < check["measurement_rho"] < 0.99
+    shown = subprocess.run([sys.executable, "-m", "capibara_export", "bench-report", str(path)],
+                           capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert "0.80 to 1.00 under the timing noise" in " ".join(shown.stdout.split())
+
+    apart = rank_noise([1.0, 2.0, 3.0], [[1.0, 1.1, 0.9], [2.0, 2.1, 1.9], [3.0, 3.1, 2.9]])
+    assert apart["interval"] == pytest.approx((1.0, 1.0)) and apart["self"] == pytest.approx(1.0)
+    against = rank_noise([3.0, 2.0, 1.0], [[1.0, 1.1, 0.9], [2.0, 2.1, 1.9], [3.0, 3.1, 2.9]])
+    assert against["interval"] == pytest.approx((-1.0, -1.0)) and against["self"] == pytest.approx(1.0)
+    # two plans with the same rounds: a repeat orders them either way, and their medians tie
+    tied = rank_noise([1.0, 2.0], [[1.0, 2.0, 3.0, 4.0, 5.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    assert tied["interval"] == pytest.approx((-1.0, 1.0)) and tied["self"] is None
+
+
+def test_rank_noise_is_absent_without_the_rounds(tmp_path):
+    """Files from before the rounds were recorded: the check stands, without the interval."""
+    (check,) = prediction_check(load(_write(tmp_path / "a.json", {})))
+    assert check["rho_interval"] is None and check["measurement_rho"] is None
 
 
 def test_compare_finds_regressions_beyond_the_threshold(tmp_path):
