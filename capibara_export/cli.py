@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from . import cli_serve, environment
+from . import cli_analyze, cli_bench_report, cli_serve, environment
 from .environment import DEFAULT_TARGET
 
 EXIT_USAGE = 2
@@ -140,31 +140,9 @@ def parser() -> argparse.ArgumentParser:
     k = sub.add_parser("keygen", help="make an ed25519 key pair for signing bundles (export --sign-key)")
     k.add_argument("folder", help="where to write signing.pem (private, mode 600) and signing.pub.pem")
 
-    a = sub.add_parser("analyze", help="captions, readings, cultural codes and text relations for image files")
-    a.add_argument("images", nargs="+", help="image files")
-    a.add_argument("--checkpoint", action="append", default=[], metavar="DIR",
-                   help="a Hugging Face BLIP folder; give a captioning and a retrieval folder for every capability")
-    a.add_argument("--bundle", metavar="DIR", help="an exported bundle (with its processor/)")
-    a.add_argument("--trust-key", metavar="PUB", help="with --bundle: require the bundle's signature by this key")
-    a.add_argument("--random-weights", action="store_true", help="random weights: outputs are meaningless")
-    a.add_argument("--model", default="tiny", help="preset for --random-weights (default tiny)")
-    a.add_argument("--k", type=_count(0), default=3, help="readings per image (0: captions only; default 3)")
-    a.add_argument("--text", help="relate this text to each image (anchorage, relay or contradiction)")
-    a.add_argument("--culture", action="store_true", help="zero-shot cultural and artistic codes")
-    a.add_argument("--codes", metavar="TOML", help="your own codes catalogue (default: the shipped one)")
-    a.add_argument("--precision", default=None, help="fp32 (default) or bf16")
-    a.add_argument("--batch", type=_count(), default=8, help="images per device batch (default 8)")
-    a.add_argument("--max-pixels", type=_count(), default=100_000_000,
-                   help="refuse images larger than this many pixels before decoding (default 100000000)")
-    a.add_argument("--workers", type=_count(), default=2, help="decoding/preprocessing threads (default 2)")
-    a.add_argument("--json", action="store_true", help="one JSON line per image, then one with the metrics")
-    a.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace here")
+    cli_analyze.add_parser(sub, _count)
 
-    br = sub.add_parser("bench-report", help="tabulate `pytest bench/ --benchmark-json` output; compare runs")
-    br.add_argument("json", nargs="+", help="pytest-benchmark JSON, e.g. out.json (several: one table)")
-    br.add_argument("--compare", metavar="OLD", help="an earlier JSON: list regressions, exit 1 if any")
-    br.add_argument("--threshold", type=float, default=0.10,
-                    help="relative median increase that counts as a regression (default 0.10)")
+    cli_bench_report.add_parser(sub)
     return top
 
 
@@ -395,100 +373,6 @@ def cmd_keygen(args) -> int:
     return 0
 
 
-def cmd_bench_report(args) -> int:
-    from rich.table import Table
-
-    from .bench_report import HEADERS, compare, load, prediction_check, rows
-    from .console import out
-
-    benches = [b for path in args.json for b in load(Path(path))]
-    table = Table(title=f"Benchmarks in {', '.join(args.json)}", title_justify="left")
-    for h in HEADERS:
-        table.add_column(h, overflow="fold")
-    for row in rows(benches):
-        table.add_row(*row)
-    out.print(table)
-    for check in prediction_check(benches):
-        error, whole = check["median_rel_error"], check["whole_program_median_rel_error"]
-        before = "" if whole is None else \
-            f"; whole-program roofline: rank correlation {check['whole_program_rho']:.2f}, median error {whole:.0%}"
-        noise = "" if check["rho_interval"] is None else \
-            ", {:.2f} to {:.2f} under the timing noise".format(*check["rho_interval"])
-        if check["measurement_rho"] is not None:
-            noise += f", {check['measurement_rho']:.2f} for the measurement against a repeat of itself"
-        t = Table(title=f"Predicted vs measured: {check['group']} {check['entry']} (Spearman rank correlation "
-                        f"{check['rho']:.2f}{noise}; median |predicted - measured| / measured "
-                        f"{'n/a' if error is None else f'{error:.0%}'}, {check['overestimates']} of "
-                        f"{len(check['plans'])} over{before})", title_justify="left")
-        for h in ("plan", "predicted ms", "measured ms", "bound"):
-            t.add_column(h)
-        for plan, pred, meas, bound in check["plans"]:
-            t.add_row(plan, f"{pred * 1e3:.3g}", f"{meas * 1e3:.3g}", bound)
-        out.print(t)
-    if args.compare:
-        regressions = compare(benches, load(Path(args.compare)), args.threshold)
-        for name, before, after in regressions:
-            out.print(f"[red]regression[/] {name}: {before * 1e3:.3g} ms -> {after * 1e3:.3g} ms "
-                      f"(+{(after / before - 1):.0%})")
-        if regressions:
-            print(f"capibara-export: {len(regressions)} benchmark(s) slower than {args.compare} by more than "
-                  f"{args.threshold:.0%}", file=sys.stderr)
-            return 1
-        out.print(f"no regressions beyond {args.threshold:.0%} against {args.compare}")
-    return 0
-
-
-def cmd_analyze(args) -> int:
-    import json as _json
-    import warnings
-
-    from rich.progress import Progress
-    from rich.table import Table
-
-    from .console import console, out
-    from .semiotic import ImagePipeline, MnemosyneSemioModule, SemioticError, images, profile_usage
-    from .semiotic.profiling import trace
-
-    images.limits.max_pixels = args.max_pixels
-    sources = [bool(args.checkpoint), bool(args.bundle), args.random_weights]
-    if sum(sources) != 1:
-        raise SemioticError("give exactly one of --checkpoint DIR (repeatable), --bundle DIR or --random-weights")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        if args.bundle:
-            module = MnemosyneSemioModule.from_bundle(args.bundle, args.precision, policy=_policy(args))
-        elif args.checkpoint:
-            module = MnemosyneSemioModule.from_checkpoints(args.checkpoint, args.precision or "fp32")
-        else:
-            module = MnemosyneSemioModule.random(args.model, precision=args.precision or "fp32")
-    for w in caught:
-        console.print(f"[yellow]warning:[/] {w.message}")
-    pipeline = ImagePipeline(module, workers=args.workers, batch_size=args.batch)
-    with trace(args.profile), Progress(console=console, disable=args.json or not sys.stderr.isatty()) as bar:
-        task = bar.add_task("analysing", total=len(args.images))
-        results, stats = pipeline.run(args.images, k=args.k, text=args.text, culture=args.culture or bool(args.codes),
-                                      progress=lambda r: bar.advance(task))
-    metrics = {**module.metrics(), "pipeline": {"images_per_s": stats.images_per_s, "seconds": stats.seconds,
-                                                "errors": stats.errors}, "usage": profile_usage()}
-    if args.json:
-        for r in results:
-            print(_json.dumps(r.to_dict(), default=float))
-        print(_json.dumps({"metrics": metrics}, default=float))
-    else:
-        table = Table(title="Images", title_justify="left")
-        for col in ("image", "caption / error", "polysemy", "relation"):
-            table.add_column(col, overflow="fold")
-        for r in results:
-            relation = f"{r.relation['verdict']} (match {r.relation['itm_prob']:.2f})" if r.relation else ""
-            poly = r.interpretation.get("polysemy_index") if r.interpretation else None
-            table.add_row(r.source, r.caption or f"[red]{r.error}[/]", "" if poly is None else f"{poly:.3f}", relation)
-        out.print(table)
-        out.print(f"{stats.images} images in {stats.seconds:.2f}s ({stats.images_per_s:.1f} images/s), "
-                  f"{stats.errors} error(s); embedding cache hit rate "
-                  f"{metrics['cache']['embeddings']['hit_rate']:.0%}")
-    return 0 if stats.images else 1
-
-
 def cmd_report(args) -> int:
     from rich.markdown import Markdown
 
@@ -537,9 +421,13 @@ def cmd_serve(args) -> int:
     return cli_serve.cmd_serve(args, _policy(args))
 
 
+def cmd_analyze(args) -> int:
+    return cli_analyze.cmd_analyze(args, _policy(args))
+
+
 COMMANDS = {"build": cmd_build, "plans": cmd_plans, "report": cmd_report, "export": cmd_export,
             "verify": cmd_verify, "serve": cmd_serve, "inspect": cmd_inspect, "keygen": cmd_keygen,
-            "bench-report": cmd_bench_report, "analyze": cmd_analyze}
+            "bench-report": cli_bench_report.cmd_bench_report, "analyze": cmd_analyze}
 
 
 def _resolve_target(args) -> str | None:

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
-DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-               "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "token": 0}
+from .hlo_text import Computation, Instruction, parse_module
 
 TRANSCENDENTAL = {"exponential", "exponential-minus-one", "log", "log-plus-one", "tanh", "rsqrt", "sqrt", "cbrt",
                   "erf", "logistic", "power", "sine", "cosine", "tan", "atan2"}
@@ -41,14 +40,7 @@ MATVEC = "dot/matvec"  # a marker among a fused computation's opcodes (hlo.HloPr
 GATHERS_ELEMENTS = "transpose/elements"  # the same, for a transpose or copy that changes the minor dimension
 COLLECTIVES = {"all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute"}
 
-_HEAD = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*")
-_OPCODE = re.compile(r"\s*([\w\-]+)\(")
-_LEAF = re.compile(r"([a-z]+\d*)\[([\d,]*)\]")
-_LAYOUT = re.compile(r"^[\s(]*[a-z]+\d*\[[\d,]*\]\{([\d,]+)")   # the first leaf's minor-to-major order
-_CALLS = re.compile(r"\b(calls|to_apply|condition|body|true_computation|false_computation)=%?([\w.\-]+)")
-_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
 _DIMS = re.compile(r"(lhs_contracting_dims|dimensions)=\{([\d,]*)\}")
 _DOT_DIMS = re.compile(r"\b([lr]hs_(?:contracting|batch)_dims)=\{([\d,]*)\}")
 _GEMM_TARGET = re.compile(r'custom_call_target="(__cublas\$gemm|__cublas\$lt\$matmul[\w$]*)"')
@@ -57,145 +49,6 @@ _DIRECTION = re.compile(r"direction=(\w+)")
 _DIM_LABELS = re.compile(r"dim_labels=(\w+)_(\w+)->(\w+)")
 _WINDOW = re.compile(r"window=\{([^}]*)\}")
 _WINDOW_FIELD = re.compile(r"(\w+)=([\w\-]+)")
-
-
-def _matching(text: str, start: int, open_ch: str = "(", close_ch: str = ")") -> int:
-    """Index just past the bracket that closes text[start]."""
-    depth = 0
-    for i in range(start, len(text)):
-        c = text[i]
-        if c == open_ch:
-            depth += 1
-        elif c == close_ch:
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return len(text)
-
-
-def _split_top(text: str) -> list[str]:
-    parts, depth, start = [], 0, 0
-    for i, c in enumerate(text):
-        if c in "({[":
-            depth += 1
-        elif c in ")}]":
-            depth -= 1
-        elif c == "," and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    parts.append(text[start:])
-    return [p.strip() for p in parts if p.strip()]
-
-
-@dataclass
-class Shape:
-    leaves: list[tuple[str, tuple[int, ...]]]
-    layout: tuple[int, ...] = ()   # the first leaf's minor-to-major order (): none written (row-major)
-
-    @classmethod
-    def parse(cls, text: str) -> Shape:
-        layout = _LAYOUT.search(text)
-        return cls([(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _LEAF.findall(text)],
-                   tuple(int(d) for d in layout.group(1).split(",")) if layout else ())
-
-    @property
-    def minor(self) -> int | None:
-        """The physically innermost dimension with more than one element (None: a scalar's)."""
-        dims = self.dims
-        order = self.layout if len(self.layout) == len(dims) else tuple(range(len(dims) - 1, -1, -1))
-        return next((d for d in order if dims[d] > 1), None)
-
-    @property
-    def elements(self) -> int:
-        return sum(math.prod(dims) for _, dims in self.leaves)
-
-    @property
-    def bytes(self) -> float:
-        return sum(math.prod(dims) * DTYPE_BYTES.get(dt, 4) for dt, dims in self.leaves)
-
-    @property
-    def dims(self) -> tuple[int, ...]:
-        return self.leaves[0][1] if self.leaves else ()
-
-
-@dataclass
-class Instruction:
-    name: str
-    shape: Shape
-    opcode: str
-    operands: list[str]
-    attrs: str
-    is_root: bool = False
-
-    @cached_property
-    def op_name(self) -> str:
-        m = _OP_NAME.search(self.attrs)
-        return m.group(1) if m else ""
-
-    def called(self) -> list[tuple[str, str]]:
-        """(kind, computation) pairs this instruction calls."""
-        out = [(k, c) for k, c in _CALLS.findall(self.attrs)]
-        for group in _BRANCHES.findall(self.attrs):
-            out += [("branch", c.strip().lstrip("%")) for c in group.split(",") if c.strip()]
-        return out
-
-
-@dataclass
-class Computation:
-    name: str
-    instructions: list[Instruction] = field(default_factory=list)
-    is_entry: bool = False
-
-    @cached_property
-    def by_name(self) -> dict[str, Instruction]:
-        return {i.name: i for i in self.instructions}
-
-    @property
-    def root(self) -> Instruction | None:
-        return next((i for i in self.instructions if i.is_root), self.instructions[-1] if self.instructions else None)
-
-
-def parse_instruction(line: str) -> Instruction | None:
-    head = _HEAD.match(line)
-    if not head:
-        return None
-    rest = line[head.end():]
-    if rest.startswith("("):
-        end = _matching(rest, 0)
-        type_text, rest = rest[:end], rest[end:]
-    else:
-        space = rest.find(" ")
-        type_text, rest = (rest, "") if space < 0 else (rest[:space], rest[space:])
-    op = _OPCODE.match(rest)
-    if not op:
-        return None
-    open_at = op.end() - 1
-    close_at = _matching(rest, open_at)
-    operands = [o.split()[-1].lstrip("%") for o in _split_top(rest[open_at + 1:close_at - 1])]
-    return Instruction(head.group(2), Shape.parse(type_text), op.group(1), operands, rest[close_at:],
-                       is_root=bool(head.group(1)))
-
-
-def parse_module(text: str) -> dict[str, Computation]:
-    comps: dict[str, Computation] = {}
-    current: Computation | None = None
-    for line in text.splitlines():
-        if not line:
-            continue
-        if line[0] not in " \t}" and line.rstrip().endswith("{") and not line.startswith("HloModule"):
-            header = line.split("(")[0].split()
-            is_entry = header[0] == "ENTRY"
-            name = (header[1] if is_entry else header[0]).lstrip("%")
-            current = comps[name] = Computation(name, is_entry=is_entry)
-            continue
-        if line.startswith("}"):
-            current = None
-            continue
-        if current is not None:
-            inst = parse_instruction(line)
-            if inst is not None:
-                current.instructions.append(inst)
-    return comps
 
 
 @dataclass
