@@ -38,12 +38,14 @@ def peer_times() -> dict:
 
 
 def pytest_collection_modifyitems(config, items):
-    """With --benchmark-disable nothing is timed, so the plan matrix's fidelity figures mean
+    """Each entry's plans timed in turns right after its plans (_turns_after_their_plans).
+    With --benchmark-disable nothing is timed, so the plan matrix's fidelity figures mean
     nothing there: keep tiny fp32 (every plan and entry, run once as a test) and deselect
     the parameters listed in test_plans.TIMED_ONLY (the timed `make bench` runs them all).
     Likewise the cold compile benchmark keeps test_compile.UNTIMED_PLANS on each target and
     precision: every plan's compile on both targets is a test elsewhere (tests/test_analysis.py
     on tpu-v4-64, tests/test_sharded_equivalence.py on the CPU mesh)."""
+    _turns_after_their_plans(items)
     if not config.getoption("benchmark_disable", False):
         return
     from bench.test_compile import UNTIMED_PLANS
@@ -51,7 +53,7 @@ def pytest_collection_modifyitems(config, items):
 
     def timed_only(item) -> bool:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if item.originalname == "test_plan_on_cpu_mesh":
+        if item.originalname in ("test_plan_on_cpu_mesh", "test_plans_in_turns"):
             return bool(TIMED_ONLY & {params.get("model"), params.get("precision")})
         return item.originalname == "test_compile_cold" and params.get("plan") not in UNTIMED_PLANS
 
@@ -61,3 +63,21 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+def _turns_after_their_plans(items) -> None:
+    """Each test_plans_in_turns[model-precision-entry] right after that entry's last
+    test_plan_on_cpu_mesh, which leaves it the compiled plans (none kept longer than that)."""
+    def key(item) -> tuple | None:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.originalname in ("test_plan_on_cpu_mesh", "test_plans_in_turns"):
+            return params.get("model"), params.get("precision"), params.get("entry")
+        return None
+
+    turns = {key(i): i for i in items if i.originalname == "test_plans_in_turns"}
+    ordered = [i for i in items if i.originalname != "test_plans_in_turns"]
+    for position in range(len(ordered) - 1, -1, -1):   # from the end: insertions leave earlier positions be
+        k = key(ordered[position])
+        if k in turns and (position + 1 == len(ordered) or key(ordered[position + 1]) != k):
+            ordered.insert(position + 1, turns.pop(k))
+    items[:] = ordered + list(turns.values())   # an entry none of whose plans was collected: at the end

@@ -73,32 +73,65 @@ HEADERS = ["group", "entry", "plan", "precision", "batch", "median ms", "p90 ms"
            "throughput", "predicted ms", "vs peer"]
 
 
+@dataclass
+class PlanTiming:
+    plan: str
+    predicted: float
+    measured: float             # median seconds
+    binding: str
+    rounds: list[float] | None  # every timed round, where recorded
+    whole_program: float | None = None
+
+
+def _timings(benches: list[Bench]) -> tuple[dict, dict]:
+    """(each plan timed on its own, every plan timed in turns) per (group, entry)."""
+    alone: dict[tuple, list[PlanTiming]] = {}
+    in_turns: dict[tuple, list[PlanTiming]] = {}
+    for b in benches:
+        if not (b.info.get("timed") and b.group.startswith("plans")):
+            continue
+        key = (b.group, b.info["unit"]["entry"])
+        if b.info.get("in_turns"):   # bench/test_plans.py::test_plans_in_turns
+            in_turns[key] = [PlanTiming(plan, t["predicted_s"], float(np.median(t["rounds_s"])), t.get("binding", ""),
+                                        t["rounds_s"]) for plan, t in b.info["in_turns"].items()]
+        elif b.info.get("predicted_s"):
+            alone.setdefault(key, []).append(PlanTiming(
+                b.info["unit"]["plan"], b.info["predicted_s"], b.median, b.info.get("binding", ""),
+                b.info.get("rounds_s"), b.info.get("predicted_whole_program_s")))
+    return alone, in_turns
+
+
 def prediction_check(benches: list[Bench]) -> list[dict]:
     """Per (group, entry) with at least 3 predicted units: Spearman ρ of predicted vs measured
     (does the model rank plans right?) and the median of |predicted − measured| / measured
-    (how far off are its numbers?), the two fidelity figures issue 13 sets goals for."""
-    groups: dict[tuple, list[Bench]] = {}
-    for b in benches:
-        if b.info.get("predicted_s") and b.info.get("timed") and b.group.startswith("plans"):
-            groups.setdefault((b.group, b.info["unit"]["entry"]), []).append(b)
+    (how far off are its numbers?), the two fidelity figures issue 13 sets goals for.
+    Measured where the run has them means the plans timed in turns (`measured_in`
+    "turns"), side by side, else each plan's own rounds ("alone"; `alone_rho` is their
+    correlation beside the turns')."""
+    alone, in_turns = _timings(benches)
     out = []
-    for (group, entry), items in sorted(groups.items()):
-        if len(items) < 3:
+    for key in sorted(set(alone) | set(in_turns)):
+        rows = in_turns.get(key) or alone[key]
+        if len(rows) < 3:
             continue
-        predicted = [b.info["predicted_s"] for b in items]
-        measured = [b.median for b in items]
+        predicted, measured = [r.predicted for r in rows], [r.measured for r in rows]
         rho, median_error = _fidelity(predicted, measured)
         # bench/test_plans.py also records the whole-program roofline, for the before/after
-        whole = [b.info.get("predicted_whole_program_s") for b in items]
-        rho_whole, error_whole = _fidelity(whole, measured) if all(whole) else (None, None)
-        rounds = [b.info.get("rounds_s") for b in items]
+        whole = {r.plan: r.whole_program for r in alone.get(key, [])}
+        rho_whole, error_whole = (_fidelity([whole[r.plan] for r in rows], measured)
+                                  if all(whole.get(r.plan) for r in rows) else (None, None))
+        own = alone.get(key, [])
+        rho_alone = _fidelity([r.predicted for r in own], [r.measured for r in own])[0] \
+            if key in in_turns and len(own) >= 3 else None
+        rounds = [r.rounds for r in rows]
         noise = rank_noise(predicted, rounds) if all(rounds) else {"interval": None, "self": None}
-        out.append({"group": group, "entry": entry, "rho": rho, "median_rel_error": median_error,
+        out.append({"group": key[0], "entry": key[1], "rho": rho, "median_rel_error": median_error,
+                    "measured_in": "turns" if key in in_turns else "alone", "alone_rho": rho_alone,
                     "whole_program_rho": rho_whole, "whole_program_median_rel_error": error_whole,
                     "rho_interval": noise["interval"], "measurement_rho": noise["self"],
                     "overestimates": sum(p > m for p, m in zip(predicted, measured)),
-                    "plans": [(b.info["unit"]["plan"], b.info["predicted_s"], b.median, b.info.get("binding", ""))
-                              for b in sorted(items, key=lambda b: b.median)]})
+                    "plans": [(r.plan, r.predicted, r.measured, r.binding)
+                              for r in sorted(rows, key=lambda r: r.measured)]})
     return out
 
 

@@ -90,6 +90,35 @@ def test_rank_correlation_is_reported_with_the_timing_noise(tmp_path):
     assert tied["interval"] == pytest.approx((-1.0, 1.0)) and tied["self"] is None
 
 
+def test_plans_timed_in_turns_rank_the_plans_where_the_run_has_them(tmp_path):
+    """bench/test_plans.py's in-turns record for an entry is what the check ranks; the plans
+    timed each alone (here swapped by a slow spell of the host) are reported beside it."""
+    path = _write(tmp_path / "a.json", {"fsdp": 0.009})   # alone: fsdp measured after a slowdown
+    data = json.loads(path.read_text())
+    in_turns = {p: {"rounds_s": [m * 2, m * 2.1, m * 1.9], "predicted_s": m, "binding": "memory"}
+                for p, m in {"replicated": 0.004, "dp": 0.001, "fsdp": 0.002, "hidden": 0.003}.items()}
+    data["benchmarks"].append(_bench("test_plans_in_turns[tiny-fp32-encode_image]", "plans cpu-4x8 tiny", 0.02,
+                                     unit={"entry": "encode_image", "plan": "in turns", "precision": "fp32"},
+                                     in_turns=in_turns))
+    path.write_text(json.dumps(data))
+    benches = load(path)
+    (check,) = prediction_check(benches)
+    assert check["measured_in"] == "turns" and check["rho"] == pytest.approx(1.0)
+    assert check["median_rel_error"] == pytest.approx(0.5)
+    assert check["alone_rho"] == pytest.approx(0.4)          # fsdp from second to last
+    assert [p[0] for p in check["plans"]] == ["dp", "fsdp", "hidden", "replicated"]
+    assert check["rho_interval"] == pytest.approx((1.0, 1.0))
+    assert any(r[2] == "in turns" for r in rows(benches))   # the turn itself is a row of the table
+    shown = subprocess.run([sys.executable, "-m", "capibara_export", "bench-report", str(path)],
+                           capture_output=True, text=True)
+    text = " ".join(shown.stdout.split())
+    assert shown.returncode == 0 and "(in turns)" in text and "each plan timed alone: rank correlation 0.40" in text
+    data["benchmarks"].pop()                                   # an older file: plans timed alone only
+    path.write_text(json.dumps(data))
+    (alone,) = prediction_check(load(path))
+    assert alone["measured_in"] == "alone" and alone["rho"] == pytest.approx(0.4) and alone["alone_rho"] is None
+
+
 def test_rank_noise_is_absent_without_the_rounds(tmp_path):
     """Files from before the rounds were recorded: the check stands, without the interval."""
     (check,) = prediction_check(load(_write(tmp_path / "a.json", {})))
