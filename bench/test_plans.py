@@ -1,6 +1,9 @@
 """Plans on the simulated CPU mesh: measured latency beside the roofline's prediction,
 per plan, so bench-report can say how well the model ranks plans (Spearman rank
 correlation) and how close it comes (median relative error), per model, precision and entry.
+Each entry's plans are timed twice: each alone (test_plan_on_cpu_mesh, a benchmark per plan)
+and then side by side, every plan once per round (test_plans_in_turns), which is what the
+ranking is judged on.
 
 The roofline here is the per-kernel model with this host's calibration over the 32
 simulated devices (analysis/calibration.py: achievable GEMM rate and bandwidth, launch,
@@ -42,10 +45,8 @@ MESH = (4, 8)
 BATCH = {"tiny": 32, "small": int(os.environ.get("CAPIBARA_PLANS_SMALL_BATCH", "8"))}
 ROUNDS = {"tiny": 5, "small": 3}
 MODELS, PRECISIONS = ("tiny", "small"), ("fp32", "bf16")
-TIMED_ONLY = {"small", "bf16"}  # parameters bench/conftest.py deselects when nothing is timed
-
-
 ENTRIES = ("encode_image", "score", "caption", "decode_step")
+TIMED_ONLY = {"small", "bf16"}  # parameters bench/conftest.py deselects when nothing is timed
 # Units test_plan_on_cpu_mesh compiled, kept for their entry's test_plans_in_turns (which
 # bench/conftest.py runs right after the entry's last plan) and dropped there.
 _COMPILED: dict[tuple[str, str, str, str], PlanUnit] = {}
