@@ -11,12 +11,13 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 
 import numpy as np
-from scipy.stats import rankdata, spearmanr
+from scipy.stats import bootstrap, rankdata, spearmanr
 
 from model.errors import UserError
 
@@ -143,30 +144,39 @@ def _fidelity(predicted: list[float], measured: list[float]) -> tuple[float, flo
 
 def rank_noise(predicted: list[float], rounds: list[list[float]], resamples: int = 2000,
                seed: int = 0) -> dict:
-    """How much of a rank correlation the timing noise decides. Percentile bootstrap: each
-    resample draws every plan's timed rounds again with replacement and takes their median.
-    `interval` is the 5th-95th percentile of ρ(predicted, resampled medians); `self` is the
-    mean of ρ(measured medians, resampled medians): the correlation a predictor that knew
-    the measured medians exactly would be expected to reach against a repeat of this
-    measurement. Either is None where its ranks all tie. Where `self` sits under a goal, the measurement
-    cannot resolve the ranking that finely, whatever the model. Written by hand: scipy.stats.bootstrap resamples one
-    sample, not one per plan."""
-    rng = np.random.default_rng(seed)
-    draws = np.stack([np.median(rng.choice(np.asarray(r), (resamples, len(r))), axis=1) for r in rounds], axis=1)
-    medians = np.array([np.median(r) for r in rounds])
-    drawn_ranks = rankdata(draws, axis=1)
+    """How much of a rank correlation the timing noise decides (scipy.stats.bootstrap,
+    percentile method, one sample per plan): each resample draws every plan's timed rounds
+    again with replacement and takes their medians. `interval` is the 5th-95th percentile of
+    ρ(predicted, resampled medians); `self` is the mean of ρ(measured medians, resampled
+    medians), the correlation a predictor that knew the measured medians exactly would be
+    expected to reach against a repeat of this measurement. Either is None where its ranks
+    all tie. Where `self` sits under a goal, the measurement cannot resolve the ranking that
+    finely, whatever the model."""
+    samples = [np.asarray(r, dtype=float) for r in rounds]
+    medians = [float(np.median(r)) for r in samples]
+    out = {}
+    for name, reference in (("interval", predicted), ("self", medians)):
+        fixed = rankdata(reference)
+        fixed = fixed - fixed.mean()
 
-    def rho(ranks: np.ndarray) -> np.ndarray:  # Pearson of ranks against every resample's ranks
-        a = drawn_ranks - drawn_ranks.mean(axis=1, keepdims=True)
-        b = ranks - ranks.mean()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return (a @ b) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b))
+        def rho(*drawn, axis=-1):   # Pearson of ranks: every resample's medians against `reference`
+            ranks = rankdata(np.stack([np.median(d, axis=axis) for d in drawn], axis=-1), axis=-1)
+            ranks = ranks - ranks.mean(axis=-1, keepdims=True)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return (ranks @ fixed) / (np.linalg.norm(ranks, axis=-1) * np.linalg.norm(fixed))
 
-    against_prediction, against_itself = rho(rankdata(predicted)), rho(rankdata(medians))
-    interval = tuple(float(x) for x in np.nanpercentile(against_prediction, [5, 95])) \
-        if np.isfinite(against_prediction).any() else None
-    itself = float(np.nanmean(against_itself)) if np.isfinite(against_itself).any() else None
-    return {"interval": interval, "self": itself}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # scipy warns of degenerate data where every resample agrees
+            result = bootstrap(samples, rho, n_resamples=resamples, confidence_level=0.90, method="percentile",
+                               vectorized=True, rng=np.random.default_rng(seed))
+        distribution = result.bootstrap_distribution
+        if not np.isfinite(distribution).any():
+            out[name] = None
+        elif name == "interval":
+            out[name] = tuple(float(x) for x in np.nanpercentile(distribution, [5, 95]))
+        else:
+            out[name] = float(np.nanmean(distribution))
+    return out
 
 
 def compare(new: list[Bench], old: list[Bench], threshold: float) -> list[tuple[str, float, float]]:
