@@ -151,7 +151,8 @@ def test_plans_in_turns(benchmark, model, precision, entry):
     def inputs():
         return ({plan: unit.args() for plan, unit in units.items()},), {}
 
-    if not getattr(benchmark, "disabled", False):   # timed: a warm-up turn, not kept
+    timed = not getattr(benchmark, "disabled", False)
+    if timed:   # a warm-up turn, not kept
         turn(*inputs()[0])
         for kept in times.values():
             kept.clear()
@@ -159,7 +160,6 @@ def test_plans_in_turns(benchmark, model, precision, entry):
     assert len(outs) == len(plans) >= 3
     assert all(np.all(np.isfinite(np.asarray(jax.tree.leaves(o)[0], np.float32))) for o in outs)
     assert all(len(t) == len(times[plans[0]]) >= 1 for t in times.values())
-    timed = bool(getattr(getattr(benchmark, "stats", None), "stats", None))
     benchmark.extra_info.update(
         unit={"entry": entry, "plan": "in turns", "precision": precision, "batch": BATCH[model], "target": "cpu",
               "model": model}, timed=timed,

@@ -169,3 +169,25 @@ def test_runtime_benchmarks_alone_run_on_one_cpu_device():
     assert not _runtime_only(["tests", "bench"])
     assert not _runtime_only(["bench/test_runtime.py", "bench/test_plans.py"])
     assert not _runtime_only([])
+
+
+def test_each_ranking_in_turns_runs_right_after_its_entrys_plans():
+    """bench/conftest.py: the in-turns test takes over the plans its entry's tests compiled, so
+    it must come right after the last of them (and never hold another entry's)."""
+    from types import SimpleNamespace
+
+    from bench.conftest import _turns_after_their_plans
+
+    def item(name, entry, plan=None):
+        params = {"model": "tiny", "precision": "fp32", "entry": entry, **({"plan": plan} if plan else {})}
+        return SimpleNamespace(originalname=name, callspec=SimpleNamespace(params=params),
+                               label=f"{name}[{entry}{'-' + plan if plan else ''}]")
+
+    items = [item("test_plan_on_cpu_mesh", e, p) for e in ("encode_image", "score") for p in ("dp", "fsdp")]
+    items += [item("test_plans_in_turns", e) for e in ("encode_image", "score", "caption")]
+    items.insert(0, SimpleNamespace(originalname="test_compile_cold", callspec=None, label="compile"))
+    _turns_after_their_plans(items)
+    assert [i.label for i in items] == [
+        "compile", "test_plan_on_cpu_mesh[encode_image-dp]", "test_plan_on_cpu_mesh[encode_image-fsdp]",
+        "test_plans_in_turns[encode_image]", "test_plan_on_cpu_mesh[score-dp]", "test_plan_on_cpu_mesh[score-fsdp]",
+        "test_plans_in_turns[score]", "test_plans_in_turns[caption]"]
