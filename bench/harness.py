@@ -23,6 +23,7 @@ from capibara_export.analysis.hardware import Hardware, for_device_kind
 from capibara_export.analysis.hlo import HloProgram, KernelProfile
 from capibara_export.analysis.roofline import roofline
 from capibara_export.build.programs import ProgramOptions, build_program
+from capibara_export.compiler_options import for_devices as options_for_devices
 from model import get_preset
 from model.layout import for_platform
 from model.state import init_params
@@ -104,7 +105,8 @@ def runnable(model: str, entry: str, precision: str, batch: int, params=None,
              towers: tuple[str, ...] | None = None, compiler_options: dict | None = None,
              layout: str | None = None, storage: str | None = None, cross_cache: str | None = None) -> Runnable:
     """Compile one entry for the first local device (outside any timed region), with XLA
-    `compiler_options` when given (bench/gpu_decode.py compares them). `params` are canonical;
+    `compiler_options` when given (bench/gpu_decode.py compares them), else the options this
+    package serves one such device with (capibara_export/compiler_options.py). `params` are canonical;
     the program takes them in the local platform's serving layout (model/layout.py), with
     the kernel `layout`, layer `storage` and `cross_cache` given instead where given."""
     cfg = get_preset(model) if towers is None else get_preset(model).with_towers(*towers)
@@ -114,6 +116,8 @@ def runnable(model: str, entry: str, precision: str, batch: int, params=None,
     params = stored_params(params if params is not None else float_params(model), cfg, policy)
     device = jax.devices()[0]
     args = jax.device_put((params, *real_inputs(entry, program)), device)
+    if compiler_options is None:
+        compiler_options = options_for_devices([device])
     compiled = jax.jit(program.fn, donate_argnums=()).lower(*args).compile(compiler_options=compiler_options)
     hlo = HloProgram(compiled.as_text())
     costs = hlo.costs()

@@ -25,6 +25,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bench.harness import attach, hardware, real_inputs
+from capibara_export import compiler_options
 from capibara_export.analysis.collectives import collectives
 from capibara_export.analysis.hlo import HloProgram
 from capibara_export.analysis.roofline import Roofline, roofline
@@ -83,7 +84,7 @@ def _compile(model: str, precision: str, entry: str, plan: str) -> PlanUnit:
     program = build_program(cfg, entry, policy, BATCH[model])
     mesh = make_mesh(get_target("cpu"), MESH)
     the_plan = load_plans()[plan]
-    compiled = lower(program, the_plan, mesh).compile()
+    compiled = lower(program, the_plan, mesh).compile(compiler_options=compiler_options.for_devices(mesh.devices.flat))
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), in_specs(program, the_plan),
                              is_leaf=lambda x: isinstance(x, PartitionSpec))
     params = store(init_params(cfg, 0), logical_names(cfg), policy)

@@ -50,6 +50,7 @@ import time
 from dataclasses import fields, replace
 from pathlib import Path
 
+from .. import compiler_options
 from .hardware import CPU_PLACEHOLDER, Hardware
 from .hlo import COLLECTIVES, HloProgram
 
@@ -173,10 +174,12 @@ def _sharded(devices: list, shape_per_device: tuple, dtype):
 
 
 def _timed(fn, *args) -> tuple[float, HloProgram]:
-    """Seconds per call of jit(fn)(*args), and the compiled program's HLO."""
+    """Seconds per call of jit(fn)(*args), and the compiled program's HLO, compiled with the
+    options the build gives programs on the devices `args` live on."""
     import jax
 
-    compiled = jax.jit(fn).lower(*args).compile()
+    devices = {d for a in jax.tree.leaves(args) for d in a.sharding.device_set}
+    compiled = jax.jit(fn).lower(*args).compile(compiler_options=compiler_options.for_devices(devices))
     return _seconds_per_call(lambda a: compiled(*a), args), HloProgram(compiled.as_text())
 
 
@@ -347,10 +350,13 @@ def _collective_slope(devices: list, group: int, kind: str, over: dict) -> float
 
 # ---------------------------------------------------------------------------- the cache
 def _machine_key(devices: list) -> str:
+    """The host, its devices, the toolchain and the compile options the measurements ran under."""
     import jax
 
+    options = sorted((compiler_options.for_devices(devices) or {}).items())
     return "|".join(str(p) for p in (socket.gethostname(), devices[0].platform, devices[0].device_kind,
-                                      len(devices), os.cpu_count(), jax.__version__, CALIBRATION_VERSION))
+                                      len(devices), os.cpu_count(), jax.__version__, CALIBRATION_VERSION)
+                    + tuple(f"{k}={v}" for k, v in options))
 
 
 def _cache_path() -> Path:

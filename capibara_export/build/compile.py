@@ -26,6 +26,7 @@ from sharding.plans import ShardingPlan
 from sharding.precision import get_policy
 from sharding.validity import check
 
+from .. import compiler_options
 from ..analysis.hardware import MEMORY_FRACTION, GiB, Hardware
 from ..export.serving import serving_function
 from ..export.stablehlo import sharded_jit
@@ -140,7 +141,7 @@ def compile_unit(cfg: BlipConfig, unit: Unit, plan: ShardingPlan, mesh, hardware
         _, lower, abstract = sharded_jit(serving, plan, mesh)
         lowered = lower(*abstract)
         t1 = time.perf_counter()
-        executable = lowered.compile()
+        executable = lowered.compile(compiler_options=compiler_options.for_devices(mesh.devices.flat))
     except Exception as err:  # XLA reports every failure as an exception; the record keeps its first line
         message = (str(err).strip().splitlines() or [type(err).__name__])[0][:500]
         if _OOM.search(message):

@@ -16,6 +16,7 @@ import numpy as np
 
 from model.errors import UserError
 
+from .. import compiler_options
 from ..analysis.hardware import CPU_PLACEHOLDER, HARDWARE, Hardware, for_device_kind
 from ..environment import DEFAULT_TARGET
 
@@ -251,7 +252,7 @@ def host_layout(mesh, target: Target | None = None) -> dict:
 
 def describe(mesh, target: Target | None = None) -> dict:
     """What a record or manifest says about a mesh: shape, axes, device kind and order, and
-    its layout over hosts (`host_layout`)."""
+    its layout over hosts (`host_layout`), and the XLA options its programs compile with."""
     first = mesh.devices.flat[0]
     return {
         "hosts": host_layout(mesh, target),
@@ -263,4 +264,5 @@ def describe(mesh, target: Target | None = None) -> dict:
         # physical torus position of each device in mesh order (TPU only): the roofline
         # counts how many torus dimensions a collective's group spans
         "device_coords": [list(getattr(d, "coords", ()) or ()) for d in mesh.devices.flat],
+        "compiler_options": compiler_options.for_devices(mesh.devices.flat),
     }

@@ -22,6 +22,7 @@ from sharding.plans import ShardingPlan
 from sharding.precision import get_policy
 from sharding.storage import stored_params, stored_specs
 
+from .. import compiler_options
 from ..build.cache import jax_cache_disabled
 from ..build.driver import ExecutableSource, config_hash
 from ..build.programs import NEEDS_TOWER, SEMIOTIC_ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
@@ -232,7 +233,8 @@ def _selected_unit(req: ExportRequest, bundle: Path, sel: dict, progress: Callab
         progress(f"compiling {unit_id} (the build kept no executable for it)")
         _, lower, abstract = stablehlo.sharded_jit(serving, plan, req.mesh)
         with jax_cache_disabled():
-            kept = executables.serialize(lower(*abstract).compile(), unit_id)
+            options = compiler_options.for_devices(req.mesh.devices.flat)
+            kept = executables.serialize(lower(*abstract).compile(compiler_options=options), unit_id)
     folder = bundle / "executables"
     folder.mkdir(exist_ok=True)
     exe, trees = executables.write(*kept, folder, unit_id)

@@ -166,7 +166,8 @@ def render_readme(manifest: dict) -> str:
             f"art = next(a for a in m['artifacts'] if a['path'] == '{sharded['path']}')",
             *_SHARDED_ARGUMENTS,
             "exp = jax.export.deserialize(bytearray(open(art['path'], 'rb').read()))",
-            "out = exp.call(params, *inputs)",
+            "# the XLA options the bundle's executables were compiled with (null: XLA's defaults)",
+            "out = jax.jit(exp.call, compiler_options=m['mesh'].get('compiler_options'))(params, *inputs)",
             "print(art['entry'], out.shape, out.sharding.spec)")
     if sharded:
         lines += _on_the_slice(m, sharded)

@@ -22,6 +22,7 @@ from model.processor import Preprocessor
 from sharding.precision import get_policy
 from sharding.storage import stored_params
 
+from .. import compiler_options
 from ..build.programs import ProgramOptions
 from ..export import manifest as mf
 from ..export import params as params_io
@@ -130,7 +131,7 @@ class CheckpointEngine(Engine):
         key = (entry, batch)
         if key not in self._compiled:
             serving = serving_function(self.config, entry, get_policy(self.precision), batch, self.options)
-            self._compiled[key] = jax.jit(serving.fn)
+            self._compiled[key] = jax.jit(serving.fn, compiler_options=compiler_options.for_devices(jax.devices()[:1]))
         return self._compiled[key](self._flat, *inputs)
 
 
@@ -175,5 +176,6 @@ class BundleEngine(Engine):
         if entry not in self._exports:
             raise mf.BundleError(f"{self.bundle}: no {entry} program for this model's towers")
         if entry not in self._loaded:
-            self._loaded[entry] = stablehlo.load(self._exports[entry])
-        return self._loaded[entry].call(self._flat, *inputs)
+            self._loaded[entry] = jax.jit(stablehlo.load(self._exports[entry]).call,
+                                          compiler_options=compiler_options.for_devices(jax.devices()[:1]))
+        return self._loaded[entry](self._flat, *inputs)
