@@ -26,11 +26,6 @@ def for_devices(devices: Iterable) -> dict[str, str] | None:
     """The compile options for a program that runs on `devices` (jax Devices, or deviceless
     TPU topology devices): a new dict, or None for XLA's defaults."""
     devices = list(devices)
-    return for_placement({d.platform for d in devices}, len(devices))
-
-
-def for_placement(platforms: set[str], count: int) -> dict[str, str] | None:
-    """The same by platform names and device count (for the cache key, before any device exists)."""
-    if platforms == {"cpu"} and count == 1:
+    if len(devices) == 1 and devices[0].platform == "cpu":
         return dict(ONE_CPU_DEVICE)
     return None
