@@ -131,6 +131,7 @@ def test_report_advice_names_only_valid_plans_and_says_why_a_selection_differs(b
 def test_report_holds_every_figure_and_table(base_build):
     folder, analysis = base_build
     page = (folder / "report.html").read_text()
+    assert "XLA compile options XLA&#x27;s defaults." in page   # a TPU target: capibara_export/compiler_options.py
     images = re.findall(r'<img alt="figure" src="data:image/png;base64,[A-Za-z0-9+/=]{1000,}"', page)
     selection = json.loads((folder / "selection.json").read_text())
     talking = [s for s in selection["selections"] if max(map(max, analysis["units"][s["unit_id"]]["load_grid"]

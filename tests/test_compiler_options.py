@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import Mesh
 
 from capibara_export import compiler_options
+from capibara_export.analysis import report
 from capibara_export.build.cache import cache_key
 from capibara_export.build.compile import compile_unit
 from capibara_export.build.programs import ProgramOptions
@@ -61,3 +62,8 @@ def test_the_options_reach_the_compiler_and_the_cache_key(shape, ynn_fusions):
     other = {**info, "compiler_options": compiler_options.ONE_CPU_DEVICE if ynn_fusions else None}
     args = (unit.to_dict(), get_preset("tiny").to_dict(), load_plans()["dp"].to_dict())
     assert cache_key(*args, info) != cache_key(*args, other)
+
+
+def test_the_report_names_the_options():
+    assert report._options(compiler_options.ONE_CPU_DEVICE) == "xla_cpu_experimental_ynn_fusion_type=''"
+    assert report._options(None) == "XLA's defaults"

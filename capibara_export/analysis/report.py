@@ -192,6 +192,11 @@ def units_rows(analysis: dict) -> list[list]:
     return rows
 
 
+def _options(options: dict | None) -> str:
+    """XLA compile options as `name=value` (capibara_export/compiler_options.py chooses them)."""
+    return ", ".join(f"{k}={v!r}" for k, v in sorted(options.items())) if options else "XLA's defaults"
+
+
 def render_html(analysis: dict, selection: dict) -> str:
     b = analysis["build"]
     entries = list(dict.fromkeys(a["unit"]["entry"] for a in analysis["units"].values()))
@@ -201,7 +206,8 @@ def render_html(analysis: dict, selection: dict) -> str:
              f"{html.escape(b['mesh']['device_kind'])}, model {html.escape(str(b['model']))}, hardware constants "
              f"{html.escape(b['hardware']['name'])} ({html.escape(b['hardware']['source'])}); cost-model "
              f"calibration: {html.escape(b['hardware'].get('calibration', 'none'))}. jax "
-             f"{html.escape(b['toolchain']['jax'])}, libtpu {html.escape(b['toolchain']['libtpu'])}.</p>",
+             f"{html.escape(b['toolchain']['jax'])}, libtpu {html.escape(b['toolchain']['libtpu'])}; XLA compile "
+             f"options {html.escape(_options(b['mesh'].get('compiler_options')))}.</p>",
              "<p>Figures are tagged: <b>compiled</b> (from the executable and its HLO), <b>model</b> "
              "(the roofline and analytic counts), <b>measured</b> (timed; only in benchmark reports). "
              "See docs/report.md.</p>",
