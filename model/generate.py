@@ -63,6 +63,7 @@ def _greedy(model: Blip, image_bpd: jax.Array, prompt_bp: jax.Array, max_new_tok
         cache = model.init_cache(image_bpd, p + max_new_tokens)
         logits, cache = model.decode_step(prompt_bp, 0, cache, key_mask, positions)
         next_pos = positions[:, -1:] + 1                                  # (B, 1): the first new token's
+    cache = model.text_decoder.layer_caches(cache)   # per-layer storage (CPU): each layer's own buffers
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     out = jnp.full((b, max_new_tokens), t.pad_token_id, jnp.int32).at[:, 0].set(first)
     done = first == t.sep_token_id

@@ -218,8 +218,8 @@ def test_per_layer_model_equals_the_stacked_model(cross_cache):
 
 
 def _copies_in_cpu_caption(config) -> tuple[int, int]:
-    """(weight-sized dynamic slices of the text decoder's parameters, copies of the cached
-    cross-attention keys or values) in the compiled CPU caption program."""
+    """(weight-sized dynamic slices of the text decoder's parameters, copies or slices of the
+    cached cross-attention keys or values in the decode loop) in the compiled CPU caption program."""
     import re
 
     from capibara_export.build.programs import build_program
@@ -228,7 +228,8 @@ def _copies_in_cpu_caption(config) -> tuple[int, int]:
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), program.args)
     text = jax.jit(program.fn).lower(*zeros).compile().as_text()
     slices = re.findall(r'%dynamic-slice[\w.-]* = f32\[(\d+),(\d+)\][^\n]*op_name="[^"]*text_decoder', text)
-    copies = re.findall(r'%\w*copy[\w.-]* = f32\[([\d,]+)\][^\n]*op_name="[^"]*cross_attention', text)
+    in_loop = r'op_name="[^"]*while/body[^"]*cross_attention'
+    copies = re.findall(r'%\w*(?:copy|slice)[\w.-]* = f32\[([\d,]+)\][^\n]*' + in_loop, text)
     one_layer = config.text.width * config.vision.tokens   # a layer's keys (or values) for one image
     return (sum(1 for rows, cols in slices if int(rows) > 1 and int(cols) > 1),
             sum(1 for dims in copies if np.prod([int(d) for d in dims.split(",")]) >= one_layer))
@@ -251,6 +252,18 @@ def test_cpu_serving_layout_reads_weights_and_cross_cache_in_place():
     slices, copies = _copies_in_cpu_caption(cfg)
     assert slices > 0 and copies > 0, "the stacked program must show the copies this test guards"
     assert _copies_in_cpu_caption(for_platform(cfg, "cpu")) == (0, 0)
+
+
+def test_the_cpu_decode_loop_reads_each_layers_cache_in_place(monkeypatch):
+    """Per-layer storage carries the decode cache as each layer's own buffers
+    (TextTower.layer_caches): with the stacked cache instead, every step copies each layer's
+    cross-attention keys or values out of it (XLA:CPU hands a dot only a whole buffer)."""
+    from model.text import TextTower
+
+    cpu = for_platform(TINY.with_towers("caption"), "cpu")
+    assert _copies_in_cpu_caption(cpu)[1] == 0
+    monkeypatch.setattr(TextTower, "layer_caches", lambda self, cache: cache)
+    assert _copies_in_cpu_caption(cpu)[1] >= cpu.text.depth, "a copy per layer per step without layer_caches"
 
 
 def test_layer_storage_is_config_data():
