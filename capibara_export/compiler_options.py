@@ -3,8 +3,10 @@
 One CPU device (serving on a CPU host: the `local` target there, a 1x1 `cpu` mesh, the semiotic
 module, the runtime bench): dots go through XLA:CPU's Eigen path instead of YNNPACK fusions
 (`xla_cpu_experimental_ynn_fusion_type=""`). Measured in turns against the default in one
-process on this 2-core host (docs/performance.md, "XLA:CPU dots: Eigen for one CPU device"):
-`small` encode_image fp32 batch 1 1.07-1.17x faster, caption within noise, outputs equal to 3e-12.
+process on this 2-core host (docs/performance.md, "XLA:CPU dots through Eigen on one CPU
+device"): `small` encode_image fp32 batch 1 1.03-1.17x faster in six runs, tiny 1.23x, caption,
+decode_step and score within noise, outputs equal to 3e-12. At batch 8 XLA:CPU fuses no dot
+into YNNPACK anyway.
 
 Several CPU devices (the simulated mesh: 32 devices sharing the host's cores) keep the default:
 there the Eigen path was 1.2-1.5x slower for the replicated, tp and hidden plans of tiny

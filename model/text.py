@@ -50,11 +50,15 @@ def cross_kv_shape(cfg: TextConfig, batch: int, patches: int) -> tuple[int, ...]
     return (cfg.depth, *(computed[i] for i in CROSS_KV_ORDER[cfg.cross_cache]))
 
 
+def _kv_axis(layout: str) -> int:
+    """Where a layer's cross-attention entry in `layout` holds keys and values apart (the 2)."""
+    return CROSS_KV_ORDER[layout].index(2)
+
+
 def split_cross_kv(layer_kv: jax.Array, layout: str) -> tuple[jax.Array, jax.Array]:
     """One layer's cross-attention entry in `layout` as (keys, values), each in that layout's
     order without the fused axis: (B, N, H, P) head-major, (B, P, N, H) otherwise."""
-    axis = CROSS_KV_ORDER[layout].index(2)
-    return tuple(jax.lax.index_in_dim(layer_kv, i, axis, keepdims=False) for i in (0, 1))
+    return tuple(jax.lax.index_in_dim(layer_kv, i, _kv_axis(layout), keepdims=False) for i in (0, 1))
 
 
 def pallas_decoding(x_btd: jax.Array) -> bool:
@@ -263,10 +267,9 @@ class TextTower(nnx.Module):
         Other towers get `cache` back: their scan reads slices in place."""
         if not isinstance(self.blocks, nnx.List):
             return cache
-        halves = tuple(n for i, n in enumerate(CROSS_KV_NAMES[self.cfg.cross_cache][1:])
-                       if i != CROSS_KV_ORDER[self.cfg.cross_cache].index(2))
+        layout = self.cfg.cross_cache
+        halves = tuple(n for i, n in enumerate(CROSS_KV_NAMES[layout][1:]) if i != _kv_axis(layout))
         depth = self.cfg.depth
         return {"self_kv": [constrain(cache["self_kv"][i], SELF_KV_NAMES[1:]) for i in range(depth)],
-                "cross_kv": [tuple(constrain(a, halves) for a in split_cross_kv(cache["cross_kv"][i],
-                                                                                   self.cfg.cross_cache))
+                "cross_kv": [tuple(constrain(a, halves) for a in split_cross_kv(cache["cross_kv"][i], layout))
                              for i in range(depth)]}
