@@ -2,9 +2,11 @@
 this CPU in three layouts, beside the Hugging Face peer in the same process: layers stacked
 and scanned with the patch-major cross cache (as TPU and GPU programs run them), layers
 per-layer, and per-layer with the head-major cross cache (the CPU serving layout,
-model/layout.py). The variants are timed in turns, round after round, so a drift of the
-host's speed hits all of them alike. Not a pytest benchmark: it compares layouts, which the
-bench suite does not (it runs the serving layout only).
+model/layout.py), each compiled with the options one CPU device gets
+(capibara_export/compiler_options.py); and the serving layout once more with XLA's default
+options. The variants are timed in turns, round after round, so a drift of the host's speed
+hits all of them alike. Not a pytest benchmark: it compares layouts and compile options,
+which the bench suite does not (it runs what serving runs only).
 
     python -m bench.cpu_layers_probe [ROUNDS]     (from the repository root, with the dev extra)
 """
@@ -23,10 +25,11 @@ import numpy as np  # noqa: E402
 
 from bench import harness, peer  # noqa: E402
 
-VARIANTS = {   # name: (layer storage, cross cache)
-    "stacked": ("stacked", "patch-major"),
-    "per-layer": ("per-layer", "patch-major"),
-    "serving": ("per-layer", "head-major"),
+VARIANTS = {   # name: (layer storage, cross cache, XLA compile options: None for this package's, {} XLA's defaults)
+    "stacked": ("stacked", "patch-major", None),
+    "per-layer": ("per-layer", "patch-major", None),
+    "serving": ("per-layer", "head-major", None),
+    "xla-default": ("per-layer", "head-major", {}),
 }
 
 
@@ -46,10 +49,10 @@ def main(rounds: int = 15) -> None:
     params = peer.our_params("small")
     for entry in ("caption", "decode_step", "encode_image"):
         fns, compile_s = {}, {}
-        for name, (storage, cross_cache) in VARIANTS.items():
+        for name, (storage, cross_cache, options) in VARIANTS.items():
             started = time.perf_counter()
             run = harness.runnable("small", entry, "fp32", 1, towers=("caption",), params=params, storage=storage,
-                                   cross_cache=cross_cache)
+                                   cross_cache=cross_cache, compiler_options=options)
             compile_s[name] = time.perf_counter() - started
             fns[name] = lambda run=run: run.compiled(*run.args)
         if entry != "decode_step":   # the peer has no single-step program to compare with
@@ -58,7 +61,7 @@ def main(rounds: int = 15) -> None:
                            else peer.vision_fn("small", pixels, "fp32"))
         if entry == "caption":
             same = all(np.array_equal(np.asarray(fns["stacked"]()), np.asarray(fns[name]())) for name in VARIANTS)
-            print(f"caption tokens identical across layouts: {same}")
+            print(f"caption tokens identical across layouts and options: {same}")
         times = timed_in_turns(fns, rounds)
         base = np.median(times["stacked"])
         for name, ts in times.items():

@@ -4,7 +4,7 @@ One CPU device (serving on a CPU host: the `local` target there, a 1x1 `cpu` mes
 module, the runtime bench): dots go through XLA:CPU's Eigen path instead of YNNPACK fusions
 (`xla_cpu_experimental_ynn_fusion_type=""`). Measured in turns against the default in one
 process on this 2-core host (docs/performance.md, "XLA:CPU dots through Eigen on one CPU
-device"): `small` encode_image fp32 batch 1 1.03-1.17x faster in six runs, tiny 1.23x, caption,
+device"): `small` encode_image fp32 batch 1 1.02-1.17x faster in seven runs, tiny 1.23x, caption,
 decode_step and score within noise, outputs equal to 3e-12. At batch 8 XLA:CPU fuses no dot
 into YNNPACK anyway.
 
