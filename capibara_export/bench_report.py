@@ -154,29 +154,25 @@ def rank_noise(predicted: list[float], rounds: list[list[float]], resamples: int
     finely, whatever the model."""
     samples = [np.asarray(r, dtype=float) for r in rounds]
     medians = [float(np.median(r)) for r in samples]
-    out = {}
-    for name, reference in (("interval", predicted), ("self", medians)):
-        fixed = rankdata(reference)
-        fixed = fixed - fixed.mean()
+    references = np.stack([rankdata(predicted), rankdata(medians)], axis=-1)   # (plans, 2)
+    references = references - references.mean(axis=0)
 
-        def rho(*drawn, axis=-1):   # Pearson of ranks: every resample's medians against `reference`
-            ranks = rankdata(np.stack([np.median(d, axis=axis) for d in drawn], axis=-1), axis=-1)
-            ranks = ranks - ranks.mean(axis=-1, keepdims=True)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                return (ranks @ fixed) / (np.linalg.norm(ranks, axis=-1) * np.linalg.norm(fixed))
+    def rho(*drawn, axis=-1):   # Pearson of ranks: every resample's medians against both references
+        ranks = rankdata(np.stack([np.median(d, axis=axis) for d in drawn], axis=-1), axis=-1)
+        ranks = ranks - ranks.mean(axis=-1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.moveaxis((ranks @ references) / (np.linalg.norm(ranks, axis=-1, keepdims=True)
+                                                        * np.linalg.norm(references, axis=0)), -1, 0)
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # scipy warns of degenerate data where every resample agrees
-            result = bootstrap(samples, rho, n_resamples=resamples, confidence_level=0.90, method="percentile",
-                               vectorized=True, rng=np.random.default_rng(seed))
-        distribution = result.bootstrap_distribution
-        if not np.isfinite(distribution).any():
-            out[name] = None
-        elif name == "interval":
-            out[name] = tuple(float(x) for x in np.nanpercentile(distribution, [5, 95]))
-        else:
-            out[name] = float(np.nanmean(distribution))
-    return out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # scipy warns of degenerate data where every resample agrees
+        result = bootstrap(samples, rho, n_resamples=resamples, confidence_level=0.90, method="percentile",
+                           vectorized=True, rng=np.random.default_rng(seed))
+    against_prediction, against_itself = result.bootstrap_distribution
+    interval = tuple(float(x) for x in np.nanpercentile(against_prediction, [5, 95])) \
+        if np.isfinite(against_prediction).any() else None
+    itself = float(np.nanmean(against_itself)) if np.isfinite(against_itself).any() else None
+    return {"interval": interval, "self": itself}
 
 
 def compare(new: list[Bench], old: list[Bench], threshold: float) -> list[tuple[str, float, float]]:
