@@ -67,3 +67,22 @@ def test_the_options_reach_the_compiler_and_the_cache_key(shape, ynn_fusions):
 def test_the_report_names_the_options():
     assert report._options(compiler_options.ONE_CPU_DEVICE) == "xla_cpu_experimental_ynn_fusion_type=''"
     assert report._options(None) == "XLA's defaults"
+
+
+def test_the_semiotic_engine_and_the_bench_compile_with_these_options(monkeypatch):
+    """An option XLA refuses, put where one CPU device's options come from: the semiotic
+    module's engine and the bench harness both fail on it, so both compile with them."""
+    import warnings
+
+    from bench import harness
+    from capibara_export.semiotic.module import MnemosyneSemioModule
+
+    monkeypatch.setattr(compiler_options, "ONE_CPU_DEVICE", {"xla_no_such_option": "1"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # random weights warn
+        module = MnemosyneSemioModule.random("tiny")
+    size = get_preset("tiny").vision.image_size
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        module.captioner.encode(np.zeros((1, 3, size, size), np.float32))
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        harness.runnable("tiny", "encode_image", "fp32", 1)
