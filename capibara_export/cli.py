@@ -22,6 +22,9 @@ EXIT_INTERRUPTED = 130
 def _csv(kind=str):
     def parse(text: str):
         items = [x.strip() for x in text.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"{text!r} is an empty list: give at least one value, or leave the "
+                                             "option out for its default")
         try:
             return tuple(kind(x) for x in items)
         except ValueError:
@@ -29,20 +32,28 @@ def _csv(kind=str):
     return parse
 
 
+def _path(text: str) -> str:
+    """A path option that must name something: an empty string would read as "not given"."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; name the file")
+    return text
+
+
 def _jobs(text: str) -> int | None:
     """--jobs: a positive count, or `auto` (None: workers/auto_jobs decides)."""
     return None if text == "auto" else _count()(text)
 
 
-def _count(minimum: int = 1):
+def _count(minimum: int = 1, maximum: int = 2 ** 31 - 1):
     """An integer option checked where it is parsed (`analyze --batch 0` used to loop forever)."""
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not text.strip().isascii() or not text.strip().lstrip("-").isdigit() or len(text) > 20:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number")
+        value = int(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{value} is below the minimum of {minimum}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"{value} is above the maximum of {maximum}")
         return value
     return parse
 
@@ -127,11 +138,12 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check a bundle's hashes and that every runnable artifact reproduces the model")
     v.add_argument("bundle", help="a bundle folder, e.g. artifacts/base-tpu-v4-64-4x8/bundle")
     v.add_argument("--json", action="store_true", help="print the equivalence matrix as JSON lines")
-    v.add_argument("--processes", type=int, metavar="N",
+    v.add_argument("--processes", type=_count(1, 4096), metavar="N",
                    help="also run the sharded programs across N local processes laid out as the manifest's hosts "
                         "(simulated CPU devices, gloo) and compare them with the single-process reference")
     _add_trust_args(v, executables=True)
     cli_serve.add_parser(sub, _add_trust_args)
+    cli_serve.add_launch_parser(sub)
 
     i = sub.add_parser("inspect", help="what a bundle holds, for whom, and until when it is valid")
     i.add_argument("bundle")
@@ -153,19 +165,20 @@ def _add_export_args(p: argparse.ArgumentParser, standalone: bool) -> None:
         p.add_argument("--checkpoint", metavar="DIR", help="weights to export (a Hugging Face BLIP folder)")
     p.add_argument("--random-weights", action="store_true",
                    help="export random weights (outputs are meaningless; for testing the serving path)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --random-weights (default 0)")
+    p.add_argument("--seed", type=_count(0, 2 ** 32 - 1), default=0,
+                   help="seed for --random-weights, 0..2^32-1 (default 0)")
     p.add_argument("--export-precisions", type=_csv(), help="precisions to export (default: the build's)")
     p.add_argument("--export-entries", type=_csv(),
                    help="portable programs and SavedModel signatures to export (default: all the towers allow; "
                         "the semiotic module needs caption_image, readings, score_image, image_features, "
                         "text_features)")
     p.add_argument("--no-saved-model", action="store_true", help="skip the TF SavedModel (the slowest artifact)")
-    p.add_argument("--sign-key", metavar="PEM", help="sign the manifest with this ed25519 private key "
+    p.add_argument("--sign-key", metavar="PEM", type=_path, help="sign the manifest with this ed25519 private key "
                                                      "(make one with `keygen`)")
 
 
 def _add_trust_args(p: argparse.ArgumentParser, executables: bool) -> None:
-    p.add_argument("--trust-key", metavar="PUB", help="ed25519 public key (PEM) that must have signed the manifest; "
+    p.add_argument("--trust-key", metavar="PUB", type=_path, help="ed25519 public key (PEM) that must have signed the manifest; "
                                                       "checked before any artifact is read")
     if executables:
         p.add_argument("--allow-unsigned-executables", action="store_true",
@@ -242,7 +255,8 @@ def cmd_build(args) -> int:
 
     def finish(staging, result):
         console.print("analysing, selecting plans and writing the report ...")
-        summary["text"] = derive(staging, name=result.folder.name)[2]
+        _, selection, summary["text"] = derive(staging, name=result.folder.name)
+        summary["selection"] = selection["selections"]
         if weights is not None:
             summary["bundle"] = write_bundle(staging, result.mesh, weights, args, console, final_folder=result.folder,
                                              compiled=result.compiled, kept=result.kept)
@@ -262,6 +276,11 @@ def cmd_build(args) -> int:
                   + f"; {counts['cached']} from cache. Report: {result.folder / 'report.html'}")
     if "bundle" in summary:
         print_bundle_next_steps(summary["bundle"], args.sign_key, console)
+    if not any(s.get("plan") for s in summary["selection"]):
+        print(f"capibara-export: error: the build selected no plan for any entry (every unit was invalid, did not "
+              f"fit or was refused: {result.folder / 'report.html'} says why); choose other --plans, --precisions, "
+              "--batch or --mesh", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -427,7 +446,8 @@ def cmd_analyze(args) -> int:
 
 COMMANDS = {"build": cmd_build, "plans": cmd_plans, "report": cmd_report, "export": cmd_export,
             "verify": cmd_verify, "serve": cmd_serve, "inspect": cmd_inspect, "keygen": cmd_keygen,
-            "bench-report": cli_bench_report.cmd_bench_report, "analyze": cmd_analyze}
+            "bench-report": cli_bench_report.cmd_bench_report, "analyze": cmd_analyze,
+            "launch": cli_serve.cmd_launch}
 
 
 def _resolve_target(args) -> str | None:
@@ -457,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         with interrupts.watched():
-            if args.command == "serve":
+            if args.command in ("serve", "launch"):
                 cli_serve.prepare(args)
             else:
                 environment.prepare(*_environment(args))
@@ -479,4 +499,4 @@ def main(argv: list[str] | None = None) -> int:
         if message is None:
             raise
         print(f"capibara-export: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
+        return getattr(err, "exit_code", EXIT_USAGE)

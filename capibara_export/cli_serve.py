@@ -6,6 +6,7 @@ outputs. Parsed before JAX starts: `--cpu-devices` must configure JAX before any
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -21,20 +22,102 @@ def add_parser(sub, add_trust_args) -> None:
                         "passes the same file and places only its own slice)")
     s.add_argument("--out", action="append", required=True, type=Path,
                    help=".npz of the outputs (written by process 0)")
-    s.add_argument("--precision", help="when the bundle has the entry in several precisions")
+    s.add_argument("--precision", action="append",
+                   help="when the bundle has an entry in several precisions: once for every --entry, or once per "
+                        "--entry in the same order")
+    add_runtime_args(s)
+    s.add_argument("--timings", action="store_true",
+                   help="print where this process's time went: open, join, and per entry restore, first call "
+                        "(compile and run), program (a second call), then the exit barrier")
+    s.add_argument("--no-executables", action="store_true",
+                   help="always run the sharded jax.export program, even where the serialized executable could load")
+    add_trust_args(s, executables=True)
+
+
+def add_launch_parser(sub) -> None:
+    s = sub.add_parser("launch", help="start N local processes of a multi-host command (serve, server) as the "
+                                      "slice's hosts on this machine, on simulated CPU devices")
+    s.add_argument("processes", type=int, help="how many processes: the bundle's hosts (manifest mesh.hosts)")
+    s.add_argument("--cpu-devices", type=int, metavar="K",
+                   help="simulated devices per process (default: the bundle's devices per host)")
+    s.add_argument("--logs", type=Path, help="folder for each process's log (default: a new temporary folder)")
+    s.add_argument("--timeout", type=float, metavar="S", help="kill every process after S seconds (default: none)")
+    s.add_argument("--heartbeat-timeout", type=_seconds, default=30, metavar="S",
+                   help="passed to every process (default 30)")
+    s.add_argument("--join-timeout", type=_seconds, default=60, metavar="S", help="passed to every process (default 60)")
+    s.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                   help="-- serve BUNDLE ... (or server BUNDLE ...): the command every host runs, without the "
+                        "runtime flags, which launch adds")
+
+
+def cmd_launch(args) -> int:
+    import tempfile
+
+    from .export.launch import LAUNCHABLE, exit_code, failure, launch
+    from .export.manifest import BundleError, parse, read_bytes
+
+    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not command or command[0] not in LAUNCHABLE:
+        raise BundleError(f"launch runs one of {', '.join(LAUNCHABLE)}: python -m capibara_export launch N -- serve "
+                          "BUNDLE --entry E --inputs IN.npz --out OUT.npz" + (f" (not {command[0]!r}; verify "
+                          "--processes N starts its own)" if command else ""))
+    ours = sorted({a.split("=")[0] for a in command} & {"--coordinator", "--num-processes", "--process-id",
+                                                         "--cpu-devices", "--heartbeat-timeout", "--join-timeout"})
+    if ours:
+        raise BundleError(f"{ours[0]} is set by launch for every process: leave it out of the command "
+                          "(give --cpu-devices, --heartbeat-timeout or --join-timeout to launch itself)")
+    if args.processes < 1:
+        raise BundleError(f"launch {args.processes}: give a process count of 1 or more")
+    per = args.cpu_devices
+    if per is None:
+        if len(command) < 2:
+            raise BundleError(f"launch ... {command[0]}: name the bundle")
+        manifest = parse(Path(command[1]), read_bytes(Path(command[1])))
+        hosts = manifest["mesh"].get("hosts") or {}
+        per = int(hosts.get("devices_per_process", manifest["mesh"]["devices"]))
+    logs = args.logs or Path(tempfile.mkdtemp(prefix="capibara-launch-"))
+    print(f"capibara-export launch: {args.processes} x `{command[0]}` on {per} cpu device(s) each; logs in {logs}",
+          file=sys.stderr, flush=True)
+    ended = launch(command[1:], args.processes, per, logs, timeout_s=args.timeout or float("inf"),
+                   heartbeat_timeout_s=args.heartbeat_timeout, join_timeout_s=args.join_timeout,
+                   command=command[0], echo=True)
+    problem = failure(ended)
+    if problem:
+        print(f"capibara-export: error: {problem}", file=sys.stderr)
+    return exit_code(ended)
+
+
+def add_runtime_args(s) -> None:
+    """Where this process stands in the slice, and the bounds on joining and on a lost peer:
+    the same for `serve` and `server`."""
     s.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (every process passes the same)")
     s.add_argument("--num-processes", type=int, default=1, help="processes in the slice: one per host")
     s.add_argument("--process-id", type=int, default=0, help="this host's process, 0..N-1")
     s.add_argument("--cpu-devices", type=int, metavar="K",
                    help="simulate this host's devices as K CPU devices with gloo collectives (tests, smoke tests)")
-    s.add_argument("--connect-timeout", type=int, default=60, metavar="S",
-                   help="seconds to wait for the coordinator and for every process to join (default 60)")
-    s.add_argument("--heartbeat-timeout", type=int, default=30, metavar="S",
-                   help="seconds without a heartbeat after which a process counts as lost and every other "
-                        "process aborts (default 30)")
-    s.add_argument("--no-executables", action="store_true",
-                   help="always run the sharded jax.export program, even where the serialized executable could load")
-    add_trust_args(s, executables=True)
+    s.add_argument("--join-timeout", "--connect-timeout", dest="join_timeout", type=_seconds, default=60,
+                   metavar="S", help="seconds to wait for the coordinator and for every process to join; past it "
+                                     "every process that came exits 1 naming the ones that did not (default 60)")
+    s.add_argument("--heartbeat-timeout", type=_seconds, default=30, metavar="S",
+                   help="seconds without a heartbeat after which a process counts as lost: every other process "
+                        "exits 1 naming it (default 30)")
+
+
+def _seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
+    if not 1 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"{value} s is outside 1..86400")
+    return value
+
+
+def runtime_from(args):
+    from .export.multihost import HostRuntime
+
+    return HostRuntime(args.coordinator, args.num_processes, args.process_id, args.cpu_devices,
+                       args.join_timeout, args.heartbeat_timeout)
 
 
 def prepare(args) -> None:
@@ -47,49 +130,97 @@ def prepare(args) -> None:
         os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+def _precisions(args) -> list[str | None]:
+    given = args.precision or []
+    if len(given) in (0, 1):
+        return [given[0] if given else None] * len(args.entry)
+    if len(given) != len(args.entry):
+        from .export.manifest import BundleError
+
+        raise BundleError(f"{len(args.entry)} --entry and {len(given)} --precision: give one --precision for all "
+                          "entries, or one per --entry in the same order")
+    return given
+
+
 def cmd_serve(args, policy) -> int:
-    from .export.loading import open_bundle
+    """Each entry stands on its own: an entry refused for its inputs or its artifacts (the same
+    refusal on every process, since every process reads the same files) is reported and the
+    next entry still runs; the exit code is 2 if any was refused."""
+    from .export.arrays import read_npz, write_npz
     from .export.manifest import BundleError
-    from .export.multihost import HostRuntime, check_against_manifest, join
+    from .export.multihost import check_against_manifest, join, leave
+    from .export.loading import open_bundle
 
     if not len(args.entry) == len(args.inputs) == len(args.out):
         raise BundleError(f"{len(args.entry)} --entry, {len(args.inputs)} --inputs and {len(args.out)} --out: "
                           "give one --inputs and one --out per --entry")
-    runtime = HostRuntime(args.coordinator, args.num_processes, args.process_id, args.cpu_devices,
-                          args.connect_timeout, args.heartbeat_timeout)
+    precisions = _precisions(args)
+    runtime = runtime_from(args)
+    clock = Stopwatch()
     opened = open_bundle(Path(args.bundle), policy)   # once: signature, schema, paths
     manifest = opened.manifest
     check_against_manifest(runtime, manifest)
-    from .export.sharded_server import ShardedServer, read_inputs, sharded_artifact
+    from .export.sharded_server import ShardedServer, sharded_artifact
 
-    for entry in args.entry:                              # before joining: refused alone, in one line
-        sharded_artifact(manifest, entry, args.precision)
-    inputs = [read_inputs(p) for p in args.inputs]
-    join(runtime)
+    if len(args.entry) == 1:   # one entry: every refusal is the command's, before joining, in one line
+        sharded_artifact(manifest, args.entry[0], precisions[0])
+    inputs = [read_npz(p) for p in args.inputs]
+    clock.lap("open")
+    watchdog = join(runtime, opened.digest)
+    clock.lap("join")
     import jax
 
     def say(text: str) -> None:
         print(f"capibara-export serve: {runtime.describe()}: {text}", file=sys.stderr, flush=True)
 
     say(f"joined, {jax.local_device_count()} local {jax.default_backend()} device(s) of {jax.device_count()}")
-    for entry, given, out in zip(args.entry, inputs, args.out):
-        server = ShardedServer.open(opened, entry, args.precision, use_executable=not args.no_executables)
-        for note in server.notes:
-            say(note)
-        outputs = server(given)
+    refused = []
+    for entry, precision, given, out in zip(args.entry, precisions, inputs, args.out):
+        what = f"{entry}" + (f" ({precision})" if precision else "")
+        try:
+            server = ShardedServer.open(opened, entry, precision, use_executable=not args.no_executables)
+            clock.lap(f"{what} restore")
+            for note in server.notes:
+                say(f"{what}: {note}")
+            outputs = server(given)
+            clock.lap(f"{what} first call")
+            if args.timings:
+                server(given)
+                clock.lap(f"{what} program")
+        except BundleError as err:
+            if len(args.entry) == 1:
+                raise
+            refused.append(what)
+            say(f"{what} -> {out}: error: {' '.join(str(err).split())}")
+            continue
         if jax.process_index() == 0:
-            _write_npz(out, outputs)
-        say(f"{entry}: ran {server.program_path} ({server.program_kind})"
+            write_npz(out, outputs)
+        say(f"{what}: ran {server.program_path} ({server.program_kind})"
             + (f", outputs in {out}" if jax.process_index() == 0 else ""))
+    leave(runtime, watchdog)
+    clock.lap("exit")
+    if args.timings:
+        say("timings: " + clock.describe())
+    if refused:
+        raise BundleError(f"{len(refused)} of {len(args.entry)} entries refused ({', '.join(refused)}); "
+                          "the others ran: see each entry's line above")
     return 0
 
 
-def _write_npz(path: Path, arrays: dict) -> None:
-    """Whole or not at all: a temporary file beside it, renamed."""
-    import numpy as np
+class Stopwatch:
+    """Named laps in order, for `serve --timings`."""
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    tmp.replace(path)
+    def __init__(self):
+        import time
+
+        self._clock = time.perf_counter
+        self._last = self._clock()
+        self.laps: list[tuple[str, float]] = []
+
+    def lap(self, name: str) -> None:
+        now = self._clock()
+        self.laps.append((name, now - self._last))
+        self._last = now
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self.laps)

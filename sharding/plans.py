@@ -160,11 +160,20 @@ def _towers(plan: str, raw, where: str) -> tuple[tuple[str, Rules, Rules], ...]:
     return tuple(out)
 
 
+MAX_PLAN_FILE_BYTES = 1 << 20   # the shipped plans are 5 KB; a larger file is not a plan file
+
+
 def parse_plans(text: str, where: str) -> dict[str, ShardingPlan]:
+    if len(text) > MAX_PLAN_FILE_BYTES:
+        raise PlanError(f"{where}: {len(text)} characters; a plan file is at most {MAX_PLAN_FILE_BYTES} "
+                        "(see sharding/plans.toml for the form)")
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise PlanError(f"{where}: not valid TOML ({err})") from None
+    except RecursionError:
+        raise PlanError(f"{where}: nested too deeply to be a plan file (a plan is a table of axis = [mesh axes])") \
+            from None
     plans = {}
     for name, body in raw.items():
         if not isinstance(body, dict):
@@ -191,6 +200,8 @@ def load_plans(extra_files: list[str | Path] = ()) -> dict[str, ShardingPlan]:
         path = Path(f)
         if not path.is_file():
             raise PlanError(f"{path}: plan file not found")
+        if path.stat().st_size > MAX_PLAN_FILE_BYTES:
+            raise PlanError(f"{path}: {path.stat().st_size} bytes; a plan file is at most {MAX_PLAN_FILE_BYTES}")
         try:
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError:

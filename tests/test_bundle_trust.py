@@ -195,6 +195,29 @@ def test_signed_bundle_verifies_with_its_key_and_is_refused_with_another_or_afte
     assert code == 2 and "not signed" in err
 
 
+@pytest.mark.parametrize("document", ["README.md", "ARTIFACTS.md", "manifest.schema.json"])
+def test_the_signature_covers_every_document_and_a_trusted_open_refuses_unlisted_files(
+        signed_bundle, keys, tmp_path, document):
+    """The README holds the recipes a serving team runs: one flipped byte in it (or in any
+    document) is refused with or without a key; a file the manifest does not list, at the root
+    or beside the artifacts, is refused when the signature is checked."""
+    manifest = mf.read(signed_bundle)
+    assert {d["path"] for d in manifest["documents"]} == set(mf.DOCUMENTS)
+    flipped = Path(shutil.copytree(signed_bundle, tmp_path / "flipped"))
+    data = bytearray((flipped / document).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (flipped / document).write_bytes(bytes(data))
+    for trust in (["--trust-key", keys[1]], []):
+        code, err = in_process("inspect", flipped, *trust)
+        assert code == 2 and f"{document}: sha256 does not match the manifest's" in err, err[-500:]
+    for extra in ("run-me.sh", "stablehlo/extra.jaxexport"):
+        planted = Path(shutil.copytree(signed_bundle, tmp_path / f"planted-{extra.replace('/', '-')}"))
+        (planted / extra).write_text("echo hello")
+        code, err = in_process("inspect", planted, "--trust-key", keys[1])
+        assert code == 2 and f"holds {extra}, which the signed manifest does not list" in err, err[-500:]
+        assert len(err.strip().splitlines()) == 1
+
+
 def test_unsigned_bundles_never_load_executables_without_the_opt_in(signed_bundle, tmp_path):
     result = main_in_process("verify", signed_bundle, "--json")  # no --trust-key: the signature is not checked
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]

@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,23 +44,65 @@ def check_output_folder(out: Path) -> None:
 
 
 
-# Written into every folder the tool creates; a folder is only ever replaced if it holds
-# this marker (or, from before the marker, a build's build.json or a bundle's manifest.json).
+# Written into every folder the tool creates, with a random id that is also recorded beside
+# the folder (`.capibara-export-NAME.id` in its parent). A folder is only ever replaced when
+# both agree: a build.json, a manifest.json or a marker that came with a copied or received
+# folder proves nothing, since its id was never recorded here.
 MARKER = ".capibara-export"
-_LEGACY_SIGNS = ("build.json", "manifest.json")
+_MARKER_TEXT = "written by capibara-export; this folder may be replaced by the next run\n"
+_MAX_MARKER_BYTES = 4096
+
+
+def _id_file(final: Path) -> Path:
+    return final.parent / f".capibara-export-{final.name}.id"
+
+
+def _read_small(path: Path) -> str | None:
+    """A regular file's text, or None (missing, a link, a device, too large, not text)."""
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > _MAX_MARKER_BYTES:
+            return None
+        return path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _marker_id(text: str | None) -> str | None:
+    for line in (text or "").splitlines():
+        if line.startswith("id: "):
+            return line[4:].strip() or None
+    return None
+
+
+def recorded_id(final: Path) -> str | None:
+    """The id of the folder this tool wrote at `final`, if it can prove it did: the folder's
+    marker and the record beside it agree. Folders from before ids (the marker's first line
+    alone) count as the tool's only where this parent also holds the tool's lock file."""
+    final = Path(final)
+    marker = _read_small(final / MARKER)
+    if marker is None:
+        return None
+    mine, recorded = _marker_id(marker), (_read_small(_id_file(final)) or "").strip()
+    if mine:
+        return mine if recorded == mine else None
+    if marker == _MARKER_TEXT and (final.parent / _LOCK_FILE).is_file() and not recorded:
+        return ""   # written by an earlier version here: replaceable once, then given an id
+    return None
 
 
 def ensure_replaceable(final: Path, flag: str = "--out/--name") -> None:
-    """Refuse, before any work, to replace a folder the tool did not write."""
+    """Refuse, before any work, to replace a folder the tool cannot prove it wrote."""
     final = Path(final)
     if not os.path.lexists(final):
         return
     if final.is_symlink() or not final.is_dir():
         raise ProgramError(f"{final}: exists and is not a folder capibara-export wrote; refusing to replace it: "
                            f"choose another {flag}")
-    if not any((final / sign).is_file() for sign in (MARKER, *_LEGACY_SIGNS)):
-        raise ProgramError(f"{final}: exists and was not written by capibara-export; refusing to replace it: "
-                           f"choose another {flag}, or remove it yourself")
+    if recorded_id(final) is None:
+        what = next((f"holds a {sign}, but " for sign in ("build.json", "manifest.json") if (final / sign).exists()), "")
+        raise ProgramError(f"{final}: exists and {what}this capibara-export did not write it here (no marker id "
+                           f"recorded beside it); refusing to replace it: choose another {flag}, or remove it "
+                           "yourself")
 
 
 def check_folder_name(name: str | None) -> None:
@@ -67,8 +110,9 @@ def check_folder_name(name: str | None) -> None:
     if name is None:
         return
     if (not name or name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\\0")
-            or len(name) > 200):
-        raise ProgramError(f"--name {name!r}: must be one folder name (no '/', not '.' or '..', not hidden), "
+            or len(name) > 200 or not name.isprintable() or name != name.strip()):
+        raise ProgramError(f"--name {name!r}: must be one folder name (no '/', not '.' or '..', not hidden, no control "
+                           "characters or surrounding spaces), "
                            "e.g. --name base-v4-32-run2")
 
 
@@ -147,16 +191,18 @@ def staged_folder(final: Path) -> Iterator[Path]:
     final = Path(final)
     with folder_lock(final):
         ensure_replaceable(final)
+        folder_id = (recorded_id(final) if final.exists() else None) or uuid.uuid4().hex   # kept across rewrites
         tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir()
-            (tmp / MARKER).write_text("written by capibara-export; this folder may be replaced by the next run\n")
+            (tmp / MARKER).write_text(f"{_MARKER_TEXT}id: {folder_id}\n", encoding="ascii")
             yield tmp
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         old = final.parent / f".old-{final.name}-{os.getpid()}"
+        _id_file(final).write_text(folder_id + "\n", encoding="ascii")   # before the swap: a crash keeps it true
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)

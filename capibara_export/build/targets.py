@@ -131,7 +131,7 @@ def get_target(name: str) -> Target:
 
 
 def parse_mesh(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", text or "")
+    match = re.fullmatch(r"\s*([0-9]{1,6})\s*x\s*([0-9]{1,6})\s*", text or "", re.ASCII)
     if not match or 0 in (int(match[1]), int(match[2])):
         raise TargetError(f"--mesh {text!r} is not of the form DATAxMODEL with positive sizes, e.g. 4x8")
     return int(match[1]), int(match[2])

@@ -170,13 +170,15 @@ def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _
             "artifacts": artifacts,
             "export_seconds": round(time.perf_counter() - started, 1),
         }
+        (bundle / "README.md").write_text(render_readme(manifest))   # from the manifest, before it lists them
+        manifest["documents"] = [{"path": p.name, "sha256": mf.sha256(p)} for p in sorted(bundle.iterdir())
+                                 if p.is_file() and p.name in mf.DOCUMENTS]
         problem = schema.validate(manifest)
         if problem:
             raise BundleError(f"internal: the manifest being written does not match its schema: {problem}")
         data = mf.write(bundle / "manifest.json", manifest)
         if req.sign_key is not None:
             (bundle / trust.SIGNATURE_FILE).write_bytes(trust.sign(data, req.sign_key))
-        (bundle / "README.md").write_text(render_readme(manifest))
     return Path(req.build_folder) / "bundle"
 
 

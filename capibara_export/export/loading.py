@@ -14,6 +14,7 @@ then per artifact, before it is loaded:
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ class OpenedBundle:
     manifest: dict
     trust: Trust
     policy: TrustPolicy
+    digest: str = ""            # sha256 of the manifest's bytes: which bundle this is, for the hosts' join
 
     def path(self, artifact: dict, key: str = "path") -> Path:
         return mf.confined(self.folder, artifact[key])
@@ -80,7 +82,20 @@ def open_bundle(folder: Path, policy: TrustPolicy = TrustPolicy()) -> OpenedBund
     folder = Path(folder)
     data = mf.read_bytes(folder)
     checked = trust.establish(folder, data, policy)
-    return OpenedBundle(folder, mf.parse(folder, data), checked, policy)
+    manifest = mf.parse(folder, data)
+    if checked.signed_by:   # the signature vouches for every file, and for nothing else
+        if "documents" not in manifest:
+            raise BundleError(f"{folder}: signed by an export that did not cover README.md and the other documents; "
+                              "ask its author to export and sign it again")
+        extra = mf.unlisted_files(folder, manifest)
+        if extra:
+            raise BundleError(f"{folder}: holds {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                              + ", which the signed manifest does not list; refusing this bundle: remove it, or "
+                                "ask the author for the bundle as signed")
+    problem = mf.check_documents(folder, manifest)
+    if problem:
+        raise BundleError(f"{folder}: refusing this bundle: {problem}")
+    return OpenedBundle(folder, manifest, checked, policy, hashlib.sha256(data).hexdigest())
 
 
 def jaxlib_here() -> str:

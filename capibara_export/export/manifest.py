@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import stat
+from collections import Counter
 from pathlib import Path, PurePosixPath
 
 from model.errors import UserError
@@ -28,6 +29,11 @@ MAX_MANIFEST_BYTES = 16 * 2 ** 20
 EXECUTABLE_TOOLCHAIN = ("jax", "jaxlib", "libtpu")
 # Manifest fields of an artifact that name a path in the bundle.
 PATH_FIELDS = ("path", "trees", "params")
+# The bundle's documents, listed with their sha256 in `documents` (signed with the manifest).
+DOCUMENTS = ("README.md", "ARTIFACTS.md", "manifest.schema.json")
+# Files a bundle holds beside its artifacts and documents: the manifest, its signature, and
+# the marker of the folder the tool wrote (build/staging.py; its id differs per folder).
+BUNDLE_FILES = ("manifest.json", "manifest.json.sig", ".capibara-export")
 
 
 class BundleError(UserError):
@@ -81,6 +87,9 @@ def confined(bundle: Path, rel) -> Path:
     pure = PurePosixPath(rel)
     if pure.is_absolute() or any(part in ("..", "") for part in rel.split("/")):
         raise BundleError(f"manifest path {rel!r} points outside the bundle (absolute or ..); refusing this bundle")
+    if "." in rel.split("/") or len(rel) > 1024 or any(len(part) > 255 for part in rel.split("/")):
+        raise BundleError(f"manifest path {rel[:80]!r}{'...' if len(rel) > 80 else ''} is not a path a bundle "
+                          "writes ('.' parts, or longer than a file system allows); refusing this bundle")
     here = Path(bundle)
     for part in pure.parts:
         here = here / part
@@ -88,6 +97,9 @@ def confined(bundle: Path, rel) -> Path:
             mode = os.lstat(here).st_mode
         except FileNotFoundError:
             return Path(bundle) / rel  # reported as missing by the hash check
+        except OSError as err:
+            raise BundleError(f"manifest path {rel[:80]!r} cannot be looked up ({err.strerror}); "
+                              "refusing this bundle") from None
         if stat.S_ISLNK(mode):
             raise BundleError(f"manifest path {rel!r} goes through a symbolic link; refusing this bundle")
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
@@ -120,8 +132,11 @@ def parse(bundle: Path, data: bytes) -> dict:
     path = Path(bundle) / "manifest.json"
     try:
         manifest = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BundleError(f"{path}: not valid JSON ({getattr(err, 'msg', err)})") from None
+    except RecursionError:
+        raise BundleError(f"{path}: nested too deeply to be a manifest; refusing this bundle") from None
+    except (UnicodeDecodeError, ValueError) as err:   # JSONDecodeError, or an integer of thousands of digits
+        raise BundleError(f"{path}: not valid JSON ({' '.join(str(getattr(err, 'msg', err)).split())[:120]})") \
+            from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{path}: not a JSON object")
     if manifest.get("schema") != SCHEMA or manifest.get("schema_version") != SCHEMA_VERSION:
@@ -134,9 +149,16 @@ def parse(bundle: Path, data: bytes) -> dict:
                 confined(bundle, a[key])
     from .schema import validate
 
-    problem = validate(manifest)
+    try:
+        problem = validate(manifest)
+    except RecursionError:
+        problem = "nested too deeply to be a manifest"
     if problem:
         raise BundleError(f"{path}: {problem}")
+    counts = Counter(a["path"] for a in manifest["artifacts"])
+    twice, n = counts.most_common(1)[0] if counts else ("", 1)
+    if n > 1:   # each would be hashed and checked again: minutes for a few KB of manifest
+        raise BundleError(f"{path}: lists {twice} {n} times; a bundle lists each artifact once")
     return manifest
 
 
@@ -154,6 +176,41 @@ def check_hash(bundle: Path, artifact: dict) -> str | None:
     if actual != artifact["sha256"]:
         return f"{artifact['path']}: sha256 {actual[:12]}… does not match the manifest's {artifact['sha256'][:12]}…"
     return None
+
+
+def check_documents(bundle: Path, manifest: dict) -> str | None:
+    """None when every document the manifest lists has its sha256, else the first problem."""
+    for doc in manifest.get("documents", []):
+        path = confined(bundle, doc["path"])
+        if path.name not in DOCUMENTS or "/" in doc["path"]:
+            return f"{doc['path']}: listed as a document, which a bundle never has; refusing this bundle"
+        if not path.is_file():
+            return f"{doc['path']}: missing from the bundle"
+        if sha256(path) != doc["sha256"]:
+            return f"{doc['path']}: sha256 does not match the manifest's; the document was altered"
+    return None
+
+
+def unlisted_files(bundle: Path, manifest: dict) -> list[str]:
+    """Files in the bundle that neither the manifest lists (artifacts, with the files inside
+    folder artifacts, and documents) nor are the manifest, its signature or the folder marker."""
+    listed = {a[k] for a in manifest["artifacts"] for k in ("path", "trees") if k in a}
+    listed |= {d["path"] for d in manifest.get("documents", [])} | set(BUNDLE_FILES)
+    found = []
+    for root, dirs, names in os.walk(bundle, followlinks=False):
+        rel_root = Path(root).relative_to(bundle).as_posix()
+        prefix = "" if rel_root == "." else rel_root + "/"
+        if prefix and prefix.rstrip("/") in listed:
+            dirs[:] = []          # a folder artifact: its hash covers what is inside
+            continue
+        for name in names + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            rel = prefix + name
+            if rel not in listed:
+                found.append(rel)
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
+        if len(found) > 100:
+            break
+    return sorted(found)
 
 
 def check_toolchain(manifest: dict, artifact_path: str) -> None:

@@ -37,6 +37,9 @@ def globals_named(data: bytes) -> set[tuple[str, str]]:
         ops = list(pickletools.genops(data))
     except Exception as err:  # pickletools raises ValueError and others on garbage
         raise PickleRefused(f"not a well-formed pickle ({err})") from None
+    end = ops[-1][2] + 1 if ops and ops[-1][2] is not None else len(data)
+    if end != len(data):   # bytes after STOP: nothing JAX writes; a second stream could hide there
+        raise PickleRefused(f"has {len(data) - end} bytes after the pickle's end (STOP at byte {end - 1})")
     for op, arg, _ in ops:
         name = op.name
         if name in _REFUSED_OPS:

@@ -77,24 +77,37 @@ def _header(m: dict) -> list[str]:
 
 
 def _on_the_slice(m: dict, sharded: dict) -> list[str]:
-    """The multi-host recipe: the same serve command on every host (capibara-export installed there)."""
+    """The multi-host recipe: the same serve command on every host (capibara-export installed there),
+    and the same across local processes with `launch` (tests run both as written)."""
     hosts = m["mesh"].get("hosts") or {}
     n, per = int(hosts.get("processes", 1)), int(hosts.get("devices_per_process", m["mesh"]["devices"]))
     if n == 1:
         return []
+    run = f"serve . --entry {sharded['entry']} --precision {sharded['precision']} --inputs ../in.npz --out ../out.npz"
     return [f"### On the slice: {n} processes, one per host, {per} devices each", "",
             f"`mesh.hosts` in the manifest says which host owns each mesh position ({hosts.get('chip_config', '')}; "
             f"{hosts.get('runtime', '')}). Run the same command on every host, each with its own `--process-id`; "
             "process 0 hosts JAX's coordinator and writes the outputs. Each host restores only its parameter shards "
-            "and places only its slice of the batch; a lost host makes the others exit within `--heartbeat-timeout` "
-            "seconds. The same from Python: `capibara_export.export.multihost.join` then "
-            "`capibara_export.export.sharded_server.ShardedServer.open(bundle, entry)(inputs)`.", "",
+            "and places only its slice of the batch. A host that does not join within `--join-timeout` seconds, or "
+            "stops for `--heartbeat-timeout` seconds, makes every other process exit 1 with one line naming it. "
+            "The same from Python: `capibara_export.export.multihost.join` then "
+            "`capibara_export.export.sharded_server.ShardedServer.open(bundle, entry, precision)(inputs)`.", "",
+            "Inputs are an `.npz` of the program's inputs by name (the whole batch; every host passes the same "
+            "file); for a first try, ones of the right shapes:", "",
             "```bash",
-            f"python -m capibara_export serve . --entry {sharded['entry']} --inputs in.npz --out out.npz \\",
+            "python -c \"import json, numpy as np; a = next(a for a in json.load(open('manifest.json'))['artifacts'] "
+            f"if a['path'] == '{sharded['path']}'); np.savez('../in.npz', **{{t['name']: np.ones(t['shape'], t['dtype']) "
+            "for t in a['inputs']})\"",
+            "```", "",
+            "```bash",
+            f"python -m capibara_export {run} \\",
             f"    --coordinator HOST0:8476 --num-processes {n} --process-id $I   # I = 0..{n - 1}, one per host",
             "```", "",
-            f"Before shipping, the same across {n} local processes with simulated CPU devices "
-            f"(`--cpu-devices {per}`, gloo collectives) against the single-process reference:", "",
+            f"To try it on one machine first: {n} local processes, each simulating its host's {per} devices on CPU "
+            "(gloo collectives), their output prefixed `[I]`:", "",
+            "```bash", f"python -m capibara_export launch {n} -- {run}", "```", "",
+            f"Before shipping, every sharded program across {n} local processes against the single-process "
+            "reference:", "",
             "```bash", f"python -m capibara_export verify . --processes {n}", "```", ""]
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from . import executables, stablehlo
 from . import manifest as mf
 from . import params as params_io
+from .arrays import as_declared
 from .loading import OpenedBundle, inspect_artifact, open_bundle
 from .manifest import BundleError
 from .trust import TrustPolicy
@@ -171,19 +172,8 @@ def _input(inputs: Mapping[str, np.ndarray], spec: dict, rel: str) -> np.ndarray
     if name not in inputs:
         raise BundleError(f"{rel} needs input {name!r} {list(shape)} {dtype}; the inputs have "
                           f"{', '.join(sorted(inputs)) or 'none'}")
-    value = np.asarray(inputs[name])
+    value = as_declared(inputs[name], dtype)
     if value.shape != shape or value.dtype != dtype:
         raise BundleError(f"input {name!r} is {list(value.shape)} {value.dtype}; {rel} was exported for "
                           f"{list(shape)} {dtype}")
     return value
-
-
-def read_inputs(path: Path) -> dict[str, np.ndarray]:
-    """An .npz of plain arrays (no pickled objects: allow_pickle stays off)."""
-    try:
-        with np.load(Path(path), allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError) as err:
-        raise BundleError(f"{path}: not an .npz of arrays ({err}); write it with numpy.savez") from None

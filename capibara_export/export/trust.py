@@ -81,10 +81,16 @@ def keygen(folder: Path) -> tuple[Path, Path]:
     """A new key pair: signing.pem (mode 600) and signing.pub.pem. Refuses to overwrite."""
     serialization, ed25519, _ = _crypto()
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(folder) and (folder.is_symlink() or not folder.is_dir()):
+        raise BundleError(f"{folder}: exists and is not a folder; keygen writes signing.pem and signing.pub.pem into "
+                          "a folder: choose a new or existing folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BundleError(f"{folder}: cannot make that folder ({err.strerror}); choose another") from None
     private, public = folder / "signing.pem", folder / "signing.pub.pem"
     for p in (private, public):
-        if p.exists():
+        if os.path.lexists(p):
             raise BundleError(f"{p}: already exists; keygen never overwrites a key (choose another folder)")
     key = ed25519.Ed25519PrivateKey.generate()
     fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -213,6 +213,53 @@ class Verifier:
             self._tie_logits[key] = np.asarray(jax.jit(logits)(self.params(params_rel), pixels, ids))
         return self._tie_logits[key]
 
+    def beam_ties(self, precision: str, params_rel: str, image_embeds: np.ndarray):
+        """A check for readings (beam search): rows whose beams differ are accepted when, rescored
+        by the reference in f32, the artifact's beams score as the reference's own do, rank by
+        rank, within the precision's tolerance (a search that took the other side of a near tie
+        finds sequences the model rates equally). Anything else fails."""
+        prompt_len = self.options.prompt_len
+
+        def check(got: np.ndarray, want: np.ndarray) -> tuple[bool, str]:
+            rows = np.nonzero((got != want).reshape(got.shape[0], -1).any(axis=1))[0]
+            if any((got[r, :, :prompt_len] != want[r, :, :prompt_len]).any() for r in rows):
+                return False, "a row differs in its prompt"
+            notes = []
+            for r in rows:
+                mine = self._beam_scores(precision, params_rel, image_embeds[r], got[r], prompt_len)
+                theirs = self._beam_scores(precision, params_rel, image_embeds[r], want[r], prompt_len)
+                gap = float(np.max(np.abs(np.sort(mine) - np.sort(theirs))))
+                limit = TOLERANCE[precision] * max(1.0, float(np.max(np.abs(theirs))))
+                if gap > limit:
+                    return False, (f"row {r}'s beams score {np.round(mine, 4).tolist()} under the reference, its "
+                                   f"own {np.round(theirs, 4).tolist()} (gap {gap:.3g} > {limit:.3g})")
+                notes.append(f"row {r} (score gap {gap:.2g})")
+            return True, "ids identical up to near-tie beams scoring alike under the reference: " + ", ".join(notes)
+        return check
+
+    def _beam_scores(self, precision: str, params_rel: str, image_pd: np.ndarray, ids_kt: np.ndarray,
+                     prompt_len: int) -> np.ndarray:
+        """Each beam's length-normalised log-probability (as model/generate.beam_search scores it:
+        generated tokens up to and including [SEP]) under the reference's f32 teacher forcing."""
+        config, template = self.config, self._template(precision)
+        k = ids_kt.shape[0]
+
+        def logits(flat, image, ids):
+            model = bind(config, unflatten(flat, template), jnp.float32)
+            return model.decoder_logits(ids, jnp.ones_like(ids), image)
+        out = jax.jit(logits)(self.params(params_rel), np.repeat(image_pd[None], k, axis=0), ids_kt)
+        logp = np.asarray(jax.nn.log_softmax(out.astype(jnp.float32), axis=-1))
+        sep, scores = config.text.sep_token_id, []
+        for beam in range(k):
+            total, length = 0.0, 0
+            for t in range(prompt_len, ids_kt.shape[1]):
+                total += float(logp[beam, t - 1, ids_kt[beam, t]])
+                length += 1
+                if ids_kt[beam, t] == sep:
+                    break
+            scores.append(total / max(length, 1))
+        return np.array(scores)
+
     def _template(self, precision: str) -> dict:
         return stored_template(self.config, get_policy(precision))
 
@@ -229,7 +276,7 @@ class Verifier:
                 got = {k: got[k] for k in want}
             else:
                 got = next(iter(got.values()))
-            ties = self.near_ties(a["precision"], params_rel, inputs[0]) if entry == "caption" else None
+            ties = self._ties(entry, a["precision"], params_rel, inputs)
             rows += _compare(f"{a['path']}:{signature}", got, want, a["precision"], ties)
         return rows
 
@@ -241,10 +288,17 @@ class Verifier:
         return args, want
 
     def _ties_for(self, a: dict, batch: int):
-        if a["entry"] != "caption":
-            return None
         inputs, _ = self.reference(a["entry"], a["precision"], a["params"], batch)
-        return self.near_ties(a["precision"], a["params"], inputs[0])
+        return self._ties(a["entry"], a["precision"], a["params"], inputs)
+
+    def _ties(self, entry: str, precision: str, params_rel: str, inputs):
+        """The near-tie check for an entry that searches over tokens (greedy caption from pixels,
+        beam-searched readings from image embeddings); None where ids must match exactly."""
+        if entry == "caption":
+            return self.near_ties(precision, params_rel, inputs[0])
+        if entry == "readings":
+            return self.beam_ties(precision, params_rel, np.asarray(inputs[0]))
+        return None
 
     def check_executable(self, a: dict) -> list[Row]:
         refused = self.opened.executables_refused()
