@@ -111,15 +111,47 @@ def _ids(ids) -> str:
     return ", ".join(map(str, ids[:16])) + (f", ... ({len(ids)} in all)" if len(ids) > 16 else "")
 
 
-def rendezvous(runtime: HostRuntime, token: str) -> None:
+class Link:
+    """The join's connections, kept open until the end: process 0 holds one to every other
+    process, each other process one to process 0. `leave` uses them to stop the coordination
+    service only after every other process has disconnected from it (see `leave`)."""
+
+    def __init__(self, conns: dict[int, socket.socket]):
+        self.conns = conns
+
+    def tell_left(self) -> None:
+        for conn in self.conns.values():
+            _send(conn, "left")
+        self.close()
+
+    def wait_all_left(self, timeout_s: float) -> list[int]:
+        """Process 0: block until every other process said "left" or hung up; those that did
+        neither within `timeout_s`."""
+        deadline, pending = time.monotonic() + timeout_s, dict(self.conns)
+        for pid, conn in list(pending.items()):
+            try:
+                conn.settimeout(max(0.01, deadline - time.monotonic()))
+                _read_line(conn)   # "left", or "" when its process is gone: either way it is off the service
+                pending.pop(pid)
+            except OSError:
+                pass
+        self.close()
+        return sorted(pending)
+
+    def close(self) -> None:
+        for conn in self.conns.values():
+            conn.close()
+        self.conns = {}
+
+
+def rendezvous(runtime: HostRuntime, token: str) -> Link:
     """Every process of the slice present, serving the bundle `token` names, or one line naming
     who is missing; bounded by `join_timeout_s` (module docstring, step 1)."""
     host, port = parse_address(runtime.coordinator)
     deadline = time.monotonic() + runtime.join_timeout_s
     if runtime.process_id == 0:
-        _host_rendezvous(runtime, _listen(host, port), token, deadline)
-    else:
-        _join_rendezvous(runtime, host, port, token, deadline)
+        return _host_rendezvous(runtime, _listen(host, port), token, deadline)
+    return _join_rendezvous(runtime, host, port, token, deadline)
 
 
 def _read_line(conn: socket.socket, limit: int = 512) -> str:
@@ -132,7 +164,7 @@ def _read_line(conn: socket.socket, limit: int = 512) -> str:
     return data.decode("ascii", errors="replace").strip()
 
 
-def _host_rendezvous(runtime: HostRuntime, server: socket.socket, token: str, deadline: float) -> None:
+def _host_rendezvous(runtime: HostRuntime, server: socket.socket, token: str, deadline: float) -> Link:
     n = runtime.num_processes
     joined: dict[int, socket.socket] = {}
     refusal = None
@@ -170,7 +202,8 @@ def _host_rendezvous(runtime: HostRuntime, server: socket.socket, token: str, de
             if refusal is None and len(joined) == n - 1:
                 for conn in joined.values():
                     _send(conn, "go")
-                return
+                link, joined = Link(joined), {}
+                return link
             missing = sorted(set(range(1, n)) - set(joined))
             why = refusal or (f"process(es) {_ids(missing)} of {n} did not join within {runtime.join_timeout_s} s "
                               f"(--join-timeout): start every host's process with the same --coordinator")
@@ -189,7 +222,7 @@ def _send(conn: socket.socket, text: str) -> None:
         pass   # that process is gone; it learns nothing more from us
 
 
-def _join_rendezvous(runtime: HostRuntime, host: str, port: int, token: str, deadline: float) -> None:
+def _join_rendezvous(runtime: HostRuntime, host: str, port: int, token: str, deadline: float) -> Link:
     hello = f"{_HELLO} {runtime.process_id} {runtime.num_processes} {token}"
     while True:
         try:
@@ -201,15 +234,15 @@ def _join_rendezvous(runtime: HostRuntime, host: str, port: int, token: str, dea
                                     f"{runtime.join_timeout_s} s ({err.strerror or err}): start process 0 there "
                                     "first, or fix --coordinator") from None
             time.sleep(0.5)
-    with conn:
-        try:
-            conn.sendall((hello + "\n").encode("ascii"))
-            conn.settimeout(max(1.0, deadline - time.monotonic()) + 10)   # process 0 answers by its own deadline
-            answer = _read_line(conn)
-        except OSError as err:
-            answer = f"(no answer: {err})"
+    try:
+        conn.sendall((hello + "\n").encode("ascii"))
+        conn.settimeout(max(1.0, deadline - time.monotonic()) + 10)   # process 0 answers by its own deadline
+        answer = _read_line(conn)
+    except OSError as err:
+        answer = f"(no answer: {err})"
     if answer == "go":
-        return
+        return Link({0: conn})
+    conn.close()
     if answer.startswith("refused "):
         raise LostProcesses(answer[len("refused "):])
     raise LostProcesses(f"process 0 at {runtime.coordinator} ended the join without an answer "
@@ -222,11 +255,12 @@ class Watchdog:
     for a server's readiness; `on_lost(line)` runs before the exit (a server answers its queue)."""
 
     interval_s = 1.0
+    _LOST = "capibara-export/lost"   # process 0's finding, so every survivor prints the same line
 
-    def __init__(self, runtime: HostRuntime, on_lost=None):
+    def __init__(self, runtime: HostRuntime, link: Link | None = None, on_lost=None):
         from jax._src import distributed   # the key-value store has no public handle in jax 0.10.2
 
-        self.runtime, self.on_lost = runtime, on_lost
+        self.runtime, self.link, self.on_lost = runtime, link, on_lost
         self._client = distributed.global_state.client
         self._stop = threading.Event()
         self._leaving = threading.Event()
@@ -245,12 +279,16 @@ class Watchdog:
             beat += 1
             try:
                 self._client.key_value_set(self._key(me), str(beat), allow_overwrite=True)
-                values = {p: self._try_get(p) for p in seen}
+                values = {p: self._try_get(self._key(p)) for p in seen}
+                told = self._try_get(self._LOST) if me != 0 else None
             except Exception as err:   # the service is gone with process 0 (JAX usually aborts first)
                 if self._leaving.is_set():
                     return
                 self._fail(f"process 0 (the coordinator, {self.runtime.coordinator}) is unreachable "
                            f"({' '.join(str(err).split())[:160]})")
+                return
+            if told and not self._leaving.is_set():
+                self._fail(told)
                 return
             now = time.monotonic()
             for p, value in values.items():
@@ -263,9 +301,9 @@ class Watchdog:
                            "(--heartbeat-timeout)")
                 return
 
-    def _try_get(self, pid: int):
+    def _try_get(self, key: str):
         try:
-            return self._client.key_value_try_get(self._key(pid))
+            return self._client.key_value_try_get(key)
         except Exception as err:
             if "NOT_FOUND" in str(err) or "not found" in str(err).lower():
                 return None   # not published yet: it has the bound to start
@@ -281,6 +319,15 @@ class Watchdog:
             except Exception:
                 pass
         print(line, file=sys.stderr, flush=True)
+        if self.runtime.process_id == 0:
+            # the service ends with this process, and with it (JAX's abort) every survivor that has
+            # not yet printed its own line: tell them, and wait a few beats until they have gone
+            try:
+                self._client.key_value_set(self._LOST, why, allow_overwrite=True)
+            except Exception:
+                pass
+            if self.link is not None:
+                self.link.wait_all_left(3 * self.interval_s + 2)
         os._exit(1)   # from a thread, while the main thread may be inside a collective that never returns
 
     def leaving(self) -> None:
@@ -302,23 +349,44 @@ def join(runtime: HostRuntime, token: str = "") -> Watchdog | None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if not runtime.coordinated:
         return None
-    rendezvous(runtime, token)
+    link = rendezvous(runtime, token)
     jax.config.update("jax_enable_recoverability", True)   # survivors live to name the lost (docstring)
     jax.distributed.initialize(coordinator_address=runtime.coordinator, num_processes=runtime.num_processes,
                                process_id=runtime.process_id, initialization_timeout=runtime.join_timeout_s,
                                heartbeat_timeout_seconds=runtime.heartbeat_timeout_s,
                                shutdown_timeout_seconds=runtime.heartbeat_timeout_s)
-    return Watchdog(runtime)
+    return Watchdog(runtime, link)
 
 
 def leave(runtime: HostRuntime, watchdog: Watchdog | None) -> None:
-    """Every process together at JAX's shutdown barrier (bounded by the heartbeat timeout)."""
+    """Every process leaves the slice together, bounded by the heartbeat timeout.
+
+    In recoverable mode JAX's `shutdown` has no barrier of its own: process 0 would stop the
+    coordination service while a slower peer is still disconnecting from it, and that peer
+    aborts ("Failed to disconnect from coordination service", SIGABRT; measured: 6 or 7 of 8
+    processes on every run where they finish a few hundred ms apart). So every process first
+    meets the others at a barrier in JAX's store; each other process disconnects and then says
+    so on the join's connection; process 0 stops the service only after all have (the service
+    has no call that reports this: its `GetAliveTasks` is itself a barrier)."""
     if watchdog is None:
         return
     import jax
 
     watchdog.leaving()
-    jax.distributed.shutdown()
+    bound = runtime.heartbeat_timeout_s
+    try:
+        watchdog._client.wait_at_barrier("capibara-export/leave", bound * 1000)
+    except Exception as err:
+        raise LostProcesses(f"not every process of {runtime.num_processes} reached the end within {bound} s "
+                            f"(--heartbeat-timeout): {' '.join(str(err).split())[:200]}") from None
+    if runtime.process_id != 0:
+        jax.distributed.shutdown()
+        if watchdog.link is not None:
+            watchdog.link.tell_left()
+    else:
+        if watchdog.link is not None:
+            watchdog.link.wait_all_left(bound)
+        jax.distributed.shutdown()
     watchdog.stop()
 
 
