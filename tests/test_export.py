@@ -194,7 +194,7 @@ def test_bundle_readme_recipes_run_as_written_without_the_project(cpu_bundle):
     plain JAX / orbax / TensorFlow / transformers: none of them may import capibara-export."""
     readme = (cpu_bundle / "README.md").read_text()
     blocks = readme.split("```python\n")[1:]
-    assert len(blocks) == 5  # jax.export, SavedModel, processor, sharded export, executable
+    assert len(blocks) == 6  # jax.export, decode_step, SavedModel, processor, sharded export, executable
     env = {k: v for k, v in os.environ.items() if k not in ("TPU_LIBRARY_PATH", "XLA_FLAGS", "PYTHONPATH")}
     env["JAX_PLATFORMS"] = "cpu"  # libtpu is installed here; a CPU host says so
     guard = ("\nimport sys\nassert not [m for m in sys.modules if m.split('.')[0] in "
@@ -207,10 +207,38 @@ def test_bundle_readme_recipes_run_as_written_without_the_project(cpu_bundle):
         assert result.returncode == 0, (code, result.stderr[-2000:])
         outputs.append(result.stdout)
     assert "['token_ids'] (2, 21)" in outputs[0]
-    assert "serving_default" in outputs[1] and "'token_ids': TensorShape([2, 21])" in outputs[1]
-    assert "(1, 3, 32, 32)" in outputs[2]
-    assert outputs[3].startswith("caption (32, 21)") or outputs[3].startswith("encode_image (32,")
+    # the nested cache rebuilt from the manifest's names (out-in, per-layer, head-major here)
+    assert "decode_step loop == caption: True (2, 21)" in outputs[1], outputs[1]
+    assert "serving_default" in outputs[2] and "'token_ids': TensorShape([2, 21])" in outputs[2]
+    assert "(1, 3, 32, 32)" in outputs[3]
     assert outputs[4].startswith("caption (32, 21)") or outputs[4].startswith("encode_image (32,")
+    assert outputs[5].startswith("caption (32, 21)") or outputs[5].startswith("encode_image (32,")
+
+
+def test_each_saved_model_sits_in_the_layout_tf_serving_loads(cpu_bundle):
+    """TF Serving's model server (not on PyPI, so not run here) loads `<base>/<version>/` with
+    a positive integer version and reads warmup from `<version>/assets.extra/`: the bundle's
+    SavedModels are there, the README's docker line mounts that base path, and the version
+    folder loads with every signature the manifest names."""
+    import tensorflow as tf
+
+    manifest = mf.read(cpu_bundle)
+    readme = (cpu_bundle / "README.md").read_text()
+    for art in (a for a in manifest["artifacts"] if a["kind"] == "saved_model"):
+        base, version = art["path"].rsplit("/", 1)
+        assert base == f"saved_model/{art['precision']}" and version.isdigit() and int(version) > 0
+        assert [p.name for p in (cpu_bundle / base).iterdir()] == [version]   # nothing TF Serving would misread
+        folder = cpu_bundle / art["path"]
+        assert (folder / "saved_model.pb").is_file()
+        assert (folder / art["warmup"]["path"]).is_file() and art["warmup"]["path"] == \
+            "assets.extra/tf_serving_warmup_requests"
+        loaded = tf.saved_model.load(str(folder))
+        assert sorted(loaded.signatures) == sorted(s["name"] for s in art["signatures"])
+    first = next(a for a in manifest["artifacts"] if a["kind"] == "saved_model")
+    name = manifest["model"]["name"]
+    assert f'-v "$PWD/saved_model/{first["precision"]}:/models/{name}" -e MODEL_NAME={name} tensorflow/serving' \
+        in readme
+    assert "single-device" in readme
 
 
 def test_export_without_weights_is_refused_before_compiling(tmp_path):

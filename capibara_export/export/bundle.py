@@ -133,7 +133,8 @@ def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _
                             if e in _entries(cfg) and (req.entries is None or e in req.entries)}
                 if servings:
                     progress(f"SavedModel {precision}")
-                    folder = bundle / "saved_model" / precision
+                    # TF Serving's layout: a model's base path holds numbered versions
+                    folder = bundle / "saved_model" / precision / saved_model.VERSION
                     signatures = saved_model.save(folder, servings, stored[storage_form(precision)],
                                                   model_name=f"{cfg.name}-{precision}", batch_sizes=batches)
                     artifacts.append(_artifact(bundle, folder, "saved_model", precision=precision,

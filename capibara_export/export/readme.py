@@ -111,6 +111,94 @@ def _on_the_slice(m: dict, sharded: dict) -> list[str]:
             "```bash", f"python -m capibara_export verify . --processes {n}", "```", ""]
 
 
+# decode_step's cache is a dict argument: the manifest lists its leaves as `cache/cross_kv`,
+# `cache/self_kv` (JAX's flattening order, keys sorted); `nest` turns such names back into the
+# nested arguments. The cross cache is the image tokens through each decoder layer's
+# cross-attention key/value projection, in the bundle's storage and cache layouts.
+_DECODE_STEP = '''def nest(names, leaves):   # 'cache/cross_kv' -> {'cache': {'cross_kv': leaf}}
+    tree = {}
+    for name, leaf in zip(names, leaves):
+        *path, last = name.split('/')
+        node = tree
+        for key in path:
+            node = node.setdefault(key, {})
+        node[last] = leaf
+    return tree
+def stacked(name):   # (layers, ...) whether the bundle stores layers stacked or one by one
+    if text['layer_storage'] == 'stacked':
+        return np.asarray(params[f'text_decoder/blocks/{name}'])
+    return np.stack([np.asarray(params[f'text_decoder/blocks/{i}/{name}']) for i in range(text['depth'])])
+kernel, bias = stacked('cross_kv/kernel'), stacked('cross_kv/bias')
+if text['kernel_layout'] == 'out-in':   # (L, 2, heads, head_dim, width) -> (L, width, 2, heads, head_dim)
+    kernel = np.moveaxis(kernel, -1, 1)
+kv = np.einsum('bpd,ldknh->lbpknh', np.asarray(image), kernel) + bias[:, None, None]   # (L, B, patches, 2, N, H)
+order = {'patch-major': (0, 1, 2, 3, 4, 5), 'head-major': (0, 1, 3, 4, 5, 2), 'kv-major': (0, 3, 1, 2, 4, 5)}
+names = [t['name'] for t in step['inputs']]
+shapes = {t['name']: [2 if d == 'b' else d for d in t['shape']] for t in step['inputs']}
+leaves = {'cache/cross_kv': kv.transpose(order[text['cross_cache']]).astype(np.float32),
+          'cache/self_kv': np.zeros(shapes['cache/self_kv'], np.float32)}
+ids = prompt
+tokens = [prompt]
+for position in range(caption.shape[1] - 1):
+    leaves.update({'input_ids': ids, 'position': np.int32(position)})
+    args = nest(names, [leaves[n] for n in names])   # {'input_ids', 'position', 'cache': {...}}
+    logits, cache = decode.call(params, *args.values())   # the new cache comes back nested too
+    leaves.update({f'cache/{k}': v for k, v in cache.items()})
+    ids = np.asarray(logits).argmax(-1)[:, None].astype(np.int32)
+    tokens.append(ids)
+tokens = np.concatenate(tokens, axis=1)
+after_sep = (np.cumsum(tokens == text['sep_token_id'], axis=1) - (tokens == text['sep_token_id'])) > 0
+print('decode_step loop == caption:', bool(((tokens == caption) | after_sep).all()), tokens.shape)'''
+
+
+def _decode_step_recipe(m: dict, size: int, bos: int) -> list[str]:
+    """decode_step from plain JAX: the nested cache rebuilt from the manifest's flat names, a
+    greedy loop checked against the caption program (fp32; the int8 storage is not shown)."""
+    arts = m["artifacts"]
+    pick = {e: next((a for a in arts if a["kind"] == "jax.export" and a["entry"] == e and a["precision"] == "fp32"),
+                    None) for e in ("decode_step", "encode_image", "caption")}
+    if not all(pick.values()):
+        return []
+    return ["### decode_step from plain JAX: the nested cache", "",
+            "A `/` in an input or output name is a path into a nested argument: `cache/cross_kv` is "
+            "`cache['cross_kv']`, and the manifest lists the leaves in JAX's flattening order (dict keys sorted). "
+            "The cross cache is the image tokens through each decoder layer's cross-attention key/value projection; "
+            "the self cache starts as zeros; each step returns the updated cache in the same structure. This loop "
+            "reproduces the caption program's ids:", ""] + _block(
+        "import json, os, jax, numpy as np, orbax.checkpoint as ocp",
+        "m = json.load(open('manifest.json'))",
+        "text = m['model']['config']['text']",
+        "art = lambda e: next(a for a in m['artifacts'] if a['kind'] == 'jax.export' and a['entry'] == e "
+        "and a['precision'] == 'fp32')",
+        "step = art('decode_step')",
+        "load = lambda a: jax.export.deserialize(bytearray(open(a['path'], 'rb').read()))",
+        "decode, encode, captioner = load(step), load(art('encode_image')), load(art('caption'))",
+        "params = ocp.StandardCheckpointer().restore(os.path.abspath(step['params']))",
+        f"pixels = np.random.default_rng(0).normal(size=(2, 3, {size}, {size})).astype(np.float32)",
+        f"prompt = np.full((2, 1), {bos}, np.int32)",
+        "image = encode.call(params, pixels)                       # (B, patches, vision width)",
+        "caption = np.asarray(captioner.call(params, pixels, prompt, np.ones_like(prompt)))",
+        *_DECODE_STEP.splitlines())
+
+
+def _tf_serving(m: dict, arts: list[dict]) -> list[str]:
+    """TF Serving loads `<base path>/<version>/`: each precision's SavedModel is a base path."""
+    saved = [a for a in arts if a["kind"] == "saved_model"]
+    name = m["model"]["name"]
+    first = saved[0]
+    base = first["path"].rsplit("/", 1)[0]
+    return ["### TF Serving", "",
+            "Each `saved_model/<precision>/` is a model base path in TF Serving's layout, version `1` inside "
+            f"({', '.join('`' + a['path'] + '/`' for a in saved)}); the warmup requests sit where TF Serving reads "
+            "them. A SavedModel is the portable single-device program: TF Serving runs it on one device of one "
+            "host. The sharded programs for the slice are served with `python -m capibara_export serve` (below).", "",
+            "```bash",
+            f"docker run --rm -p 8501:8501 -v \"$PWD/{base}:/models/{name}\" -e MODEL_NAME={name} tensorflow/serving"
+            f"   # {first['precision']}",
+            f"curl -s localhost:8501/v1/models/{name}/metadata",
+            "```", ""]
+
+
 def render_readme(manifest: dict) -> str:
     m = manifest
     arts = m["artifacts"]
@@ -131,6 +219,7 @@ def render_readme(manifest: dict) -> str:
             "mask = np.ones((2, 1), np.int32)                 # 1 for prompt tokens, 0 for padding",
             "ids = exp.call(params, pixels, prompt, mask)",
             "print([o['name'] for o in art['outputs']], ids.shape)")
+    lines += _decode_step_recipe(m, size, bos)
     saved = next((a for a in arts if a["kind"] == "saved_model"), None)
     if saved:
         sig = next(s for s in saved["signatures"] if s["name"] == saved["default_signature"])
@@ -149,6 +238,7 @@ def render_readme(manifest: dict) -> str:
             "print({k: v.shape for k, v in out.items()})")
         lines += [f"Warmup requests for every signature at batch sizes {saved['warmup']['batch_sizes']} are in "
                   f"`{saved['path']}/{saved['warmup']['path']}`.", ""]
+        lines += _tf_serving(m, arts)
     lines += ["### The tokenizer and image processor", ""] + _block(
         "from PIL import Image",
         "from transformers import BlipProcessor",

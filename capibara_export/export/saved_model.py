@@ -19,6 +19,7 @@ from .warmup import write_warmup
 SIGNATURES = ("caption", "encode_image", "score")
 DEFAULT = "serving_default"      # TF Serving's default signature key: the caption signature, or the first there is
 WARMUP = "assets.extra/tf_serving_warmup_requests"
+VERSION = "1"   # saved_model/<precision>/1/: the <base path>/<version>/ TF Serving loads
 _TF_DTYPES = {"float32": "float32", "int32": "int32", "bfloat16": "bfloat16", "int8": "int8"}
 
 
