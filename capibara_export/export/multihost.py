@@ -209,10 +209,29 @@ def _host_rendezvous(runtime: HostRuntime, server: socket.socket, token: str, de
                               f"(--join-timeout): start every host's process with the same --coordinator")
             for conn in joined.values():
                 _send(conn, f"refused {why}")
+            _refuse_waiting(server, why)
             raise LostProcesses(why)
         finally:
             for conn in joined.values():
                 conn.close()
+
+
+def _refuse_waiting(server: socket.socket, why: str) -> None:
+    """Tell processes whose connection the kernel already queued (but the join never accepted)
+    why the join ended, so they print process 0's reason instead of a closed connection."""
+    server.settimeout(0.2)
+    while True:
+        try:
+            conn, _ = server.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(0.5)
+            try:
+                _read_line(conn)   # its hello, read so that closing does not reset the connection
+            except OSError:
+                pass
+            _send(conn, f"refused {why}")
 
 
 def _send(conn: socket.socket, text: str) -> None:
