@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from . import cli_analyze, cli_bench_report, cli_serve, environment
+from . import cli_analyze, cli_bench_report, cli_serve, cli_server, environment
 from .environment import DEFAULT_TARGET
 
 EXIT_USAGE = 2
@@ -143,6 +143,7 @@ def parser() -> argparse.ArgumentParser:
                         "(simulated CPU devices, gloo) and compare them with the single-process reference")
     _add_trust_args(v, executables=True)
     cli_serve.add_parser(sub, _add_trust_args)
+    cli_server.add_parser(sub, _add_trust_args)
     cli_serve.add_launch_parser(sub)
 
     i = sub.add_parser("inspect", help="what a bundle holds, for whom, and until when it is valid")
@@ -440,12 +441,16 @@ def cmd_serve(args) -> int:
     return cli_serve.cmd_serve(args, _policy(args))
 
 
+def cmd_server(args) -> int:
+    return cli_server.cmd_server(args, _policy(args))
+
+
 def cmd_analyze(args) -> int:
     return cli_analyze.cmd_analyze(args, _policy(args))
 
 
 COMMANDS = {"build": cmd_build, "plans": cmd_plans, "report": cmd_report, "export": cmd_export,
-            "verify": cmd_verify, "serve": cmd_serve, "inspect": cmd_inspect, "keygen": cmd_keygen,
+            "verify": cmd_verify, "serve": cmd_serve, "server": cmd_server, "inspect": cmd_inspect, "keygen": cmd_keygen,
             "bench-report": cli_bench_report.cmd_bench_report, "analyze": cmd_analyze,
             "launch": cli_serve.cmd_launch}
 
@@ -477,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         with interrupts.watched():
-            if args.command in ("serve", "launch"):
+            if args.command in ("serve", "server", "launch"):
                 cli_serve.prepare(args)
             else:
                 environment.prepare(*_environment(args))

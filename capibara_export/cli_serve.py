@@ -90,9 +90,13 @@ def cmd_launch(args) -> int:
 def add_runtime_args(s) -> None:
     """Where this process stands in the slice, and the bounds on joining and on a lost peer:
     the same for `serve` and `server`."""
-    s.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (every process passes the same)")
-    s.add_argument("--num-processes", type=int, default=1, help="processes in the slice: one per host")
-    s.add_argument("--process-id", type=int, default=0, help="this host's process, 0..N-1")
+    s.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="process 0's address (every process passes the same; default: $LWS_LEADER_ADDRESS:8476 where "
+                        "a Kubernetes LeaderWorkerSet sets it)")
+    s.add_argument("--num-processes", type=int,
+                   help="processes in the slice: one per host (default: $LWS_GROUP_SIZE, else 1)")
+    s.add_argument("--process-id", type=int,
+                   help="this host's process, 0..N-1 (default: $LWS_WORKER_INDEX or $TPU_WORKER_ID, else 0)")
     s.add_argument("--cpu-devices", type=int, metavar="K",
                    help="simulate this host's devices as K CPU devices with gloo collectives (tests, smoke tests)")
     s.add_argument("--join-timeout", "--connect-timeout", dest="join_timeout", type=_seconds, default=60,
@@ -113,10 +117,37 @@ def _seconds(text: str) -> int:
     return value
 
 
-def runtime_from(args):
+# what a Kubernetes LeaderWorkerSet sets on every pod of a group (multi-host TPU serving), and
+# JAX's default coordinator port on Cloud TPU
+LWS_COORDINATOR_PORT = 8476
+
+
+def runtime_from(args, environ=None):
+    """The slice from the flags; where a flag is not given, from a LeaderWorkerSet's variables
+    (so one pod spec serves every host), else one process."""
+    import os
+
+    from .export.manifest import BundleError
     from .export.multihost import HostRuntime
 
-    return HostRuntime(args.coordinator, args.num_processes, args.process_id, args.cpu_devices,
+    env = os.environ if environ is None else environ
+
+    def number(name: str) -> int | None:
+        text = env.get(name)
+        if text is None:
+            return None
+        if not text.strip().isdigit():
+            raise BundleError(f"${name}={text!r} is not a whole number: fix the pod spec, or pass the flag")
+        return int(text)
+    coordinator = args.coordinator
+    if coordinator is None and env.get("LWS_LEADER_ADDRESS"):
+        coordinator = f"{env['LWS_LEADER_ADDRESS']}:{LWS_COORDINATOR_PORT}"
+    count = args.num_processes if args.num_processes is not None else number("LWS_GROUP_SIZE")
+    pid = args.process_id
+    if pid is None:
+        pid = number("LWS_WORKER_INDEX")
+        pid = number("TPU_WORKER_ID") if pid is None else pid
+    return HostRuntime(coordinator, 1 if count is None else count, 0 if pid is None else pid, args.cpu_devices,
                        args.join_timeout, args.heartbeat_timeout)
 
 

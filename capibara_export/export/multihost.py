@@ -358,9 +358,10 @@ class Watchdog:
         self._thread.join(timeout=5)
 
 
-def join(runtime: HostRuntime, token: str = "") -> Watchdog | None:
+def join(runtime: HostRuntime, token: str = "", on_lost=None) -> Watchdog | None:
     """Configure JAX for this host and join the slice (before any JAX computation); the
-    heartbeat watchdog of a slice of several processes."""
+    heartbeat watchdog of a slice of several processes. `on_lost(line)` runs when the
+    watchdog finds a process lost, before this process exits (a server answers its queue)."""
     import jax
 
     if runtime.cpu_devices:
@@ -374,7 +375,7 @@ def join(runtime: HostRuntime, token: str = "") -> Watchdog | None:
                                process_id=runtime.process_id, initialization_timeout=runtime.join_timeout_s,
                                heartbeat_timeout_seconds=runtime.heartbeat_timeout_s,
                                shutdown_timeout_seconds=runtime.heartbeat_timeout_s)
-    return Watchdog(runtime, link)
+    return Watchdog(runtime, link, on_lost)
 
 
 def leave(runtime: HostRuntime, watchdog: Watchdog | None) -> None:

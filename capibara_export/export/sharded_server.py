@@ -32,10 +32,10 @@ from .manifest import BundleError
 from .trust import TrustPolicy
 
 
-def sharded_artifact(manifest: dict, entry: str, precision: str | None = None) -> dict:
-    """The selected unit's sharded jax.export artifact for `entry` (and `precision`)."""
+def sharded_artifact(manifest: dict, entry: str, precision: str | None = None, batch: int | None = None) -> dict:
+    """The selected unit's sharded jax.export artifact for `entry` (and `precision`, `batch`)."""
     found = [a for a in manifest["artifacts"] if a["kind"] == "jax.export-sharded" and a["entry"] == entry
-             and precision in (None, a["precision"])]
+             and precision in (None, a["precision"]) and batch in (None, a["batch"])]
     if len(found) == 1:
         return found[0]
     have = sorted({f"{a['entry']} ({a['precision']})" for a in manifest["artifacts"]
@@ -46,8 +46,11 @@ def sharded_artifact(manifest: dict, entry: str, precision: str | None = None) -
         raise BundleError(f"the bundle has no sharded program for {entry}"
                           + (f" in {precision}" if precision else "") + f"; it has: {', '.join(have) or 'none'}"
                           + (f"; the build's selection {refused[0]}" if refused else ""))
-    raise BundleError(f"the bundle has {entry} in {len(found)} precisions: choose one with --precision "
-                      f"({', '.join(a['precision'] for a in found)})")
+    if len({a["precision"] for a in found}) > 1:
+        raise BundleError(f"the bundle has {entry} in {len(found)} precisions: choose one with --precision "
+                          f"({', '.join(a['precision'] for a in found)})")
+    raise BundleError(f"the bundle has {entry} at batch sizes {', '.join(str(a['batch']) for a in found)}: "
+                      "`serve` runs one; the live server (`server`) serves them all")
 
 
 def _checked(opened: OpenedBundle, a: dict) -> None:
@@ -71,13 +74,16 @@ class ShardedServer:
 
     @classmethod
     def open(cls, bundle: Path | OpenedBundle, entry: str, precision: str | None = None,
-             policy: TrustPolicy = TrustPolicy(), use_executable: bool = True) -> ShardedServer:
-        """`bundle`: a folder (opened here with `policy`) or a bundle already opened."""
+             policy: TrustPolicy = TrustPolicy(), use_executable: bool = True, batch: int | None = None,
+             restored: dict | None = None) -> ShardedServer:
+        """`bundle`: a folder (opened here with `policy`) or a bundle already opened. `restored`:
+        parameters already restored by another program of the same plan (the live server opens
+        one program per compiled batch size; the parameters are read once)."""
         import jax
 
         opened = bundle if isinstance(bundle, OpenedBundle) else open_bundle(Path(bundle), policy)
         manifest = opened.manifest
-        a = sharded_artifact(manifest, entry, precision)
+        a = sharded_artifact(manifest, entry, precision, batch)
         platform = jax.default_backend()
         mismatch = executables.runtime_mismatch(manifest, simulated=platform == "cpu")
         if mismatch:
@@ -109,7 +115,8 @@ class ShardedServer:
         abstract = [jax.ShapeDtypeStruct(av.shape, av.dtype, sharding=s) for av, s in zip(exported.in_avals, flat)]
         (params_abstract, *inputs_abstract), _ = jax.tree.unflatten(exported.in_tree, abstract)
         args_tree = jax.tree.structure(tuple(inputs_abstract))
-        params = params_io.restore(opened.path(opened.artifact(a["params"])), params_abstract)
+        params = restored if restored is not None else \
+            params_io.restore(opened.path(opened.artifact(a["params"])), params_abstract)
         n_params = len(jax.tree.leaves(params_abstract))
         share = host_share(params)
         notes.append(f"parameters restored on this host: sharded {share['sharded_here']} of {share['sharded_total']} "

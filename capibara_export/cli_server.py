@@ -1,0 +1,49 @@
+"""`python -m capibara_export server`: one host's process of the live server (server/run.py).
+
+The same command on every host of the slice; process 0 listens. Parsed before JAX starts, as
+`serve` is (cli_serve.prepare).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .cli_serve import add_runtime_args, runtime_from
+
+
+def add_parser(sub, add_trust_args) -> None:
+    s = sub.add_parser("server", help="serve a bundle's sharded programs to live traffic across the slice: KServe v2 "
+                                      "HTTP/gRPC and TF Serving REST on process 0, dynamic batching, every host in "
+                                      "lockstep (one process per host)")
+    s.add_argument("bundle")
+    s.add_argument("--host", default="0.0.0.0", help="address process 0 listens on (default 0.0.0.0)")
+    s.add_argument("--http-port", type=int, default=8000,
+                   help="KServe v2 REST, TF Serving REST and /metrics (default 8000; 0: any free port)")
+    s.add_argument("--grpc-port", type=int, default=8001, help="KServe v2 gRPC (default 8001; 0: any free port)")
+    s.add_argument("--no-grpc", action="store_true", help="serve HTTP only")
+    s.add_argument("--max-queue-delay-ms", type=float, default=5.0, metavar="MS",
+                   help="how long a batch waits for more requests once one is queued (Triton's "
+                        "max_queue_delay_microseconds; default 5)")
+    s.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="requests waiting for a batch; beyond it a request is refused with 503 / UNAVAILABLE "
+                        "(default 256)")
+    s.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="a request's longest time from receipt to answer; a client's own deadline may shorten it "
+                        "(default 60)")
+    s.add_argument("--max-body-mb", type=float, default=64.0, metavar="MB",
+                   help="largest HTTP body or gRPC message (default 64)")
+    s.add_argument("--precision", help="the precision to serve, where the bundle has an entry in several")
+    s.add_argument("--no-executables", action="store_true",
+                   help="always run the sharded jax.export program, even where the serialized executable could load")
+    add_runtime_args(s)
+    add_trust_args(s, executables=True)
+
+
+def cmd_server(args, policy) -> int:
+    from .server.run import ServerOptions, SliceServer
+
+    options = ServerOptions(host=args.host, http_port=args.http_port, grpc_port=None if args.no_grpc else args.grpc_port,
+                            max_queue=args.max_queue, max_queue_delay_ms=args.max_queue_delay_ms,
+                            timeout_s=args.timeout, max_body_mb=args.max_body_mb,
+                            use_executable=not args.no_executables, precision=args.precision)
+    return SliceServer(Path(args.bundle), runtime_from(args), policy, options).run()

@@ -1,0 +1,301 @@
+"""The live server across two local processes (a 2-host slice), driven by the clients serving
+teams already use: tritonclient (KServe v2 over HTTP and gRPC) and plain HTTP for TF Serving's
+REST. Every answer is held against the bundle's own single-device program run in this test
+process; bad requests interleave with good ones; a drain under load answers everything and
+exits 0; a host killed under load is named in every answer and ends the slice."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from capibara_export.export import manifest as mf
+from capibara_export.export import params as params_io
+from capibara_export.export import stablehlo
+from tests.live_slice import LiveSlice, build_server_bundle
+
+pytestmark = pytest.mark.slow
+tritonclient_http = pytest.importorskip("tritonclient.http")
+tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32"}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return build_server_bundle(tmp_path_factory.mktemp("server"))
+
+
+@pytest.fixture(scope="module")
+def live(bundle, tmp_path_factory):
+    server = LiveSlice(bundle, tmp_path_factory.mktemp("server-logs"), extra=("--max-body-mb", "1"))
+    try:
+        yield server.start()
+    finally:
+        server.kill()
+
+
+class Reference:
+    """The bundle's portable (single-device, batch-polymorphic) program of an entry, here."""
+
+    def __init__(self, bundle: Path):
+        self.manifest = mf.read(bundle)
+        self.bundle, self._cache = bundle, {}
+
+    def __call__(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        (a,) = [a for a in self.manifest["artifacts"] if a["kind"] == "jax.export" and a["entry"] == entry]
+        if entry not in self._cache:
+            self._cache[entry] = (stablehlo.load(self.bundle / a["path"]), params_io.restore(self.bundle / a["params"]))
+        exported, params = self._cache[entry]
+        out = exported.call(params, *[inputs[t["name"]] for t in a["inputs"]])
+        return dict(zip([t["name"] for t in a["outputs"]], (np.asarray(x) for x in _leaves(out))))
+
+
+def _leaves(out):
+    import jax
+
+    return jax.tree.leaves(out)
+
+
+@pytest.fixture(scope="module")
+def reference(bundle) -> Reference:
+    return Reference(bundle)
+
+
+def _requests(rows: int, seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """Inputs of every served model; caption prompts of 1..3 tokens, right-padded with a mask."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.standard_normal((rows, 3, 32, 32)).astype(np.float32)
+    lengths = rng.integers(1, 4, rows)
+    prompt_mask = (np.arange(3)[None, :] < lengths[:, None]).astype(np.int32)
+    prompt_ids = np.where(prompt_mask == 1, rng.integers(5, 90, (rows, 3)), 0).astype(np.int32)
+    prompt_ids[:, 0] = 2                                    # the tiny config's BOS
+    ids = rng.integers(5, 90, (rows, 32)).astype(np.int32)
+    mask = (np.arange(32)[None, :] < rng.integers(4, 33, rows)[:, None]).astype(np.int32)
+    return {"caption": {"pixel_values": pixels, "prompt_ids": prompt_ids, "prompt_mask": prompt_mask},
+            "encode_image": {"pixel_values": pixels},
+            "score": {"pixel_values": pixels, "input_ids": ids * mask, "attention_mask": mask}}
+
+
+def _http_infer(url: str, model: str, inputs: dict[str, np.ndarray], binary: bool = True) -> dict[str, np.ndarray]:
+    client = tritonclient_http.InferenceServerClient(url, connection_timeout=60, network_timeout=60)
+    given = []
+    for name, value in inputs.items():
+        t = tritonclient_http.InferInput(name, list(value.shape), DTYPES[value.dtype])
+        t.set_data_from_numpy(value, binary_data=binary)
+        given.append(t)
+    result = client.infer(model, given)
+    return {o["name"]: result.as_numpy(o["name"]) for o in result.get_response()["outputs"]}
+
+
+def _grpc_infer(url: str, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    client = tritonclient_grpc.InferenceServerClient(url)
+    given = []
+    for name, value in inputs.items():
+        t = tritonclient_grpc.InferInput(name, list(value.shape), DTYPES[value.dtype])
+        t.set_data_from_numpy(value)
+        given.append(t)
+    result = client.infer(model, given, client_timeout=60)
+    return {o.name: result.as_numpy(o.name) for o in result.get_response().outputs}
+
+
+def _same(got: dict[str, np.ndarray], want: dict[str, np.ndarray], what: str) -> None:
+    assert set(got) == set(want), what
+    for name in want:
+        assert got[name].shape == want[name].shape, (what, name)
+        if want[name].dtype.kind in "iu":
+            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{what}: {name}")
+        else:
+            np.testing.assert_allclose(got[name], want[name], rtol=2e-4, atol=2e-5, err_msg=f"{what}: {name}")
+
+
+def test_health_metadata_and_metrics_speak_kserve_v2(live):
+    assert live.get("/v2/health/live") == (200, {"live": True})
+    assert live.get("/v2/health/ready") == (200, {"ready": True})
+    status, server = live.get("/v2")
+    assert status == 200 and server["name"] == "capibara-export" and "binary_tensor_data" in server["extensions"]
+    status, caption = live.get("/v2/models/caption")
+    assert status == 200 and caption["inputs"] == [
+        {"name": "pixel_values", "datatype": "FP32", "shape": [-1, 3, 32, 32]},
+        {"name": "prompt_ids", "datatype": "INT32", "shape": [-1, 3]},
+        {"name": "prompt_mask", "datatype": "INT32", "shape": [-1, 3]}]
+    assert caption["outputs"] == [{"name": "token_ids", "datatype": "INT32", "shape": [-1, 7]}]
+    assert caption["parameters"]["batch_sizes"] == [8, 16]
+    assert live.get("/v2/models/caption/versions/1/ready")[0] == 200
+    assert live.get("/v2/models/nope")[0] == 404
+    grpc = tritonclient_grpc.InferenceServerClient(live.grpc)
+    assert grpc.is_server_live() and grpc.is_server_ready() and grpc.is_model_ready("score")
+    meta = grpc.get_model_metadata("score")
+    assert [o.name for o in meta.outputs] == ["itc_similarity", "itm_logits", "itm_prob"]
+    assert list(meta.inputs[1].shape) == [-1, 32]
+    # TF Serving's model status and metadata
+    status, tfs = live.get("/v1/models/encode_image")
+    assert status == 200 and tfs["model_version_status"][0]["state"] == "AVAILABLE"
+    status, text = live.get("/metrics")
+    assert status == 200 and "capibara_ready 1.0" in text and "capibara_request_latency_seconds" in text
+
+
+@pytest.mark.parametrize("model", ["caption", "encode_image", "score"])
+def test_every_protocol_answers_what_the_bundle_computes(live, reference, model):
+    inputs = _requests(3, seed=1)[model]
+    want = reference(model, inputs)
+    _same(_http_infer(live.http, model, inputs, binary=True), want, "kserve http, binary")
+    _same(_http_infer(live.http, model, inputs, binary=False), want, "kserve http, json")
+    _same(_grpc_infer(live.grpc, model, inputs), want, "kserve grpc")
+    # TF Serving REST, as a TF Serving client sends it: rows ("instances") and columns ("inputs")
+    rows = [{k: v[i].tolist() for k, v in inputs.items()} for i in range(3)]
+    status, body = live.post(f"/v1/models/{model}:predict", json.dumps({"instances": rows}).encode())
+    assert status == 200, body
+    got = body["predictions"]
+    if len(want) == 1:
+        got = {next(iter(want)): np.asarray(got)}
+    else:
+        got = {k: np.asarray([row[k] for row in got]) for k in want}
+    _same({k: v.astype(want[k].dtype) for k, v in got.items()}, want, "tf serving rows")
+    status, body = live.post(f"/v1/models/{model}/versions/1:predict",
+                             json.dumps({"inputs": {k: v.tolist() for k, v in inputs.items()}}).encode())
+    assert status == 200, body
+    outs = body["outputs"] if isinstance(body["outputs"], dict) else {next(iter(want)): body["outputs"]}
+    _same({k: np.asarray(v).astype(want[k].dtype) for k, v in outs.items()}, want, "tf serving columns")
+
+
+def test_concurrent_requests_share_batches_and_each_equals_itself_alone(live, reference):
+    """Captions with prompts of 1..3 tokens from 24 concurrent clients: batched together, every
+    answer equals the same request answered alone by the bundle's own program."""
+    def metric(name: str) -> float:
+        text = live.get("/metrics")[1]
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith(name) and 'model="caption"' in line)
+    runs0, rows0 = metric("capibara_batch_rows_count"), metric("capibara_batch_rows_sum")
+    requests = [_requests(1 + i % 2, seed=100 + i)["caption"] for i in range(24)]
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(lambda r: _http_infer(live.http, "caption", r), requests))
+    for i, (given, got) in enumerate(zip(requests, answers)):
+        _same(got, reference("caption", given), f"request {i}")
+    runs, rows = metric("capibara_batch_rows_count") - runs0, metric("capibara_batch_rows_sum") - rows0
+    assert rows == sum(1 + i % 2 for i in range(24))
+    assert runs < 24, f"{runs} batches for 24 concurrent requests: nothing was batched"
+
+
+def _bad_requests(live) -> list[tuple[str, int, str]]:
+    """(what, HTTP status wanted, words the error must contain) after each is sent."""
+    good = _requests(1, seed=7)["encode_image"]["pixel_values"]
+
+    def v2(model: str, tensors: list[dict], extra: dict | None = None) -> tuple[int, dict]:
+        return live.post(f"/v2/models/{model}/infer", json.dumps({"inputs": tensors, **(extra or {})}).encode())
+
+    def tensor(name="pixel_values", shape=(1, 3, 32, 32), datatype="FP32", data=None):
+        return {"name": name, "shape": list(shape), "datatype": datatype,
+                "data": good.reshape(-1).tolist() if data is None else data}
+    cases = [
+        ("unknown model", v2("nope", [tensor()]), 404, "unknown model 'nope'"),
+        ("wrong input name", v2("encode_image", [tensor(name="pixels")]), 400, "no input 'pixels'"),
+        ("wrong row shape", v2("encode_image", [tensor(shape=(3, 32, 32, 1))]), 400, "takes [-1, 3, 32, 32]"),
+        ("wrong dtype", v2("encode_image", [tensor(datatype="INT32", data=[0] * good.size)]), 400, "is INT32"),
+        ("too many rows", v2("encode_image", [tensor(shape=(17, 3, 32, 32), data=[0.0] * (17 * good.size))]), 400,
+         "1..16 rows"),
+        ("data of the wrong size", v2("encode_image", [tensor(data=[0.0] * 5)]), 400, "5 values"),
+        ("malformed JSON", live.post("/v2/models/encode_image/infer", b"{\"inputs\": [}"), 400, "not JSON"),
+        ("body over --max-body-mb", live.post("/v2/models/encode_image/infer", b" " * (2 << 20)), 413,
+         "--max-body-mb"),
+        ("a missing input", v2("score", [tensor()]), 400, "needs input 'input_ids'"),
+        ("tf serving: unknown field", live.post("/v1/models/encode_image:predict", b"{\"rows\": []}"), 400,
+         "instances"),
+        ("tf serving: wrong version", live.post("/v1/models/encode_image/versions/7:predict", b"{}"), 404, "version"),
+    ]
+    return [(what, status, body, want_status, words) for what, (status, body), want_status, words in cases]
+
+
+def test_bad_requests_get_one_clear_line_while_good_ones_pass(live, reference):
+    good = _requests(2, seed=9)["encode_image"]
+    want = reference("encode_image", good)
+    with ThreadPoolExecutor(4) as pool:
+        goods = [pool.submit(_http_infer, live.http, "encode_image", good) for _ in range(8)]
+        results = _bad_requests(live)
+        for f in goods:
+            _same(f.result(timeout=60), want, "a good request beside bad ones")
+    for what, status, body, want_status, words in results:
+        assert status == want_status, (what, status, body)
+        assert isinstance(body, dict) and words in body["error"] and "\n" not in body["error"], (what, body)
+    # gRPC: the same refusals as status codes, the server still serving after them
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        _grpc_infer(live.grpc, "nope", good)
+    with pytest.raises(InferenceServerException, match="takes \\[-1, 3, 32, 32\\]"):
+        _grpc_infer(live.grpc, "encode_image", {"pixel_values": np.zeros((1, 3, 32, 31), np.float32)})
+    with pytest.raises(InferenceServerException, match="1..16 rows"):
+        _grpc_infer(live.grpc, "encode_image", {"pixel_values": np.zeros((20, 3, 32, 32), np.float32)})
+    _same(_grpc_infer(live.grpc, "encode_image", good), want, "grpc after refusals")
+    assert live.get("/v2/health/ready")[0] == 200
+
+
+def _load(live, stop: threading.Event, outcomes: list, model: str = "score") -> None:
+    """One client sending requests until `stop` or until the server stops answering."""
+    inputs = _requests(1, seed=threading.get_ident() % 1000)[model]
+    while not stop.is_set():
+        try:
+            _http_infer(live.http, model, inputs)
+            outcomes.append(("ok", ""))
+        except InferenceServerException as err:
+            outcomes.append(("error", str(err)))
+        except Exception as err:   # the listener closed: this client is done
+            outcomes.append(("closed", f"{type(err).__name__}: {err}"))
+            return
+
+
+def _under_load(live, clients: int, then, settle_s: float = 2.0) -> list:
+    stop, outcomes = threading.Event(), []
+    threads = [threading.Thread(target=_load, args=(live, stop, outcomes), daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(settle_s)
+    then()
+    return stop, threads, outcomes
+
+
+def test_sigterm_under_load_answers_every_request_and_every_process_exits_0(live):
+    """Last on this module's server: SIGTERM to every process, as Kubernetes sends it."""
+    stop, threads, outcomes = _under_load(live, 16, lambda: [live.signal(p, signal.SIGTERM) for p in (1, 0)])
+    codes = live.wait(within_s=60)
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert codes == [0, 0], live.output()
+    served = [o for o in outcomes if o[0] == "ok"]
+    refused = [o for o in outcomes if o[0] == "error"]
+    assert len(served) > 16, (len(served), outcomes[-5:])
+    assert all("shutting down" in why or "503" in why for _, why in refused), refused[:3]
+    assert not any(t.is_alive() for t in threads)
+    assert "drained after" in live.output()
+
+
+def test_a_host_killed_under_load_is_named_in_every_answer_and_ends_the_slice(bundle, tmp_path):
+    server = LiveSlice(bundle, tmp_path / "logs", heartbeat_timeout_s=5).start()
+    try:
+        readiness = []
+        stop, threads, outcomes = _under_load(server, 8, lambda: server.procs[1].kill())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and server.procs[0].poll() is None:
+            readiness.append(server.get("/v2/health/ready", timeout=2)[0])
+            time.sleep(0.2)
+        codes = server.wait(within_s=max(1.0, deadline - time.monotonic()))
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        server.kill()
+    assert codes[0] == 1 and codes[1] == -signal.SIGKILL, (codes, server.output())
+    assert 503 in readiness, readiness
+    # the batch in flight learns it from the collective that broke; the rest name the lost process
+    errors = [why for kind, why in outcomes if kind == "error"]
+    assert errors and all(why.startswith("[503]") for why in errors), errors[:3]
+    assert all("process(es) 1 of 2 stopped" in why or "a step failed on the slice" in why for why in errors), errors[:3]
+    assert not any(t.is_alive() for t in threads)
+    assert "process(es) 1 of 2 stopped" in server.output()
