@@ -32,6 +32,8 @@ def add_parser(sub, add_trust_args) -> None:
                         "(default 60)")
     s.add_argument("--max-body-mb", type=float, default=64.0, metavar="MB",
                    help="largest HTTP body or gRPC message (default 64)")
+    s.add_argument("--max-pixels", type=int, metavar="N",
+                   help="caption_text: refuse images whose header says more pixels (default 100 MP, as analyze)")
     s.add_argument("--precision", help="the precision to serve, where the bundle has an entry in several")
     s.add_argument("--no-executables", action="store_true",
                    help="always run the sharded jax.export program, even where the serialized executable could load")
@@ -45,5 +47,6 @@ def cmd_server(args, policy) -> int:
     options = ServerOptions(host=args.host, http_port=args.http_port, grpc_port=None if args.no_grpc else args.grpc_port,
                             max_queue=args.max_queue, max_queue_delay_ms=args.max_queue_delay_ms,
                             timeout_s=args.timeout, max_body_mb=args.max_body_mb,
-                            use_executable=not args.no_executables, precision=args.precision)
+                            use_executable=not args.no_executables, precision=args.precision,
+                            max_pixels=args.max_pixels)
     return SliceServer(Path(args.bundle), runtime_from(args), policy, options).run()

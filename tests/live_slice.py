@@ -19,15 +19,18 @@ from pathlib import Path
 from capibara_export.export.launch import free_port
 
 
-def build_server_bundle(out: Path) -> Path:
-    """The tiny model on a 2-host target (v4 2x2x2 megacore: 2 processes x 4 devices), its three
-    served entries compiled at batch 8 and 16, caption with a 3-token prompt and its mask."""
-    result = subprocess.run([sys.executable, "-m", "capibara_export", "build", "--model", "tiny", "--topology",
-                             "v4:2x2x2", "--chip-config", "megacore", "--mesh", "2x4", "--export", "--random-weights",
-                             "--entries", "encode_image,caption,score", "--plans", "dp", "--precisions", "fp32",
-                             "--batch", "8,16", "--derive-rounds", "0", "--max-new-tokens", "4", "--prompt-len", "3",
-                             "--no-saved-model", "--export-entries", "encode_image,caption,score", "--out", str(out),
-                             "--quiet"], capture_output=True, text=True, timeout=600)
+def build_server_bundle(out: Path, *, checkpoint: Path | None = None, entries: str = "encode_image,caption,score",
+                        max_new_tokens: int = 4, prompt_len: int = 3, portable: str | None = None) -> Path:
+    """The tiny model on a 2-host target (v4 2x2x2 megacore: 2 processes x 4 devices), its served
+    entries compiled at batch 8 and 16, caption with a prompt of `prompt_len` tokens and its
+    mask; random weights unless a Hugging Face `checkpoint` folder is given."""
+    weights = ["--checkpoint", str(checkpoint)] if checkpoint else ["--model", "tiny", "--random-weights"]
+    result = subprocess.run([sys.executable, "-m", "capibara_export", "build", *weights, "--topology", "v4:2x2x2",
+                             "--chip-config", "megacore", "--mesh", "2x4", "--export", "--entries", entries,
+                             "--plans", "dp", "--precisions", "fp32", "--batch", "8,16", "--derive-rounds", "0",
+                             "--max-new-tokens", str(max_new_tokens), "--prompt-len", str(prompt_len),
+                             "--no-saved-model", "--export-entries", portable or entries, "--out", str(out), "--quiet"],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (folder,) = [p for p in out.iterdir() if not p.name.startswith(".")]
     return folder / "bundle"

@@ -232,11 +232,23 @@ def test_bad_requests_get_one_clear_line_while_good_ones_pass(live, reference):
         _grpc_infer(live.grpc, "encode_image", {"pixel_values": np.zeros((1, 3, 32, 31), np.float32)})
     with pytest.raises(InferenceServerException, match="1..16 rows"):
         _grpc_infer(live.grpc, "encode_image", {"pixel_values": np.zeros((20, 3, 32, 32), np.float32)})
+    # bytes that are no protobuf message, through grpcio's own channel
+    import grpc
+
+    with grpc.insecure_channel(live.grpc) as channel:
+        raw = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as err:
+            raw(b"\xff\xff\xff not a protobuf", timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+        assert "not an inference.ModelInferRequest protobuf message" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            channel.unary_unary("/inference.GRPCInferenceService/RepositoryIndex")(b"", timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     _same(_grpc_infer(live.grpc, "encode_image", good), want, "grpc after refusals")
     assert live.get("/v2/health/ready")[0] == 200
 
 
-def _load(live, stop: threading.Event, outcomes: list, model: str = "score") -> None:
+def _load(live, stop: threading.Event, outcomes: list, model: str = "encode_image") -> None:
     """One client sending requests until `stop` or until the server stops answering."""
     inputs = _requests(1, seed=threading.get_ident() % 1000)[model]
     while not stop.is_set():
@@ -276,21 +288,148 @@ def test_sigterm_under_load_answers_every_request_and_every_process_exits_0(live
     assert "drained after" in live.output()
 
 
-def test_a_host_killed_under_load_is_named_in_every_answer_and_ends_the_slice(bundle, tmp_path):
-    server = LiveSlice(bundle, tmp_path / "logs", heartbeat_timeout_s=5).start()
+# ------------------------------------------------------------------ a bundle of a Hugging Face checkpoint
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """The parity fixture's tiny BLIP captioner as a Hugging Face folder (weights, tokenizer,
+    image processor): transformers' own `generate` outputs for it are in the fixture."""
+    from tests.test_semiotic import _checkpoint
+
+    return _checkpoint(tmp_path_factory.mktemp("hf") / "caption", "caption")
+
+
+@pytest.fixture(scope="module")
+def hf_live(checkpoint, tmp_path_factory):
+    from tests.hf_reference import NEW_TOKENS
+
+    bundle = build_server_bundle(tmp_path_factory.mktemp("hf-server"), checkpoint=checkpoint,
+                                 entries="encode_image,caption", max_new_tokens=NEW_TOKENS, prompt_len=6)
+    server = LiveSlice(bundle, tmp_path_factory.mktemp("hf-server-logs"), heartbeat_timeout_s=5,
+                       extra=("--max-queue-delay-ms", "300"))
     try:
-        readiness = []
-        stop, threads, outcomes = _under_load(server, 8, lambda: server.procs[1].kill())
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and server.procs[0].poll() is None:
-            readiness.append(server.get("/v2/health/ready", timeout=2)[0])
-            time.sleep(0.2)
-        codes = server.wait(within_s=max(1.0, deadline - time.monotonic()))
-        stop.set()
-        for t in threads:
-            t.join(timeout=30)
+        yield server.start()
     finally:
         server.kill()
+
+
+def test_prompts_of_different_lengths_batched_together_equal_each_alone_and_transformers_generate(hf_live):
+    """The fixture's three prompts (6, 5 and 3 tokens, right-padded, with their mask) sent as
+    three concurrent requests share one batch; each answer equals the same request sent alone
+    and BlipForConditionalGeneration.generate(input_ids, attention_mask) (transformers 5)."""
+    from tests.test_parity import _fixture
+
+    case = _fixture()
+    x, theirs = case["inputs"], case["caption"]["outputs"]["generate_padded"]
+    rows = [{"pixel_values": x["pixels"][i:i + 1], "prompt_ids": x["ids"][i:i + 1, :6].astype(np.int32),
+             "prompt_mask": x["mask"][i:i + 1, :6].astype(np.int32)} for i in range(3)]
+    assert sorted(int(r["prompt_mask"].sum()) for r in rows) == [3, 5, 6]
+    before = _caption_batches(hf_live)
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda r: _http_infer(hf_live.http, "caption", r)["token_ids"], rows))
+    shared = _caption_batches(hf_live) - before
+    alone = [_grpc_infer(hf_live.grpc, "caption", r)["token_ids"] for r in rows]
+    for i in range(3):
+        want = np.pad(theirs[i:i + 1], ((0, 0), (0, together[i].shape[1] - theirs.shape[1])))
+        np.testing.assert_array_equal(together[i], want, err_msg=f"row {i} batched vs transformers")
+        np.testing.assert_array_equal(alone[i], together[i], err_msg=f"row {i} alone vs batched")
+    assert shared < 3, f"the three requests ran in {shared} batches: they never shared one"
+
+
+def _caption_batches(live) -> float:
+    text = live.get("/metrics")[1]
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("capibara_batch_rows_count") and 'model="caption"' in line)
+
+
+def _jpeg(seed: int, size=(48, 40)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    pixels = (np.random.default_rng(seed).random((size[1], size[0], 3)) * 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG")
+    return out.getvalue()
+
+
+def test_caption_text_from_jpeg_bytes_gives_the_text_analyze_gives(hf_live, checkpoint):
+    from capibara_export.build.programs import ProgramOptions
+    from capibara_export.semiotic import MnemosyneSemioModule
+    from tests.hf_reference import NEW_TOKENS
+
+    images, prompts = [_jpeg(1), _jpeg(2), _jpeg(3)], [b"", b"a picture of", b""]
+    # what `analyze --checkpoint` runs, decoding as many new tokens as the bundle's caption program
+    module = MnemosyneSemioModule.from_checkpoints([checkpoint], options=ProgramOptions(max_new_tokens=NEW_TOKENS))
+    want = [module.process_image(img, prompt=p.decode() or None) for img, p in zip(images, prompts)]
+    client = tritonclient_http.InferenceServerClient(hf_live.http, network_timeout=60)
+    image = tritonclient_http.InferInput("image", [3], "BYTES")
+    image.set_data_from_numpy(np.array(images, dtype=object))
+    prompt = tritonclient_http.InferInput("prompt", [3], "BYTES")
+    prompt.set_data_from_numpy(np.array(prompts, dtype=object), binary_data=False)
+    got = client.infer("caption_text", [image, prompt]).as_numpy("text")
+    assert [t.decode() for t in got] == want
+    # gRPC without the optional prompt; TF Serving with {"b64": ...}
+    g = tritonclient_grpc.InferInput("image", [1], "BYTES")
+    g.set_data_from_numpy(np.array(images[:1], dtype=object))
+    assert tritonclient_grpc.InferenceServerClient(hf_live.grpc).infer("caption_text", [g]).as_numpy("text")[0] \
+        .decode() == want[0]
+    import base64
+
+    status, body = hf_live.post("/v1/models/caption_text:predict", json.dumps(
+        {"instances": [{"b64": base64.b64encode(images[2]).decode()}]}).encode())
+    assert status == 200 and body["predictions"][0]["text"] == want[2], body
+
+
+def test_undecodable_oversized_and_overlong_inputs_are_refused_in_one_line(hf_live):
+    from capibara_export.semiotic.images import limits
+
+    def send(images, prompts=None):
+        tensors = [{"name": "image", "shape": [len(images)], "datatype": "BYTES", "data": images}]
+        if prompts is not None:
+            tensors.append({"name": "prompt", "shape": [len(prompts)], "datatype": "BYTES", "data": prompts})
+        return hf_live.post("/v2/models/caption_text/infer", json.dumps({"inputs": tensors}).encode())
+    status, body = send(["not an image"])
+    assert status == 400 and "image of row 0" in body["error"] and "not an image" in body["error"], body
+    # a PNG whose header claims more pixels than analyze's limit: refused before decoding
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, "PNG")
+    png = bytearray(out.getvalue())
+    side = int(limits.max_pixels ** 0.5) + 10
+    png[16:24] = struct.pack(">II", side, side)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    client = tritonclient_http.InferenceServerClient(hf_live.http, network_timeout=60)
+    image = tritonclient_http.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([bytes(png)], dtype=object))
+    with pytest.raises(InferenceServerException, match="pixels"):
+        client.infer("caption_text", [image])
+    status, body = send([], None)
+    assert status == 400 and "0 rows" in body["error"], body
+    image.set_data_from_numpy(np.array([_jpeg(4)], dtype=object))
+    prompt = tritonclient_http.InferInput("prompt", [1], "BYTES")
+    prompt.set_data_from_numpy(np.array([" ".join(["word"] * 40).encode()], dtype=object))
+    with pytest.raises(InferenceServerException, match="takes at most 6 \\(build --prompt-len\\)"):
+        client.infer("caption_text", [image, prompt])
+    assert client.infer("caption_text", [image]).as_numpy("text").shape == (1,)
+
+
+def test_a_host_killed_under_load_is_named_in_every_answer_and_ends_the_slice(hf_live):
+    """Last on this module's second server: SIGKILL process 1 while 8 clients send requests."""
+    server, readiness = hf_live, []
+    stop, threads, outcomes = _under_load(server, 8, lambda: server.procs[1].kill())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and server.procs[0].poll() is None:
+        readiness.append(server.get("/v2/health/ready", timeout=2)[0])
+        time.sleep(0.2)
+    codes = server.wait(within_s=max(1.0, deadline - time.monotonic()))
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
     assert codes[0] == 1 and codes[1] == -signal.SIGKILL, (codes, server.output())
     assert 503 in readiness, readiness
     # the batch in flight learns it from the collective that broke; the rest name the lost process

@@ -21,8 +21,9 @@ from .models import ModelSpec
 
 class Frontend:
     def __init__(self, models: list[ModelSpec], batcher: Batcher, metrics: Metrics, timeout_s: float,
-                 max_body_bytes: int, version: str = ""):
-        self.models = {m.name: m for m in models}
+                 max_body_bytes: int, version: str = "", views: tuple = ()):
+        self.models = {m.name: m for m in models} | {v.spec.name: v.spec for v in views}
+        self.views = {v.spec.name: v for v in views}     # fronts for another model (text_caption.py)
         self.batcher, self.metrics = batcher, metrics
         self.timeout_s, self.max_body_bytes, self.version = timeout_s, max_body_bytes, version
         self.warmed = False
@@ -66,15 +67,19 @@ class Frontend:
         unknown = sorted(set(inputs) - set(want))
         if unknown:
             raise BadRequest(f"{model.name} has no input {unknown[0]!r}; its inputs are {', '.join(want)}")
-        missing = [n for n in want if n not in inputs]
+        missing = [n for n in want if n not in inputs and n not in model.optional_inputs]
         if missing:
             raise BadRequest(f"{model.name} needs input {missing[0]!r} "
                              f"{[-1, *want[missing[0]].row_shape]} {want[missing[0]].datatype}")
         out, rows = {}, set()
         for name, spec in want.items():
+            if name not in inputs:
+                continue
             value = inputs[name]
             if value.dtype != spec.np_dtype:
                 raise BadRequest(f"input {name!r} is {_datatype(value.dtype)}; {model.name} takes {spec.datatype}")
+            if value.dtype == object and not all(isinstance(v, bytes) for v in value.reshape(-1)):
+                raise BadRequest(f"input {name!r}: BYTES elements must be bytes")
             if value.ndim != 1 + len(spec.row_shape) or tuple(value.shape[1:]) != spec.row_shape:
                 raise BadRequest(f"input {name!r} has shape {list(value.shape)}; {model.name} takes "
                                  f"{[-1, *spec.row_shape]} (rows first)")
@@ -107,12 +112,17 @@ class Frontend:
             if timeout_s is not None and not 0 < timeout_s:
                 raise BadRequest(f"timeout {timeout_s}: give a positive number of seconds")
             timeout = min(self.timeout_s, timeout_s) if timeout_s else self.timeout_s
-            request = Request(model, checked, rows, time.monotonic() + timeout)
+            view = self.views.get(model.name)
+            runs = self.models[view.spec.view_of] if view else model
+            request = Request(runs, view.prepare(checked, rows) if view else checked, rows,
+                              time.monotonic() + timeout)
             future = self.batcher.submit(request)
         except ServingError as err:
             self.metrics.errors.labels(label, err.kind).inc()
             raise
         self.metrics.queue_depth.set(self.batcher.depth())
+        if view:
+            future = _then(future, view.finish)
         future.add_done_callback(lambda f: self._answered(model.name, request, f))
         return model, future
 
@@ -129,7 +139,11 @@ class Frontend:
                     timeout_s: float | None = None) -> tuple[ModelSpec, dict[str, np.ndarray]]:
         """Queue the request and await its rows of the batch's outputs (or its error). The
         wait is bounded by the request's deadline even while its batch runs."""
-        model, future = self.submit(name, inputs, protocol, timeout_s)
+        if name in self.views:   # decoding and resizing images: off the event loop
+            loop = asyncio.get_running_loop()
+            model, future = await loop.run_in_executor(None, self.submit, name, inputs, protocol, timeout_s)
+        else:
+            model, future = self.submit(name, inputs, protocol, timeout_s)
         bound = min(self.timeout_s, timeout_s) if timeout_s else self.timeout_s
         try:
             return model, await asyncio.wait_for(asyncio.wrap_future(future), bound + 0.5)
@@ -144,6 +158,25 @@ class Frontend:
         for r in batch.requests:
             self.metrics.queue_wait.labels(batch.model.name).observe(max(0.0, start - r.enqueued))
         self.metrics.queue_depth.set(self.batcher.depth())
+
+
+def _then(future: Future, fn) -> Future:
+    """A future of `fn(result)` (or the same error)."""
+    out = Future()
+
+    def done(f: Future) -> None:
+        if f.cancelled():
+            out.cancel()
+        elif f.exception() is not None:
+            out.set_exception(f.exception())
+        else:
+            try:
+                out.set_result(fn(f.result()))
+            except Exception as err:   # a decoding failure: the request's error, never the step loop's
+                out.set_exception(err)
+    future.add_done_callback(done)
+    out.add_done_callback(lambda o: future.cancel() if o.cancelled() else None)
+    return out
 
 
 def _datatype(dtype: np.dtype) -> str:

@@ -6,7 +6,7 @@ The messages and the servicer base are the ones `tritonclient` ships (generated 
 methods, message and field numbers), so one generated module serves both and a process that
 also imports `tritonclient.grpc` meets no duplicate protobuf symbols (kserve issue 3099).
 Served: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer; the
-rest of Triton's methods (repository, shared memory, statistics) answer UNIMPLEMENTED.
+rest of Triton's methods (repository, shared memory, statistics, streaming) answer UNIMPLEMENTED.
 
 Tensors come as `raw_input_contents` (what tritonclient sends) or typed `contents`; answers are
 `raw_output_contents`. The request's gRPC deadline shortens the server's timeout.
@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from .batcher import BadRequest, ServingError
+from . import tensors
 from .frontend import Frontend
 from .kserve_http import np_dtype
 from .models import SERVER_NAME
@@ -36,6 +38,13 @@ def tensor_from_proto(t, raw: bytes | None) -> np.ndarray:
         raise BadRequest(f"input {t.name!r}: shape must be at most 8 non-negative integers")
     dtype = np_dtype(t.datatype, t.name)
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if t.datatype == "BYTES":
+        if raw is not None:
+            return tensors.bytes_from_wire(t.name, raw, shape)
+        values = list(t.contents.bytes_contents)
+        if len(values) != count:
+            raise BadRequest(f"input {t.name!r}: {len(values)} values in contents.bytes_contents for shape {shape}")
+        return np.array(values, dtype=object).reshape(shape)
     if raw is not None:
         if len(raw) != count * dtype.itemsize:
             raise BadRequest(f"input {t.name!r}: {len(raw)} raw bytes; shape {shape} of {t.datatype} is "
@@ -112,7 +121,8 @@ class Service(pb_grpc.GRPCInferenceServiceServicer):
         for name in wanted:
             value = np.ascontiguousarray(outputs[name])
             response.outputs.add(name=name, datatype=spec[name].datatype, shape=list(value.shape))
-            response.raw_output_contents.append(value.tobytes())
+            response.raw_output_contents.append(tensors.bytes_to_wire(value) if value.dtype == object
+                                                else value.tobytes())
         return response
 
     def _model(self, name: str, version: str):
@@ -123,12 +133,40 @@ class Service(pb_grpc.GRPCInferenceServiceServicer):
         return self.front.model(name)
 
 
+SERVED = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
+
+
+def handlers(service: Service) -> grpc.GenericRpcHandler:
+    """The served methods, each reading its own request bytes: grpcio's generated registration
+    answers a message that does not parse with INTERNAL ("Exception deserializing request"); a
+    malformed request is the client's error, INVALID_ARGUMENT, with its type named. Methods not
+    served are not registered: grpcio answers them UNIMPLEMENTED."""
+    methods = {m.name: m for m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods}
+
+    def parsed(method, request_type):
+        async def call(raw: bytes, context):
+            try:
+                request = request_type.FromString(raw)
+            except DecodeError:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"the request is not an inference.{request_type.__name__} protobuf message")
+            return await method(request, context)
+        return call
+    table = {}
+    for name in SERVED:
+        m = methods[name]
+        table[name] = grpc.unary_unary_rpc_method_handler(
+            parsed(getattr(service, name), getattr(pb, m.input_type.name)), request_deserializer=None,
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString)
+    return grpc.method_handlers_generic_handler("inference.GRPCInferenceService", table)
+
+
 async def start(front: Frontend, host: str, port: int, max_message_bytes: int) -> tuple[grpc.aio.Server, int]:
     """The service listening on `host:port` (0: any free port); the server and its port."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
                                       ("grpc.max_send_message_length", max_message_bytes),
                                       ("grpc.so_reuseport", 0)])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Service(front), server)
+    server.add_generic_rpc_handlers((handlers(Service(front)),))
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen for gRPC on {host}:{port} (in use?)")

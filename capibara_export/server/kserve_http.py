@@ -11,7 +11,8 @@ tensor data extension (what `tritonclient.http` sends and asks for by default).
 
 A tensor's `data` is JSON (flat, row-major, or nested) or, with `parameters.binary_data_size`,
 raw little-endian bytes after the JSON header (whose length the `Inference-Header-Content-Length`
-header gives). BF16 travels as binary only, as in Triton. Errors are `{"error": "<one line>"}`.
+header gives). BF16 travels as binary only, as in Triton; BYTES as JSON strings (UTF-8) or as
+binary length-prefixed elements (tensors.py). Errors are `{"error": "<one line>"}`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 from aiohttp import web
 
 from .batcher import BadRequest, NotFound, ServingError
+from . import tensors
 from .frontend import Frontend
 from .models import DATATYPES, SERVER_NAME
 
@@ -57,6 +59,12 @@ def tensor_from_json(t: dict, binary: memoryview | None) -> np.ndarray:
         raise BadRequest(f"input {name!r}: \"shape\" must be a list of at most 8 non-negative integers")
     dtype = np_dtype(t.get("datatype"), name)
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if t["datatype"] == "BYTES":
+        if binary is not None:
+            return tensors.bytes_from_wire(name, binary, shape)
+        if "data" not in t:
+            raise BadRequest(f"input {name!r} has neither \"data\" nor parameters.binary_data_size")
+        return tensors.bytes_from_strings(name, t["data"], shape)
     if binary is not None:
         if len(binary) != count * dtype.itemsize:
             raise BadRequest(f"input {name!r}: {len(binary)} bytes of binary data; shape {shape} of "
@@ -144,8 +152,10 @@ def render_infer(model, request: dict, outputs: dict[str, np.ndarray]) -> web.Re
     for name, binary in chosen:
         value = np.ascontiguousarray(outputs[name])
         out = {"name": name, "datatype": spec[name].datatype, "shape": list(value.shape)}
-        if binary or spec[name].datatype == "BF16":
-            data = value.tobytes()
+        if spec[name].datatype == "BYTES" and not binary:
+            out["data"] = tensors.strings(value)
+        elif binary or spec[name].datatype == "BF16":
+            data = tensors.bytes_to_wire(value) if spec[name].datatype == "BYTES" else value.tobytes()
             out["parameters"] = {"binary_data_size": len(data)}
             blobs.append(data)
         else:

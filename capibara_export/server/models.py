@@ -21,7 +21,7 @@ from ..export.manifest import BundleError
 
 # KServe v2 / Open Inference Protocol datatypes for the dtypes a manifest names
 DATATYPES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "float64": "FP64", "int32": "INT32",
-             "int64": "INT64", "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}
+             "int64": "INT64", "int8": "INT8", "uint8": "UINT8", "bool": "BOOL", "bytes": "BYTES"}
 SERVER_NAME = "capibara-export"
 
 
@@ -38,6 +38,8 @@ class TensorSpec:
 
     @property
     def np_dtype(self) -> np.dtype:
+        if self.dtype == "bytes":
+            return np.dtype(object)   # elements are `bytes` (tensors.py)
         return np.dtype(self.dtype) if self.dtype != "bfloat16" else np.dtype(_bfloat16())
 
     def metadata(self) -> dict:
@@ -55,6 +57,8 @@ class ModelSpec:
     outputs: tuple[TensorSpec, ...]
     batch_sizes: tuple[int, ...]              # increasing; the last is the largest batch served
     artifacts: tuple[dict, ...]               # the manifest's sharded artifact for each batch size
+    optional_inputs: tuple[str, ...] = ()     # inputs a request may leave out
+    view_of: str | None = None                # a front for another model's programs (text_caption.py)
 
     @property
     def max_batch(self) -> int:
@@ -68,7 +72,8 @@ class ModelSpec:
         return {"name": self.name, "versions": ["1"], "platform": "jax",
                 "inputs": [t.metadata() for t in self.inputs], "outputs": [t.metadata() for t in self.outputs],
                 "parameters": {"entry": self.entry, "precision": self.precision,
-                               "batch_sizes": list(self.batch_sizes)}}
+                               "batch_sizes": list(self.batch_sizes), "optional_inputs": list(self.optional_inputs),
+                               **({"runs": self.view_of} if self.view_of else {})}}
 
 
 def _bfloat16():

@@ -58,6 +58,7 @@ class ServerOptions:
     keepalive_s: float = 1.0              # idle process 0 sends a keep-alive step this often
     use_executable: bool = True           # the serialized executable where it loads, else the jax.export program
     precision: str | None = None          # which precision to serve where the bundle has several
+    max_pixels: int | None = None         # caption_text: the largest image (header), as `analyze --max-pixels`
 
     def check(self) -> None:
         for name, port in (("--http-port", self.http_port), ("--grpc-port", self.grpc_port)):
@@ -71,6 +72,8 @@ class ServerOptions:
             raise BundleError(f"--max-queue-delay-ms {self.max_queue_delay_ms}: give 0..10000")
         if not 0 < self.timeout_s <= 3600:
             raise BundleError(f"--timeout {self.timeout_s}: give 0 < seconds <= 3600")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise BundleError(f"--max-pixels {self.max_pixels}: give 1 or more")
         if not 0 < self.max_body_mb <= 2047:
             raise BundleError(f"--max-body-mb {self.max_body_mb}: give 0 < MB <= 2047 (gRPC's limit)")
 
@@ -162,12 +165,20 @@ class SliceServer:
         from .frontend import Frontend
         from .lockstep import Lockstep
         from .metrics import Metrics
+        from .text_caption import open_view
 
         for note in self.notes:
             self.say(note)
         if self.leader:
+            if self.options.max_pixels:
+                from ..semiotic.images import limits
+
+                limits.max_pixels = self.options.max_pixels
+            view, why = open_view(self.opened, self.models)
+            if why:
+                self.say(why)
             self.front = Frontend(self.models, self.batcher, Metrics(), self.options.timeout_s,
-                                  int(self.options.max_body_mb * 2**20), __version__)
+                                  int(self.options.max_body_mb * 2**20), __version__, views=(view,) if view else ())
             if self.options.http_port is not None or self.options.grpc_port is not None:
                 self.protocols = Protocols(self.front, self.options)
                 ports = self.protocols.start()

@@ -9,7 +9,7 @@ answered as `{"predictions": [...]}`, one per instance (an object of named outpu
 value for a one-output model). Columnar form: `{"inputs": {name: batch}}` (or a bare batch),
 answered as `{"outputs": ...}` the same way. Values are JSON numbers, cast to the model's
 dtype where no information is lost (integers to a float input; never floats to an integer
-input). Errors are `{"error": "<one line>"}` with TF Serving's status codes.
+input); a BYTES input takes strings or TF Serving's `{"b64": "..."}`. Errors are `{"error": "<one line>"}` with TF Serving's status codes.
 """
 
 from __future__ import annotations
@@ -20,11 +20,14 @@ import numpy as np
 from aiohttp import web
 
 from .batcher import BadRequest, NotFound, ServingError
+from . import tensors
 from .frontend import Frontend
 from .kserve_http import read_body, serving_error
 
 
 def _cast(name: str, value, spec) -> np.ndarray:
+    if spec.datatype == "BYTES":   # TF Serving's convention: a string, or {"b64": "..."} for binary data
+        return np.array([_bytes(name, v) for v in (value if isinstance(value, list) else [value])], dtype=object)
     try:
         array = np.asarray(value)
     except (ValueError, TypeError):
@@ -42,6 +45,20 @@ def _cast(name: str, value, spec) -> np.ndarray:
     return array.astype(want)
 
 
+def _bytes(name: str, v) -> bytes:
+    import base64
+    import binascii
+
+    if isinstance(v, str):
+        return v.encode("utf-8")
+    if isinstance(v, dict) and set(v) == {"b64"} and isinstance(v["b64"], str):
+        try:
+            return base64.b64decode(v["b64"], validate=True)
+        except binascii.Error:
+            raise BadRequest(f"input {name!r}: \"b64\" is not base64") from None
+    raise BadRequest(f"input {name!r} takes strings or {{\"b64\": \"...\"}}, one per row")
+
+
 def parse_predict(model, body: bytes) -> tuple[str, dict[str, np.ndarray]]:
     """("row" or "columnar", the inputs by name as batches)."""
     try:
@@ -54,12 +71,16 @@ def parse_predict(model, body: bytes) -> tuple[str, dict[str, np.ndarray]]:
     if signature not in ("serving_default", model.name):
         raise BadRequest(f"{model.name} has one signature, serving_default (not {signature!r})")
     specs = {t.name: t for t in model.inputs}
-    single = next(iter(specs)) if len(specs) == 1 else None
+    required = [n for n in specs if n not in model.optional_inputs]
+    single = required[0] if len(required) == 1 else None     # bare values are this input's
+
+    def bare(r) -> bool:
+        return not isinstance(r, dict) or set(r) == {"b64"}
     if "instances" in request:
         rows = request["instances"]
         if not isinstance(rows, list) or not rows:
             raise BadRequest("\"instances\" must be a non-empty list, one entry per row")
-        if single is not None and not all(isinstance(r, dict) for r in rows):
+        if single is not None and all(bare(r) for r in rows):
             rows = [{single: r} for r in rows]
         if not all(isinstance(r, dict) for r in rows):
             raise BadRequest(f"{model.name} has several inputs: each instance is an object of {', '.join(specs)}")
@@ -69,7 +90,7 @@ def parse_predict(model, body: bytes) -> tuple[str, dict[str, np.ndarray]]:
         return "row", {n: _cast(n, [r[n] for r in rows], specs[n]) if n in specs else np.zeros(0)
                        for n in names}
     columns = request["inputs"]
-    if single is not None and not isinstance(columns, dict):
+    if single is not None and bare(columns):
         columns = {single: columns}
     if not isinstance(columns, dict):
         raise BadRequest(f"{model.name} has several inputs: \"inputs\" is an object of {', '.join(specs)}")
@@ -77,8 +98,9 @@ def parse_predict(model, body: bytes) -> tuple[str, dict[str, np.ndarray]]:
 
 
 def render_predict(model, form: str, outputs: dict[str, np.ndarray]) -> dict:
-    lists = {name: np.asarray(v, dtype=np.float32 if v.dtype.kind == "V" or str(v.dtype) == "bfloat16" else None)
-             .tolist() for name, v in outputs.items()}
+    lists = {name: tensors.strings(v) if v.dtype == object else
+             np.asarray(v, dtype=np.float32 if v.dtype.kind == "V" or str(v.dtype) == "bfloat16" else None).tolist()
+             for name, v in outputs.items()}
     single = next(iter(lists)) if len(lists) == 1 else None
     if form == "columnar":
         return {"outputs": lists[single] if single else lists}
