@@ -34,6 +34,12 @@ def add_parser(sub, add_trust_args) -> None:
                    help="largest HTTP body or gRPC message (default 64)")
     s.add_argument("--max-pixels", type=int, metavar="N",
                    help="caption_text: refuse images whose header says more pixels (default 100 MP, as analyze)")
+    s.add_argument("--lockstep", choices=("collective", "kv"), default="collective",
+                   help="how process 0 tells every process each step: a broadcast over the slice's collectives "
+                        "(default) or JAX's key-value store (docs/server.md compares them)")
+    s.add_argument("--measure-ceiling", type=int, default=0, metavar="STEPS",
+                   help="before ready, run each model's largest compiled batch STEPS times back to back and report "
+                        "rows/s (log and /metrics): what the slice does with no server in between (default 0: off)")
     s.add_argument("--precision", help="the precision to serve, where the bundle has an entry in several")
     s.add_argument("--no-executables", action="store_true",
                    help="always run the sharded jax.export program, even where the serialized executable could load")
@@ -48,5 +54,6 @@ def cmd_server(args, policy) -> int:
                             max_queue=args.max_queue, max_queue_delay_ms=args.max_queue_delay_ms,
                             timeout_s=args.timeout, max_body_mb=args.max_body_mb,
                             use_executable=not args.no_executables, precision=args.precision,
-                            max_pixels=args.max_pixels)
+                            max_pixels=args.max_pixels, lockstep=args.lockstep,
+                            measure_ceiling=args.measure_ceiling)
     return SliceServer(Path(args.bundle), runtime_from(args), policy, options).run()

@@ -16,6 +16,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from capibara_export.export import manifest as mf
+from capibara_export.export import params as params_io
+from capibara_export.export import stablehlo
 from capibara_export.export.launch import free_port
 
 
@@ -128,3 +133,21 @@ def _body(data: bytes, content_type: str):
     if "json" in content_type:
         return json.loads(data)
     return data.decode(errors="replace")
+
+
+class Reference:
+    """The bundle's portable (single-device, batch-polymorphic) program of an entry, here."""
+
+    def __init__(self, bundle: Path):
+        self.manifest = mf.read(bundle)
+        self.bundle, self._cache = bundle, {}
+
+    def __call__(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import jax
+
+        (a,) = [a for a in self.manifest["artifacts"] if a["kind"] == "jax.export" and a["entry"] == entry]
+        if entry not in self._cache:
+            self._cache[entry] = (stablehlo.load(self.bundle / a["path"]), params_io.restore(self.bundle / a["params"]))
+        exported, params = self._cache[entry]
+        out = exported.call(params, *[inputs[t["name"]] for t in a["inputs"]])
+        return dict(zip([t["name"] for t in a["outputs"]], (np.asarray(x) for x in jax.tree.leaves(out))))

@@ -16,10 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from capibara_export.export import manifest as mf
-from capibara_export.export import params as params_io
-from capibara_export.export import stablehlo
-from tests.live_slice import LiveSlice, build_server_bundle
+from tests.live_slice import LiveSlice, Reference, build_server_bundle
 
 pytestmark = pytest.mark.slow
 tritonclient_http = pytest.importorskip("tritonclient.http")
@@ -41,28 +38,6 @@ def live(bundle, tmp_path_factory):
         yield server.start()
     finally:
         server.kill()
-
-
-class Reference:
-    """The bundle's portable (single-device, batch-polymorphic) program of an entry, here."""
-
-    def __init__(self, bundle: Path):
-        self.manifest = mf.read(bundle)
-        self.bundle, self._cache = bundle, {}
-
-    def __call__(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        (a,) = [a for a in self.manifest["artifacts"] if a["kind"] == "jax.export" and a["entry"] == entry]
-        if entry not in self._cache:
-            self._cache[entry] = (stablehlo.load(self.bundle / a["path"]), params_io.restore(self.bundle / a["params"]))
-        exported, params = self._cache[entry]
-        out = exported.call(params, *[inputs[t["name"]] for t in a["inputs"]])
-        return dict(zip([t["name"] for t in a["outputs"]], (np.asarray(x) for x in _leaves(out))))
-
-
-def _leaves(out):
-    import jax
-
-    return jax.tree.leaves(out)
 
 
 @pytest.fixture(scope="module")

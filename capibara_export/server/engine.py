@@ -35,9 +35,10 @@ class Engine:
     programs: dict[tuple[int, int], ShardedServer]     # (model index, batch size) -> program
     lockstep: Lockstep
     notes: list[str] = field(default_factory=list)
-    on_step: Callable[[Batch, float], None] | None = None   # process 0: metrics after each batch
+    on_step: Callable[[Batch, float, float], None] | None = None   # process 0: metrics after each batch
     steps: int = 0
     current: Batch | None = None                            # process 0: the batch now running
+    told_s: float = 0.0                                     # process 0: the last step's lockstep send
 
     @classmethod
     def open(cls, opened: OpenedBundle, models: list[ModelSpec], lockstep: Lockstep, use_executable: bool = True,
@@ -72,8 +73,27 @@ class Engine:
             arrays = {t.name: np.zeros((size, *t.row_shape), t.np_dtype) for t in model.inputs}
             self.lockstep.send(Step(RUN, mi, size, 0), arrays)
             self._run(Step(RUN, mi, size, 0), list(arrays.values()))
+            self.lockstep.ran()
             progress(f"warmed {model.name} at batch {size} in {time.perf_counter() - t0:.1f} s")
         return time.perf_counter() - started
+
+    def ceiling(self, steps: int, progress: Callable[[str], None] = lambda _: None) -> dict[str, float]:
+        """Process 0: each model's largest compiled batch run `steps` times back to back in
+        lockstep, with no server in between (real rows of random values); rows per second."""
+        rates, rng = {}, np.random.default_rng(0)
+        for mi, model in enumerate(self.models):
+            size = model.max_batch
+            arrays = {t.name: _random(rng, (size, *t.row_shape), t.np_dtype) for t in model.inputs}
+            started = time.perf_counter()
+            for _ in range(steps):
+                self.lockstep.send(Step(RUN, mi, size, size), arrays)
+                self._run(Step(RUN, mi, size, size), list(arrays.values()))
+                self.lockstep.ran()
+            seconds = time.perf_counter() - started
+            rates[model.name] = steps * size / seconds
+            progress(f"ceiling of {model.name}: {steps} steps of batch {size} back to back in {seconds:.2f} s = "
+                     f"{rates[model.name]:.1f} rows/s")
+        return rates
 
     def lead(self, batcher: Batcher, keepalive_s: float) -> None:
         """Process 0's loop, until the batcher is closed and drained (then a STOP step)."""
@@ -91,8 +111,11 @@ class Engine:
             try:
                 inputs = batch.inputs()
                 mi = index[id(batch.model)]
+                told = time.perf_counter()
                 self.lockstep.send(Step(RUN, mi, batch.size, batch.rows), inputs)
+                self.told_s = time.perf_counter() - told
                 outputs = self._run(Step(RUN, mi, batch.size, batch.rows), list(inputs.values()))
+                self.lockstep.ran()
             except BaseException as err:
                 why = Unavailable(f"a step failed on the slice while running this batch "
                                   f"({' '.join(str(err).split())[:300]}): retry on another replica")
@@ -102,7 +125,7 @@ class Engine:
             batch.answer(outputs)
             self.current = None
             if self.on_step is not None:
-                self.on_step(batch, time.perf_counter() - started)
+                self.on_step(batch, time.perf_counter() - started, self.told_s)
 
     def follow(self) -> None:
         """Every other process's loop, until process 0's STOP step."""
@@ -112,3 +135,9 @@ class Engine:
                 return
             if step.kind == RUN:
                 self._run(step, arrays)
+
+
+def _random(rng, shape, dtype) -> np.ndarray:
+    if np.issubdtype(dtype, np.integer):
+        return rng.integers(0, 2, shape).astype(dtype)   # valid ids and masks for every model
+    return rng.standard_normal(shape).astype(dtype)

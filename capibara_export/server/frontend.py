@@ -151,9 +151,9 @@ class Frontend:
             self.metrics.errors.labels(name, "deadline_exceeded").inc()
             raise DeadlineExceeded(f"no answer within {bound:.3f} s (the request's deadline)") from None
 
-    def batch_ran(self, batch, seconds: float) -> None:
+    def batch_ran(self, batch, seconds: float, told_s: float = 0.0) -> None:
         """The engine's callback after each batch (on the step loop's thread)."""
-        self.metrics.batch_ran(batch, seconds)
+        self.metrics.batch_ran(batch, seconds, told_s)
         start = time.monotonic() - seconds
         for r in batch.requests:
             self.metrics.queue_wait.labels(batch.model.name).observe(max(0.0, start - r.enqueued))

@@ -27,12 +27,17 @@ class Metrics:
                                    registry=r)
         self.step_seconds = Histogram("capibara_step_seconds", "One lockstep step: broadcast, program, gather",
                                       ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.lockstep_seconds = Histogram("capibara_lockstep_seconds", "Process 0 telling every process a batch's "
+                                          "step (header and padded inputs)", buckets=LATENCY_BUCKETS, registry=r)
+        self.ceiling = Gauge("capibara_ceiling_rows_per_second", "Rows/s of the largest compiled batch run back to "
+                             "back at start-up with no server in between (--measure-ceiling)", ["model"], registry=r)
         self.queue_depth = Gauge("capibara_queue_depth", "Requests waiting for a batch", registry=r)
         self.ready = Gauge("capibara_ready", "1 while every process has loaded and warmed every program and none "
                                              "is lost", registry=r)
 
-    def batch_ran(self, batch, seconds: float) -> None:
+    def batch_ran(self, batch, seconds: float, told_s: float = 0.0) -> None:
         name = batch.model.name
+        self.lockstep_seconds.observe(told_s)
         self.batch_rows.labels(name).observe(batch.rows)
         self.batch_size.labels(name).observe(batch.size)
         self.padded_rows.labels(name).inc(batch.size - batch.rows)

@@ -59,6 +59,8 @@ class ServerOptions:
     use_executable: bool = True           # the serialized executable where it loads, else the jax.export program
     precision: str | None = None          # which precision to serve where the bundle has several
     max_pixels: int | None = None         # caption_text: the largest image (header), as `analyze --max-pixels`
+    lockstep: str = "collective"          # how process 0 tells the others each step (lockstep.py)
+    measure_ceiling: int = 0              # steps of each model's largest batch run back to back before ready
 
     def check(self) -> None:
         for name, port in (("--http-port", self.http_port), ("--grpc-port", self.grpc_port)):
@@ -72,6 +74,10 @@ class ServerOptions:
             raise BundleError(f"--max-queue-delay-ms {self.max_queue_delay_ms}: give 0..10000")
         if not 0 < self.timeout_s <= 3600:
             raise BundleError(f"--timeout {self.timeout_s}: give 0 < seconds <= 3600")
+        if not 0 <= self.measure_ceiling <= 10_000:
+            raise BundleError(f"--measure-ceiling {self.measure_ceiling}: give 0..10000 steps")
+        if self.lockstep not in ("collective", "kv"):
+            raise BundleError(f"--lockstep {self.lockstep}: collective or kv")
         if self.max_pixels is not None and self.max_pixels < 1:
             raise BundleError(f"--max-pixels {self.max_pixels}: give 1 or more")
         if not 0 < self.max_body_mb <= 2047:
@@ -191,9 +197,9 @@ class SliceServer:
         self.say(f"joined in {time.perf_counter() - started:.1f} s, {jax.local_device_count()} local "
                  f"{jax.default_backend()} device(s) of {jax.device_count()}")
         started = time.perf_counter()
-        self.engine = Engine.open(self.opened, self.models, Lockstep(self.runtime.process_id,
-                                                                    self.runtime.num_processes),
-                                  self.options.use_executable)
+        lockstep = Lockstep(self.runtime.process_id, self.runtime.num_processes, self.options.lockstep,
+                            receive_timeout_s=self.runtime.heartbeat_timeout_s + 10 * self.options.keepalive_s)
+        self.engine = Engine.open(self.opened, self.models, lockstep, self.options.use_executable)
         for note in self.engine.notes[:1]:
             self.say(note)
         self.say(f"opened {len(self.engine.programs)} program(s) of {len(self.models)} model(s) in "
@@ -210,6 +216,9 @@ class SliceServer:
         try:
             if self.leader:
                 seconds = self.engine.warm(self.say)
+                if self.options.measure_ceiling:
+                    for name, rate in self.engine.ceiling(self.options.measure_ceiling, self.say).items():
+                        self.front.metrics.ceiling.labels(name).set(rate)
                 self.engine.on_step = self.front.batch_ran
                 self._on_listeners(self.front.set_ready)
                 self.say(f"ready: warmed every program in {seconds:.1f} s")
