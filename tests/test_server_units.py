@@ -182,3 +182,21 @@ def test_the_slice_comes_from_a_leader_worker_set_where_no_flag_gives_it():
 def test_server_options_are_refused_in_one_line(options, words):
     with pytest.raises(BundleError, match=words):
         options.check()
+
+
+def test_a_port_in_use_is_refused_in_one_line_naming_the_flags():
+    import socket
+
+    from capibara_export.server.run import Protocols
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        listeners = Protocols(_front(), ServerOptions(host="127.0.0.1", http_port=port, grpc_port=None))
+        with pytest.raises(BundleError, match="cannot listen on 127.0.0.1: .*pass free ports with --http-port"):
+            listeners.start()
+        assert not listeners._thread.is_alive()
+    finally:
+        taken.close()
