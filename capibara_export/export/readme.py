@@ -108,7 +108,20 @@ def _on_the_slice(m: dict, sharded: dict) -> list[str]:
             "```bash", f"python -m capibara_export launch {n} -- {run}", "```", "",
             f"Before shipping, every sharded program across {n} local processes against the single-process "
             "reference:", "",
-            "```bash", f"python -m capibara_export verify . --processes {n}", "```", ""]
+            "```bash", f"python -m capibara_export verify . --processes {n}", "```", "",
+            "### Live traffic on the slice", "",
+            "`server` serves every sharded program as a model (KServe v2 over HTTP and gRPC, TF Serving REST) with "
+            "dynamic batching to the compiled batch sizes, every host in lockstep: the same command on every host "
+            "(in a Kubernetes LeaderWorkerSet the three slice flags come from its variables). Readiness probe "
+            "`GET :8000/v2/health/ready`, liveness `GET :8000/v2/health/live`, metrics `GET :8000/metrics`, on "
+            "process 0 only (capibara-export's docs/server.md):", "",
+            "```bash",
+            f"python -m capibara_export server . --precision {sharded['precision']} --http-port 8000 --grpc-port 8001 "
+            "\\",
+            f"    --coordinator HOST0:8476 --num-processes {n} --process-id $I   # I = 0..{n - 1}, one per host",
+            "```", "",
+            f"On one machine: `python -m capibara_export launch {n} -- server . --precision {sharded['precision']}`.",
+            ""]
 
 
 # decode_step's cache is a dict argument: the manifest lists its leaves as `cache/cross_kv`,
