@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip install --quiet --disable-pip-version-check -c constraint
 # Extra flags for the build, e.g. `make build ARGS="--model tiny --batch 8"`.
 ARGS ?=
 
-.PHONY: build test bench clean
+.PHONY: build test bench bench-plans-full clean
 
 $(VENV)/.runtime: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ bench: $(VENV)/.dev
 	$(PY) -m pytest -q bench/test_runtime.py --benchmark-json runtime.json
 	$(PY) -m pytest -q bench --ignore=bench/test_runtime.py --benchmark-json out.json
 	$(PY) -m capibara_export bench-report runtime.json out.json
+
+# The full plan study: small beside tiny (about 26 minutes more on a 2-core host).
+bench-plans-full: $(VENV)/.dev
+	CAPIBARA_BENCH_PLANS=full $(PY) -m pytest -q bench/test_plans.py --benchmark-json plans-full.json
+	$(PY) -m capibara_export bench-report plans-full.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks
