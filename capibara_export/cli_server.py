@@ -25,7 +25,7 @@ def add_parser(sub, add_trust_args) -> None:
                    help="how long a batch waits for more requests once one is queued (Triton's "
                         "max_queue_delay_microseconds; default 5)")
     s.add_argument("--max-queue", type=int, default=256, metavar="N",
-                   help="requests waiting for a batch; beyond it a request is refused with 503 / UNAVAILABLE "
+                   help="requests waiting for a batch; beyond it a request is refused with 503 / RESOURCE_EXHAUSTED "
                         "(default 256)")
     s.add_argument("--timeout", type=float, default=60.0, metavar="S",
                    help="a request's longest time from receipt to answer; a client's own deadline may shorten it "

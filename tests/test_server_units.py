@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from capibara_export.export.manifest import BundleError
-from capibara_export.server.batcher import BadRequest, Batcher, DeadlineExceeded, Request, Unavailable
+from capibara_export.server.batcher import BadRequest, Batcher, DeadlineExceeded, QueueFull, Request, Unavailable
 from capibara_export.server.frontend import Frontend
 from capibara_export.server.lockstep import KEEPALIVE, RUN, Step
 from capibara_export.server.metrics import Metrics
@@ -66,8 +66,12 @@ def test_a_batch_waits_at_most_the_queue_delay_and_never_mixes_models_or_exceeds
 def test_a_full_queue_refuses_at_once_and_expired_requests_are_answered_not_run():
     batcher = Batcher(max_queue=2, max_delay_s=0.0)
     batcher.submit(_request(deadline_s=0.01)), batcher.submit(_request())
-    with pytest.raises(Unavailable, match="queue is full \\(2 requests, --max-queue\\)"):
+    with pytest.raises(QueueFull, match="queue is full \\(2 requests, --max-queue\\)") as full:
         batcher.submit(_request())
+    from capibara_export.server.kserve_grpc import CODES
+    from capibara_export.server.kserve_http import STATUS
+
+    assert (STATUS[full.value.kind], CODES[full.value.kind].name) == (503, "RESOURCE_EXHAUSTED")
     time.sleep(0.03)
     expired = batcher._queue[0]
     batch = batcher.next_batch(1.0)

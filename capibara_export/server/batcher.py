@@ -4,7 +4,7 @@ batch that holds it.
 
 The semantics are TF Serving's and Triton's (DESIGN.md, "Serving facts"): the compiled batch
 sizes play `allowed_batch_sizes`, `max_queue_delay` is Triton's `max_queue_delay_microseconds`,
-a full queue refuses at once (HTTP 503 / gRPC UNAVAILABLE), and a request past its deadline is
+a full queue refuses at once (HTTP 503 / gRPC RESOURCE_EXHAUSTED), and a request past its deadline is
 answered with an error instead of being run. Padding repeats the batch's first row (as saxml
 does), so padded rows compute on real values; they are counted, never returned.
 
@@ -39,7 +39,11 @@ class NotFound(ServingError):
 
 
 class Unavailable(ServingError):
-    kind = "unavailable"               # HTTP 503, gRPC UNAVAILABLE: queue full, draining, a host lost
+    kind = "unavailable"               # HTTP 503, gRPC UNAVAILABLE: draining, a host lost, warming
+
+
+class QueueFull(Unavailable):
+    kind = "resource_exhausted"        # HTTP 503, gRPC RESOURCE_EXHAUSTED: --max-queue requests waiting
 
 
 class DeadlineExceeded(ServingError):
@@ -107,7 +111,7 @@ class Batcher:
             if self._closed:
                 raise Unavailable(self._closed)
             if len(self._queue) >= self.max_queue:
-                raise Unavailable(f"the queue is full ({self.max_queue} requests, --max-queue): retry later")
+                raise QueueFull(f"the queue is full ({self.max_queue} requests, --max-queue): retry later")
             self._queue.append(request)
             self._cond.notify_all()
         return request.future

@@ -27,7 +27,8 @@ from .kserve_http import np_dtype
 from .models import SERVER_NAME
 
 CODES = {"invalid_argument": grpc.StatusCode.INVALID_ARGUMENT, "not_found": grpc.StatusCode.NOT_FOUND,
-         "unavailable": grpc.StatusCode.UNAVAILABLE, "deadline_exceeded": grpc.StatusCode.DEADLINE_EXCEEDED}
+         "unavailable": grpc.StatusCode.UNAVAILABLE, "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+         "deadline_exceeded": grpc.StatusCode.DEADLINE_EXCEEDED}
 _CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT32": "int_contents", "INT8": "int_contents",
              "INT64": "int64_contents", "UINT8": "uint_contents", "BOOL": "bool_contents"}
 

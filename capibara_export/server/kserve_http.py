@@ -28,7 +28,8 @@ from .frontend import Frontend
 from .models import DATATYPES, SERVER_NAME
 
 _NP = {v: k for k, v in DATATYPES.items()}
-STATUS = {"invalid_argument": 400, "not_found": 404, "unavailable": 503, "deadline_exceeded": 504}
+STATUS = {"invalid_argument": 400, "not_found": 404, "unavailable": 503, "resource_exhausted": 503,
+          "deadline_exceeded": 504}
 EXTENSIONS = ["binary_tensor_data"]
 
 
