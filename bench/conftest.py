@@ -44,7 +44,8 @@ def pytest_collection_modifyitems(config, items):
     the parameters listed in test_plans.TIMED_ONLY (the timed `make bench` runs them all).
     Likewise the cold compile benchmark keeps test_compile.UNTIMED_PLANS on each target and
     precision: every plan's compile on both targets is a test elsewhere (tests/test_analysis.py
-    on tpu-v4-64, tests/test_sharded_equivalence.py on the CPU mesh)."""
+    on tpu-v4-64, tests/test_sharded_equivalence.py on the CPU mesh). The server load runs with
+    the collective lockstep only: tests/test_server.py's second server runs the kv one."""
     _turns_after_their_plans(items)
     if not config.getoption("benchmark_disable", False):
         return
@@ -55,6 +56,8 @@ def pytest_collection_modifyitems(config, items):
         params = getattr(getattr(item, "callspec", None), "params", {})
         if item.originalname in ("test_plan_on_cpu_mesh", "test_plans_in_turns"):
             return bool(TIMED_ONLY & {params.get("model"), params.get("precision")})
+        if item.originalname in ("test_server_load", "test_every_request_is_answered_once_and_correctly"):
+            return params.get("live") == "kv"   # tests/test_server.py serves through the kv lockstep
         return item.originalname == "test_compile_cold" and params.get("plan") not in UNTIMED_PLANS
 
     keep, drop = [], []

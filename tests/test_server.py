@@ -279,8 +279,10 @@ def hf_live(checkpoint, tmp_path_factory):
 
     bundle = build_server_bundle(tmp_path_factory.mktemp("hf-server"), checkpoint=checkpoint,
                                  entries="encode_image,caption", max_new_tokens=NEW_TOKENS, prompt_len=6)
+    # the key-value lockstep here (the other server uses the default collective one): every test
+    # of this server, the fault included, runs through it
     server = LiveSlice(bundle, tmp_path_factory.mktemp("hf-server-logs"), heartbeat_timeout_s=5,
-                       extra=("--max-queue-delay-ms", "300"))
+                       extra=("--max-queue-delay-ms", "300", "--lockstep", "kv"))
     try:
         yield server.start()
     finally:
@@ -413,3 +415,55 @@ def test_a_host_killed_under_load_is_named_in_every_answer_and_ends_the_slice(hf
     assert all("process(es) 1 of 2 stopped" in why or "a step failed on the slice" in why for why in errors), errors[:3]
     assert not any(t.is_alive() for t in threads)
     assert "process(es) 1 of 2 stopped" in server.output()
+
+
+_OWN_FRONT_END = """
+import sys, threading
+import numpy as np
+from capibara_export.export.multihost import HostRuntime
+from capibara_export.server import ServerOptions, SliceServer
+
+coordinator, pid = sys.argv[1], int(sys.argv[2])
+runtime = HostRuntime(coordinator, 2, pid, cpu_devices=4, join_timeout_s=120, heartbeat_timeout_s=30)
+from capibara_export.export.trust import TrustPolicy
+server = SliceServer(sys.argv[3], runtime, TrustPolicy(allow_unsigned_executables=True),
+                     ServerOptions(http_port=None, grpc_port=None), say=lambda _: None)
+if pid == 0:
+    def front_end():
+        import time
+        while server.front is None or not server.front.ready:
+            time.sleep(0.1)
+        pixels = np.load(sys.argv[4])["pixel_values"]
+        out = server.infer("encode_image", {"pixel_values": pixels})
+        np.save(sys.argv[5], out["image_embeds"])
+        server.drain()
+    threading.Thread(target=front_end, daemon=True).start()
+sys.exit(server.run())
+"""
+
+
+def test_a_teams_own_front_end_drives_the_slice_through_the_python_api(bundle, reference, tmp_path):
+    """Both ports off: process 0's own thread calls SliceServer.infer, then drain(); both exit 0."""
+    import os
+    import subprocess
+    import sys
+
+    from capibara_export.export.launch import free_port
+
+    pixels = _requests(5, seed=3)["encode_image"]
+    np.savez(tmp_path / "in.npz", **pixels)
+    script = tmp_path / "front_end.py"
+    script.write_text(_OWN_FRONT_END)
+    coordinator = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen([sys.executable, str(script), coordinator, str(pid), str(bundle), str(tmp_path / "in.npz"),
+                               str(tmp_path / "out.npy")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}) for pid in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    want = reference("encode_image", pixels)["image_embeds"]
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), want, rtol=2e-4, atol=2e-5)

@@ -35,7 +35,7 @@ from .trust import TrustPolicy
 def sharded_artifact(manifest: dict, entry: str, precision: str | None = None, batch: int | None = None) -> dict:
     """The selected unit's sharded jax.export artifact for `entry` (and `precision`, `batch`)."""
     found = [a for a in manifest["artifacts"] if a["kind"] == "jax.export-sharded" and a["entry"] == entry
-             and precision in (None, a["precision"]) and batch in (None, a["batch"])]
+             and precision in (None, a["precision"]) and batch in (None, a.get("batch"))]
     if len(found) == 1:
         return found[0]
     have = sorted({f"{a['entry']} ({a['precision']})" for a in manifest["artifacts"]
@@ -49,7 +49,7 @@ def sharded_artifact(manifest: dict, entry: str, precision: str | None = None, b
     if len({a["precision"] for a in found}) > 1:
         raise BundleError(f"the bundle has {entry} in {len(found)} precisions: choose one with --precision "
                           f"({', '.join(a['precision'] for a in found)})")
-    raise BundleError(f"the bundle has {entry} at batch sizes {', '.join(str(a['batch']) for a in found)}: "
+    raise BundleError(f"the bundle has {entry} at batch sizes {', '.join(str(a.get('batch')) for a in found)}: "
                       "`serve` runs one; the live server (`server`) serves them all")
 
 
