@@ -82,7 +82,7 @@ def _bfloat16():
     return ml_dtypes.bfloat16
 
 
-def _rows(tensors: list[dict], batch: int, rel: str) -> tuple[TensorSpec, ...] | None:
+def _rows(tensors: list[dict], batch: int) -> tuple[TensorSpec, ...] | None:
     out = []
     for t in tensors:
         shape = list(t["shape"])
@@ -114,7 +114,7 @@ def catalogue(manifest: dict, precision: str | None = None) -> tuple[list[ModelS
             raise BundleError(f"the bundle has {entry} in {len(by_precision)} precisions: choose one with "
                               f"--precision ({', '.join(sorted(by_precision))})")
         found = sorted(by_precision[chosen], key=lambda a: a["batch"])
-        specs = [(_rows(a["inputs"], a["batch"], a["path"]), _rows(a["outputs"], a["batch"], a["path"]))
+        specs = [(_rows(a["inputs"], a["batch"]), _rows(a["outputs"], a["batch"]))
                  for a in found]
         if any(i is None or o is None for i, o in specs):
             notes.append(f"{entry}: not served as a model: its inputs or outputs are not rows along a leading batch "

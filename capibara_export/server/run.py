@@ -43,7 +43,7 @@ import numpy as np
 from ..export.manifest import BundleError
 from ..export.trust import TrustPolicy
 from .batcher import Batcher, Unavailable
-from .models import ModelSpec, catalogue
+from .models import catalogue
 
 
 @dataclass(frozen=True)
@@ -247,10 +247,6 @@ class SliceServer:
         """Process 0: stop taking requests, answer those queued, then every process leaves."""
         if self.front is not None:
             self._on_listeners(self.front.drain)
-
-    @property
-    def models_by_name(self) -> dict[str, ModelSpec]:
-        return {m.name: m for m in self.models}
 
     # -- signals and faults ---------------------------------------------------------------------
     def _on_listeners(self, fn, *args) -> None:
