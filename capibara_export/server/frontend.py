@@ -55,9 +55,12 @@ class Frontend:
         return self.batcher.fail_all(Unavailable(why))
 
     # -- requests -----------------------------------------------------------------------------
-    def model(self, name: str) -> ModelSpec:
+    def model(self, name: str, version: str | None = None) -> ModelSpec:
+        """The model by name; `version` as a protocol gives it (None or "" for the only one, 1)."""
         if name not in self.models:
             raise NotFound(f"unknown model {name!r}: this server has {', '.join(self.models)}")
+        if version not in (None, "", "1"):
+            raise NotFound(f"model {name!r} has version 1 only, not {version!r}")
         return self.models[name]
 
     def check(self, model: ModelSpec, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
@@ -109,9 +112,7 @@ class Frontend:
             if not self.warmed:
                 raise Unavailable("the server is still loading and warming its programs: wait until "
                                   "/v2/health/ready answers 200")
-            if timeout_s is not None and not 0 < timeout_s:
-                raise BadRequest(f"timeout {timeout_s}: give a positive number of seconds")
-            timeout = min(self.timeout_s, timeout_s) if timeout_s else self.timeout_s
+            timeout = self._timeout(timeout_s)
             view = self.views.get(model.name)
             runs = self.models[view.spec.view_of] if view else model
             request = Request(runs, view.prepare(checked, rows) if view else checked, rows,
@@ -125,6 +126,12 @@ class Frontend:
             future = _then(future, view.finish)
         future.add_done_callback(lambda f: self._answered(model.name, request, f))
         return model, future
+
+    def _timeout(self, timeout_s: float | None) -> float:
+        """The request's bound: the server's, shortened (never lengthened) by the client's."""
+        if timeout_s is not None and not 0 < timeout_s:
+            raise BadRequest(f"timeout {timeout_s}: give a positive number of seconds")
+        return min(self.timeout_s, timeout_s) if timeout_s else self.timeout_s
 
     def _answered(self, name: str, request: Request, future: Future) -> None:
         if future.cancelled():
@@ -144,7 +151,7 @@ class Frontend:
             model, future = await loop.run_in_executor(None, self.submit, name, inputs, protocol, timeout_s)
         else:
             model, future = self.submit(name, inputs, protocol, timeout_s)
-        bound = min(self.timeout_s, timeout_s) if timeout_s else self.timeout_s
+        bound = self._timeout(timeout_s)
         try:
             return model, await asyncio.wait_for(asyncio.wrap_future(future), bound + 0.5)
         except asyncio.TimeoutError:

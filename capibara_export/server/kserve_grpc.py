@@ -127,11 +127,7 @@ class Service(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     def _model(self, name: str, version: str):
-        if version not in ("", "1"):
-            from .batcher import NotFound
-
-            raise NotFound(f"model {name!r} has version 1 only, not {version!r}")
-        return self.front.model(name)
+        return self.front.model(name, version)
 
 
 SERVED = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")

@@ -22,7 +22,7 @@ import json
 import numpy as np
 from aiohttp import web
 
-from .batcher import BadRequest, NotFound, ServingError
+from .batcher import BadRequest, ServingError
 from . import tensors
 from .frontend import Frontend
 from .models import DATATYPES, SERVER_NAME
@@ -171,10 +171,7 @@ def render_infer(model, request: dict, outputs: dict[str, np.ndarray]) -> web.Re
 
 def routes(front: Frontend) -> list:
     def model_or_404(request):
-        version = request.match_info.get("version")
-        if version not in (None, "1"):
-            raise NotFound(f"model {request.match_info['model']!r} has version 1 only, not {version!r}")
-        return front.model(request.match_info["model"])
+        return front.model(request.match_info["model"], request.match_info.get("version"))
 
     async def live(_):
         return web.json_response({"live": front.live}, status=200 if front.live else 503)

@@ -66,7 +66,7 @@ class ServerOptions:
         for name, port in (("--http-port", self.http_port), ("--grpc-port", self.grpc_port)):
             if port is not None and not 0 <= port <= 65535:
                 raise BundleError(f"{name} {port}: give a port in 0..65535 (0: any free port)")
-        if self.http_port is not None and self.http_port and self.http_port == self.grpc_port:
+        if self.http_port and self.http_port == self.grpc_port:
             raise BundleError(f"--http-port and --grpc-port are both {self.http_port}: give two ports")
         if self.max_queue < 1:
             raise BundleError(f"--max-queue {self.max_queue}: give 1 or more")

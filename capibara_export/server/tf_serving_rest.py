@@ -19,7 +19,7 @@ import json
 import numpy as np
 from aiohttp import web
 
-from .batcher import BadRequest, NotFound, ServingError
+from .batcher import BadRequest, ServingError
 from . import tensors
 from .frontend import Frontend
 from .kserve_http import read_body, serving_error
@@ -112,10 +112,7 @@ def render_predict(model, form: str, outputs: dict[str, np.ndarray]) -> dict:
 
 def routes(front: Frontend) -> list:
     def model_of(request):
-        version = request.match_info.get("version")
-        if version not in (None, "1"):
-            raise NotFound(f"servable {request.match_info['model']!r} has version 1 only, not {version!r}")
-        return front.model(request.match_info["model"])
+        return front.model(request.match_info["model"], request.match_info.get("version"))
 
     async def status(request):
         try:
