@@ -106,6 +106,7 @@ def test_a_second_process_writing_the_same_folder_is_refused_at_once(built):
     into another folder of the same --out goes ahead."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
     with folder_lock(built / NAME):
+        assert (built / f".{NAME}.capibara-export.lock").is_file()
         started = time.perf_counter()
         second = subprocess.run([sys.executable, "-m", "capibara_export", *ONE_UNIT, "--out", str(built)],
                                 capture_output=True, text=True, timeout=120, env=env)
@@ -121,6 +122,7 @@ def test_a_second_process_writing_the_same_folder_is_refused_at_once(built):
     assert "Traceback" not in second.stderr + export.stderr
     assert other.returncode == 0, other.stderr[-2000:]
     assert not (built / NAME / "bundle").exists()
+    assert not list(built.glob(".*.capibara-export.lock")), "a lock file outlived its holder"
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed one, as intended

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from jax.sharding import Mesh
+
 from model import BlipConfig, get_preset
 from model.config import KERNEL_LAYOUTS, LAYER_STORAGES
 from model.hf import checkpoint_config
@@ -30,7 +32,7 @@ from .compile import Compiled, compile_unit
 from .programs import ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
 from .records import CompileRecord, Unit, toolchain, write_records
 from .staging import check_folder_name, check_output_folder, ensure_replaceable, folder_lock, staged_folder
-from .targets import DEFAULT_TARGET, describe, get_target, hardware_for, make_mesh
+from .targets import DEFAULT_TARGET, Target, describe, get_target, hardware_for, make_mesh
 from .workers import CompilePool, outcome, resolve_jobs
 
 DEFAULT_OUT = Path("artifacts")
@@ -183,18 +185,20 @@ def run_build(request: BuildRequest, progress: ProgressFn | None = None,
     validate(request)
     if jobs is not None and jobs < 1:
         raise ProgramError(f"--jobs {jobs}: give a positive number of worker processes (1: compile in this process)")
-    with folder_lock(Path(request.out) / request.folder_name()):
-        return _build(request, progress, finish, started, jobs)
-
-
-def _build(request: BuildRequest, progress: ProgressFn | None,
-           finish: Callable[[Path, BuildResult], None] | None, started: float, jobs: int | None) -> BuildResult:
-    plans_by_name = load_plans(list(request.plan_files))
-    plans = select_plans(plans_by_name, list(request.plans) or None)
+    # the plans, the target and the mesh are accepted before anything is written: a refused
+    # request leaves no folder and no lock file behind
+    plans = select_plans(load_plans(list(request.plan_files)), list(request.plans) or None)
     target = get_target(request.target)
     mesh = make_mesh(target, request.mesh)
     plans = [p.for_mesh(tuple(mesh.axis_names)) for p in plans]  # a multi-slice mesh adds `dcn`
-    cfg = program_config(request, mesh.devices.flat[0].platform)
+    cfg = program_config(request, mesh.devices.flat[0].platform)   # reads --checkpoint's config
+    with folder_lock(Path(request.out) / request.folder_name()):
+        return _build(request, plans, target, mesh, cfg, progress, finish, started, jobs)
+
+
+def _build(request: BuildRequest, plans: list[ShardingPlan], target: Target, mesh: Mesh, cfg: BlipConfig,
+           progress: ProgressFn | None, finish: Callable[[Path, BuildResult], None] | None, started: float,
+           jobs: int | None) -> BuildResult:
     # a CPU host or a local GPU is measured (once per machine, cached); TPU entries are published figures
     hardware = calibrated(hardware_for(target, mesh), list(mesh.devices.flat))
     mesh_info = describe(mesh, target)

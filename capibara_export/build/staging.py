@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import os
 import re
 import shutil
@@ -116,19 +115,26 @@ def check_folder_name(name: str | None) -> None:
                            "e.g. --name base-v4-32-run2")
 
 
-_LOCK_FILE = ".capibara-export.lock"
-_lock_fds: dict[str, int] = {}    # lock file -> fd, kept open: closing any fd of a file drops every
-_held: dict[str, int] = {}        # POSIX lock this process holds on it; folder -> nesting depth
+_LOCK_SUFFIX = ".capibara-export.lock"
+_held: dict[str, int] = {}        # folder -> nesting depth of this process's hold on it
+
+
+def lock_file(final: Path) -> Path:
+    """The hidden lock file beside `final` while a process writes it: `.NAME.capibara-export.lock`."""
+    return final.parent / f".{final.name}{_LOCK_SUFFIX}"
 
 
 @contextlib.contextmanager
 def folder_lock(final: Path, flag: str = "--out/--name") -> Iterator[None]:
     """Hold the right to write `final` for the block; refused at once (never waited for) when
-    another process holds it. One hidden `.capibara-export.lock` per parent folder, one
-    byte-range lock per folder name in it (fcntl.lockf), released by the kernel when the
-    holder exits however it exits, so a crash never leaves a stale lock. Re-entrant within a
-    process (a build that exports takes its folder's lock once). Leftovers of a process that
-    died while writing `final` are cleaned up (and a replaced folder restored) under it."""
+    another process holds it. The lock is an fcntl lock on a hidden file beside `final`
+    (`lock_file`), so the kernel releases it when the holder exits however it exits and a
+    crash never leaves a lock held. The file is removed when the block ends (a killed
+    process leaves an empty file that the next run takes over). Re-entrant within a process
+    (a build that exports takes its folder's lock once). Leftovers of a process that died
+    while writing `final` are cleaned up (and a replaced folder restored) under it.
+
+    Take it only once a request has been accepted: it creates `final`'s parent folder."""
     final = Path(final).absolute()
     key = str(final)
     if _held.get(key):
@@ -139,28 +145,43 @@ def folder_lock(final: Path, flag: str = "--out/--name") -> Iterator[None]:
             _held[key] -= 1
         return
     final.parent.mkdir(parents=True, exist_ok=True)
-    lock_file = str(final.parent / _LOCK_FILE)
-    fd = _lock_fds.get(lock_file)
-    if fd is None or not _same_file(fd, lock_file):  # a folder removed and made again: a new file
-        fd = _lock_fds[lock_file] = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-    offset = int.from_bytes(hashlib.sha256(final.name.encode()).digest()[:5], "big")
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
-    except OSError as err:
-        if err.errno not in (errno.EACCES, errno.EAGAIN):
-            raise
+    path = lock_file(final)
+    fd = _acquire(path)
+    if fd is None:
         raise ProgramError(f"{final}: another capibara-export process is writing it right now; wait for it to "
-                           f"finish, or choose another {flag}") from None
+                           f"finish, or choose another {flag}")
     _held[key] = 1
     try:
         _recover(final)
         yield
     finally:
         _held[key] = 0
-        fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
+        # unlinked while still locked: a process that opened the old file before this point
+        # finds, once it gets the lock, that the path no longer names its file, and starts over
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)   # closing the only fd this process has on the file releases the lock
 
 
-def _same_file(fd: int, path: str) -> bool:
+def _acquire(path: Path) -> int | None:
+    """An fd holding an exclusive lock on the file at `path`, or None when another process
+    holds it. Retried when the file was removed or replaced between open and lock (its
+    holder released it), so two processes never hold locks on two different files."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            return None
+        if _same_file(fd, path):
+            return fd
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
     try:
         here, there = os.fstat(fd), os.stat(path)
     except OSError:
