@@ -22,7 +22,7 @@ from capibara_export.analysis.calibration import calibrate_cpu, calibrated
 from capibara_export.analysis.hardware import Hardware, for_device_kind
 from capibara_export.analysis.hlo import HloProgram, KernelProfile
 from capibara_export.analysis.roofline import roofline
-from capibara_export.build.programs import ProgramOptions, build_program
+from capibara_export.matrix.programs import ProgramOptions, build_program
 from capibara_export.compiler_options import for_devices as options_for_devices
 from model import get_preset
 from model.layout import for_platform

@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 
 from bench.harness import attach
-from capibara_export.build.driver import BuildRequest, run_build
-from capibara_export.build.cache import jax_cache_disabled
+from capibara_export.matrix.driver import BuildRequest, run_build
+from capibara_export.matrix.cache import jax_cache_disabled
 from capibara_export.analysis.collectives import collectives
-from capibara_export.build.compile import memory_stats
+from capibara_export.matrix.compile import memory_stats
 from capibara_export.analysis.hlo import HloProgram
-from capibara_export.build.programs import build_program, lower
+from capibara_export.matrix.programs import build_program, lower
 from capibara_export.analysis.roofline import roofline
-from capibara_export.build.targets import get_target, hardware_for, make_mesh
+from capibara_export.matrix.targets import get_target, hardware_for, make_mesh
 from model import get_preset
 from model.state import abstract_params, logical_names
 from sharding import get_policy, load_plans

@@ -109,7 +109,7 @@ def test_executable(benchmark, setup):
 def test_executable_cold_load(benchmark, setup):
     serving, flat, inputs, reference, folder = setup
     benchmark.group = "export load (cold start)"
-    from capibara_export.build.cache import jax_cache_disabled
+    from capibara_export.matrix.cache import jax_cache_disabled
 
     with jax_cache_disabled():
         compiled = jax.jit(serving.fn).lower(flat, *inputs).compile()

@@ -30,9 +30,9 @@ from capibara_export import compiler_options
 from capibara_export.analysis.collectives import collectives
 from capibara_export.analysis.hlo import HloProgram
 from capibara_export.analysis.roofline import Roofline, roofline
-from capibara_export.build.compile import memory_stats
-from capibara_export.build.programs import build_program, in_specs, lower, place
-from capibara_export.build.targets import get_target, make_mesh
+from capibara_export.matrix.compile import memory_stats
+from capibara_export.matrix.programs import build_program, in_specs, lower, place
+from capibara_export.matrix.targets import get_target, make_mesh
 from model import get_preset
 from model.state import abstract_params, init_params, logical_names
 from sharding import get_policy, load_plans

@@ -221,7 +221,7 @@ def _environment(args) -> tuple[str | None, int | None]:
             return None, None  # the command itself reports the missing or broken file
     if getattr(args, "target", None) != "cpu":
         return getattr(args, "target", None), None
-    from .build.targets import parse_mesh
+    from .matrix.targets import parse_mesh
 
     rows, cols = parse_mesh(args.mesh)
     return args.target, rows * cols
@@ -231,10 +231,10 @@ def cmd_build(args) -> int:
     from rich.markdown import Markdown
 
     from .analysis.derive import derive
-    from .build.driver import BuildRequest, run_build
-    from .build.driver import model_config as build_config
-    from .build.programs import SERVING_ENTRIES, ProgramOptions
-    from .build.targets import parse_mesh
+    from .matrix.driver import BuildRequest, run_build
+    from .matrix.driver import model_config as build_config
+    from .matrix.programs import SERVING_ENTRIES, ProgramOptions
+    from .matrix.targets import parse_mesh
     from .console import build_progress, console, out, reasons_table, records_table
 
     request = BuildRequest(
@@ -310,8 +310,8 @@ def print_bundle_next_steps(bundle: Path, sign_key: str | None, console) -> None
 
 
 def cmd_export(args) -> int:
-    from .build.folder import build_parts, read_build
-    from .build.targets import get_target, make_mesh
+    from .matrix.folder import build_parts, read_build
+    from .matrix.targets import get_target, make_mesh
     from .console import console
     from .export.bundle import float_params
 
@@ -415,8 +415,8 @@ def cmd_plans(args) -> int:
     from sharding.plans import load_plans
     from sharding.validity import check
 
-    from .build.driver import BuildRequest, model_config
-    from .build.targets import DCN_AXIS, get_target, parse_mesh
+    from .matrix.driver import BuildRequest, model_config
+    from .matrix.targets import DCN_AXIS, get_target, parse_mesh
     from .console import out
 
     rows, cols = parse_mesh(args.mesh)

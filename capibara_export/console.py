@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .build.records import CompileRecord, Unit
+from .matrix.records import CompileRecord, Unit
 
 # Piped output (logs, CI) would otherwise be cut to 80 columns, truncating unit names.
 console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)

@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from capibara_export.build.driver import BuildRequest, run_build
+from capibara_export.matrix.driver import BuildRequest, run_build
 from capibara_export.analysis.collectives import collectives
 from capibara_export.analysis.derive import derive
 from capibara_export.analysis.hlo import HloProgram
 from capibara_export.analysis.selection import pareto, select
-from capibara_export.build.targets import get_target, make_mesh
+from capibara_export.matrix.targets import get_target, make_mesh
 
 SERVING_PLANS = ("replicated", "dp", "fsdp", "fsdp-tp", "hidden")
 

@@ -19,9 +19,9 @@ import pytest
 from capibara_export import cli
 from capibara_export.analysis import hlo
 from capibara_export.analysis.derive import derive
-from capibara_export.build import workers
-from capibara_export.build.driver import BuildRequest, kept_executables, run_build
-from capibara_export.build.programs import ProgramError
+from capibara_export.matrix import workers
+from capibara_export.matrix.driver import BuildRequest, kept_executables, run_build
+from capibara_export.matrix.programs import ProgramError
 
 TIMINGS = ("compile_s", "lower_s")
 

@@ -13,11 +13,11 @@ from jax.sharding import Mesh
 
 from capibara_export import compiler_options
 from capibara_export.analysis import report
-from capibara_export.build.cache import cache_key
-from capibara_export.build.compile import compile_unit
-from capibara_export.build.programs import ProgramOptions
-from capibara_export.build.records import Unit
-from capibara_export.build.targets import describe, get_target, hardware_for, make_mesh
+from capibara_export.matrix.cache import cache_key
+from capibara_export.matrix.compile import compile_unit
+from capibara_export.matrix.programs import ProgramOptions
+from capibara_export.matrix.records import Unit
+from capibara_export.matrix.targets import describe, get_target, hardware_for, make_mesh
 from model import get_preset
 from sharding import load_plans
 

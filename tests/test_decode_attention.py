@@ -132,7 +132,7 @@ def test_exports_trace_without_gpu_kernels(monkeypatch):
     jax.export cannot carry; the bundle's exports trace under model.portable_kernels, so a
     portable bf16 encode_image exported "on a GPU" holds neither (traced with them, the
     export fails: "cuDNN is not detected")."""
-    from capibara_export.build.programs import ProgramOptions
+    from capibara_export.matrix.programs import ProgramOptions
     from capibara_export.export.serving import serving_function
     from capibara_export.export.stablehlo import export_portable
     from model import get_preset, layers, portable_kernels

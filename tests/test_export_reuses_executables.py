@@ -15,7 +15,7 @@ from capibara_export.export import executables
 from capibara_export.export import manifest as mf
 from capibara_export.export import params as params_io
 from capibara_export.export.serving import example_inputs, serving_function
-from capibara_export.build.programs import ProgramOptions, place
+from capibara_export.matrix.programs import ProgramOptions, place
 from model import BlipConfig
 from sharding.precision import get_policy
 

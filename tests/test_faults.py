@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from capibara_export.build import driver as build_module
+from capibara_export.matrix import driver as build_module
 from capibara_export import cli, interrupts
-from capibara_export.build.cache import ResultCache
-from capibara_export.build.staging import folder_lock
+from capibara_export.matrix.cache import ResultCache
+from capibara_export.matrix.staging import folder_lock
 
 ONE_UNIT = ["build", "--model", "tiny", "--quiet", "--entries", "encode_image", "--plans", "dp", "--precisions",
             "fp32", "--batch", "32"]
@@ -177,8 +177,8 @@ def test_every_bad_input_error_is_one_user_error_type():
 
     errors = {"model.config": "ConfigError", "model.hf": "CheckpointError", "model.processor": "ProcessorError",
               "sharding.plans": "PlanError", "sharding.precision": "PrecisionError",
-              "capibara_export.build.programs": "ProgramError", "capibara_export.build.targets": "TargetError",
-              "capibara_export.export.manifest": "BundleError", "capibara_export.build.folder": "BuildFolderError",
+              "capibara_export.matrix.programs": "ProgramError", "capibara_export.matrix.targets": "TargetError",
+              "capibara_export.export.manifest": "BundleError", "capibara_export.matrix.folder": "BuildFolderError",
               "capibara_export.bench_report": "BenchReportError", "capibara_export.semiotic.module": "SemioticError",
               "capibara_export.semiotic.codes": "CodesError"}
     for module, name in errors.items():

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from capibara_export import cli
-from capibara_export.build.staging import MARKER, ensure_replaceable, recorded_id, staged_folder
+from capibara_export.matrix.staging import MARKER, ensure_replaceable, recorded_id, staged_folder
 from capibara_export.export import manifest as mf
 from capibara_export.export import pickle_scan
 from capibara_export.export.arrays import as_declared, read_npz, write_npz

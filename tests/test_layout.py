@@ -109,7 +109,7 @@ def test_int8_scales_follow_their_kernels():
 
 
 def test_partition_specs_move_with_the_kernels():
-    from capibara_export.build.programs import build_program, in_specs
+    from capibara_export.matrix.programs import build_program, in_specs
     from sharding.plans import load_plans
 
     plan = load_plans()["fsdp-tp"]
@@ -222,7 +222,7 @@ def _copies_in_cpu_caption(config) -> tuple[int, int]:
     cached cross-attention keys or values in the decode loop) in the compiled CPU caption program."""
     import re
 
-    from capibara_export.build.programs import build_program
+    from capibara_export.matrix.programs import build_program
 
     program = build_program(config, "caption", get_policy("fp32"), 1)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), program.args)

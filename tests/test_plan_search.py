@@ -59,7 +59,7 @@ def out(tmp_path_factory):
 
 
 def _build(out, plans: tuple[str, ...], **kw):
-    from capibara_export.build.driver import BuildRequest, run_build
+    from capibara_export.matrix.driver import BuildRequest, run_build
     from capibara_export.analysis.derive import derive
 
     request = BuildRequest(model="tiny", entries=("caption",), plans=plans, plan_files=(str(out / "vocab.toml"),),

@@ -330,7 +330,7 @@ def _jpeg(seed: int, size=(48, 40)) -> bytes:
 
 
 def test_caption_text_from_jpeg_bytes_gives_the_text_analyze_gives(hf_live, checkpoint):
-    from capibara_export.build.programs import ProgramOptions
+    from capibara_export.matrix.programs import ProgramOptions
     from capibara_export.semiotic import MnemosyneSemioModule
     from tests.hf_reference import NEW_TOKENS
 

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from capibara_export.build.programs import SERVING_ENTRIES, build_program, in_specs, lower, place
-from capibara_export.build.targets import get_target, make_mesh
+from capibara_export.matrix.programs import SERVING_ENTRIES, build_program, in_specs, lower, place
+from capibara_export.matrix.targets import get_target, make_mesh
 from model import get_preset
 from model.state import bind, init_params, logical_names
 from sharding import get_policy, load_plans

@@ -12,7 +12,7 @@ import math
 import pytest
 from jax.sharding import PartitionSpec
 
-from capibara_export.build.targets import TargetError, describe, get_target, make_mesh
+from capibara_export.matrix.targets import TargetError, describe, get_target, make_mesh
 from sharding.plans import PlanError, load_plans, parse_plans
 
 DCN_PLAN = """
@@ -70,7 +70,7 @@ def two_slice_analysis(tmp_path_factory):
     """encode_image of the tiny model on 2 x tpu-v4-16, with dp (the default across slices)
     and a plan that gathers parameters across slices."""
     from capibara_export.analysis.analyze import analyze_build
-    from capibara_export.build.driver import BuildRequest, run_build
+    from capibara_export.matrix.driver import BuildRequest, run_build
 
     out = tmp_path_factory.mktemp("slices")
     plan_file = out / "dcn.toml"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from capibara_export.build.targets import TARGETS, TargetError, device_grid, get_target, make_mesh, parse_mesh
+from capibara_export.matrix.targets import TARGETS, TargetError, device_grid, get_target, make_mesh, parse_mesh
 
 
 @pytest.mark.parametrize("text, shape", [("4x8", (4, 8)), ("8x4", (8, 4)), (" 2 x 16 ", (2, 16)), ("1x32", (1, 32))])
@@ -54,7 +54,7 @@ def test_unknown_target():
 ])
 def test_named_slices_are_cloud_names_on_a_default_runtime(name, topology, chips, processes):
     """v4-N is N TensorCores = N/2 chips, one megacore device each (MaxText's table); v5e-N is N chips."""
-    from capibara_export.build.targets import devices
+    from capibara_export.matrix.targets import devices
 
     target = get_target(name)
     devs = devices(target)
@@ -76,7 +76,7 @@ def test_cpu_grid_is_row_major_by_id():
 ])
 def test_host_layout_of_each_tpu_target(name, procs, per, chip, loads, grid_row):
     """Which host (JAX process) owns each mesh position, from the deviceless topology."""
-    from capibara_export.build.targets import describe
+    from capibara_export.matrix.targets import describe
 
     target = get_target(name)
     hosts = describe(make_mesh(target, (4, 8)), target)["hosts"]
@@ -86,9 +86,9 @@ def test_host_layout_of_each_tpu_target(name, procs, per, chip, loads, grid_row)
 
 
 def test_the_default_target_is_what_a_default_runtime_exposes():
-    from capibara_export.build.driver import BuildRequest
+    from capibara_export.matrix.driver import BuildRequest
     from capibara_export.cli import parser
-    from capibara_export.build.targets import DEFAULT_TARGET
+    from capibara_export.matrix.targets import DEFAULT_TARGET
 
     assert DEFAULT_TARGET == BuildRequest().target == parser().parse_args(["build"]).target == "tpu-v4-64"
     assert get_target(DEFAULT_TARGET).chip_config == "megacore"
@@ -96,7 +96,7 @@ def test_the_default_target_is_what_a_default_runtime_exposes():
 
 def test_a_runtime_that_is_not_the_bundles_is_named_with_both_sides_and_the_fix():
     from capibara_export.export.executables import runtime_mismatch
-    from capibara_export.build.targets import describe
+    from capibara_export.matrix.targets import describe
 
     target = get_target("v4:2x2x4")
     manifest = {"mesh": {**describe(make_mesh(target, (4, 8)), target), "devices": 32}}
@@ -115,7 +115,7 @@ def test_a_runtime_that_is_not_the_bundles_is_named_with_both_sides_and_the_fix(
 def test_any_libtpu_topology_is_a_target_beyond_32_devices(tmp_path):
     """v4:4x4x4 in megacore mode (64 chips, 16 hosts x 4) compiles deviceless like the presets,
     under a file-name-safe folder name; generations without hardware constants are refused."""
-    from capibara_export.build.driver import BuildRequest, run_build
+    from capibara_export.matrix.driver import BuildRequest, run_build
 
     request = BuildRequest(target="v4:4x4x4/megacore", mesh=(8, 8), model="tiny", entries=("encode_image",),
                            plans=("dp",), precisions=("fp32",), batches=(64,), out=tmp_path)
@@ -140,7 +140,7 @@ def test_a_command_called_in_process_after_jax_started_uses_the_devices_it_has()
     import jax
 
     from capibara_export import environment
-    from capibara_export.build.targets import TargetError
+    from capibara_export.matrix.targets import TargetError
 
     assert len(jax.devices("cpu")) == 32     # JAX is running: the conftest's 32 devices
     environment.prepare(target=None, cpu_devices=4)

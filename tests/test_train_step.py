@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from capibara_export.build.programs import ProgramError, ProgramOptions, build_program, lower
-from capibara_export.build.targets import get_target, make_mesh
+from capibara_export.matrix.programs import ProgramError, ProgramOptions, build_program, lower
+from capibara_export.matrix.targets import get_target, make_mesh
 from model import get_preset
 from model.state import init_params
 from sharding import get_policy, load_plans

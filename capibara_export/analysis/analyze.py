@@ -19,9 +19,9 @@ from typing import Callable
 
 from sharding.precision import get_policy
 
-from ..build.cache import DerivedCache, key_of, source_hash
-from ..build.folder import REBUILD, BuildFolderError, build_parts, hlo_text, ordered_shape, read_build, read_records
-from ..build.records import CompileRecord
+from ..matrix.cache import DerivedCache, key_of, source_hash
+from ..matrix.folder import REBUILD, BuildFolderError, build_parts, hlo_text, ordered_shape, read_build, read_records
+from ..matrix.records import CompileRecord
 from .collectives import collectives
 from .hardware import MEMORY_FRACTION, Hardware
 from .hlo import HloProgram

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..build.cache import DerivedCache, key_of, source_hash
-from ..build.folder import read_build
+from ..matrix.cache import DerivedCache, key_of, source_hash
+from ..matrix.folder import read_build
 from .analyze import analyze_build, write_json
 from .report import render_summary, write_report
 from .selection import select

@@ -23,11 +23,11 @@ from sharding.precision import get_policy
 from sharding.storage import stored_params, stored_specs
 
 from .. import compiler_options
-from ..build.cache import jax_cache_disabled
-from ..build.driver import ExecutableSource, config_hash
-from ..build.programs import NEEDS_TOWER, SEMIOTIC_ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
-from ..build.records import toolchain
-from ..build.staging import staged_folder
+from ..matrix.cache import jax_cache_disabled
+from ..matrix.driver import ExecutableSource, config_hash
+from ..matrix.programs import NEEDS_TOWER, SEMIOTIC_ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
+from ..matrix.records import toolchain
+from ..matrix.staging import staged_folder
 from . import compatibility, executables, saved_model, schema, stablehlo, trust
 from . import manifest as mf
 from . import params as params_io

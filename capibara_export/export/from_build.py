@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .. import interrupts
-from ..build.driver import kept_executables
-from ..build.folder import build_parts, read_analysis, read_build, read_selection
-from ..build.staging import folder_lock
+from ..matrix.driver import kept_executables
+from ..matrix.folder import build_parts, read_analysis, read_build, read_selection
+from ..matrix.staging import folder_lock
 from .bundle import ExportRequest, export_bundle
 
 

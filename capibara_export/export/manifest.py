@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 
 from model.errors import UserError
 
-from ..build.records import toolchain
+from ..matrix.records import toolchain
 
 SCHEMA = "capibara-export/bundle-manifest"
 SCHEMA_VERSION = 2
@@ -32,7 +32,7 @@ PATH_FIELDS = ("path", "trees", "params")
 # The bundle's documents, listed with their sha256 in `documents` (signed with the manifest).
 DOCUMENTS = ("README.md", "ARTIFACTS.md", "manifest.schema.json")
 # Files a bundle holds beside its artifacts and documents: the manifest, its signature, and
-# the marker of the folder the tool wrote (build/staging.py; its id differs per folder).
+# the marker of the folder the tool wrote (matrix/staging.py; its id differs per folder).
 BUNDLE_FILES = ("manifest.json", "manifest.json.sig", ".capibara-export")
 
 

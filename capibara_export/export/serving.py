@@ -17,7 +17,7 @@ from model import BlipConfig
 from sharding.precision import PrecisionPolicy
 from sharding.storage import stored_template
 
-from ..build.programs import Program, ProgramOptions, build_program
+from ..matrix.programs import Program, ProgramOptions, build_program
 from .params import flatten, unflatten
 
 INPUT_NAMES = {

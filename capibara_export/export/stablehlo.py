@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from model import portable_kernels
 from sharding.plans import ShardingPlan
 
-from ..build.programs import in_specs, out_specs, traced_afresh
+from ..matrix.programs import in_specs, out_specs, traced_afresh
 from .params import flatten
 from .serving import ServingFunction
 

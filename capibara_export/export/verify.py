@@ -33,8 +33,8 @@ from sharding.precision import get_policy
 from sharding.storage import stored_specs, stored_template
 
 from .. import interrupts
-from ..build.folder import ordered_shape
-from ..build.programs import ProgramOptions, place
+from ..matrix.folder import ordered_shape
+from ..matrix.programs import ProgramOptions, place
 from . import executables, saved_model, stablehlo
 from . import manifest as mf
 from . import params as params_io

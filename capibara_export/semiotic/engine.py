@@ -23,7 +23,7 @@ from sharding.precision import get_policy
 from sharding.storage import stored_params
 
 from .. import compiler_options
-from ..build.programs import ProgramOptions
+from ..matrix.programs import ProgramOptions
 from ..export import manifest as mf
 from ..export import params as params_io
 from ..export import stablehlo

@@ -33,7 +33,7 @@ from model.hf import load_checkpoint
 from model.processor import Preprocessor, write_synthetic_processor
 from model.state import init_params
 
-from ..build.programs import ProgramOptions
+from ..matrix.programs import ProgramOptions
 from ..export.trust import TrustPolicy
 from .codes import Code, load_codes
 from .engine import BundleEngine, CheckpointEngine, Engine

@@ -44,7 +44,7 @@ def code_version() -> str:
     pipeline's program and compile code. Any edit there invalidates the result cache."""
     root = Path(__file__).resolve().parents[2]
     files = sorted([*root.glob("model/*.py"), *root.glob("sharding/*.py"), *root.glob("sharding/*.toml"),
-                    *(root / "capibara_export" / "build" / f for f in ("programs.py", "compile.py", "targets.py"))])
+                    *(Path(__file__).resolve().parent / f for f in ("programs.py", "compile.py", "targets.py"))])
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.relative_to(root).as_posix().encode())
