@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Benchmarks for a lent GPU (H100/H200), in one call of 5 to 9 minutes:
+# The GPU benchmarks, on a GPU host (H100/H200), in 5 to 9 minutes:
 # `base` in fp32 and bf16 at batch 1 and 32, encode_image and caption (20 new tokens),
 # with the Hugging Face PyTorch peer beside each, JSON written for fetching.
 #
-#   device tool:  run  command="bash bench/gpu.sh"  carry=[".whl"]  timeout_s=560
+#   bash bench/gpu.sh            (from the repository root; OUT=DIR to choose where results go)
 #
 # It uses the GPU machine's own python3 (JAX with CUDA, PyTorch, transformers) with this
 # checkout on PYTHONPATH, not the pinned CPU toolchain: timings only, no artifacts. If the

@@ -3,8 +3,10 @@
 the calibrated model's prediction and the whole-program roofline's, with the kernel
 launches the HLO reader counts checked against a jax.profiler trace.
 
-    device tool:  run  command="PYTHONPATH=$PWD JAX_PLATFORMS=cuda,cpu XLA_PYTHON_CLIENT_PREALLOCATE=false
-                  python3 -m bench.gpu_fidelity"  timeout_s=420
+On a GPU host, from the repository root (about 7 minutes on an H100; results in $OUT,
+default /tmp/capibara-gpu):
+
+    JAX_PLATFORMS=cuda,cpu XLA_PYTHON_CLIENT_PREALLOCATE=false python -m bench.gpu_fidelity
 
 The calibration (analysis/calibration.py: GEMMs, a copy, launch, loop and call overheads)
 is measured first on this GPU and written to $OUT/calibration.json; then each program is
@@ -28,14 +30,13 @@ import jax
 import numpy as np
 
 from bench import harness
-from bench.gpu_decode import median_s, trace_summary
+from bench.gpu_timing import ROUNDS, median_s, trace_summary
 from capibara_export.analysis.calibration import calibrated
 from capibara_export.analysis.hardware import for_device_kind
 from capibara_export.analysis.roofline import roofline
 from sharding.precision import get_policy
 
 MODEL = os.environ.get("CAPIBARA_STUDY_MODEL", "base")   # "tiny" for a dry run on a CPU
-ROUNDS = int(os.environ.get("CAPIBARA_STUDY_ROUNDS", "20"))   # read by gpu_decode.median_s too
 OUT = pathlib.Path(os.environ.get("OUT", "/tmp/capibara-gpu"))
 FIGURES = [("encode_image", 1), ("encode_image", 32), ("caption", 1), ("caption", 32)]
 rows: list[dict] = []

@@ -26,7 +26,7 @@ from capibara_export.matrix.programs import ProgramOptions, build_program
 from capibara_export.compiler_options import for_devices as options_for_devices
 from model import get_preset
 from model.layout import for_platform
-from model.state import init_params
+from model.random_params import init_params
 from sharding.precision import get_policy
 from sharding.storage import stored_params
 
@@ -105,7 +105,7 @@ def runnable(model: str, entry: str, precision: str, batch: int, params=None,
              towers: tuple[str, ...] | None = None, compiler_options: dict | None = None,
              layout: str | None = None, storage: str | None = None, cross_cache: str | None = None) -> Runnable:
     """Compile one entry for the first local device (outside any timed region), with XLA
-    `compiler_options` when given (bench/gpu_decode.py compares them), else the options this
+    `compiler_options` when given (tools/studies/gpu_decode.py compares them), else the options this
     package serves one such device with (capibara_export/compiler_options.py). `params` are canonical;
     the program takes them in the local platform's serving layout (model/layout.py), with
     the kernel `layout`, layer `storage` and `cross_cache` given instead where given."""

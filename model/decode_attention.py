@@ -34,7 +34,7 @@ MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)   # a masked score: finite, so
 
 BLOCK = 128          # keys per loop step
 FILL_PROGRAMS = 64   # split long key sets until about this many programs run (an H200 has 132 SMs)
-# Launch settings forced for one attention ("self" or "cross"): bench/gpu_decode.py's `pallas`
+# Launch settings forced for one attention ("self" or "cross"): tools/studies/gpu_decode.py's `pallas`
 # study sets the fastest it timed before it traces the model. Empty: `launch_settings` decides.
 OVERRIDE: dict[str, dict] = {}
 

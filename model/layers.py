@@ -39,7 +39,7 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 def param(rngs: nnx.Rngs | None, shape: Sequence[int], names: Names, dtype, std: float | None = 0.02,
           fill: float = 0.0) -> nnx.Param:
     """A parameter with logical axis names; normal(0, std) when std is set, else constant `fill`.
-    The rule is kept as metadata (init_std, init_fill) for state.init_params, which draws
+    The rule is kept as metadata (init_std, init_fill) for random_params.init_params, which draws
     random parameters on the host instead of tracing these jax.random draws."""
     assert len(shape) == len(names), (shape, names)
     if std is None:
@@ -150,7 +150,7 @@ GPU_KERNEL_CHOICES = ("cudnn", "cudnn-cross", "unroll-layers", "unroll-decode", 
 # the self-attention kernel reads the stacked cache in place plus the token's own key and value,
 # and the cache is written once per step, model.text.TextTower.decode) removes the two copy
 # kernels per layer and step its profile showed; written without a GPU to measure it on, so
-# not in the default until bench/gpu_decode.py's `pallas` study has timed it.
+# not in the default until tools/studies/gpu_decode.py's `pallas` study has timed it.
 GPU_KERNEL_PRESETS = {"fused": ("cudnn", "unroll-layers", "flat-dots", "fast-ln", "hoist-layers", "pallas-decode"),
                       "xla": ()}
 
@@ -184,7 +184,7 @@ def pallas_interpret() -> bool:
 def gpu_kernels() -> frozenset[str]:
     """The GPU kernel choices in force: empty unless tracing for a local GPU. Read from
     CAPIBARA_GPU_KERNELS at trace time: a preset (`fused`, the default; `xla`, none) or
-    choices joined by `+` (`cudnn+unroll-layers+unroll-decode`), so bench/gpu_decode.py can
+    choices joined by `+` (`cudnn+unroll-layers+unroll-decode`), so tools/studies/gpu_decode.py can
     compare them in one process."""
     if not _tracing_for_local_gpu():
         return frozenset()

@@ -20,7 +20,7 @@ layout: XLA:CPU hands a dot only a whole buffer, so a scanned layer's weights we
 out of the stacked array before every dot of every decode step (160 of 388 thread-ms of the
 `small` caption, fp32, batch 1), and the patch-major cache was transposed before both
 attention dots of every layer and step. Measured side by side on the 2-core development
-host (`python -m bench.cpu_layers_probe`, docs/performance.md): caption 1.23x, decode_step
+host (`python -m tools.studies.cpu_layers_probe`, docs/performance.md): caption 1.23x, decode_step
 1.25x, encode_image 1.06x faster, compile 2.8 -> 7.2 s. TPU and GPU programs keep stacked,
 patch-major layouts (their dots read slices in place, and a scan keeps compile time flat in
 depth); so do checkpoints.

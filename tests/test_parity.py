@@ -18,7 +18,8 @@ import pytest
 from model import BlipConfig, get_preset, greedy_caption
 from model.generate import caption_prompt
 from model.hf import params_from_hf_tensors
-from model.state import bind, init_params
+from model.random_params import init_params
+from model.state import bind
 
 FIXTURE = Path(__file__).parent / "fixtures" / "parity_tiny.npz"
 LOGITS_ATOL = 1e-4
@@ -165,7 +166,7 @@ def test_itc_similarity(case):
 def test_gpu_trace_choices_keep_parity(monkeypatch):
     """The GPU-only choices that need no GPU to trace (unrolled loops, flattened dots,
     one-pass layer-norm statistics) still match transformers: traced here on the CPU as if
-    for a GPU. cuDNN attention needs a GPU; bench/gpu_decode.py checks it there."""
+    for a GPU. cuDNN attention needs a GPU; tools/studies/gpu_decode.py checks it there."""
     from model import layers
     from tests.hf_reference import NEW_TOKENS, padded_prompts
 

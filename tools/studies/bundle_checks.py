@@ -1,5 +1,9 @@
-"""Time each step of opening an untrusted bundle (capibara_export/export/loading.py), the
-checks `verify` runs before it loads anything: `python bench/bundle_checks.py BUNDLE`.
+"""Study: how long does each check of opening an untrusted bundle take (hashes, static scans,
+per artifact kind; capibara_export/export/loading.py, what `verify` runs before it loads
+anything)? The answer is in docs/measurements/ ("Opening an untrusted bundle").
+
+    python -m tools.studies.bundle_checks BUNDLE
+
 A script, not a pytest benchmark: it needs a real (base) bundle, which takes minutes to export."""
 
 from __future__ import annotations
@@ -40,5 +44,5 @@ def main(bundle: Path) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python bench/bundle_checks.py BUNDLE")
+        sys.exit("usage: python -m tools.studies.bundle_checks BUNDLE")
     main(Path(sys.argv[1]))

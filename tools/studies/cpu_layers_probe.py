@@ -1,4 +1,8 @@
-"""Probe for issue 14 item 3: `small` caption, decode_step and encode_image (fp32, batch 1) on
+"""Study (issue 14 item 3): which parameter layout and compile options serve fastest on one CPU
+device? The answer (per-layer storage with the head-major cross cache) is the CPU serving
+layout in model/layout.py; the figures are in docs/measurements/.
+
+`small` caption, decode_step and encode_image (fp32, batch 1) on
 this CPU in three layouts, beside the Hugging Face peer in the same process: layers stacked
 and scanned with the patch-major cross cache (as TPU and GPU programs run them), layers
 per-layer, and per-layer with the head-major cross cache (the CPU serving layout,
@@ -8,7 +12,7 @@ options. The variants are timed in turns, round after round, so a drift of the h
 hits all of them alike. Not a pytest benchmark: it compares layouts and compile options,
 which the bench suite does not (it runs what serving runs only).
 
-    python -m bench.cpu_layers_probe [ROUNDS]     (from the repository root, with the dev extra)
+    python -m tools.studies.cpu_layers_probe [ROUNDS]     (from the repository root, with the dev extra)
 """
 
 from __future__ import annotations

@@ -1,8 +1,13 @@
-"""The GPU decode-loop study (issue 14): kernel choices and XLA options side by side in one
-process, with the Hugging Face peer in the same run and a profile of the caption program.
+"""Study (issue 14): which kernel choices and XLA options make the caption decode loop fastest
+on a GPU? Variants side by side in one process, with the Hugging Face peer in the same run
+and a profile of the caption program. The answers are written in
+docs/measurements/ (the GPU decode-loop, cuDNN cross-attention, hoisted-layer, kernel-layout
+and Pallas studies), and the winners are the `fused` default in model/layers.py.
 
-    device tool:  run  command="PYTHONPATH=$PWD JAX_PLATFORMS=cuda,cpu XLA_PYTHON_CLIENT_PREALLOCATE=false
-                  CAPIBARA_STUDY=loop python3 -m bench.gpu_decode"  timeout_s=560
+On a GPU host, from the repository root (JAX with CUDA, torch and transformers installed):
+
+    JAX_PLATFORMS=cuda,cpu XLA_PYTHON_CLIENT_PREALLOCATE=false CAPIBARA_STUDY=loop \
+        python -m tools.studies.gpu_decode
 
 CAPIBARA_STUDY picks the plan: `loop` (loop unrolling, Triton GEMM, the peer; ~8 min on an
 H100), `flat` (flattened dots, one-pass layer norms; ~1.5 min), `settle` (the default's
@@ -34,15 +39,14 @@ import gzip
 import json
 import os
 import pathlib
-import shutil
 import sys
-import tempfile
 import time
 
 import jax
 import numpy as np
 
 from bench import harness, peer
+from bench.gpu_timing import median_s, trace_summary
 from bench.harness import NEW_TOKENS, hardware, runnable
 
 MODEL = os.environ.get("CAPIBARA_STUDY_MODEL", "base")   # "tiny" for a dry run on a CPU
@@ -167,17 +171,6 @@ def record(row: dict) -> None:
     print(json.dumps(row), flush=True)
 
 
-def median_s(run) -> tuple[float, float]:
-    run()
-    run()
-    times = []
-    for _ in range(ROUNDS):
-        t = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)), float(np.percentile(times, 90))
-
-
 def compile_variant(entry: str, batch: int, kernels: str, options: dict | None, layout: str | None = "in-out",
                     cross_cache: str | None = None):
     """The variant compiled by bench/harness.runnable on the peer's weights, and its compile time."""
@@ -191,44 +184,6 @@ def compile_variant(entry: str, batch: int, kernels: str, options: dict | None, 
     run = runnable(MODEL, entry, "bf16", batch, params=peer.our_params(MODEL), towers=("caption",),
                    compiler_options=options, layout=layout, cross_cache=cross_cache)
     return run, time.perf_counter() - t0
-
-
-def kernel_summary(trace_path: pathlib.Path, calls: int) -> dict:
-    """Kernels per call and GPU busy time from a jax.profiler trace.json.gz: complete events
-    ('X') in processes whose name marks a GPU stream."""
-    with gzip.open(trace_path, "rb") as fp:
-        trace = json.load(fp)
-    events = trace.get("traceEvents", [])
-    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu = {pid for pid, name in names.items() if "GPU" in name or "gpu" in name}
-    kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu]
-    if not kernels:
-        return {"gpu_processes": sorted(names.values())[:12], "kernels_per_call": 0}
-    start = min(e["ts"] for e in kernels)
-    end = max(e["ts"] + e.get("dur", 0) for e in kernels)
-    top: dict[str, float] = {}
-    for e in kernels:
-        top[e.get("name", "?")[:60]] = top.get(e.get("name", "?")[:60], 0.0) + e.get("dur", 0)
-    return {"kernels_per_call": len(kernels) / calls, "busy_ms_per_call": sum(e.get("dur", 0) for e in kernels)
-            / calls / 1e3, "span_ms_per_call": (end - start) / calls / 1e3,
-            "gpu_processes": sorted(names[p] for p in gpu)[:6],
-            "top_kernels_ms_per_call": {k: v / calls / 1e3 for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]}}
-
-
-def trace_summary(run, calls: int, target: pathlib.Path) -> dict:
-    """Trace `calls` calls of `run` with jax.profiler, copy the trace to `target` and
-    summarise its GPU kernels (kernel_summary)."""
-    folder = pathlib.Path(tempfile.mkdtemp(prefix="capibara-prof-"))
-    with jax.profiler.trace(str(folder)):
-        for _ in range(calls):
-            run()
-    traces = sorted(folder.rglob("*.trace.json.gz"))
-    if not traces:
-        return {"error": "no trace.json.gz written",
-                "files": [str(p.relative_to(folder)) for p in folder.rglob("*")][:10]}
-    shutil.copyfile(traces[-1], target)
-    return {"file": target.name, **kernel_summary(traces[-1], calls)}
 
 
 def profile(run, entry: str, batch: int, label: str, calls: int = 3) -> None:
@@ -334,7 +289,7 @@ def settle(plan, peak: float, repeats: int = 3) -> int:
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     if jax.default_backend() != "gpu" and MODEL == "base":
-        print("gpu_decode: no GPU here; set CAPIBARA_STUDY_MODEL=tiny for a dry run", file=sys.stderr)
+        print("tools.studies.gpu_decode: no GPU here; set CAPIBARA_STUDY_MODEL=tiny for a dry run", file=sys.stderr)
         return 2
     print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
     peak = hardware().peak_flops("bfloat16")

@@ -1,0 +1,1 @@
+"""Scripts beside the package: studies that answered one question each (tools/studies/)."""
