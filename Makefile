@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip install --quiet --disable-pip-version-check -c constraint
 # Extra flags for the build, e.g. `make build ARGS="--model tiny --batch 8"`.
 ARGS ?=
 
-.PHONY: build test bench bench-plans-full clean
+.PHONY: build test bench bench-plans-full docs clean
 
 $(VENV)/.runtime: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,3 +39,8 @@ bench-plans-full: $(VENV)/.dev
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks
+
+# The documentation site with the API reference (Sphinx + MyST), into docs/_build/html.
+docs: $(VENV)/.dev
+	$(PY) -m sphinx -b html -W --keep-going -q docs docs/_build/html
+	@echo "open docs/_build/html/index.html"

@@ -1,14 +1,17 @@
 """Opening a bundle from elsewhere: the one path verify, inspect, analyze and serving take.
 
 Order, each step before the next reads anything:
+
 1. the manifest's bytes (a regular file, bounded);
 2. its signature, when a trusted key is given (trust.py);
 3. its JSON, schema and paths (manifest.py: every path confined to the bundle);
+
 then per artifact, before it is loaded:
+
 4. its sha256 against the manifest;
 5. a check that reads it without running it: executable payloads' pickle globals and
-   tree files (executables.py), SavedModel ops (saved_model_check.py), jax.export custom
-   calls, effects and the compatibility window for this machine's jaxlib;
+   tree files (matrix/executable_format.py), SavedModel ops (saved_model_check.py),
+   jax.export custom calls, effects and the compatibility window for this machine's jaxlib;
 6. for executables only: a checked signature or `--allow-unsigned-executables`.
 """
 
@@ -19,9 +22,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import compatibility, executables, saved_model_check, trust
+from . import compatibility, saved_model_check, trust
 from . import manifest as mf
-from .manifest import BundleError
+from ..bundle_error import BundleError
+from ..matrix import executable_format
 from .trust import Trust, TrustPolicy
 
 # Custom calls the project's jax.export artifacts contain (shape checks of the symbolic
@@ -115,11 +119,11 @@ def inspect_artifact(opened: OpenedBundle, a: dict) -> str | None:
     kind = a["kind"]
     try:
         if kind == "executable":
-            executables.check_payload(path.read_bytes(), a["path"])
+            executable_format.check_payload(path.read_bytes(), a["path"])
             trees = opened.artifact(a["trees"])
             return mf.check_hash(opened.folder, trees) or inspect_artifact(opened, trees)
         if kind == "executable-trees":
-            executables.read_trees(path)
+            executable_format.read_trees(path)
         elif kind == "saved_model":
             saved_model_check.check(path)
         elif kind == "processor":
