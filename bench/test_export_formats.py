@@ -10,9 +10,10 @@ from jax.experimental import serialize_executable
 
 from bench.harness import attach
 from capibara_export.export import params as params_io, saved_model, stablehlo
-from capibara_export.export.serving import INPUT_NAMES, example_inputs, serving_function
+from capibara_export.matrix.serving import INPUT_NAMES, example_inputs, flatten, serving_function
 from model import get_preset
-from model.state import init_params, logical_names
+from model.random_params import init_params
+from model.state import logical_names
 from sharding import get_policy
 from sharding.precision import store
 
@@ -24,7 +25,7 @@ ROUNDS = 2
 def setup(tmp_path_factory):
     cfg, policy = get_preset(MODEL), get_policy(PRECISION)
     serving = serving_function(cfg, ENTRY, policy, BATCH)
-    flat = params_io.flatten(store(init_params(cfg, 0), logical_names(cfg), policy))
+    flat = flatten(store(init_params(cfg, 0), logical_names(cfg), policy))
     inputs = example_inputs(serving, BATCH)
     reference = np.asarray(jax.jit(serving.fn)(flat, *inputs))
     return serving, flat, inputs, reference, tmp_path_factory.mktemp("formats")

@@ -34,7 +34,8 @@ from capibara_export.matrix.compile import memory_stats
 from capibara_export.matrix.programs import build_program, in_specs, lower, place
 from capibara_export.matrix.targets import get_target, make_mesh
 from model import get_preset
-from model.state import abstract_params, init_params, logical_names
+from model.random_params import init_params
+from model.state import abstract_params, logical_names
 from sharding import get_policy, load_plans
 from sharding.precision import store
 from sharding.validity import check

@@ -13,49 +13,11 @@ import sys
 from pathlib import Path
 
 from . import cli_analyze, cli_bench_report, cli_serve, cli_server, environment
+from .cli_args import add_trust_args, count, csv_of, jobs_arg, path_arg, trust_policy
 from .environment import DEFAULT_TARGET
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-
-
-def _csv(kind=str):
-    def parse(text: str):
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError(f"{text!r} is an empty list: give at least one value, or leave the "
-                                             "option out for its default")
-        try:
-            return tuple(kind(x) for x in items)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}") from None
-    return parse
-
-
-def _path(text: str) -> str:
-    """A path option that must name something: an empty string would read as "not given"."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("an empty path; name the file")
-    return text
-
-
-def _jobs(text: str) -> int | None:
-    """--jobs: a positive count, or `auto` (None: workers/auto_jobs decides)."""
-    return None if text == "auto" else _count()(text)
-
-
-def _count(minimum: int = 1, maximum: int = 2 ** 31 - 1):
-    """An integer option checked where it is parsed (`analyze --batch 0` used to loop forever)."""
-    def parse(text: str) -> int:
-        if not text.strip().isascii() or not text.strip().lstrip("-").isdigit() or len(text) > 20:
-            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number")
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is below the minimum of {minimum}")
-        if value > maximum:
-            raise argparse.ArgumentTypeError(f"{value} is above the maximum of {maximum}")
-        return value
-    return parse
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -76,7 +38,7 @@ def _add_mesh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chip-config", choices=("default", "megacore"), default="default",
                    help="with --topology: megacore (one device per v4 chip, what a default runtime exposes) or "
                         "default (one device per TensorCore)")
-    p.add_argument("--slices", type=_count(), default=1,
+    p.add_argument("--slices", type=count(), default=1,
                    help="S identical TPU slices joined by the data-centre network: the mesh gets a `dcn` axis of "
                         "size S in front of DATAxMODEL (one slice's mesh); plans that do not name dcn put the batch "
                         "on it (default 1)")
@@ -92,14 +54,14 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="compile every (entry × plan × precision × batch) unit for a target and mesh")
     _add_mesh_args(b)
     _add_model_args(b)
-    b.add_argument("--entries", type=_csv(), help="comma list (default: encode_image,caption,decode_step,score; "
+    b.add_argument("--entries", type=csv_of(), help="comma list (default: encode_image,caption,decode_step,score; "
                                                   "train_step on request)")
-    b.add_argument("--plans", type=_csv(), help="comma list of plan names (default: every plan)")
-    b.add_argument("--precisions", type=_csv(), help="comma list (default fp32,bf16-mixed,bf16; also int8-weights)")
-    b.add_argument("--batch", type=_csv(_count()), help="comma list of batch sizes (default 32)")
-    b.add_argument("--max-new-tokens", type=_count(), default=20, help="caption length (default 20)")
-    b.add_argument("--prompt-len", type=_count(), default=1, help="caption prompt length in tokens (default 1: [BOS])")
-    b.add_argument("--text-len", type=_count(), default=32, help="padded text length for score/train_step (default 32)")
+    b.add_argument("--plans", type=csv_of(), help="comma list of plan names (default: every plan)")
+    b.add_argument("--precisions", type=csv_of(), help="comma list (default fp32,bf16-mixed,bf16; also int8-weights)")
+    b.add_argument("--batch", type=csv_of(count()), help="comma list of batch sizes (default 32)")
+    b.add_argument("--max-new-tokens", type=count(), default=20, help="caption length (default 20)")
+    b.add_argument("--prompt-len", type=count(), default=1, help="caption prompt length in tokens (default 1: [BOS])")
+    b.add_argument("--text-len", type=count(), default=32, help="padded text length for score/train_step (default 32)")
     b.add_argument("--remat", default="none", choices=("none", "full", "dots-saveable"),
                    help="train_step rematerialisation policy (default none)")
     b.add_argument("--out", default="artifacts", help="output folder (default artifacts/)")
@@ -112,12 +74,12 @@ def parser() -> argparse.ArgumentParser:
                    help="how the text towers' layers are stored (default auto: per-layer on a CPU, where XLA "
                         "would copy each stacked layer's weights before every dot, stacked on a TPU or GPU; "
                         "docs/performance.md)")
-    b.add_argument("--derive-rounds", type=_count(0), default=1,
+    b.add_argument("--derive-rounds", type=count(0), default=1,
                    help="rounds of plans proposed by the hotspots (each tower on the plan its figures favour), "
                         "compiled as extra units of this build (default 1; 0: only the given plans)")
-    b.add_argument("--derive-budget", type=_count(0), default=4,
+    b.add_argument("--derive-budget", type=count(0), default=4,
                    help="at most this many derived units over all rounds (default 4)")
-    b.add_argument("--jobs", type=_jobs, default=None, metavar="N|auto",
+    b.add_argument("--jobs", type=jobs_arg, default=None, metavar="N|auto",
                    help="worker processes that compile units (default auto: the core count for TPU targets when "
                         "at least 4 units per worker are to be compiled, else 1: compile in this process)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -126,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plans", help="list sharding plans and whether each is valid for a model, mesh and batch")
     _add_mesh_args(p)
     _add_model_args(p)
-    p.add_argument("--batch", type=_count(), default=32, help="batch size to check (default 32)")
+    p.add_argument("--batch", type=count(), default=32, help="batch size to check (default 32)")
 
     r = sub.add_parser("report", help="recompute analysis, selection and report.html for a build folder")
     r.add_argument("build_dir", help="a folder written by `build`, e.g. artifacts/base-tpu-v4-64-4x8")
@@ -138,22 +100,22 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check a bundle's hashes and that every runnable artifact reproduces the model")
     v.add_argument("bundle", help="a bundle folder, e.g. artifacts/base-tpu-v4-64-4x8/bundle")
     v.add_argument("--json", action="store_true", help="print the equivalence matrix as JSON lines")
-    v.add_argument("--processes", type=_count(1, 4096), metavar="N",
+    v.add_argument("--processes", type=count(1, 4096), metavar="N",
                    help="also run the sharded programs across N local processes laid out as the manifest's hosts "
                         "(simulated CPU devices, gloo) and compare them with the single-process reference")
-    _add_trust_args(v, executables=True)
-    cli_serve.add_parser(sub, _add_trust_args)
-    cli_server.add_parser(sub, _add_trust_args)
+    add_trust_args(v, executables=True)
+    cli_serve.add_parser(sub)
+    cli_server.add_parser(sub)
     cli_serve.add_launch_parser(sub)
 
     i = sub.add_parser("inspect", help="what a bundle holds, for whom, and until when it is valid")
     i.add_argument("bundle")
-    _add_trust_args(i, executables=False)
+    add_trust_args(i, executables=False)
 
     k = sub.add_parser("keygen", help="make an ed25519 key pair for signing bundles (export --sign-key)")
     k.add_argument("folder", help="where to write signing.pem (private, mode 600) and signing.pub.pem")
 
-    cli_analyze.add_parser(sub, _count)
+    cli_analyze.add_parser(sub)
 
     cli_bench_report.add_parser(sub)
     return top
@@ -166,32 +128,16 @@ def _add_export_args(p: argparse.ArgumentParser, standalone: bool) -> None:
         p.add_argument("--checkpoint", metavar="DIR", help="weights to export (a Hugging Face BLIP folder)")
     p.add_argument("--random-weights", action="store_true",
                    help="export random weights (outputs are meaningless; for testing the serving path)")
-    p.add_argument("--seed", type=_count(0, 2 ** 32 - 1), default=0,
+    p.add_argument("--seed", type=count(0, 2 ** 32 - 1), default=0,
                    help="seed for --random-weights, 0..2^32-1 (default 0)")
-    p.add_argument("--export-precisions", type=_csv(), help="precisions to export (default: the build's)")
-    p.add_argument("--export-entries", type=_csv(),
+    p.add_argument("--export-precisions", type=csv_of(), help="precisions to export (default: the build's)")
+    p.add_argument("--export-entries", type=csv_of(),
                    help="portable programs and SavedModel signatures to export (default: all the towers allow; "
                         "the semiotic module needs caption_image, readings, score_image, image_features, "
                         "text_features)")
     p.add_argument("--no-saved-model", action="store_true", help="skip the TF SavedModel (the slowest artifact)")
-    p.add_argument("--sign-key", metavar="PEM", type=_path, help="sign the manifest with this ed25519 private key "
+    p.add_argument("--sign-key", metavar="PEM", type=path_arg, help="sign the manifest with this ed25519 private key "
                                                      "(make one with `keygen`)")
-
-
-def _add_trust_args(p: argparse.ArgumentParser, executables: bool) -> None:
-    p.add_argument("--trust-key", metavar="PUB", type=_path, help="ed25519 public key (PEM) that must have signed the manifest; "
-                                                      "checked before any artifact is read")
-    if executables:
-        p.add_argument("--allow-unsigned-executables", action="store_true",
-                       help="load serialized executables (compiled code) from a bundle whose signature was not "
-                            "checked; only for bundles from a source you trust")
-
-
-def _policy(args):
-    from .export.trust import TrustPolicy
-
-    return TrustPolicy(trust_key=Path(args.trust_key) if getattr(args, "trust_key", None) else None,
-                       allow_unsigned_executables=getattr(args, "allow_unsigned_executables", False))
 
 
 def _environment(args) -> tuple[str | None, int | None]:
@@ -230,7 +176,7 @@ def _environment(args) -> tuple[str | None, int | None]:
 def cmd_build(args) -> int:
     from rich.markdown import Markdown
 
-    from .analysis.derive import derive
+    from .matrix.derive import derive
     from .matrix.driver import BuildRequest, run_build
     from .matrix.driver import model_config as build_config
     from .matrix.programs import SERVING_ENTRIES, ProgramOptions
@@ -336,7 +282,7 @@ def cmd_verify(args) -> int:
     from .export.verify import Verifier
     from .export.verify_processes import across_processes, devices_per_process
 
-    verifier = Verifier(Path(args.bundle), _policy(args))
+    verifier = Verifier(Path(args.bundle), trust_policy(args))
     if args.processes:
         devices_per_process(verifier.manifest, args.processes)   # a wrong N is refused before any work
     rows = verifier.run()
@@ -372,7 +318,7 @@ def cmd_inspect(args) -> int:
     from .export.describe import describe_bundle
     from .export.loading import open_bundle, refusal
 
-    opened = open_bundle(Path(args.bundle), _policy(args))
+    opened = open_bundle(Path(args.bundle), trust_policy(args))
     problems = opened.problems()
     for line in describe_bundle(opened, problems):
         out.print(line)
@@ -396,7 +342,7 @@ def cmd_keygen(args) -> int:
 def cmd_report(args) -> int:
     from rich.markdown import Markdown
 
-    from .analysis.derive import derive
+    from .matrix.derive import derive
     from .console import out
 
     folder = Path(args.build_dir)
@@ -437,21 +383,9 @@ def cmd_plans(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    return cli_serve.cmd_serve(args, _policy(args))
-
-
-def cmd_server(args) -> int:
-    return cli_server.cmd_server(args, _policy(args))
-
-
-def cmd_analyze(args) -> int:
-    return cli_analyze.cmd_analyze(args, _policy(args))
-
-
 COMMANDS = {"build": cmd_build, "plans": cmd_plans, "report": cmd_report, "export": cmd_export,
-            "verify": cmd_verify, "serve": cmd_serve, "server": cmd_server, "inspect": cmd_inspect, "keygen": cmd_keygen,
-            "bench-report": cli_bench_report.cmd_bench_report, "analyze": cmd_analyze,
+            "verify": cmd_verify, "serve": cli_serve.cmd_serve, "server": cli_server.cmd_server, "inspect": cmd_inspect, "keygen": cmd_keygen,
+            "bench-report": cli_bench_report.cmd_bench_report, "analyze": cli_analyze.cmd_analyze,
             "launch": cli_serve.cmd_launch}
 
 

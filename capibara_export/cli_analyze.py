@@ -8,8 +8,10 @@ import json
 import sys
 import warnings
 
+from .cli_args import count, trust_policy
 
-def add_parser(sub, count) -> None:
+
+def add_parser(sub) -> None:
     a = sub.add_parser("analyze", help="captions, readings, cultural codes and text relations for image files")
     a.add_argument("images", nargs="+", help="image files")
     a.add_argument("--checkpoint", action="append", default=[], metavar="DIR",
@@ -31,7 +33,8 @@ def add_parser(sub, count) -> None:
     a.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace here")
 
 
-def cmd_analyze(args, policy) -> int:
+def cmd_analyze(args) -> int:
+    policy = trust_policy(args)
     from rich.progress import Progress
     from rich.table import Table
 

@@ -10,8 +10,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from .cli_args import add_trust_args, trust_policy
 
-def add_parser(sub, add_trust_args) -> None:
+
+def add_parser(sub) -> None:
     s = sub.add_parser("serve", help="run a bundle's selected sharded programs on this host's share of the slice "
                                      "(one process per host)")
     s.add_argument("bundle")
@@ -127,7 +129,7 @@ def runtime_from(args, environ=None):
     (so one pod spec serves every host), else one process."""
     import os
 
-    from .export.manifest import BundleError
+    from .bundle_error import BundleError
     from .export.multihost import HostRuntime
 
     env = os.environ if environ is None else environ
@@ -166,19 +168,20 @@ def _precisions(args) -> list[str | None]:
     if len(given) in (0, 1):
         return [given[0] if given else None] * len(args.entry)
     if len(given) != len(args.entry):
-        from .export.manifest import BundleError
+        from .bundle_error import BundleError
 
         raise BundleError(f"{len(args.entry)} --entry and {len(given)} --precision: give one --precision for all "
                           "entries, or one per --entry in the same order")
     return given
 
 
-def cmd_serve(args, policy) -> int:
+def cmd_serve(args) -> int:
+    policy = trust_policy(args)
     """Each entry stands on its own: an entry refused for its inputs or its artifacts (the same
     refusal on every process, since every process reads the same files) is reported and the
     next entry still runs; the exit code is 2 if any was refused."""
     from .export.arrays import read_npz, write_npz
-    from .export.manifest import BundleError
+    from .bundle_error import BundleError
     from .export.multihost import check_against_manifest, join, leave
     from .export.loading import open_bundle
 

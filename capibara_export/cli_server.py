@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .cli_args import add_trust_args, trust_policy
 from .cli_serve import add_runtime_args, runtime_from
 
 
-def add_parser(sub, add_trust_args) -> None:
+def add_parser(sub) -> None:
     s = sub.add_parser("server", help="serve a bundle's sharded programs to live traffic across the slice: KServe v2 "
                                       "HTTP/gRPC and TF Serving REST on process 0, dynamic batching, every host in "
                                       "lockstep (one process per host)")
@@ -47,7 +48,8 @@ def add_parser(sub, add_trust_args) -> None:
     add_trust_args(s, executables=True)
 
 
-def cmd_server(args, policy) -> int:
+def cmd_server(args) -> int:
+    policy = trust_policy(args)
     from .server.run import ServerOptions, SliceServer
 
     options = ServerOptions(host=args.host, http_port=args.http_port, grpc_port=None if args.no_grpc else args.grpc_port,

@@ -11,7 +11,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from .blip import Blip
@@ -32,6 +31,11 @@ def abstract_model(config: BlipConfig) -> Blip:
     return nnx.merge(*_abstract(config, jnp.dtype(jnp.float32), "none"))
 
 
+def abstract_state(config: BlipConfig) -> nnx.State:
+    """The f32 parameter state with its variables' metadata (init_std, logical names), no arrays."""
+    return _abstract(config, jnp.dtype(jnp.float32), "none")[1]
+
+
 def graphdef(config: BlipConfig, dtype=jnp.float32, remat: str = "none") -> nnx.GraphDef:
     return _abstract(config, jnp.dtype(dtype), remat)[0]
 
@@ -47,32 +51,6 @@ def logical_names(config: BlipConfig) -> dict:
     state = _abstract(config, jnp.dtype(jnp.float32), "none")[1]
     specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
     return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-
-
-def init_params(config: BlipConfig, seed: int = 0) -> dict:
-    """Random parameters (normal(0, 0.02) weights, unit layer-norm scales, zero biases, each
-    as its layers.param declared), in `config`'s layout.
-
-    Drawn on the host by numpy, one generator for every parameter in the canonical tree's
-    order, then moved into `config`'s layout (so every layout holds the same values for one
-    seed). Running the modules' own jax.random draws instead compiles a threefry program
-    per parameter shape: 16 s of XLA:CPU compiling for the tiny preset, paid by every
-    `--random-weights` export and test (docs/performance.md); numpy compiles nothing."""
-    from .layout import canonical, to_layout
-
-    state = _abstract(canonical(config), jnp.dtype(jnp.float32), "none")[1]
-    rng = np.random.default_rng(seed)
-
-    def draw(v: nnx.Variable) -> nnx.Variable:
-        shape, dtype, meta = v.get_value().shape, v.get_value().dtype, v.get_metadata()
-        if meta["init_std"] is None:
-            return v.replace(jnp.full(shape, meta["init_fill"], dtype))
-        drawn = rng.standard_normal(shape, np.float32)
-        drawn *= meta["init_std"]   # in place: the base preset is 361M draws, an extra pass ~0.5 s
-        return v.replace(jnp.asarray(drawn.astype(dtype, copy=False)))
-
-    drawn = jax.tree.map(draw, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return to_layout(nnx.to_pure_dict(drawn), config)
 
 
 def bind(config: BlipConfig, params: dict, dtype=jnp.float32, remat: str = "none") -> Blip:

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from capibara_export.matrix.driver import BuildRequest, run_build
 from capibara_export.analysis.collectives import collectives
-from capibara_export.analysis.derive import derive
+from capibara_export.matrix.derive import derive
 from capibara_export.analysis.hlo import HloProgram
 from capibara_export.analysis.selection import pareto, select
 from capibara_export.matrix.targets import get_target, make_mesh

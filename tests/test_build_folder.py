@@ -16,10 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from capibara_export.analysis.analyze import analyze_build
+from capibara_export.matrix.analyze import analyze_build
 from capibara_export.matrix.driver import BuildRequest, run_build
 from capibara_export.matrix.folder import BuildFolderError, build_parts, read_build, read_records
-from capibara_export.analysis.derive import derive
+from capibara_export.matrix.derive import derive
 from capibara_export.errors import is_user_error
 from tests.test_fuzz_parsers import edits, json_values, mutate
 

@@ -18,7 +18,7 @@ import pytest
 
 from capibara_export import cli
 from capibara_export.analysis import hlo
-from capibara_export.analysis.derive import derive
+from capibara_export.matrix.derive import derive
 from capibara_export.matrix import workers
 from capibara_export.matrix.driver import BuildRequest, kept_executables, run_build
 from capibara_export.matrix.programs import ProgramError

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from capibara_export.export import executables, manifest as mf, pickle_scan
+from capibara_export.export import manifest as mf
+from capibara_export.matrix import executable_format, pickle_scan
 from capibara_export.export.trust import keygen
 from tests.test_export import in_process as main_in_process
 
@@ -282,7 +283,7 @@ def test_pickle_scan_lists_globals_without_running_them(signed_bundle, tmp_path)
         data = pickle.dumps(Plant(marker), protocol=protocol)
         assert pickle_scan.globals_named(data) == {("io", "open")}, protocol
         with pytest.raises(pickle_scan.PickleRefused, match="io.open"):
-            pickle_scan.check(data, executables.EXECUTABLE_GLOBALS)
+            pickle_scan.check(data, executable_format.EXECUTABLE_GLOBALS)
     # a global whose name is computed while unpickling cannot be vouched for
     computed = (b"\x80\x04" b"\x8c\x08builtins\x94" b"\x8c\x03str\x94\x93\x94" b"\x8c\x02os\x94\x85\x94R\x94"
                 b"\x8c\x06system\x94\x93\x94.")
@@ -290,15 +291,15 @@ def test_pickle_scan_lists_globals_without_running_them(signed_bundle, tmp_path)
         pickle_scan.globals_named(computed)
     assert not marker.exists()
     payload = next((signed_bundle / "executables").glob("*.xla")).read_bytes()
-    assert pickle_scan.globals_named(payload) <= executables.EXECUTABLE_GLOBALS
+    assert pickle_scan.globals_named(payload) <= executable_format.EXECUTABLE_GLOBALS
 
 
 def test_tree_descriptions_round_trip_and_refuse_anything_else(tmp_path):
     import jax
 
     tree = jax.tree_util.tree_structure(((1, {"b": 2, "a": [3, None]}), {}))
-    desc = executables.tree_to_json(tree)
-    assert executables.tree_from_json(json.loads(json.dumps(desc))) == tree
+    desc = executable_format.tree_to_json(tree)
+    assert executable_format.tree_from_json(json.loads(json.dumps(desc))) == tree
     for bad in ({"leaf": True, "x": 1}, {"call": ["os.system"]}, ["leaf"], {"dict": [[1, {"leaf": True}]]}):
         with pytest.raises(mf.BundleError):
-            executables.tree_from_json(bad)
+            executable_format.tree_from_json(bad)

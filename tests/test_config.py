@@ -7,7 +7,8 @@ import jax
 import pytest
 
 from model import BlipConfig, ConfigError, TextConfig, VisionConfig, get_preset
-from model.state import abstract_params, init_params
+from model.random_params import init_params
+from model.state import abstract_params
 
 
 def test_base_caption_layout_has_the_published_parameter_count():

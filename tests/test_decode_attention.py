@@ -133,7 +133,7 @@ def test_exports_trace_without_gpu_kernels(monkeypatch):
     portable bf16 encode_image exported "on a GPU" holds neither (traced with them, the
     export fails: "cuDNN is not detected")."""
     from capibara_export.matrix.programs import ProgramOptions
-    from capibara_export.export.serving import serving_function
+    from capibara_export.matrix.serving import serving_function
     from capibara_export.export.stablehlo import export_portable
     from model import get_preset, layers, portable_kernels
     from sharding.precision import get_policy

@@ -14,7 +14,7 @@ from capibara_export.cli import main
 from capibara_export.export import executables
 from capibara_export.export import manifest as mf
 from capibara_export.export import params as params_io
-from capibara_export.export.serving import example_inputs, serving_function
+from capibara_export.matrix.serving import example_inputs, serving_function
 from capibara_export.matrix.programs import ProgramOptions, place
 from model import BlipConfig
 from sharding.precision import get_policy

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from capibara_export import cli
 from capibara_export.matrix.staging import MARKER, ensure_replaceable, recorded_id, staged_folder
 from capibara_export.export import manifest as mf
-from capibara_export.export import pickle_scan
+from capibara_export.matrix import pickle_scan
 from capibara_export.export.arrays import as_declared, read_npz, write_npz
 from capibara_export.export.launch import free_port
 from capibara_export.export.manifest import BundleError
@@ -139,6 +139,7 @@ def test_a_folder_that_looks_like_a_build_is_never_replaced(tmp_path, capsys):
     ensure_replaceable(mine)                        # the tool's own: replaceable
     copied = tmp_path / "elsewhere" / "mine"
     copied.parent.mkdir()
+    (copied.parent / ".capibara-export.lock").write_text("")   # what earlier versions left in --out
     import shutil
     shutil.copytree(mine, copied)                   # same marker and id, but not recorded beside it
     assert (copied / MARKER).is_file()

@@ -21,7 +21,8 @@ from model.layout import (
     serving_storage,
     to_layout,
 )
-from model.state import abstract_params, bind, init_params, logical_names
+from model.random_params import init_params
+from model.state import abstract_params, bind, logical_names
 from sharding.precision import abstract_store, get_policy, store
 from tests.test_parity import LOGITS_ATOL, _fixture, _pad_to
 

@@ -60,7 +60,7 @@ def out(tmp_path_factory):
 
 def _build(out, plans: tuple[str, ...], **kw):
     from capibara_export.matrix.driver import BuildRequest, run_build
-    from capibara_export.analysis.derive import derive
+    from capibara_export.matrix.derive import derive
 
     request = BuildRequest(model="tiny", entries=("caption",), plans=plans, plan_files=(str(out / "vocab.toml"),),
                            precisions=("fp32",), out=out, name="-".join(plans), **kw)

@@ -133,8 +133,8 @@ def test_a_program_lowered_under_a_second_plan_takes_that_plans_activation_rules
     first plan's sharding constraints (a replicated decode_step ran with dp's batch split)."""
     from capibara_export.matrix.programs import build_program, lower
     from capibara_export.matrix.targets import get_target, make_mesh
-    from capibara_export.export.serving import serving_function
-    from capibara_export.export.stablehlo import sharded_jit
+    from capibara_export.matrix.serving import serving_function
+    from capibara_export.matrix.serving import sharded_jit
     from sharding import get_policy
 
     mesh = make_mesh(get_target("cpu"), (4, 8))

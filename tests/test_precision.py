@@ -7,7 +7,8 @@ from jax.sharding import PartitionSpec as P
 
 from model import get_preset
 from model.quant import QArray, quantize
-from model.state import abstract_params, bind, init_params, logical_names
+from model.random_params import init_params
+from model.state import abstract_params, bind, logical_names
 from sharding import load_plans, param_specs
 from sharding.precision import POLICIES, PrecisionError, abstract_store, contracting_axes, get_policy, storage_specs, store
 

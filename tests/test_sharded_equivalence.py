@@ -11,7 +11,8 @@ import pytest
 from capibara_export.matrix.programs import SERVING_ENTRIES, build_program, in_specs, lower, place
 from capibara_export.matrix.targets import get_target, make_mesh
 from model import get_preset
-from model.state import bind, init_params, logical_names
+from model.random_params import init_params
+from model.state import bind, logical_names
 from sharding import get_policy, load_plans
 from sharding.precision import store
 

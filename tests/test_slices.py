@@ -69,7 +69,7 @@ def test_plans_put_the_batch_on_dcn_unless_they_name_it():
 def two_slice_analysis(tmp_path_factory):
     """encode_image of the tiny model on 2 x tpu-v4-16, with dp (the default across slices)
     and a plan that gathers parameters across slices."""
-    from capibara_export.analysis.analyze import analyze_build
+    from capibara_export.matrix.analyze import analyze_build
     from capibara_export.matrix.driver import BuildRequest, run_build
 
     out = tmp_path_factory.mktemp("slices")

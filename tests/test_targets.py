@@ -140,9 +140,9 @@ def test_a_command_called_in_process_after_jax_started_uses_the_devices_it_has()
     import jax
 
     from capibara_export import environment
-    from capibara_export.matrix.targets import TargetError
+    from model.errors import UserError
 
     assert len(jax.devices("cpu")) == 32     # JAX is running: the conftest's 32 devices
     environment.prepare(target=None, cpu_devices=4)
-    with pytest.raises(TargetError, match="already runs JAX on 32 CPU device.*64 are needed"):
+    with pytest.raises(UserError, match="already runs JAX on 32 CPU device.*64 are needed"):
         environment.prepare(target=None, cpu_devices=64)

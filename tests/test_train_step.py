@@ -7,7 +7,7 @@ import pytest
 from capibara_export.matrix.programs import ProgramError, ProgramOptions, build_program, lower
 from capibara_export.matrix.targets import get_target, make_mesh
 from model import get_preset
-from model.state import init_params
+from model.random_params import init_params
 from sharding import get_policy, load_plans
 
 CFG = get_preset("tiny")

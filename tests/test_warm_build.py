@@ -11,7 +11,7 @@ import pytest
 from capibara_export.analysis import analyze as analysis_module
 from capibara_export.analysis import report as report_module
 from capibara_export.matrix.driver import BuildRequest, run_build
-from capibara_export.analysis.derive import derive
+from capibara_export.matrix.derive import derive
 
 DERIVED = ("analysis.json", "selection.json", "report.html", "summary.md")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import BundleError
+from ..bundle_error import BundleError
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:

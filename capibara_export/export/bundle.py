@@ -23,18 +23,20 @@ from sharding.precision import get_policy
 from sharding.storage import stored_params, stored_specs
 
 from .. import compiler_options
+from ..matrix import executable_format
 from ..matrix.cache import jax_cache_disabled
 from ..matrix.driver import ExecutableSource, config_hash
 from ..matrix.programs import NEEDS_TOWER, SEMIOTIC_ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
 from ..matrix.records import toolchain
 from ..matrix.staging import staged_folder
-from . import compatibility, executables, saved_model, schema, stablehlo, trust
+from . import compatibility, saved_model, schema, stablehlo, trust
 from . import manifest as mf
 from . import params as params_io
 from .loading import PROCESSOR_FILES
-from .manifest import BundleError
+from ..bundle_error import BundleError
 from .readme import render_readme
-from .serving import describe, input_names, output_names, partition_spec_json, serving_function
+from ..matrix.serving import (describe, flat_shardings, flatten, input_names, output_names, partition_spec_json,
+                              serving_function, sharded_jit)
 
 
 @dataclass
@@ -103,14 +105,14 @@ def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _
             if form in stored:
                 continue
             progress(f"parameters ({form})")
-            flat = params_io.flatten(stored_params(req.params, cfg, get_policy(precision)))
+            flat = flatten(stored_params(req.params, cfg, get_policy(precision)))
             stored[form] = flat
             folder = bundle / "params" / form
             params_io.save(folder, flat)
             artifacts.append(_artifact(bundle, folder, "params", storage=form, precisions=[
                 p for p in req.precisions if storage_form(p) == form],
                 arrays=[{"name": k, "shape": list(v.shape), "dtype": str(v.dtype)} for k, v in sorted(flat.items())],
-                shardings={s["plan"]: {k: partition_spec_json(v) for k, v in params_io.flatten(
+                shardings={s["plan"]: {k: partition_spec_json(v) for k, v in flatten(
                     _param_specs(req, precision, s["plan"])).items()}
                     for s in req.selection if s["plan"] and s["precision"] == precision}))
 
@@ -225,7 +227,7 @@ def _selected_unit(req: ExportRequest, bundle: Path, sel: dict, progress: Callab
     path = bundle / "stablehlo" / f"{unit_id}.{'-'.join(exported.platforms)}.jaxexport"
     path.parent.mkdir(parents=True, exist_ok=True)
     stablehlo.save(exported, path)
-    _, input_shardings, output_shardings = stablehlo.flat_shardings(serving, plan, req.mesh)
+    _, input_shardings, output_shardings = flat_shardings(serving, plan, req.mesh)
     inputs = describe(input_names(entry, serving.inputs), jax.tree.leaves(serving.inputs),
                       jax.tree.leaves(input_shardings))
     outputs = _outputs(entry, exported, jax.tree.leaves(output_shardings))
@@ -234,13 +236,13 @@ def _selected_unit(req: ExportRequest, bundle: Path, sel: dict, progress: Callab
     kept = req.executables(unit_id)
     if kept is None:  # not in this build's cache (e.g. --no-cache and a separate export): compile it
         progress(f"compiling {unit_id} (the build kept no executable for it)")
-        _, lower, abstract = stablehlo.sharded_jit(serving, plan, req.mesh)
+        _, lower, abstract = sharded_jit(serving, plan, req.mesh)
         with jax_cache_disabled():
             options = compiler_options.for_devices(req.mesh.devices.flat)
-            kept = executables.serialize(lower(*abstract).compile(compiler_options=options), unit_id)
+            kept = executable_format.serialize(lower(*abstract).compile(compiler_options=options), unit_id)
     folder = bundle / "executables"
     folder.mkdir(exist_ok=True)
-    exe, trees = executables.write(*kept, folder, unit_id)
+    exe, trees = executable_format.write(*kept, folder, unit_id)
     trees_art = _artifact(bundle, trees, "executable-trees", unit=unit_id)
     tools = toolchain()
     out.append(_artifact(bundle, exe, "executable", trees=trees_art["path"], **common, platforms=[platform],
@@ -276,6 +278,6 @@ def float_params(cfg: BlipConfig, checkpoint: str | None, random_seed: int | Non
     if random_seed is None:
         raise ProgramError("export needs weights: pass --checkpoint DIR, or --random-weights for a bundle whose "
                            "outputs are meaningless (for testing the serving path)")
-    from model.state import init_params
+    from model.random_params import init_params
 
     return init_params(canonical(cfg), random_seed), f"random (seed {random_seed}): outputs are meaningless"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from .manifest import BundleError
+from ..bundle_error import BundleError
 
 # jaxlib version -> release date (CHANGELOG.md headings "JAX 0.x.y (Month D, YYYY)";
 # 0.11.1 from its GitHub release page).

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .manifest import BundleError
+from ..bundle_error import BundleError
 
 # the subcommands that run as one process per host and take the runtime flags
 LAUNCHABLE = ("serve", "server")

@@ -18,8 +18,7 @@ import stat
 from collections import Counter
 from pathlib import Path, PurePosixPath
 
-from model.errors import UserError
-
+from ..bundle_error import BundleError
 from ..matrix.records import toolchain
 
 SCHEMA = "capibara-export/bundle-manifest"
@@ -34,10 +33,6 @@ DOCUMENTS = ("README.md", "ARTIFACTS.md", "manifest.schema.json")
 # Files a bundle holds beside its artifacts and documents: the manifest, its signature, and
 # the marker of the folder the tool wrote (matrix/staging.py; its id differs per folder).
 BUNDLE_FILES = ("manifest.json", "manifest.json.sig", ".capibara-export")
-
-
-class BundleError(UserError):
-    """A bundle that is incomplete, altered, unsafe, or made for another toolchain or machine."""
 
 
 def sha256(path: Path) -> str:

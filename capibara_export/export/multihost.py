@@ -36,7 +36,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .manifest import BundleError
+from ..bundle_error import BundleError
 
 _HELLO = "capibara-export-join 1"
 

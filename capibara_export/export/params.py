@@ -1,7 +1,7 @@
-"""Parameters as serving teams see them: one flat dict {"vision/blocks/qkv/kernel": array},
-int8 weights as two entries ".../kernel.int8" and ".../kernel.scale". Every exported
-program takes this dict as its first argument, and the orbax checkpoint stores it, so
-`exported.call(checkpointer.restore(params_dir), pixels)` works without this package.
+"""The flat parameter dict (`matrix.serving.flatten`: {"vision/blocks/qkv/kernel": array},
+int8 weights as ".../kernel.int8" and ".../kernel.scale") saved and restored as an orbax
+checkpoint, so `exported.call(checkpointer.restore(params_dir), pixels)` works without
+this package.
 """
 
 from __future__ import annotations
@@ -11,36 +11,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-
-from model.quant import QArray
-
-SEP = "/"
-
-
-def _key(path) -> str:
-    return SEP.join(str(getattr(k, "key", k)) for k in path)
-
-
-def flatten(params: dict) -> dict[str, jax.Array]:
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QArray))[0]:
-        name = _key(path)
-        if isinstance(leaf, QArray):
-            flat[f"{name}.int8"], flat[f"{name}.scale"] = leaf.q, leaf.scale
-        else:
-            flat[name] = leaf
-    return flat
-
-
-def unflatten(flat: dict, template: dict) -> dict:
-    """The nested tree (QArrays where the template has them) from a flat dict."""
-    def rebuild(path, leaf):
-        name = _key(path)
-        if isinstance(leaf, QArray):
-            return QArray(flat[f"{name}.int8"], flat[f"{name}.scale"])
-        return flat[name]
-    return jax.tree_util.tree_map_with_path(rebuild, template, is_leaf=lambda x: isinstance(x, QArray))
-
 
 def save(folder: Path, flat: dict) -> None:
     checkpointer = ocp.StandardCheckpointer()

@@ -12,7 +12,7 @@ import numpy as np
 
 from model import portable_kernels
 
-from .serving import INPUT_NAMES, ServingFunction, example_inputs
+from ..matrix.serving import INPUT_NAMES, ServingFunction, example_inputs
 from .stablehlo import PLATFORMS
 from .warmup import write_warmup
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .manifest import BundleError
+from ..bundle_error import BundleError
 
 # What jax2tf + tf.saved_model.save emit for this project's signatures (listed from the
 # SavedModels of every entry and precision; a test keeps it so).

@@ -28,7 +28,7 @@ from . import manifest as mf
 from . import params as params_io
 from .arrays import as_declared
 from .loading import OpenedBundle, inspect_artifact, open_bundle
-from .manifest import BundleError
+from ..bundle_error import BundleError
 from .trust import TrustPolicy
 
 

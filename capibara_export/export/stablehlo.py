@@ -16,14 +16,12 @@ from pathlib import Path
 
 import jax
 from jax import export
-from jax.sharding import NamedSharding, PartitionSpec
 
 from model import portable_kernels
 from sharding.plans import ShardingPlan
 
-from ..matrix.programs import in_specs, out_specs, traced_afresh
-from .params import flatten
-from .serving import ServingFunction
+from ..matrix.programs import traced_afresh
+from ..matrix.serving import ServingFunction, sharded_jit
 
 PLATFORMS = ("tpu", "cpu", "cuda")
 
@@ -32,32 +30,6 @@ def export_portable(serving: ServingFunction) -> export.Exported:
     batch = export.symbolic_shape("b")[0]
     with portable_kernels():   # on a GPU host too: artifacts for every platform hold no GPU-only kernel
         return export.export(jax.jit(traced_afresh(serving.fn)), platforms=PLATFORMS)(*serving.abstract(batch))
-
-
-def flat_shardings(serving: ServingFunction, plan: ShardingPlan, mesh) -> tuple[dict, tuple, object]:
-    """Shardings of (flat params, inputs) and of the outputs under `plan` on `mesh`."""
-    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
-    to = lambda tree: jax.tree.map(lambda s: NamedSharding(mesh, s), tree, is_leaf=is_spec)  # noqa: E731
-    specs = in_specs(serving.program, plan)
-    params = {k: NamedSharding(mesh, s) for k, s in flatten(specs[0]).items()}
-    return params, tuple(to(s) for s in specs[1:]), to(out_specs(serving.program, plan))
-
-
-def sharded_jit(serving: ServingFunction, plan: ShardingPlan, mesh):
-    """The serving function jitted with the plan's shardings (for export or compilation)."""
-
-    params, inputs, outputs = flat_shardings(serving, plan, mesh)
-    jitted = jax.jit(traced_afresh(serving.fn), in_shardings=(params, *inputs), out_shardings=outputs,
-                     donate_argnums=serving.program.donate)
-
-    def lower(*args):
-        with jax.set_mesh(mesh), plan.activated():
-            return jitted.lower(*args)
-
-    shardings = (params, *inputs)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            serving.abstract(), shardings)
-    return jitted, lower, abstract
 
 
 def sharded_platforms(platform: str) -> tuple[str, ...]:

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .manifest import BundleError
+from ..bundle_error import BundleError
 
 SIGNATURE_FILE = "manifest.json.sig"
 ALGORITHM = "ed25519"

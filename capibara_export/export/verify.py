@@ -39,9 +39,8 @@ from . import executables, saved_model, stablehlo
 from . import manifest as mf
 from . import params as params_io
 from .loading import inspect_artifact, open_bundle
-from .manifest import BundleError
-from .params import unflatten
-from .serving import INPUT_NAMES, example_inputs, serving_function
+from ..bundle_error import BundleError
+from ..matrix.serving import INPUT_NAMES, example_inputs, flatten, serving_function, unflatten
 from .trust import TrustPolicy
 
 TOLERANCE = {"fp32": 1e-5, "bf16-mixed": 2e-2, "bf16": 2e-2, "int8-weights": 2e-2}
@@ -144,7 +143,7 @@ class Verifier:
                        f"needs {n} devices, {len(cpus)} here")
         mesh = jax.sharding.Mesh(np.array(cpus[:n]).reshape(tuple(shape.values())), tuple(shape))
         plan = ShardingPlan.from_dict(self.manifest["plans"][plan_name])
-        specs = params_io.flatten(stored_specs(plan, self.config, get_policy(a["precisions"][0])))
+        specs = flatten(stored_specs(plan, self.config, get_policy(a["precisions"][0])))
         flat = self.params(a["path"])
         shardings = {k: NamedSharding(mesh, specs[k]) for k in flat}
         host_bytes = {k: n * int(np.prod(shardings[k].shard_shape(v.shape))) * v.dtype.itemsize for k, v in flat.items()}

@@ -20,7 +20,7 @@ from . import manifest as mf
 from .arrays import as_declared, read_npz, write_npz
 from .launch import failure, launch
 from .loading import inspect_artifact
-from .manifest import BundleError
+from ..bundle_error import BundleError
 from .trust import TrustPolicy
 from .verify import Row, Verifier, _compare
 

@@ -28,10 +28,10 @@ from sharding.validity import check
 
 from .. import compiler_options
 from ..analysis.hardware import MEMORY_FRACTION, GiB, Hardware
-from ..export.serving import serving_function
-from ..export.stablehlo import sharded_jit
+from . import executable_format
 from .programs import Program, ProgramError, ProgramOptions, in_specs
 from .records import CompileRecord, Unit
+from .serving import serving_function, sharded_jit
 
 
 @dataclass
@@ -164,3 +164,12 @@ def compile_unit(cfg: BlipConfig, unit: Unit, plan: ShardingPlan, mesh, hardware
         if not ok:
             record.status, record.reason, record.needed_bytes = "does-not-fit", why, record.memory["peak"]
     return record, Compiled(program, executable, hlo_text, without_python_stacks(lowered.as_text(dialect="hlo")))
+
+
+def serialized(fresh: Compiled, unit_id: str) -> tuple[bytes, str] | None:
+    """A unit's executable as the bundle stores it, or None if it cannot be serialized (then
+    an export compiles it again and reports the reason there, where it matters)."""
+    try:
+        return executable_format.serialize(fresh.executable, unit_id)
+    except Exception:  # noqa: BLE001 - keeping the executable is an optimisation, never a build failure
+        return None

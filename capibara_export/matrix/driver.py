@@ -28,7 +28,7 @@ from .. import interrupts
 from ..analysis.calibration import calibrated
 from ..analysis.hardware import Hardware
 from .cache import DerivedCache, ResultCache, cache_key
-from .compile import Compiled, compile_unit
+from .compile import Compiled, compile_unit, serialized
 from .programs import ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
 from .records import CompileRecord, Unit, toolchain, write_records
 from .staging import check_folder_name, check_output_folder, ensure_replaceable, folder_lock, staged_folder
@@ -136,17 +136,6 @@ def units(request: BuildRequest, cfg: BlipConfig, plans: list[ShardingPlan]) -> 
 
 ProgressFn = Callable[[int, int, Unit, CompileRecord | None], None]
 ExecutableSource = Callable[[str], "tuple[bytes, str] | None"]
-
-
-def serialized(fresh: Compiled, unit_id: str) -> tuple[bytes, str] | None:
-    """A unit's executable as the bundle stores it, or None if it cannot be serialized (then
-    an export compiles it again and reports the reason there, where it matters)."""
-    from ..export import executables
-
-    try:
-        return executables.serialize(fresh.executable, unit_id)
-    except Exception:  # noqa: BLE001 - keeping the executable is an optimisation, never a build failure
-        return None
 
 
 def kept_executables(folder: Path, compiled: dict[str, Compiled] | None = None,
@@ -319,7 +308,7 @@ def derived_units(request: BuildRequest, cfg: BlipConfig, staging: Path, hardwar
     """The units of the plans the hotspots propose (plan_search.py), within the unit budget;
     each new plan is added to `plan_of`. Reads the analysis of what is compiled so far
     (kept in the derived cache, so the build's own analysis after this reads it back)."""
-    from ..analysis.analyze import analyze_build
+    from ..matrix.analyze import analyze_build
     from ..analysis.plan_search import propose
 
     cache_root = Path(request.out) / ".cache"

@@ -84,7 +84,7 @@ def recorded_id(final: Path) -> str | None:
     mine, recorded = _marker_id(marker), (_read_small(_id_file(final)) or "").strip()
     if mine:
         return mine if recorded == mine else None
-    if marker == _MARKER_TEXT and (final.parent / _LOCK_FILE).is_file() and not recorded:
+    if marker == _MARKER_TEXT and (final.parent / _LEGACY_LOCK_FILE).is_file() and not recorded:
         return ""   # written by an earlier version here: replaceable once, then given an id
     return None
 
@@ -116,6 +116,7 @@ def check_folder_name(name: str | None) -> None:
 
 
 _LOCK_SUFFIX = ".capibara-export.lock"
+_LEGACY_LOCK_FILE = ".capibara-export.lock"   # the one shared lock file earlier versions left in --out
 _held: dict[str, int] = {}        # folder -> nesting depth of this process's hold on it
 
 

@@ -104,8 +104,8 @@ def _compile(unit: Unit, plan: ShardingPlan, key: str, mesh_info: dict, origin: 
     `analyse`, also the unit's analysis, keyed as the build's analysis will look it up
     (the record carries what the build's process would set on it), so that process
     parses no HLO: the parsing runs here, beside the other worker's compile."""
-    from ..analysis.analyze import analyze_texts, encode_unit, unit_key
-    from .driver import serialized
+    from ..matrix.analyze import analyze_texts, encode_unit, unit_key
+    from .compile import serialized
 
     hardware = _state["hardware"]
     record, fresh = compile_unit(_state["cfg"], unit, plan, _state["mesh"], hardware, _state["options"])

@@ -1,6 +1,6 @@
 """Engines: one model's semiotic programs on the local device, batched to compiled sizes.
 
-Both kinds call the same serving functions (capibara_export.export.serving): a
+Both kinds call the same serving functions (capibara_export.matrix.serving): a
 `CheckpointEngine` jit-compiles them over parameters in memory (JAX's persistent cache
 keeps the compiled programs across runs); a `BundleEngine` calls a bundle's jax.export
 artifacts with its orbax parameters. Requests are padded up to the next compiled batch
@@ -28,7 +28,7 @@ from ..export import manifest as mf
 from ..export import params as params_io
 from ..export import stablehlo
 from ..export.loading import open_bundle
-from ..export.serving import serving_function
+from ..matrix.serving import flatten, serving_function
 from ..export.trust import TrustPolicy
 
 BATCH_SIZES = (1, 4, 8)
@@ -124,7 +124,7 @@ class CheckpointEngine(Engine):
         config = for_platform(config, jax.default_backend())
         super().__init__(name, config, preprocessor, options, precision, tuple(batch_sizes))
         policy = get_policy(precision)
-        self._flat = jax.device_put(params_io.flatten(stored_params(params, config, policy)))
+        self._flat = jax.device_put(flatten(stored_params(params, config, policy)))
         self._compiled: dict[tuple[str, int], object] = {}
 
     def _call(self, entry, batch, inputs):

@@ -31,7 +31,7 @@ from model import get_preset
 from model.errors import UserError
 from model.hf import load_checkpoint
 from model.processor import Preprocessor, write_synthetic_processor
-from model.state import init_params
+from model.random_params import init_params
 
 from ..matrix.programs import ProgramOptions
 from ..export.trust import TrustPolicy

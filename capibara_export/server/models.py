@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..export.manifest import BundleError
+from ..bundle_error import BundleError
 
 # KServe v2 / Open Inference Protocol datatypes for the dtypes a manifest names
 DATATYPES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "float64": "FP64", "int32": "INT32",

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..export.manifest import BundleError
+from ..bundle_error import BundleError
 from ..export.trust import TrustPolicy
 from .batcher import Batcher, Unavailable
 from .models import catalogue

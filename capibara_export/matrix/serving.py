@@ -2,7 +2,12 @@
 its inputs named, and the abstract arguments for a fixed or symbolic batch.
 
 Every exported format (jax.export, SavedModel, serialized executables) is made from these,
-so all of them share one calling convention, written once here and in the manifest.
+so all of them share one calling convention, written once here and in the manifest. The
+build compiles exactly these functions (compile.py), which is why they live with the
+matrix and not with the export: the export reads them, the matrix never reads the export.
+
+The flat parameter dict ("vision/blocks/qkv/kernel": array; int8 weights as
+".../kernel.int8" and ".../kernel.scale") is every program's first argument.
 """
 
 from __future__ import annotations
@@ -12,13 +17,15 @@ from typing import Callable
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from model import BlipConfig
+from model.quant import QArray
+from sharding.plans import ShardingPlan
 from sharding.precision import PrecisionPolicy
 from sharding.storage import stored_template
 
-from ..matrix.programs import Program, ProgramOptions, build_program
-from .params import flatten, unflatten
+from .programs import Program, ProgramOptions, build_program, in_specs, out_specs, traced_afresh
 
 INPUT_NAMES = {
     "encode_image": ("pixel_values",),
@@ -46,6 +53,36 @@ OUTPUT_ROOTS = {
 }
 
 
+# ------------------------------------------------------------------ the flat parameter dict
+SEP = "/"
+
+
+def _key(path) -> str:
+    return SEP.join(str(getattr(k, "key", k)) for k in path)
+
+
+def flatten(params: dict) -> dict[str, jax.Array]:
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QArray))[0]:
+        name = _key(path)
+        if isinstance(leaf, QArray):
+            flat[f"{name}.int8"], flat[f"{name}.scale"] = leaf.q, leaf.scale
+        else:
+            flat[name] = leaf
+    return flat
+
+
+def unflatten(flat: dict, template: dict) -> dict:
+    """The nested tree (QArrays where the template has them) from a flat dict."""
+    def rebuild(path, leaf):
+        name = _key(path)
+        if isinstance(leaf, QArray):
+            return QArray(flat[f"{name}.int8"], flat[f"{name}.scale"])
+        return flat[name]
+    return jax.tree_util.tree_map_with_path(rebuild, template, is_leaf=lambda x: isinstance(x, QArray))
+
+
+# ------------------------------------------------------------------ signatures
 def partition_spec_json(spec) -> list:
     """A PartitionSpec as JSON: one entry per dimension, null (replicated), an axis name,
     or a list of axis names."""
@@ -154,3 +191,30 @@ def example_inputs(serving: ServingFunction, batch: int, seed: int = 0) -> tuple
         else:  # cache
             out.append(jax.tree.map(lambda s: (0.5 * rng.normal(size=s.shape)).astype(s.dtype), spec))
     return tuple(out)
+
+
+# ------------------------------------------------------------------ under a plan
+def flat_shardings(serving: ServingFunction, plan: ShardingPlan, mesh) -> tuple[dict, tuple, object]:
+    """Shardings of (flat params, inputs) and of the outputs under `plan` on `mesh`."""
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    to = lambda tree: jax.tree.map(lambda s: NamedSharding(mesh, s), tree, is_leaf=is_spec)  # noqa: E731
+    specs = in_specs(serving.program, plan)
+    params = {k: NamedSharding(mesh, s) for k, s in flatten(specs[0]).items()}
+    return params, tuple(to(s) for s in specs[1:]), to(out_specs(serving.program, plan))
+
+
+def sharded_jit(serving: ServingFunction, plan: ShardingPlan, mesh):
+    """The serving function jitted with the plan's shardings (for export or compilation)."""
+
+    params, inputs, outputs = flat_shardings(serving, plan, mesh)
+    jitted = jax.jit(traced_afresh(serving.fn), in_shardings=(params, *inputs), out_shardings=outputs,
+                     donate_argnums=serving.program.donate)
+
+    def lower(*args):
+        with jax.set_mesh(mesh), plan.activated():
+            return jitted.lower(*args)
+
+    shardings = (params, *inputs)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            serving.abstract(), shardings)
+    return jitted, lower, abstract

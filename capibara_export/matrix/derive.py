@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..matrix.cache import DerivedCache, key_of, source_hash
-from ..matrix.folder import read_build
+from .cache import DerivedCache, key_of, source_hash
+from .folder import read_build
 from .analyze import analyze_build, write_json
-from .report import render_summary, write_report
-from .selection import select
+from ..analysis.report import render_summary, write_report
+from ..analysis.selection import select
 
 REPORT_SOURCES = ("capibara_export/analysis/report.py", "capibara_export/analysis/selection.py")
 
@@ -51,7 +51,7 @@ def write_derived_plans(folder: Path, build: dict, selection: dict) -> None:
     """The derived plans that some selection took, as a plan file (`--plan-file` next time)."""
     from sharding.plans import ShardingPlan
 
-    from .plan_search import SOURCE, plans_toml
+    from ..analysis.plan_search import SOURCE, plans_toml
 
     chosen = {s["plan"] for s in selection["selections"] if s.get("plan")}
     derived = [ShardingPlan.from_dict(d) for name, d in sorted(build["plans"].items())
