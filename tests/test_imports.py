@@ -116,3 +116,14 @@ def test_the_analysis_loads_nothing_above_it_in_a_clean_process():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_every_source_file_a_cache_key_hashes_exists():
+    """The result and derived caches hash named source files; a file that moved must move
+    there too (or an edit to it would not invalidate the cache, and a missing one fails builds)."""
+    from capibara_export.matrix.analyze import ANALYSIS_SOURCES
+    from capibara_export.matrix.derive import REPORT_SOURCES
+
+    missing = [name for name in (*ANALYSIS_SOURCES, *REPORT_SOURCES) if not (ROOT / name).is_file()]
+    assert missing == []
+    assert "capibara_export/matrix/analyze.py" in ANALYSIS_SOURCES

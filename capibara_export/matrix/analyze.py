@@ -118,8 +118,8 @@ def _program(folder: Path, relative: str, sha256: str | None = None) -> HloProgr
 
 
 # Every source file whose code shapes a unit's analysis: an edit there recomputes it.
-ANALYSIS_SOURCES = tuple(f"capibara_export/analysis/{m}.py" for m in ("analyze", "hlo", "collectives", "hotspots",
-                                                                       "roofline", "hardware")) \
+ANALYSIS_SOURCES = ("capibara_export/matrix/analyze.py",) + tuple(
+    f"capibara_export/analysis/{m}.py" for m in ("hlo", "hlo_text", "collectives", "hotspots", "roofline", "hardware")) \
     + ("sharding/precision.py",)
 _VOLATILE = ("cached", "lower_s", "compile_s", "hlo_file", "pre_hlo_file")  # no influence on the analysis
 
