@@ -36,6 +36,9 @@ class PlanError(UserError):
 
 @dataclass(frozen=True)
 class ShardingPlan:
+    """A sharding plan as data: rules mapping logical axis names (of parameters and of
+    activations, optionally per tower) to mesh axes. The model never sees a mesh; a plan
+    turns its logical names into PartitionSpecs for one."""
     name: str
     description: str
     params: Rules
@@ -46,6 +49,7 @@ class ShardingPlan:
     towers: tuple[tuple[str, Rules, Rules], ...] = ()
 
     def rules(self, kind: str, tower: str | None = None) -> Rules:
+        """The rules for `kind` (`params` or `activations`), a tower's own where it has them."""
         for name, params, activations in self.towers:
             if name == tower:
                 return params if kind == "params" else activations
@@ -60,6 +64,7 @@ class ShardingPlan:
         return [(logical, mesh[0] if len(mesh) == 1 else mesh) for logical, mesh in self.rules(kind, tower)]
 
     def spec(self, names: tuple[str | None, ...], kind: str, tower: str | None = None) -> PartitionSpec:
+        """The PartitionSpec for an array with these logical axis names."""
         return linen.logical_to_mesh_axes(names, self.flax_rules(kind, tower))
 
     @contextlib.contextmanager
@@ -104,6 +109,7 @@ class ShardingPlan:
         return changed
 
     def to_dict(self) -> dict:
+        """The plan as plain JSON data (records, manifests, cache keys)."""
         out = {"name": self.name, "description": self.description, "source": self.source,
                "params": {k: list(v) for k, v in self.params},
                "activations": {k: list(v) for k, v in self.activations}}
@@ -164,6 +170,7 @@ MAX_PLAN_FILE_BYTES = 1 << 20   # the shipped plans are 5 KB; a larger file is n
 
 
 def parse_plans(text: str, where: str) -> dict[str, ShardingPlan]:
+    """The plans a TOML text defines (`where` names it in errors); each checked, or PlanError."""
     if len(text) > MAX_PLAN_FILE_BYTES:
         raise PlanError(f"{where}: {len(text)} characters; a plan file is at most {MAX_PLAN_FILE_BYTES} "
                         "(see sharding/plans.toml for the form)")
@@ -211,6 +218,7 @@ def load_plans(extra_files: list[str | Path] = ()) -> dict[str, ShardingPlan]:
 
 
 def select_plans(plans: dict[str, ShardingPlan], names: list[str] | None) -> list[ShardingPlan]:
+    """The named plans in the given order (every plan when `names` is empty); an unknown name is a PlanError."""
     if not names:
         return list(plans.values())
     unknown = [n for n in names if n not in plans]

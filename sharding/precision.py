@@ -28,6 +28,8 @@ from model.quant import QArray, quantize
 
 @dataclass(frozen=True)
 class PrecisionPolicy:
+    """A precision policy: the dtypes parameters are stored in, computed in and returned in,
+    and whether weights are stored as int8 with per-channel scales."""
     name: str
     param_dtype: str
     compute_dtype: str
@@ -38,10 +40,12 @@ class PrecisionPolicy:
 
     @property
     def compute(self):
+        """The compute dtype."""
         return jnp.dtype(self.compute_dtype)
 
     @property
     def params(self):
+        """The stored parameters' dtype (int8 weights: the dtype of the rest)."""
         return jnp.dtype(self.param_dtype)
 
 

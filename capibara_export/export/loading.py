@@ -41,6 +41,8 @@ _CUSTOM_CALL = re.compile(r'custom_call @([\w.$-]+)|call_target_name = "([^"]+)"
 
 @dataclass(frozen=True)
 class OpenedBundle:
+    """A bundle whose manifest was read, its signature checked (when a key was given) and its
+    schema and paths validated; artifacts are checked one by one before each is loaded."""
     folder: Path
     manifest: dict
     trust: Trust
@@ -48,15 +50,18 @@ class OpenedBundle:
     digest: str = ""            # sha256 of the manifest's bytes: which bundle this is, for the hosts' join
 
     def path(self, artifact: dict, key: str = "path") -> Path:
+        """The artifact's file, confined to the bundle (a path out of it is refused)."""
         return mf.confined(self.folder, artifact[key])
 
     def artifact(self, rel: str) -> dict:
+        """The manifest's entry for the artifact at `rel`."""
         for a in self.manifest["artifacts"]:
             if a["path"] == rel:
                 return a
         raise BundleError(f"{self.folder}: the manifest refers to {rel}, which it does not list")
 
     def executables_refused(self) -> str | None:
+        """Why serialized executables may not load from this bundle under its trust policy, or None."""
         return self.trust.executables_refused(self.policy)
 
     def problems(self) -> dict[str, str]:
@@ -70,6 +75,7 @@ class OpenedBundle:
         return found
 
     def refuse_if_tampered(self) -> None:
+        """Raise BundleError naming the first failed artifact when any fails its hash or static check."""
         problems = self.problems()
         if problems:
             raise BundleError(refusal(self.folder, problems))
@@ -83,6 +89,8 @@ def refusal(folder: Path, problems: dict[str, str]) -> str:
 
 
 def open_bundle(folder: Path, policy: TrustPolicy = TrustPolicy()) -> OpenedBundle:
+    """Open `folder` as a bundle under `policy`: the manifest's bytes, its signature, its schema
+    and paths, before anything else is read. Raises BundleError with the reason and the fix."""
     folder = Path(folder)
     data = mf.read_bytes(folder)
     checked = trust.establish(folder, data, policy)

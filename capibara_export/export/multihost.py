@@ -52,11 +52,13 @@ class HostRuntime:
     heartbeat_timeout_s: int = 30
 
     def describe(self) -> str:
+        """`process I of N via HOST:PORT`, for logs and errors."""
         where = f" via {self.coordinator}" if self.coordinator else ""
         return f"process {self.process_id} of {self.num_processes}{where}"
 
     @property
     def coordinated(self) -> bool:
+        """Whether this process is one of several joined through a coordinator."""
         return self.num_processes > 1 or bool(self.coordinator)
 
 

@@ -29,12 +29,15 @@ ALGORITHM = "ed25519"
 
 @dataclass(frozen=True)
 class TrustPolicy:
+    """What a bundle must prove before it is used: a signature by `trust_key`, and whether
+    serialized executables (compiled code) may load without one."""
     trust_key: Path | None = None            # public key that must have signed the manifest
     allow_unsigned_executables: bool = False  # load executables without a checked signature
 
 
 @dataclass(frozen=True)
 class Trust:
+    """What opening a bundle established: the fingerprint of the key that signed it, or None."""
     signed_by: str | None  # fingerprint of the trusted key that checked the signature; None: unsigned/unchecked
 
     def executables_refused(self, policy: TrustPolicy) -> str | None:

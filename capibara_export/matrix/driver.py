@@ -41,6 +41,9 @@ DEFAULT_BATCHES = (32,)
 
 @dataclass(frozen=True)
 class BuildRequest:
+    """What a build compiles: the target and mesh, the model (a preset or a checkpoint), and the
+    entries, plans, precisions and batch sizes of its matrix; where it writes and whether it may
+    use the result cache; and how many rounds of hotspot-derived plans it adds."""
     target: str = DEFAULT_TARGET
     mesh: tuple[int, int] = (4, 8)
     model: str = "base"
@@ -60,14 +63,18 @@ class BuildRequest:
     derive_budget: int = 4                 # at most this many derived units in all rounds
 
     def folder_name(self) -> str:
+        """The build folder's name inside `out`: `--name`, else MODEL-TARGET-DATAxMODEL."""
         return self.name or f"{self.model_name()}-{get_target(self.target).name}-{self.mesh[0]}x{self.mesh[1]}"
 
     def model_name(self) -> str:
+        """The checkpoint folder's name, or the preset's."""
         return Path(self.checkpoint).name if self.checkpoint else self.model
 
 
 @dataclass
 class BuildResult:
+    """A finished build: its folder, the model config, every unit's record, the programs compiled
+    in this run, the mesh, the hardware constants and the plans it used."""
     folder: Path
     config: BlipConfig
     records: list[CompileRecord]
@@ -80,6 +87,7 @@ class BuildResult:
     seconds: float = 0.0
 
     def counts(self) -> dict[str, int]:
+        """How many units ended in each status (ok, invalid, failed, ...), and how many came from the cache."""
         out: dict[str, int] = {}
         for r in self.records:
             out[r.status] = out.get(r.status, 0) + 1

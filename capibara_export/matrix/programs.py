@@ -44,6 +44,8 @@ class ProgramError(UserError):
 
 @dataclass(frozen=True)
 class ProgramOptions:
+    """The static shapes and settings of the entry programs: caption length and prompt length,
+    the padded text length, rematerialisation and learning rate for training, beam width."""
     max_new_tokens: int = 20      # caption: generated tokens (static loop length)
     prompt_len: int = 1           # caption: decoder prompt length ([BOS] alone by default)
     text_len: int = 32            # score / train_step: padded text length
@@ -53,6 +55,7 @@ class ProgramOptions:
 
     @property
     def cache_len(self) -> int:
+        """The decoder's KV-cache length: the prompt and every generated token."""
         return self.prompt_len + self.max_new_tokens
 
 

@@ -31,6 +31,8 @@ class TargetError(UserError):
 
 @dataclass(frozen=True)
 class Target:
+    """A compilation target: a TPU slice (compiled deviceless through libtpu), simulated CPU
+    devices, or this machine's own devices (`local`)."""
     name: str
     platform: str                 # tpu | cpu | local
     description: str
@@ -42,6 +44,7 @@ class Target:
 
     @property
     def deviceless(self) -> bool:
+        """Whether programs compile without the devices present (every TPU target)."""
         return self.platform == "tpu"
 
     def with_slices(self, slices: int) -> Target:

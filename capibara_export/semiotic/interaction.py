@@ -22,6 +22,8 @@ from .module import MnemosyneSemioModule
 
 @dataclass(frozen=True)
 class Thresholds:
+    """The ITM probabilities and ITC similarity at which `SemioticInteraction.relate` calls a text
+    anchorage, relay or contradiction of its image."""
     match: float = 0.5               # ITM probability at or above which the image confirms the text
     contradict: float = 0.2          # ITM probability below which the image contradicts the text
     anchor_similarity: float = 0.5   # ITC cosine between the text and its nearest reading
@@ -31,11 +33,16 @@ THRESHOLDS = Thresholds()
 
 
 class SemioticInteraction:
+    """How a text relates to an image, in Barthes' terms: anchorage (the image confirms the text,
+    which fixes one of the image's readings), relay (compatible, adding to it) or contradiction.
+    Needs a module with a matching model."""
     def __init__(self, module: MnemosyneSemioModule, thresholds: Thresholds = THRESHOLDS):
         module._require_matcher()
         self.module, self.thresholds = module, thresholds
 
     def relate(self, image: ImageInput, text: str, k: int = 3) -> dict:
+        """The verdict for `text` against `image`, with why, the ITM probability and ITC similarity,
+        the reading the text anchors and all `k` readings with the image's polysemy index."""
         loaded = load_image(image)
         interpretation = self.module.interpret(loaded, k)
         readings = [r["text"] for r in interpretation["readings"]]

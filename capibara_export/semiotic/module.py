@@ -44,10 +44,17 @@ ITC_TEMPERATURE = 0.07  # BLIP's contrastive temperature at initialisation
 
 
 class SemioticError(UserError):
+    """A request the semiotic module cannot serve (a missing tower, a bad image or text): one line, exit 2."""
     pass
 
 
 class MnemosyneSemioModule:
+    """The semiotic module: captions, readings (several captions by beam search), cultural codes and
+    image–text scores of one captioning model and, optionally, one matching model.
+
+    Made from checkpoints (`from_checkpoints`), a bundle (`from_bundle`) or random weights
+    (`random`, for tests). Image embeddings are cached per image, so reading, scoring and
+    relating one image encode it once. `metrics()` reports what it ran and how long it took."""
     def __init__(self, captioner: Engine, matcher: Engine | None, *, random_weights: bool = False,
                  cache_size: int = 4096):
         if not captioner.has("caption"):
@@ -152,6 +159,8 @@ class MnemosyneSemioModule:
         return self.caption_many([load_image(image)], prompt)[0]
 
     def caption_many(self, images: list, prompt: str | None = None, pixels: np.ndarray | None = None) -> list[str]:
+        """One caption per image (greedy), in order; `prompt` starts every caption, `pixels`
+        (already preprocessed, one row per image) skips the preprocessing."""
         embeds = self.embeddings(self.captioner, images, pixels)
         with self.stats.timed("caption", len(images)):
             ids = self.captioner.caption(embeds, prompt)
@@ -227,6 +236,7 @@ class MnemosyneSemioModule:
                 "polysemy_index": result["polysemy_index"]}
 
     def metrics(self) -> dict:
+        """Counts, timings and coherence figures of everything this module ran, per program."""
         engines = [self.captioner] + ([self.matcher] if self.matcher not in (None, self.captioner) else [])
         programs = {e.name: e.stats.to_dict() for e in engines}
         return {**self.stats.to_dict(programs), "random_weights": self.random_weights}

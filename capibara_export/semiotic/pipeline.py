@@ -51,6 +51,8 @@ class RunStats:
 
 
 class ImagePipeline:
+    """Many images through one module: reading and preprocessing run on `workers` threads, up to
+    `prefetch` batches ahead, while the device captions `batch_size` images at a time."""
     def __init__(self, module: MnemosyneSemioModule, workers: int = 2, batch_size: int = 8, prefetch: int = 2):
         self.module, self.workers, self.batch_size, self.prefetch = module, workers, batch_size, prefetch
 
@@ -60,6 +62,9 @@ class ImagePipeline:
 
     def run(self, items: Iterable[ImageInput], k: int = 0, text: str | None = None, culture: bool = False,
             progress: Callable[[ImageResult], None] | None = None) -> tuple[list[ImageResult], RunStats]:
+        """Every item's result in order (a caption, and with `k` readings, with `text` its relation,
+        with `culture` its cultural codes) and the run's timings; an unreadable image is a result with
+        its error, not an exception. `progress` is called with each result as it is ready."""
         items = list(items)
         started = time.perf_counter()
         results: list[ImageResult] = []

@@ -13,6 +13,7 @@ import jax
 
 
 def profile_usage() -> dict:
+    """The first device's kind, platform and count, and its memory use where the runtime reports it."""
     devices = jax.devices()
     out = {"device_kind": devices[0].device_kind, "platform": devices[0].platform, "device_count": len(devices)}
     stats = devices[0].memory_stats()

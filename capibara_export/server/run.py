@@ -63,6 +63,8 @@ class ServerOptions:
     measure_ceiling: int = 0              # steps of each model's largest batch run back to back before ready
 
     def check(self) -> None:
+        """Refuse options that cannot work (a port out of range, one port for two protocols, ...)
+        with a BundleError naming the option and the fix."""
         for name, port in (("--http-port", self.http_port), ("--grpc-port", self.grpc_port)):
             if port is not None and not 0 <= port <= 65535:
                 raise BundleError(f"{name} {port}: give a port in 0..65535 (0: any free port)")
