@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from capibara_export.analysis import analyze as analysis_module
+from capibara_export.matrix import analyze as analysis_module
 from capibara_export.analysis import report as report_module
 from capibara_export.matrix.driver import BuildRequest, run_build
 from capibara_export.matrix.derive import derive
