@@ -186,6 +186,20 @@ def compile_variant(entry: str, batch: int, kernels: str, options: dict | None, 
     return run, time.perf_counter() - t0
 
 
+def profile_if_listed(run, entry: str, batch: int, label: str) -> None:
+    """Profile a variant listed in PROFILE while the budget lasts; a failed profile is a row."""
+    if (entry, batch, label) in PROFILE and left_s() > 45:
+        try:
+            profile(run, entry, batch, label)
+        except Exception as err:
+            record({"profile": label, "error": f"{type(err).__name__}: {str(err)[:300]}"})
+
+
+def done() -> int:
+    print(f"gpu_decode: done in {time.perf_counter() - START:.0f} s", flush=True)
+    return 0
+
+
 def profile(run, entry: str, batch: int, label: str, calls: int = 3) -> None:
     target = OUT / f"prof-{entry}-b{batch}-{len(list(OUT.glob('prof-*')))}.trace.json.gz"
     record({"profile": label, "entry": entry, "batch": batch, "calls": calls, **trace_summary(run, calls, target)})
@@ -277,13 +291,8 @@ def settle(plan, peak: float, repeats: int = 3) -> int:
                 "median_ms": 1e3 * float(np.median(m)), "medians_ms": [1e3 * x for x in m],
                 "mfu": flops / float(np.median(m)) / peak, "same_as_first": same[(entry, batch, label)]})
     for entry, batch, label, _, _, run in runs:
-        if (entry, batch, label) in PROFILE and left_s() > 45:
-            try:
-                profile(run, entry, batch, label)
-            except Exception as err:
-                record({"profile": label, "error": f"{type(err).__name__}: {str(err)[:300]}"})
-    print(f"gpu_decode: done in {time.perf_counter() - START:.0f} s", flush=True)
-    return 0
+        profile_if_listed(run, entry, batch, label)
+    return done()
 
 
 def main() -> int:
@@ -327,13 +336,8 @@ def main() -> int:
                 "compile_s": compile_s, "median_ms": 1e3 * med, "p90_ms": 1e3 * p90,
                 "mfu": flops / med / peak, "hlo_flops": run.flops, "analytic_flops": flops,
                 "same_as_default": same})
-        if (entry, batch, label) in PROFILE and left_s() > 45:
-            try:
-                profile(run, entry, batch, label)
-            except Exception as err:
-                record({"profile": label, "error": f"{type(err).__name__}: {str(err)[:300]}"})
-    print(f"gpu_decode: done in {time.perf_counter() - START:.0f} s", flush=True)
-    return 0
+        profile_if_listed(run, entry, batch, label)
+    return done()
 
 
 if __name__ == "__main__":
