@@ -19,14 +19,14 @@ from typing import Callable
 
 from sharding.precision import get_policy
 
-from .cache import DerivedCache, key_of, source_hash
-from .folder import REBUILD, BuildFolderError, build_parts, hlo_text, ordered_shape, read_build, read_records
-from .records import CompileRecord
 from ..analysis.collectives import collectives
 from ..analysis.hardware import MEMORY_FRACTION, Hardware
 from ..analysis.hlo import HloProgram
 from ..analysis.hotspots import by_scope, by_tower, classify, load_grid, scope_totals
 from ..analysis.roofline import collective_times, roofline
+from .cache import DerivedCache, key_of, source_hash
+from .folder import REBUILD, BuildFolderError, build_parts, hlo_text, ordered_shape, read_build, read_records
+from .records import CompileRecord
 
 SCHEMA = "capibara-export/analysis"
 SCHEMA_VERSION = 1

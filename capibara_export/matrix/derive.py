@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cache import DerivedCache, key_of, source_hash
-from .folder import read_build
-from .analyze import analyze_build, write_json
 from ..analysis.report import render_summary, write_report
 from ..analysis.selection import select
+from .analyze import analyze_build, write_json
+from .cache import DerivedCache, key_of, source_hash
+from .folder import read_build
 
 REPORT_SOURCES = ("capibara_export/analysis/report.py", "capibara_export/analysis/selection.py")
 
