@@ -50,8 +50,9 @@ def count(minimum: int = 1, maximum: int = 2 ** 31 - 1):
 
 def add_trust_args(p: argparse.ArgumentParser, executables: bool) -> None:
     """--trust-key, and with `executables` --allow-unsigned-executables."""
-    p.add_argument("--trust-key", metavar="PUB", type=path_arg, help="ed25519 public key (PEM) that must have signed the manifest; "
-                                                      "checked before any artifact is read")
+    p.add_argument("--trust-key", metavar="PUB", type=path_arg,
+                   help="ed25519 public key (PEM) that must have signed the manifest; checked before any artifact "
+                        "is read")
     if executables:
         p.add_argument("--allow-unsigned-executables", action="store_true",
                        help="load serialized executables (compiled code) from a bundle whose signature was not "

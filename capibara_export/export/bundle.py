@@ -23,20 +23,20 @@ from sharding.precision import get_policy
 from sharding.storage import stored_params, stored_specs
 
 from .. import compiler_options
+from ..bundle_error import BundleError
 from ..matrix import executable_format
 from ..matrix.cache import jax_cache_disabled
 from ..matrix.driver import ExecutableSource, config_hash
 from ..matrix.programs import NEEDS_TOWER, SEMIOTIC_ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
 from ..matrix.records import toolchain
+from ..matrix.serving import (describe, flat_shardings, flatten, input_names, output_names, partition_spec_json,
+                              serving_function, sharded_jit)
 from ..matrix.staging import staged_folder
 from . import compatibility, saved_model, schema, stablehlo, trust
 from . import manifest as mf
 from . import params as params_io
 from .loading import PROCESSOR_FILES
-from ..bundle_error import BundleError
 from .readme import render_readme
-from ..matrix.serving import (describe, flat_shardings, flatten, input_names, output_names, partition_spec_json,
-                              serving_function, sharded_jit)
 
 
 @dataclass

@@ -22,10 +22,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import compatibility, saved_model_check, trust
-from . import manifest as mf
 from ..bundle_error import BundleError
 from ..matrix import executable_format
+from . import compatibility, saved_model_check, trust
+from . import manifest as mf
 from .trust import Trust, TrustPolicy
 
 # Custom calls the project's jax.export artifacts contain (shape checks of the symbolic

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bundle_error import BundleError
 from . import executables, stablehlo
 from . import manifest as mf
 from . import params as params_io
 from .arrays import as_declared
 from .loading import OpenedBundle, inspect_artifact, open_bundle
-from ..bundle_error import BundleError
 from .trust import TrustPolicy
 
 

@@ -33,14 +33,14 @@ from sharding.precision import get_policy
 from sharding.storage import stored_specs, stored_template
 
 from .. import interrupts
+from ..bundle_error import BundleError
 from ..matrix.folder import ordered_shape
 from ..matrix.programs import ProgramOptions, place
+from ..matrix.serving import INPUT_NAMES, example_inputs, flatten, serving_function, unflatten
 from . import executables, saved_model, stablehlo
 from . import manifest as mf
 from . import params as params_io
 from .loading import inspect_artifact, open_bundle
-from ..bundle_error import BundleError
-from ..matrix.serving import INPUT_NAMES, example_inputs, flatten, serving_function, unflatten
 from .trust import TrustPolicy
 
 TOLERANCE = {"fp32": 1e-5, "bf16-mixed": 2e-2, "bf16": 2e-2, "int8-weights": 2e-2}

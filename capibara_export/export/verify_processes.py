@@ -16,11 +16,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from ..bundle_error import BundleError
 from . import manifest as mf
 from .arrays import as_declared, read_npz, write_npz
 from .launch import failure, launch
 from .loading import inspect_artifact
-from ..bundle_error import BundleError
 from .trust import TrustPolicy
 from .verify import Row, Verifier, _compare
 

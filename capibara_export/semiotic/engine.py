@@ -23,13 +23,13 @@ from sharding.precision import get_policy
 from sharding.storage import stored_params
 
 from .. import compiler_options
-from ..matrix.programs import ProgramOptions
 from ..export import manifest as mf
 from ..export import params as params_io
 from ..export import stablehlo
 from ..export.loading import open_bundle
-from ..matrix.serving import flatten, serving_function
 from ..export.trust import TrustPolicy
+from ..matrix.programs import ProgramOptions
+from ..matrix.serving import flatten, serving_function
 
 BATCH_SIZES = (1, 4, 8)
 

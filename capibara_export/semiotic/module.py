@@ -33,8 +33,8 @@ from model.hf import load_checkpoint
 from model.processor import Preprocessor, write_synthetic_processor
 from model.random_params import init_params
 
-from ..matrix.programs import ProgramOptions
 from ..export.trust import TrustPolicy
+from ..matrix.programs import ProgramOptions
 from .codes import Code, load_codes
 from .engine import BundleEngine, CheckpointEngine, Engine
 from .images import ImageInput, load_image
