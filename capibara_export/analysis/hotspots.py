@@ -29,16 +29,20 @@ HIDDEN_FAMILY = ("hidden", "fsdp-tp", "tp")
 
 def scope_totals(program: HloProgram, found: list[Collective],
                  comm_seconds: Callable[[Collective], float] | None = None) -> dict[str, dict[str, float]]:
-    """FLOPs, bytes and collective bytes per scope, every instruction counted (loops included);
-    with `comm_seconds` (the roofline's time of one collective) also `comm_s` per scope."""
+    """FLOPs, bytes, collective bytes and kernel launches per scope, every instruction counted
+    (loops included); with `comm_seconds` (the roofline's time of one collective) also `comm_s`
+    per scope."""
     acc: dict[str, dict[str, float]] = defaultdict(lambda: {"flops": 0.0, "bytes": 0.0, "comm_bytes": 0.0,
+                                                            "launches": 0.0,
                                                             **({"comm_s": 0.0} if comm_seconds else {})})
+    kernels = {k.name for k in program.kernel_profile().kernels}
     for comp, inst, times in program.instructions():
         c = program.instruction_costs(comp, inst)
-        if c.flops or c.bytes:
+        if c.flops or c.bytes or inst.name in kernels:
             row = acc[program.scope_of(comp, inst)]
             row["flops"] += c.flops * times
             row["bytes"] += c.bytes * times
+            row["launches"] += times if inst.name in kernels else 0.0
     for c in found:
         acc[c.scope]["comm_bytes"] += c.total_bytes
         if comm_seconds:

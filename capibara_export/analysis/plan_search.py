@@ -7,9 +7,9 @@ Two proposals, both read from each (entry, precision, batch) group's compiled un
   collectives cost (`hotspots.towers`). Each tower's time under each plan that compiled is
   estimated as
 
-      t(tower, plan) = max(FLOPs / peak, bytes / HBM bandwidth, comm)   (comm: the roofline's
-                       time of the tower's collectives; + comm instead where collectives do
-                       not overlap, as roofline.py),
+      t(tower, plan) = max(max(FLOPs / peak, bytes / HBM bandwidth) + launches · κ, comm)
+                       (comm: the roofline's time of the tower's collectives, κ its per-kernel
+                       overhead; + comm instead where collectives do not overlap, as roofline.py),
 
   and when the towers' cheapest plans differ (by more than MARGIN), a plan giving each tower
   its cheapest rules (sharding/plans.py `towers`) is proposed.
@@ -48,13 +48,14 @@ class Proposal:
 
 def tower_seconds(row: dict, hardware: Hardware, compute_dtype: str) -> float:
     """The estimate above for one tower's figures (a `hotspots.towers` row)."""
-    # the roofline's achievable rates (the same as the peaks for TPU entries and a CPU host);
-    # a tower has no kernel profile of its own, so no per-launch terms here
+    # the roofline's achievable rates (the same as the peaks for TPU entries and a CPU host) and
+    # its per-launch overhead for the tower's kernels (no per-kernel split of the max here)
     rate, bandwidth = hardware.achievable_flops(compute_dtype), hardware.achievable_bandwidth()
     compute = row["flops"] / rate if rate else 0.0
     memory = row["bytes"] / bandwidth if bandwidth else 0.0
+    work = max(compute, memory) + row.get("launches", 0.0) * hardware.kernel_overhead
     comm = row.get("comm_s", 0.0)
-    return max(compute, memory, comm) if hardware.overlaps_communication else max(compute, memory) + comm
+    return max(work, comm) if hardware.overlaps_communication else work + comm
 
 
 def _same_rules(a: ShardingPlan, b: ShardingPlan) -> bool:
