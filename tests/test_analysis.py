@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from capibara_export.matrix.driver import BuildRequest, run_build
 from capibara_export.analysis.collectives import collectives
+from capibara_export.analysis.hardware import TPU_KERNEL_OVERHEAD
 from capibara_export.matrix.derive import derive
 from capibara_export.analysis.hlo import HloProgram
 from capibara_export.analysis.selection import pareto, select
@@ -84,14 +85,24 @@ def test_roofline_names_a_binding_term_and_selection_only_picks_fitting_units(ba
     for a in analysis["units"].values():
         if a["status"] == "ok":
             r = a["roofline"]
-            # TPU entries: the per-kernel roofline without overheads (no published figure), so
-            # each kernel costs max(compute, memory): between the whole-program max and the sum
-            assert r["binding"] in ("compute", "memory", "communication")
-            assert r["overhead_s"] == 0.0 and r["kernels"] > 0
-            work = r["latency_s"] if r["latency_s"] > r["comm_s"] else None
+            # TPU entries: the per-kernel roofline with libtpu's per-kernel floor as the only
+            # overhead, so each kernel costs κ + max(compute, memory): the work lies between the
+            # whole-program max and the sum, plus the launches
+            assert r["binding"] in ("compute", "memory", "communication", "overhead")
+            assert r["kernels"] > 0 and r["overhead_s"] == pytest.approx(r["kernels"] * TPU_KERNEL_OVERHEAD)
+            work = r["latency_s"] - r["overhead_s"] if r["latency_s"] > r["comm_s"] else None
             assert r["latency_s"] >= max(r["compute_s"], r["memory_s"], r["comm_s"]) * (1 - 1e-12) > 0
             assert work is None or work <= (r["compute_s"] + r["memory_s"]) * (1 + 1e-12)
             assert r["compiler_optimal_s"] is None or r["compiler_optimal_s"] > 0
+            # and the compiler's own estimate beside it, for the same kernels
+            e = a["libtpu_estimate"]
+            assert 0 < e["kernels_covered"] <= e["kernels"] and e["clock_hz"] == 1.05e9
+            assert e["roofline_compute_s"] <= r["latency_s"] * (1 + 1e-9)
+            assert work is None or e["roofline_compute_s"] == pytest.approx(r["latency_s"], rel=1e-9)
+    agreement = analysis["model_agreement"]
+    assert set(agreement["entries"]) == {"encode_image", "caption"}
+    for entry in agreement["entries"].values():
+        assert entry["units"] == len(SERVING_PLANS) and -1 <= entry["spearman_compute"] <= 1
     selection = json.loads((folder / "selection.json").read_text())
     for s in selection["selections"]:
         assert analysis["units"][s["unit_id"]]["memory"]["fits"]

@@ -58,6 +58,19 @@ def out(tmp_path_factory):
     return folder
 
 
+@pytest.fixture
+def work_bound_tpu(monkeypatch):
+    """The default target's entry without its per-kernel overhead. With it, the tiny model on a
+    TPU is launch-bound (caption: ~2,400 kernel launches, 1.4 ms of a 1.5 ms prediction), so
+    whichever plan launches fewest kernels wins and no tower mix can pay; these tests are about
+    the search's mechanics where the towers' work decides, as it does for the base model."""
+    from dataclasses import replace
+
+    from capibara_export.analysis.hardware import HARDWARE
+
+    monkeypatch.setitem(HARDWARE, "tpu-v4-chip", replace(HARDWARE["tpu-v4-chip"], kernel_overhead=0.0))
+
+
 def _build(out, plans: tuple[str, ...], **kw):
     from capibara_export.matrix.driver import BuildRequest, run_build
     from capibara_export.matrix.derive import derive
@@ -68,7 +81,7 @@ def _build(out, plans: tuple[str, ...], **kw):
     return result, json.loads((result.folder / "selection.json").read_text())["selections"][0]
 
 
-def test_towers_that_disagree_propose_a_plan_the_selection_takes(out):
+def test_towers_that_disagree_propose_a_plan_the_selection_takes(out, work_bound_tpu):
     result, chosen = _build(out, ("replicated", "dp-vocab"))
     derived = [r for r in result.records if r.origin]
     assert len(derived) == 1 and len(result.records) == 3
@@ -96,7 +109,7 @@ def test_towers_that_disagree_propose_a_plan_the_selection_takes(out):
     assert again == result.plans[name].towers[0]
 
 
-def test_no_plan_is_derived_when_one_plan_serves_every_tower_best(out):
+def test_no_plan_is_derived_when_one_plan_serves_every_tower_best(out, work_bound_tpu):
     """With dp beside them, dp is cheapest for both towers: nothing is proposed, dp is taken."""
     result, chosen = _build(out, ("replicated", "dp-vocab", "dp"))
     assert not any(r.origin for r in result.records) and len(result.records) == 3

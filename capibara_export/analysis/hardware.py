@@ -56,6 +56,9 @@ class Hardware:
     collective_overhead: float = 0.0   # seconds per collective, whatever its group size
     all_reduce_latency_factor: float = 2.0  # an all-reduce's latency in all-gathers' (a ring: 2)
     calibration: str = "none: peak figures, no per-kernel or per-iteration overhead"
+    # The core clock, to turn the TPU compiler's per-kernel `estimated_cycles` into seconds
+    # (analysis/libtpu_estimate.py); 0 where no compiler estimate is read (CPU, GPU)
+    clock_hz: float = 0.0
 
     def peak_flops(self, compute_dtype: str) -> float:
         return self.peak_bf16_flops if compute_dtype == "bfloat16" else self.peak_fp32_flops
@@ -94,24 +97,34 @@ class Hardware:
         return min(rates, default=plain)
 
 
-# No TPU is reachable from here: TPU entries keep the published peaks, and no per-kernel or
-# per-iteration figure is published for them, so those terms are 0 (not modelled).
-TPU_CALIBRATION = ("unvalidated: published peak FLOP/s and HBM bandwidth; no per-kernel or per-iteration "
-                   "overhead (no published figure)")
+# No TPU is reachable from here: TPU entries keep the published peaks. No per-kernel figure is
+# published either; the per-kernel overhead is the floor of the TPU compiler's own estimates:
+# over the 7,000 kernels of the default build that move under 200 KB, libtpu 0.0.42.1's
+# `estimated_cycles` never go below ~610 cycles (median 0.59 µs, 10th percentile 0.58 µs at
+# 1.05 GHz), where the roofline had 0 (docs/measurements/2026-12-07-libtpu-estimates-beside-
+# the-roofline.md). No per-iteration figure (0: not modelled).
+TPU_KERNEL_OVERHEAD = 5.8e-7
+TPU_CALIBRATION = ("unvalidated: published peak FLOP/s and HBM bandwidth; per-kernel overhead 0.58 µs from the "
+                   "floor of libtpu's own per-kernel estimates; no per-iteration overhead (no figure)")
+# Clocks: v4 1050 MHz (Jouppi et al., "TPU v4", ISCA 2023, table 1; also 275e12 FLOP/s / (2 cores x
+# 4 MXUs x 128x128 x 2)); v5e 1.5 GHz, from its 197e12 FLOP/s / (4 MXUs x 128x128 x 2) (Google
+# publishes no v5e clock).
+V4_CLOCK, V5E_CLOCK = 1.05e9, 1.5e9
 
 HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # TPU f32 matmuls at DEFAULT precision run as one bf16 MXU pass: same peak as bf16.
     Hardware("tpu-v4-tensorcore", 1.375e14, 1.375e14, 16 * GiB, 0.6e12, 4.5e10, 1e-6, 3,
              "REFERENCE.md: half of a TPU v4 chip (v4-32 default chip config, 2 devices per chip); "
              "DCN: scaling-book, half a chip's 6.25e9 B/s", dcn_bandwidth=3.125e9, dcn_latency=1e-5,
-             calibration=TPU_CALIBRATION),
+             kernel_overhead=TPU_KERNEL_OVERHEAD, calibration=TPU_CALIBRATION, clock_hz=V4_CLOCK),
     Hardware("tpu-v4-chip", 2.75e14, 2.75e14, 32 * GiB, 1.2e12, 4.5e10, 1e-6, 3,
              "REFERENCE.md: TPU v4 chip in megacore mode (Google TPU v4 docs, scaling-book); "
              "DCN: scaling-book, 6.25e9 B/s per chip", dcn_bandwidth=6.25e9, dcn_latency=1e-5,
-             calibration=TPU_CALIBRATION),
+             kernel_overhead=TPU_KERNEL_OVERHEAD, calibration=TPU_CALIBRATION, clock_hz=V4_CLOCK),
     Hardware("tpu-v5e-chip", 1.97e14, 1.97e14, 16 * GiB, 8.1e11, 4.5e10, 1e-6, 2,
              "REFERENCE.md: TPU v5e chip (Google TPU v5e docs); DCN: scaling-book, 3.125e9 B/s per chip",
-             dcn_bandwidth=3.125e9, dcn_latency=1e-5, calibration=TPU_CALIBRATION),
+             dcn_bandwidth=3.125e9, dcn_latency=1e-5, kernel_overhead=TPU_KERNEL_OVERHEAD,
+             calibration=TPU_CALIBRATION, clock_hz=V5E_CLOCK),
     # GPU f32 matmuls use TF32 by default in XLA: about half the bf16 dense rate.
     Hardware("nvidia-h100", 7.9e14, 3.95e14, 80 * GiB, 3.0e12, 0.0, 0.0, 0,
              "REFERENCE.md: measured on the lent H100 (8192^3 bf16 matmul, D2D copy)"),

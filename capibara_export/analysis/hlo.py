@@ -76,6 +76,8 @@ class Kernel:
     transposes: bool = False   # gathers single elements: a transpose or copy in it changes the innermost dimension
     matmul: bool = False       # a dot or convolution (or one fused into it, or a library GEMM call)
     matvec: bool = False       # its dots are matrix-vector products (one row or column: XLA:CPU streams them)
+    reduces: bool = False      # a reduce runs in it (the TPU compiler's batch-1 matvecs are multiply-reduces)
+    opcode: str = ""
 
 
 @dataclass
@@ -368,7 +370,8 @@ class HloProgram:
                 transposes = GATHERS_ELEMENTS in ops if fused else _gathers_elements(comp, inst)
                 matmul = own.matmul_flops > 0 or bool(ops & MATMULS)
                 matvec = matmul and (MATVEC in ops if fused else op == "dot" and _matvec(comp, inst))
-                kernels.append(Kernel(inst.name, flops, own.bytes, self.multiplier[name], transposes, matmul, matvec))
+                kernels.append(Kernel(inst.name, flops, own.bytes, self.multiplier[name], transposes, matmul, matvec,
+                                      "reduce" in ops, op))
         iterations = sum(loop.trip_count * loop.multiplier for loop in self.loops)
         return KernelProfile(kernels, iterations)
 

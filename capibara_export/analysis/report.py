@@ -15,6 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .model_agreement import DISAGREEMENT_HEADERS, ENTRY_HEADERS, disagreement_rows, entry_rows  # noqa: E402
+
 GiB = 1024 ** 3
 _UNITS = ((GiB, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB"), (1, "B"))
 REDUNDANCY_FLAG = 1.5   # units whose devices repeat more work than this are flagged with the reason
@@ -229,6 +231,16 @@ def render_html(analysis: dict, selection: dict) -> str:
                 parts.append(fig)
     parts.append("<h2>Pareto fronts (model latency vs compiled memory)</h2>")
     parts += [f for f in (pareto_figure(analysis, selection, e) for e in entries) if f]
+    agreement = analysis.get("model_agreement")
+    if agreement:
+        parts += ["<h2>The compiler's second opinion (compiled vs model)</h2>",
+                  "<p>libtpu's own per-kernel estimates (<code>estimated_cycles</code>) beside the roofline's "
+                  "per-kernel prices, on the compute part (collectives carry no compiler estimate); ratio = "
+                  "libtpu / roofline. See docs/report.md.</p>",
+                  _table(ENTRY_HEADERS, entry_rows(agreement)),
+                  f"<p>Units where the two differ by more than {agreement['disagreement_threshold']}x:</p>",
+                  _table(DISAGREEMENT_HEADERS, disagreement_rows(agreement))
+                  if agreement["disagreements"] else "<p>None.</p>"]
     parts.append("<h2>Per-device communication load of the selected units (compiled)</h2>")
     for s in selection["selections"]:
         if s["unit_id"]:
@@ -309,6 +321,13 @@ def render_summary(analysis: dict, selection: dict) -> str:
     if derived:
         lines += ["", "Plans derived from the hotspots:", "", "| unit | predicted ms | outcome |", "|---|---|---|"]
         lines += [f"| {r[0]} | {r[3] or '—'} | {r[4]} |" for r in derived]
+    agreement = analysis.get("model_agreement")
+    if agreement:
+        lines += ["", "The roofline beside libtpu's own kernel estimates (compute part):", "",
+                  "| " + " | ".join(ENTRY_HEADERS) + " |", "|---" * len(ENTRY_HEADERS) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in entry_rows(agreement)]
+        lines += ["", f"{len(agreement['disagreements'])} units differ by more than "
+                      f"{agreement['disagreement_threshold']}x on compute (report.html lists them)."]
     return "\n".join(lines) + "\n"
 
 

@@ -37,7 +37,9 @@ W' is the measured transposing copy's, a GEMM's that is not matrix-vector the me
 skinny GEMM's, where there is one: XLA:CPU moves a few-row or thin GEMM's bytes at 0.4-0.5x
 an add's rate) and κ, λ and call the
 per-kernel, per-loop-iteration and per-call overheads (calibration.py measures all five on
-a CPU host and a local GPU; TPU entries have the published peaks and no overheads). A
+a CPU host and a local GPU; TPU entries have the published peaks, κ from the floor of
+the TPU compiler's own per-kernel estimates (hardware.TPU_KERNEL_OVERHEAD) and no other
+overhead). A
 kernel that is memory-bound no longer hides under another that is compute-bound, and a
 batch-1 decode of thousands of tiny kernels costs what its launches cost. Then
 latency = max(kernels, comm), or kernels + comm where collectives do not overlap, and
@@ -57,7 +59,7 @@ from dataclasses import asdict, dataclass, replace
 
 from .collectives import Collective, dims_spanned
 from .hardware import Hardware
-from .hlo import KernelProfile
+from .hlo import Kernel, KernelProfile
 
 
 @dataclass
@@ -153,16 +155,32 @@ def roofline(flops: float, bytes_accessed: float, found: list[Collective], hardw
     return Roofline(compute, memory, comm, by_axis, latency, binding, mfu, peak, link, optimal, overhead, launches)
 
 
+class KernelPricer:
+    """The per-kernel model's price of one kernel: (compute, memory) seconds for one run at
+    the achievable rates (the kernel overhead κ is added by the caller, once per launch)."""
+
+    def __init__(self, hardware: Hardware, compute_dtype: str):
+        self.hardware, self.compute_dtype = hardware, compute_dtype
+        self.rate = hardware.achievable_flops(compute_dtype)
+        self.bandwidth = {(t, gemm): hardware.achievable_bandwidth(t, gemm) for t in (False, True)
+                          for gemm in (False, True)}
+
+    def __call__(self, k: Kernel) -> tuple[float, float]:
+        p = self.hardware.gemm_rate(k.flops, self.compute_dtype) if k.matmul else self.rate
+        w = self.bandwidth[k.transposes, k.matmul and not k.matvec]
+        return (k.flops / p if p else 0.0), (k.bytes / w if w else 0.0)
+
+    def seconds(self, k: Kernel) -> float:
+        """One run of the kernel, its launch overhead included."""
+        return self.hardware.kernel_overhead + max(self(k))
+
+
 def _per_kernel(profile: KernelProfile, hardware: Hardware, compute_dtype: str) -> tuple[float, ...]:
     """(compute, memory, overhead, total) seconds of the kernels and the launch count."""
-    rate = hardware.achievable_flops(compute_dtype)
-    bandwidth = {(t, gemm): hardware.achievable_bandwidth(t, gemm) for t in (False, True) for gemm in (False, True)}
+    price = KernelPricer(hardware, compute_dtype)
     compute = memory = work = 0.0
     for k in profile.kernels:
-        p = hardware.gemm_rate(k.flops, compute_dtype) if k.matmul else rate
-        w = bandwidth[k.transposes, k.matmul and not k.matvec]
-        c = k.flops / p if p else 0.0
-        m = k.bytes / w if w else 0.0
+        c, m = price(k)
         compute += k.times * c
         memory += k.times * m
         work += k.times * max(c, m)

@@ -13,7 +13,9 @@ bf16 dots: XLA:CPU widens bf16 around every dot, so a bf16 program is slower tha
 every bf16-compute selection is marked `refused` with that reason, and the export writes no
 executable or sharded program for it unless the precision is named explicitly. Each
 selection carries the memory advice of its unit (hotspots.advise): only plans valid here,
-and why the selection differs when it does.
+and why the selection differs when it does. On TPU targets the reason also says whether the
+compiler's own per-kernel estimates (model_agreement.py) would choose the same plan; they
+inform, the roofline decides.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 from sharding.precision import get_policy
 
 from .hotspots import advise, gib
+from .model_agreement import compiler_choice
 
 SCHEMA = "capibara-export/selection"
 SCHEMA_VERSION = 1
@@ -40,6 +43,17 @@ def _none_selected(units: list[dict]) -> str:
 
 def _latency(u: dict) -> str:
     return f"{u['unit']['plan']} {u['roofline']['latency_s'] * 1e3:.3g} ms"
+
+
+def _second_opinion(chosen: dict, theirs: dict) -> str:
+    """What the TPU compiler's own kernel estimates (with the roofline's communication term)
+    say about the choice."""
+    mine = chosen["libtpu_estimate"]["latency_s"]
+    if theirs["id"] == chosen["id"]:
+        return f"; libtpu's own kernel estimates agree ({mine * 1e3:.3g} ms)"
+    return (f"; libtpu's own kernel estimates would choose {theirs['unit']['plan']} "
+            f"({theirs['libtpu_estimate']['latency_s'] * 1e3:.3g} ms against {mine * 1e3:.3g} ms for "
+            f"{chosen['unit']['plan']}; docs/report.md, 'The compiler's second opinion')")
 
 
 def pareto(points: list[tuple[str, float, float]]) -> list[str]:
@@ -97,6 +111,10 @@ def select(analysis: dict) -> dict:
                   f"{gib(chosen['memory']['peak'])} per device"
                   + (f"; next: {', '.join(_latency(u) for u in beaten)}" if beaten else "")
                   + (f"; also on the Pareto front: {', '.join(others)}" if others else ""))
+        theirs = compiler_choice(fitting)
+        if theirs is not None:
+            reason += _second_opinion(chosen, theirs)
+            entry_sel["libtpu_choice"] = theirs["unit"]["plan"]
         origin = chosen.get("origin")
         if origin:
             reason += (f"; a plan derived from the hotspots of {origin['proposed_by']}: {origin['hotspot']}")

@@ -23,6 +23,8 @@ from ..analysis.collectives import collectives
 from ..analysis.hardware import MEMORY_FRACTION, Hardware
 from ..analysis.hlo import HloProgram
 from ..analysis.hotspots import by_scope, by_tower, classify, load_grid, scope_totals
+from ..analysis.libtpu_estimate import estimate_record
+from ..analysis.model_agreement import compare_models
 from ..analysis.roofline import collective_times, roofline
 from .cache import DerivedCache, key_of, source_hash
 from .folder import REBUILD, BuildFolderError, build_parts, hlo_text, ordered_shape, read_build, read_records
@@ -93,9 +95,13 @@ def analyze_unit(record: CompileRecord, programs: Programs, hardware: Hardware, 
     out["collectives"] = {"source": "compiled", "bytes_by_axis": by_axis, "bytes_by_network": networks,
                           "by_kind": sorted(kinds.values(), key=lambda r: -r["bytes"])}
     optimal = raw.get("optimal_seconds")
-    out["roofline"] = roofline(per_device.flops, per_device.bytes, found, hardware,
-                               get_policy(record.unit.precision).compute_dtype, analytic, devices, optimal,
-                               coords, program.kernel_profile()).to_dict()
+    compute_dtype = get_policy(record.unit.precision).compute_dtype
+    profile = program.kernel_profile()
+    out["roofline"] = roofline(per_device.flops, per_device.bytes, found, hardware, compute_dtype, analytic, devices,
+                               optimal, coords, profile).to_dict()
+    if hardware.clock_hz:   # a TPU target: its compiler's own per-kernel estimates, beside the roofline
+        out["libtpu_estimate"] = estimate_record(program, hardware, compute_dtype, out["roofline"]["comm_s"],
+                                                 profile.kernels)
     totals = scope_totals(program, found, lambda c: sum(collective_times(c, hardware, coords).values()))
     out["hotspots"] = {"source": "compiled", "scopes": by_scope(totals), "towers": by_tower(totals)}
     out["load_grid"] = load_grid(found, mesh_shape)
@@ -119,7 +125,8 @@ def _program(folder: Path, relative: str, sha256: str | None = None) -> HloProgr
 
 # Every source file whose code shapes a unit's analysis: an edit there recomputes it.
 ANALYSIS_SOURCES = ("capibara_export/matrix/analyze.py",) + tuple(
-    f"capibara_export/analysis/{m}.py" for m in ("hlo", "hlo_text", "collectives", "hotspots", "roofline", "hardware")) \
+    f"capibara_export/analysis/{m}.py" for m in ("hlo", "hlo_text", "collectives", "hotspots", "roofline", "hardware",
+                                                   "libtpu_estimate")) \
     + ("sharding/precision.py",)
 _VOLATILE = ("cached", "lower_s", "compile_s", "hlo_file", "pre_hlo_file")  # no influence on the analysis
 
@@ -171,13 +178,17 @@ def analyze_build(folder: Path, hardware: Hardware | None = None, name: str | No
                 encoded = encode_unit(units[r.unit.id])
                 cache.put(key, "json", encoded)
                 units[r.unit.id] = json.loads(encoded)
-    return {
+    out = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "build": {"folder": name or folder.name, "target": build["request"]["target"], "mesh": build["mesh"],
                   "model": build["request"]["checkpoint"] or build["request"]["model"],
                   "hardware": asdict(hardware), "toolchain": build["toolchain"]},
         "units": units,
     }
+    agreement = compare_models(out)
+    if agreement is not None:
+        out["model_agreement"] = agreement
+    return out
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -18,7 +18,8 @@ from .analyze import analyze_build, write_json
 from .cache import DerivedCache, key_of, source_hash
 from .folder import read_build
 
-REPORT_SOURCES = ("capibara_export/analysis/report.py", "capibara_export/analysis/selection.py")
+REPORT_SOURCES = ("capibara_export/analysis/report.py", "capibara_export/analysis/selection.py",
+                  "capibara_export/analysis/model_agreement.py")
 
 
 def derive(folder: Path, name: str | None = None) -> tuple[dict, dict, str]:
