@@ -168,3 +168,49 @@ def test_a_buffer_passed_twice_is_read_once():
     values operand; the traffic is the cache once, plus the query and the output."""
     kernel, = HloProgram(TRITON_CALL).kernel_profile().kernels
     assert kernel.bytes == 2 * (577 * 2 * 12 * 64 + 2 * 12 * 64)
+
+
+# The TPU compiler's shape of a scanned layer's weight read: the fusion that uses one layer's
+# weight takes the whole 12-layer stack and slices it in a nested fusion (decode_step,
+# replicated fp32, copy_bitcast_fusion.4 of the default build).
+NESTED_SLICE = """HloModule nested
+
+%sum (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%slice_layer (p0: f32[12,64,128], p1: s32[]) -> f32[1,64,128] {
+  %p0 = f32[12,64,128]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %zero = s32[] constant(0)
+  ROOT %ds = f32[1,64,128]{2,1,0} dynamic-slice(%p0, %p1, %zero, %zero), dynamic_slice_sizes={1,64,128}
+}
+
+%use_layer (q0: f32[12,64,128], q1: s32[], q2: f32[12,64,128]) -> f32[64,128] {
+  %q0 = f32[12,64,128]{2,1,0} parameter(0)
+  %q1 = s32[] parameter(1)
+  %q2 = f32[12,64,128]{2,1,0} parameter(2)
+  %layer = f32[1,64,128]{2,1,0} fusion(%q0, %q1), kind=kLoop, calls=%slice_layer
+  %flat = f32[64,128]{1,0} bitcast(%layer)
+  %init = f32[] constant(0)
+  %whole = f32[64,128]{1,0} reduce(%q2, %init), dimensions={0}, to_apply=%sum
+  ROOT %both = f32[64,128]{1,0} add(%flat, %whole)
+}
+
+ENTRY %main (w: f32[12,64,128], i: s32[], v: f32[12,64,128]) -> f32[64,128] {
+  %w = f32[12,64,128]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %v = f32[12,64,128]{2,1,0} parameter(2)
+  ROOT %fusion = f32[64,128]{1,0} fusion(%w, %i, %v), kind=kLoop, calls=%use_layer
+}
+"""
+
+
+def test_a_stacked_weight_sliced_in_a_nested_fusion_is_read_one_layer_at_a_time():
+    """The stack `w` is only sliced (inside the nested fusion): one layer's 32 KiB is read, not
+    the 384 KiB stack; `v`, which a reduce reads whole, counts whole; plus the index and output."""
+    (kernel,) = [k for k in HloProgram(NESTED_SLICE).kernel_profile().kernels if k.name == "fusion"]
+    layer = 64 * 128 * 4
+    assert kernel.bytes == layer + 12 * layer + 4 + layer

@@ -314,6 +314,40 @@ class HloProgram:
         # its keys operand and its values operand: counted twice, the H200 caption b32 read 2x)
         return inst.shape.bytes + sum(self._operand_bytes(comp, o) for o in dict.fromkeys(inst.operands))
 
+    def _sliced_bytes(self, fused: Computation, pname: str, users: dict[str, list[Instruction]],
+                      depth: int = 0) -> float | None:
+        """The bytes a fused computation reads of parameter `pname` when every use slices it
+        (dynamic-slice, slice, gather), directly or inside a nested fusion that only slices the
+        parameter it becomes (the TPU compiler nests the per-layer dynamic-slice of a stacked
+        weight in the fusion that uses it; read whole, a 12-layer stack was charged 12 times
+        per layer, which libtpu's own estimates exposed: docs/measurements/2026-12-07-libtpu-
+        estimates-beside-the-roofline.md). None: some use reads the whole buffer."""
+        uses = users.get(pname, [])
+        if not uses or depth > 8:
+            return None
+        total = 0.0
+        for u in uses:
+            if u.opcode in ("dynamic-slice", "slice", "gather") and u.operands[0] == pname:
+                total += u.shape.bytes
+                continue
+            nested = self.computations.get(dict(u.called()).get("calls", "")) if u.opcode == "fusion" else None
+            if nested is None:
+                return None
+            inner_users: dict[str, list[Instruction]] = {}
+            for i in nested.instructions:
+                for o in i.operands:
+                    inner_users.setdefault(o, []).append(i)
+            for position, operand in enumerate(u.operands):
+                if operand != pname:
+                    continue
+                inner = next((i.name for i in nested.instructions
+                              if i.opcode == "parameter" and i.operands and i.operands[0] == str(position)), None)
+                read = self._sliced_bytes(nested, inner, inner_users, depth + 1) if inner else None
+                if read is None:
+                    return None
+                total += read
+        return total
+
     def _fusion_bytes(self, comp: Computation, inst: Instruction, fused: Computation) -> float:
         params = {i.name: int(i.operands[0]) for i in fused.instructions if i.opcode == "parameter"}
         users: dict[str, list[Instruction]] = {}
@@ -326,13 +360,10 @@ class HloProgram:
         for pname, index in params.items():
             if index >= len(inst.operands):
                 continue
-            uses = users.get(pname, [])
             if pname == dus_buffer:
                 continue  # updated in place: only the update is written
-            if uses and all(u.opcode in ("dynamic-slice", "slice", "gather") and u.operands[0] == pname for u in uses):
-                total += sum(u.shape.bytes for u in uses)
-            else:
-                total += self._operand_bytes(comp, inst.operands[index])
+            sliced = self._sliced_bytes(fused, pname, users)
+            total += self._operand_bytes(comp, inst.operands[index]) if sliced is None else sliced
         if dus_buffer is not None and len(root.operands) > 1:
             update = fused.by_name.get(root.operands[1])
             total += update.shape.bytes if update is not None else 0.0
