@@ -138,3 +138,24 @@ def test_kernel_kinds_name_the_unit_that_does_the_work(stored_unit):
     _, program = stored_unit
     kinds = {kernel_kind(k) for k in program.kernel_profile().kernels}
     assert kinds == {"matmul", "reduce", "element-wise", "data movement"}
+
+
+@pytest.mark.parametrize("n", [1024, 4096])
+def test_the_chips_matmul_rate_is_the_compilers_own_mxu_model(n):
+    """hardware.V4_CHIP_GEMM_RATES holds what libtpu estimates for an n^3 bf16 matmul on one v4
+    chip, less the per-kernel overhead: compiled here again, the estimate still gives that rate
+    (a toolchain whose MXU model moved fails here: rerun `python -m tools.studies.libtpu_estimates`)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from capibara_export.matrix.targets import get_target, make_mesh
+
+    mesh = make_mesh(get_target("tpu-v4-8"), (1, 4))
+    replicated = NamedSharding(mesh, P())
+    shape = jax.ShapeDtypeStruct((n, n), jnp.bfloat16)
+    compiled = jax.jit(lambda a, b: a @ b, in_shardings=(replicated, replicated),
+                       out_shardings=replicated).lower(shape, shape).compile()
+    cycles = read_estimate(HloProgram(compiled.as_text())).cycles
+    flops = 2.0 * n ** 3
+    assert CHIP.gemm_rate(flops, "bfloat16") == pytest.approx(flops / (cycles / 1.05e9 - TPU_KERNEL_OVERHEAD), rel=0.01)

@@ -110,6 +110,14 @@ TPU_CALIBRATION = ("unvalidated: published peak FLOP/s and HBM bandwidth; per-ke
 # 4 MXUs x 128x128 x 2)); v5e 1.5 GHz, from its 197e12 FLOP/s / (4 MXUs x 128x128 x 2) (Google
 # publishes no v5e clock).
 V4_CLOCK, V5E_CLOCK = 1.05e9, 1.5e9
+# A v4 chip's matmul rate by size, from the TPU compiler's own MXU model (cost_model_type
+# CLASSIC): n^3 matmuls, n = 256 .. 4096, compiled for one chip, their estimated cycles at 1.05
+# GHz less the per-kernel overhead above (python -m tools.studies.libtpu_estimates). Where the
+# roofline priced every matmul at the peak, the compiler gives a 256^3 one 8% of it and a 4096^3
+# one 88%: no TPU was measured, but the emitter's model of the MXU pipeline is better founded
+# than the peak for the small per-device matmuls that sharding makes.
+V4_CHIP_GEMM_RATES = ((3.355e7, 2.301e13, 2.301e13), (2.684e8, 6.703e13, 6.703e13), (2.147e9, 1.450e14, 1.545e14),
+                      (1.718e10, 2.172e14, 2.251e14), (1.374e11, 2.414e14, 2.422e14))
 
 HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # TPU f32 matmuls at DEFAULT precision run as one bf16 MXU pass: same peak as bf16.
@@ -120,7 +128,8 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     Hardware("tpu-v4-chip", 2.75e14, 2.75e14, 32 * GiB, 1.2e12, 4.5e10, 1e-6, 3,
              "REFERENCE.md: TPU v4 chip in megacore mode (Google TPU v4 docs, scaling-book); "
              "DCN: scaling-book, 6.25e9 B/s per chip", dcn_bandwidth=6.25e9, dcn_latency=1e-5,
-             kernel_overhead=TPU_KERNEL_OVERHEAD, calibration=TPU_CALIBRATION, clock_hz=V4_CLOCK),
+             kernel_overhead=TPU_KERNEL_OVERHEAD, gemm_rates=V4_CHIP_GEMM_RATES, clock_hz=V4_CLOCK,
+             calibration=TPU_CALIBRATION + "; matmul rate by size from libtpu's own MXU model"),
     Hardware("tpu-v5e-chip", 1.97e14, 1.97e14, 16 * GiB, 8.1e11, 4.5e10, 1e-6, 2,
              "REFERENCE.md: TPU v5e chip (Google TPU v5e docs); DCN: scaling-book, 3.125e9 B/s per chip",
              dcn_bandwidth=3.125e9, dcn_latency=1e-5, kernel_overhead=TPU_KERNEL_OVERHEAD,
