@@ -214,3 +214,21 @@ def test_a_stacked_weight_sliced_in_a_nested_fusion_is_read_one_layer_at_a_time(
     (kernel,) = [k for k in HloProgram(NESTED_SLICE).kernel_profile().kernels if k.name == "fusion"]
     layer = 64 * 128 * 4
     assert kernel.bytes == layer + 12 * layer + 4 + layer
+
+
+@pytest.mark.parametrize("text, logical, moved", [
+    # the decoder's cross-attention cache slice: 64 lanes pad to 128, 12 rows to 16
+    ("bf16[1,577,2,12,64]{4,3,2,1,0:T(8,128)(2,1)S(3)}", 1 * 577 * 2 * 12 * 64 * 2, 1 * 577 * 2 * 16 * 128 * 2),
+    # a layout that is not row-major pads its own two most-minor dimensions
+    ("f32[32,577,768]{1,2,0:T(8,128)}", 32 * 577 * 768 * 4, 32 * 640 * 768 * 4),
+    # a 1-D tile, and a tuple of leaves each with its own tiling
+    ("(f32[32]{0:T(128)S(3)}, bf16[1,32,768]{2,1,0:T(8,128)(2,1)})", 32 * 4 + 32 * 768 * 2, 128 * 4 + 32 * 768 * 2),
+    # no tiles (CPU and GPU layouts) and an exact fit: the logical size
+    ("f32[16,64]{1,0}", 16 * 64 * 4, 16 * 64 * 4),
+    ("bf16[8,128]{1,0:T(8,128)(2,1)}", 8 * 128 * 2, 8 * 128 * 2),
+])
+def test_a_tiled_layout_moves_the_bytes_its_tiles_hold(text, logical, moved):
+    from capibara_export.analysis.hlo_text import Shape
+
+    shape = Shape.parse(text)
+    assert shape.bytes == logical and shape.moved_bytes == moved

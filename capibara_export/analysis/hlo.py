@@ -11,7 +11,8 @@ Per instruction it counts, following HloCostAnalysis' conventions:
   flops           dot: 2·|out|·|contracted|; convolution: 2·|out|·|kernel|/out_features;
                   reduce: |in|; other element-wise arithmetic: |out|
   transcendentals exp, log, tanh, rsqrt, sqrt, erf, logistic, power, ...: |out|
-  bytes accessed  for instructions outside fusions: operands read plus result written,
+  bytes accessed  for instructions outside fusions: operands read plus result written, each
+                  as its layout stores it (TPU tiles padded: hlo_text.Shape.moved_bytes),
                   where a fusion reading a stacked parameter through dynamic-slice reads
                   only the slice, and an in-place dynamic-update-slice writes only the update
 """
@@ -299,11 +300,11 @@ class HloProgram:
 
     def _operand_bytes(self, comp: Computation, name: str) -> float:
         src = comp.by_name.get(name)
-        return src.shape.bytes if src is not None else 0.0
+        return src.shape.moved_bytes if src is not None else 0.0
 
     def _bytes(self, comp: Computation, inst: Instruction) -> float:
         if inst.opcode in ("dynamic-slice", "slice", "gather"):
-            return 2.0 * inst.shape.bytes
+            return 2.0 * inst.shape.moved_bytes
         if inst.opcode == "dynamic-update-slice" and len(inst.operands) > 1:
             return 2.0 * self._operand_bytes(comp, inst.operands[1])
         if inst.opcode == "fusion":
@@ -312,7 +313,7 @@ class HloProgram:
                 return self._fusion_bytes(comp, inst, fused)
         # a buffer passed twice is read once (the Pallas decode kernel takes the fused KV cache as
         # its keys operand and its values operand: counted twice, the H200 caption b32 read 2x)
-        return inst.shape.bytes + sum(self._operand_bytes(comp, o) for o in dict.fromkeys(inst.operands))
+        return inst.shape.moved_bytes + sum(self._operand_bytes(comp, o) for o in dict.fromkeys(inst.operands))
 
     def _sliced_bytes(self, fused: Computation, pname: str, users: dict[str, list[Instruction]],
                       depth: int = 0) -> float | None:
@@ -328,7 +329,7 @@ class HloProgram:
         total = 0.0
         for u in uses:
             if u.opcode in ("dynamic-slice", "slice", "gather") and u.operands[0] == pname:
-                total += u.shape.bytes
+                total += u.shape.moved_bytes
                 continue
             nested = self.computations.get(dict(u.called()).get("calls", "")) if u.opcode == "fusion" else None
             if nested is None:
@@ -366,9 +367,9 @@ class HloProgram:
             total += self._operand_bytes(comp, inst.operands[index]) if sliced is None else sliced
         if dus_buffer is not None and len(root.operands) > 1:
             update = fused.by_name.get(root.operands[1])
-            total += update.shape.bytes if update is not None else 0.0
+            total += update.shape.moved_bytes if update is not None else 0.0
         else:
-            total += inst.shape.bytes
+            total += inst.shape.moved_bytes
         return total
 
     def costs(self, loop_corrected: bool = True) -> Costs:
