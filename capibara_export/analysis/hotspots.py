@@ -28,14 +28,15 @@ HIDDEN_FAMILY = ("hidden", "fsdp-tp", "tp")
 
 
 def scope_totals(program: HloProgram, found: list[Collective],
-                 comm_seconds: Callable[[Collective], float] | None = None) -> dict[str, dict[str, float]]:
+                 comm_seconds: Callable[[Collective], float] | None = None,
+                 kernels: list | None = None) -> dict[str, dict[str, float]]:
     """FLOPs, bytes, collective bytes and kernel launches per scope, every instruction counted
     (loops included); with `comm_seconds` (the roofline's time of one collective) also `comm_s`
-    per scope."""
+    per scope. `kernels`: the program's kernel profile when already made (hlo.Kernel list)."""
     acc: dict[str, dict[str, float]] = defaultdict(lambda: {"flops": 0.0, "bytes": 0.0, "comm_bytes": 0.0,
                                                             "launches": 0.0,
                                                             **({"comm_s": 0.0} if comm_seconds else {})})
-    kernels = {k.name for k in program.kernel_profile().kernels}
+    kernels = {k.name for k in (program.kernel_profile().kernels if kernels is None else kernels)}
     for comp, inst, times in program.instructions():
         c = program.instruction_costs(comp, inst)
         if c.flops or c.bytes or inst.name in kernels:

@@ -102,7 +102,8 @@ def analyze_unit(record: CompileRecord, programs: Programs, hardware: Hardware, 
     if hardware.clock_hz:   # a TPU target: its compiler's own per-kernel estimates, beside the roofline
         out["libtpu_estimate"] = estimate_record(program, hardware, compute_dtype, out["roofline"]["comm_s"],
                                                  profile.kernels)
-    totals = scope_totals(program, found, lambda c: sum(collective_times(c, hardware, coords).values()))
+    totals = scope_totals(program, found, lambda c: sum(collective_times(c, hardware, coords).values()),
+                          profile.kernels)
     out["hotspots"] = {"source": "compiled", "scopes": by_scope(totals), "towers": by_tower(totals)}
     out["load_grid"] = load_grid(found, mesh_shape)
     out["classification"] = classify(mem)
