@@ -78,7 +78,6 @@ class Kernel:
     matmul: bool = False       # a dot or convolution (or one fused into it, or a library GEMM call)
     matvec: bool = False       # its dots are matrix-vector products (one row or column: XLA:CPU streams them)
     reduces: bool = False      # a reduce runs in it (the TPU compiler's batch-1 matvecs are multiply-reduces)
-    opcode: str = ""
 
 
 @dataclass
@@ -131,6 +130,15 @@ def _matvec(comp: Computation, inst: Instruction) -> bool:
         bound = set(dims.get(f"{side}_contracting_dims", [])) | set(dims.get(f"{side}_batch_dims", []))
         free.append(math.prod(n for d, n in enumerate(shape) if d not in bound))
     return len(free) == 2 and min(free) == 1
+
+
+def _users(comp: Computation) -> dict[str, list[Instruction]]:
+    """Each value's users within one computation."""
+    users: dict[str, list[Instruction]] = {}
+    for i in comp.instructions:
+        for o in i.operands:
+            users.setdefault(o, []).append(i)
+    return users
 
 
 class HloProgram:
@@ -334,10 +342,7 @@ class HloProgram:
             nested = self.computations.get(dict(u.called()).get("calls", "")) if u.opcode == "fusion" else None
             if nested is None:
                 return None
-            inner_users: dict[str, list[Instruction]] = {}
-            for i in nested.instructions:
-                for o in i.operands:
-                    inner_users.setdefault(o, []).append(i)
+            inner_users = _users(nested)
             for position, operand in enumerate(u.operands):
                 if operand != pname:
                     continue
@@ -351,10 +356,7 @@ class HloProgram:
 
     def _fusion_bytes(self, comp: Computation, inst: Instruction, fused: Computation) -> float:
         params = {i.name: int(i.operands[0]) for i in fused.instructions if i.opcode == "parameter"}
-        users: dict[str, list[Instruction]] = {}
-        for i in fused.instructions:
-            for o in i.operands:
-                users.setdefault(o, []).append(i)
+        users = _users(fused)
         total = 0.0
         root = fused.root
         dus_buffer = root.operands[0] if root is not None and root.opcode == "dynamic-update-slice" else None
@@ -403,7 +405,7 @@ class HloProgram:
                 matmul = own.matmul_flops > 0 or bool(ops & MATMULS)
                 matvec = matmul and (MATVEC in ops if fused else op == "dot" and _matvec(comp, inst))
                 kernels.append(Kernel(inst.name, flops, own.bytes, self.multiplier[name], transposes, matmul, matvec,
-                                      "reduce" in ops, op))
+                                      "reduce" in ops))
         iterations = sum(loop.trip_count * loop.multiplier for loop in self.loops)
         return KernelProfile(kernels, iterations)
 
