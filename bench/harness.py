@@ -28,6 +28,7 @@ from model import get_preset
 from model.layout import for_platform
 from model.random_params import init_params
 from sharding.precision import get_policy
+from model.family import FAMILY
 from sharding.storage import stored_params
 
 NEW_TOKENS = 20
@@ -113,7 +114,7 @@ def runnable(model: str, entry: str, precision: str, batch: int, params=None,
     cfg = for_platform(cfg, jax.default_backend(), layout, storage, cross_cache)
     policy = get_policy(precision)
     program = build_program(cfg, entry, policy, batch, OPTIONS)
-    params = stored_params(params if params is not None else float_params(model), cfg, policy)
+    params = stored_params(FAMILY, params if params is not None else float_params(model), cfg, policy)
     device = jax.devices()[0]
     args = jax.device_put((params, *real_inputs(entry, program)), device)
     if compiler_options is None:

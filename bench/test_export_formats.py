@@ -10,7 +10,7 @@ from jax.experimental import serialize_executable
 
 from bench.harness import attach
 from capibara_export.export import params as params_io, saved_model, stablehlo
-from capibara_export.matrix.serving import INPUT_NAMES, example_inputs, flatten, serving_function
+from capibara_export.matrix.serving import example_inputs, flatten, serving_function
 from model import get_preset
 from model.random_params import init_params
 from model.state import logical_names
@@ -77,7 +77,7 @@ def test_saved_model_cold_load(benchmark, setup):
     serving, flat, inputs, reference, folder = setup
     benchmark.group = "export load (cold start)"
     saved_model.save(folder / "sm-load", {ENTRY: serving}, flat, MODEL)
-    named = dict(zip(INPUT_NAMES[ENTRY], inputs))
+    named = dict(zip(serving.input_names, inputs))
     out = benchmark.pedantic(lambda: saved_model.run(saved_model.load(folder / "sm-load"), ENTRY, named)["token_ids"],
                              rounds=ROUNDS)
     _info(benchmark, "saved_model")

@@ -19,7 +19,7 @@ from statistics import median
 import numpy as np
 from scipy.stats import bootstrap, rankdata, spearmanr
 
-from model.errors import UserError
+from modelapi.errors import UserError
 
 
 class BenchReportError(UserError):

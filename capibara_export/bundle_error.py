@@ -8,7 +8,7 @@ whole bundles.
 
 from __future__ import annotations
 
-from model.errors import UserError
+from modelapi.errors import UserError
 
 
 class BundleError(UserError):

@@ -21,8 +21,22 @@ EXIT_INTERRUPTED = 130
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="base", help="model preset: tiny, small, base, large (default base)")
-    p.add_argument("--checkpoint", metavar="DIR", help="a local Hugging Face BLIP folder; overrides --model")
+    p.add_argument("--model", help="model preset: BLIP's tiny, small, base, large (default base), GPT-2's, or a "
+                                   "--model-module's (default: its first)")
+    p.add_argument("--checkpoint", metavar="DIR", help="a local Hugging Face checkpoint folder; overrides --model")
+    p.add_argument("--model-module", metavar="PKG.MODULE:ATTR",
+                   help="a model of your own: ATTR of an importable module, a modelapi.family.ModelFamily "
+                        "(docs/models.md); --model then names one of its presets (default: its first)")
+
+
+def model_preset(args) -> str:
+    """--model, else BLIP's base, or a --model-module's first preset."""
+    if args.model:
+        return args.model
+    if args.model_module:
+        from . import families
+        return next(iter(families.load_module(args.model_module).presets))
+    return "base"
 
 
 def _add_mesh_args(p: argparse.ArgumentParser) -> None:
@@ -179,19 +193,19 @@ def cmd_build(args) -> int:
     from .matrix.derive import derive
     from .matrix.driver import BuildRequest, run_build
     from .matrix.driver import model_config as build_config
-    from .matrix.programs import SERVING_ENTRIES, ProgramOptions
+    from .matrix.programs import ProgramOptions
     from .matrix.targets import parse_mesh
     from .console import build_progress, console, out, reasons_table, records_table
 
     request = BuildRequest(
-        target=args.target, mesh=parse_mesh(args.mesh), model=args.model, checkpoint=args.checkpoint,
-        entries=args.entries or SERVING_ENTRIES, plans=args.plans or (), plan_files=tuple(args.plan_file),
-        precisions=args.precisions or ("fp32", "bf16-mixed", "bf16"), batches=args.batch or (32,),
+        target=args.target, mesh=parse_mesh(args.mesh), model=model_preset(args), checkpoint=args.checkpoint,
+        entries=tuple(args.entries or ()), plans=args.plans or (), plan_files=tuple(args.plan_file),
+        precisions=tuple(args.precisions or ()), batches=args.batch or (32,),
         options=ProgramOptions(max_new_tokens=args.max_new_tokens, prompt_len=args.prompt_len,
                                text_len=args.text_len, remat=args.remat),
         out=Path(args.out), use_cache=not args.no_cache, name=args.name, kernel_layout=args.kernel_layout,
-        layer_storage=args.layer_storage,
-        derive_rounds=args.derive_rounds, derive_budget=args.derive_budget)
+        layer_storage=args.layer_storage, derive_rounds=args.derive_rounds, derive_budget=args.derive_budget,
+        model_module=args.model_module).resolved()
     summary = {}
 
     weights = None
@@ -357,7 +371,6 @@ def cmd_report(args) -> int:
 def cmd_plans(args) -> int:
     from rich.table import Table
 
-    from model.state import abstract_params, logical_names
     from sharding.plans import load_plans
     from sharding.validity import check
 
@@ -368,15 +381,17 @@ def cmd_plans(args) -> int:
     rows, cols = parse_mesh(args.mesh)
     slices = get_target(args.target).slices
     mesh_shape = {**({DCN_AXIS: slices} if slices > 1 else {}), "data": rows, "model": cols}
-    cfg = model_config(BuildRequest(model=args.model, checkpoint=args.checkpoint))
-    sizes = {**cfg.axis_sizes(), "batch": {args.batch}}
+    request = BuildRequest(model=model_preset(args), checkpoint=args.checkpoint, model_module=args.model_module)
+    family, cfg = request.family(), model_config(request)
+    sizes = {**family.axis_sizes(cfg), "batch": {args.batch}}
     where = f"{slices} slices of a {rows}x{cols} mesh" if slices > 1 else f"a {rows}x{cols} mesh"
     table = Table(title=f"Plans for {cfg.name} on {where} at batch {args.batch}", title_justify="left")
     for col in ("plan", "valid", "description / reason"):
         table.add_column(col, overflow="fold")
     for plan in load_plans(args.plan_file).values():
         plan = plan.for_mesh(tuple(mesh_shape))
-        validity = check(plan, logical_names(cfg), abstract_params(cfg), sizes, mesh_shape)
+        validity = check(plan, family.logical_names(cfg), family.abstract_params(cfg), sizes, mesh_shape,
+                         family.name, family.scopes, family.logical_axes)
         table.add_row(plan.name, "[green]yes[/]" if validity.ok else "[yellow]no[/]",
                       plan.description if validity.ok else validity.reason)
     out.print(table)

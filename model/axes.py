@@ -1,70 +1,13 @@
-"""Logical axis names: the only sharding vocabulary the model speaks.
+"""BLIP's logical axes (the shared vocabulary of modelapi.axes) and its towers.
 
-Every parameter carries a tuple of these names (its `out_sharding` metadata) and key
-activations are annotated with `constrain`. The model never sees a mesh: sharding plans
-in `sharding/` map these names to mesh axes, and the pipeline activates a plan with
-`jax.set_mesh(mesh)` and `flax.linen.logical_axis_rules(rules)` while it traces.
+Each tower is a named scope of the program (HLO metadata) and the top-level key of its
+parameters, so a plan may give a tower rules of its own (sharding/plans.py).
 """
 
-from __future__ import annotations
+from modelapi.axes import (BATCH, CACHE_SEQ, EMBED, HEAD_DIM, HEADS, LAYERS, LOGICAL_AXES, MLP, PATCH, SEQ, VOCAB,
+                           constrain, is_names, tower, tower_rules)
 
-import contextlib
-import contextvars
-
-import jax
-from flax import linen
-
-BATCH = "batch"
-SEQ = "seq"            # text tokens
-PATCH = "patch"        # image tokens
-EMBED = "embed"        # model width (vision or text)
-HEADS = "heads"
-HEAD_DIM = "head_dim"
-MLP = "mlp"
-VOCAB = "vocab"
-CACHE_SEQ = "cache_seq"
-LAYERS = "layers"      # the scanned layer axis
-
-LOGICAL_AXES = (BATCH, SEQ, PATCH, EMBED, HEADS, HEAD_DIM, MLP, VOCAB, CACHE_SEQ, LAYERS)
-
-
-def is_names(x) -> bool:
-    """True for one array's logical names: a tuple of axis names and Nones (() for a scalar).
-    Use as `is_leaf` when mapping over trees of names."""
-    return isinstance(x, tuple) and all(e is None or isinstance(e, str) for e in x)
-
-
-def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
-    """Pin an activation's sharding by logical names; a no-op unless the caller has
-    activated logical-axis rules and a mesh (Flax's `with_logical_constraint`)."""
-    return linen.with_logical_constraint(x, names)
-
-
-# The model's towers: each is a named scope of the program (HLO metadata) and the top-level
-# key of its parameters, so a plan may give a tower rules of its own (sharding/plans.py).
 TOWERS = ("vision", "text_decoder", "text_encoder")
 
-_TOWER_RULES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("tower_rules", default=None)
-
-
-@contextlib.contextmanager
-def tower_rules(rules_by_tower: dict[str, list]):
-    """Activate per-tower logical-axis rules (flax rule lists by tower name) for `tower`
-    scopes entered while tracing; the pipeline's business, like flax's own rules."""
-    token = _TOWER_RULES.set(dict(rules_by_tower))
-    try:
-        yield
-    finally:
-        _TOWER_RULES.reset(token)
-
-
-@contextlib.contextmanager
-def tower(name: str):
-    """The named scope of one tower; inside it, that tower's rules if a plan gave it any."""
-    with jax.named_scope(name):
-        rules = (_TOWER_RULES.get() or {}).get(name)
-        if rules is None:
-            yield
-        else:
-            with linen.logical_axis_rules(rules):
-                yield
+__all__ = ["BATCH", "CACHE_SEQ", "EMBED", "HEAD_DIM", "HEADS", "LAYERS", "LOGICAL_AXES", "MLP", "PATCH", "SEQ",
+           "VOCAB", "TOWERS", "constrain", "is_names", "tower", "tower_rules"]

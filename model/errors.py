@@ -1,14 +1,5 @@
-"""The one base of every "bad input" error in the project.
+"""The model's view of the project's one bad-input error (it lives in modelapi, the floor below)."""
 
-`UserError` means the input or the request is wrong, not the code: the CLI prints it as one
-line naming the problem and the fix and exits 2, with no traceback. Every package's own
-error (ConfigError here, PlanError in sharding, BundleError in the pipeline, ...) subclasses
-it, so the CLI catches one type. It lives in `model`, the lowest package, because `model`
-imports nothing of the others and every other package imports `model`.
-"""
+from modelapi.errors import UserError
 
-from __future__ import annotations
-
-
-class UserError(ValueError):
-    """Bad input: reported as one line with its fix, exit code 2."""
+__all__ = ["UserError"]

@@ -25,7 +25,12 @@ def init_params(config: BlipConfig, seed: int = 0) -> dict:
     seed). Running the modules' own jax.random draws instead compiles a threefry program
     per parameter shape: 16 s of XLA:CPU compiling for the tiny preset, paid by every
     `--random-weights` export and test (docs/performance.md); numpy compiles nothing."""
-    state = abstract_state(canonical(config))
+    return to_layout(draw_params(abstract_state(canonical(config)), seed), config)
+
+
+def draw_params(state: nnx.State, seed: int = 0) -> dict:
+    """Random values for an abstract NNX state whose variables were made by layers.param (any
+    model built from model/layers.py): a nested dict of arrays, drawn on the host."""
     rng = np.random.default_rng(seed)
 
     def draw(v: nnx.Variable) -> nnx.Variable:
@@ -36,5 +41,4 @@ def init_params(config: BlipConfig, seed: int = 0) -> dict:
         drawn *= meta["init_std"]   # in place: the base preset is 361M draws, an extra pass ~0.5 s
         return v.replace(jnp.asarray(drawn.astype(dtype, copy=False)))
 
-    drawn = jax.tree.map(draw, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return to_layout(nnx.to_pure_dict(drawn), config)
+    return nnx.to_pure_dict(jax.tree.map(draw, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))

@@ -17,8 +17,8 @@ import jax
 from flax import linen
 from jax.sharding import PartitionSpec
 
-from model.axes import LOGICAL_AXES, TOWERS, is_names, tower_rules
-from model.errors import UserError
+from modelapi.axes import LOGICAL_AXES, is_names, tower_rules
+from modelapi.errors import UserError
 
 # The mesh axes a plan may name. `dcn` exists only on a multi-slice mesh (one position per
 # slice, connected by the data-centre network); on one slice a plan's `dcn` is dropped.
@@ -26,6 +26,19 @@ MESH_AXES = ("dcn", "data", "model")
 DCN = "dcn"
 SHIPPED = Path(__file__).with_name("plans.toml")
 PLAN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+SCOPE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+# Logical names plan files may map beyond the shared vocabulary (modelapi.axes.LOGICAL_AXES):
+# the names of the families the pipeline has registered (capibara_export/families.py).
+_EXTRA_AXES: list[str] = []
+
+
+def add_axes(names) -> None:
+    """Let plan files map these logical names too (a model family's own)."""
+    _EXTRA_AXES.extend(n for n in names if n not in LOGICAL_AXES and n not in _EXTRA_AXES)
+
+
+def known_axes() -> tuple[str, ...]:
+    return (*LOGICAL_AXES, *_EXTRA_AXES)
 
 Rules = tuple[tuple[str, tuple[str, ...]], ...]
 
@@ -44,8 +57,9 @@ class ShardingPlan:
     params: Rules
     activations: Rules
     source: str = str(SHIPPED)
-    # Rules of their own for some of the model's towers (model.axes.TOWERS): (tower, params,
-    # activations). A tower's parameters and the activations it constrains use them instead.
+    # Rules of their own for some of a model's scopes (its family's `scopes`, such as BLIP's
+    # towers): (scope, params, activations). A scope's parameters and the activations it
+    # constrains use them instead. A model without that scope reports the plan invalid.
     towers: tuple[tuple[str, Rules, Rules], ...] = ()
 
     def rules(self, kind: str, tower: str | None = None) -> Rules:
@@ -134,9 +148,9 @@ def _rules(plan: str, kind: str, raw, where: str) -> Rules:
         raise PlanError(f"{where}: plan {plan!r}: `{kind}` must be a table of logical axis = mesh axis/axes")
     rules = []
     for logical, mesh in raw.items():
-        if logical not in LOGICAL_AXES:
+        if logical not in known_axes():
             raise PlanError(f"{where}: plan {plan!r}: unknown logical axis {logical!r} in {kind}; "
-                            f"known: {', '.join(LOGICAL_AXES)}")
+                            f"known: {', '.join(known_axes())}")
         mesh_axes = (mesh,) if isinstance(mesh, str) else tuple(mesh) if isinstance(mesh, list) else None
         if not mesh_axes or not all(isinstance(m, str) for m in mesh_axes):
             raise PlanError(f"{where}: plan {plan!r}: {kind}.{logical} must be a mesh axis name or a "
@@ -157,8 +171,9 @@ def _towers(plan: str, raw, where: str) -> tuple[tuple[str, Rules, Rules], ...]:
         raise PlanError(f"{where}: plan {plan!r}: `towers` must be a table of tower = {{ params, activations }}")
     out = []
     for tower, body in raw.items():
-        if tower not in TOWERS:
-            raise PlanError(f"{where}: plan {plan!r}: unknown tower {tower!r} in towers; known: {', '.join(TOWERS)}")
+        if not SCOPE_NAME.fullmatch(str(tower)):
+            raise PlanError(f"{where}: plan {plan!r}: tower {tower!r} is not a scope name (letters, digits, '_'); "
+                            "a model reports the plans whose scopes it does not have invalid")
         if not isinstance(body, dict) or set(body) - {"params", "activations"}:
             raise PlanError(f"{where}: plan {plan!r}: towers.{tower} must be a table with params and/or activations")
         out.append((tower, _rules(plan, f"towers.{tower}.params", body.get("params", {}), where),
@@ -230,6 +245,5 @@ def select_plans(plans: dict[str, ShardingPlan], names: list[str] | None) -> lis
 def param_specs(plan: ShardingPlan, names_tree: dict) -> dict:
     """PartitionSpec for every parameter, in the parameter tree's structure (a tower's
     parameters, the subtree under its name, by the tower's rules where the plan has them)."""
-    return {key: jax.tree.map(lambda names, t=key: plan.spec(names, "params", t if t in TOWERS else None), sub,
-                              is_leaf=is_names)
+    return {key: jax.tree.map(lambda names, t=key: plan.spec(names, "params", t), sub, is_leaf=is_names)
             for key, sub in names_tree.items()}

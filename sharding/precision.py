@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from model.axes import is_names
-from model.errors import UserError
-from model.quant import QArray, quantize
+from modelapi.axes import is_names
+from modelapi.errors import UserError
+from modelapi.quant import QArray, quantize
 
 
 @dataclass(frozen=True)

@@ -264,15 +264,15 @@ def test_a_near_tie_is_judged_on_the_logits_the_prefix_predicts():
     whatever the logits at other positions say; a divergence in the prompt is refused."""
     import numpy as np
 
-    from capibara_export.export.verify import Verifier
+    from capibara_export.export.verify import TOLERANCE
+    from model.tie_checks import near_ties
 
     want = np.array([[7, 3, 4, 5], [7, 3, 4, 5]])
     got = np.array([[7, 3, 4, 5], [7, 3, 9, 5]])
     logits = np.zeros((1, 4, 12), np.float32)          # the diverging rows only: row 1
     logits[0, 2, 4], logits[0, 2, 9] = 10.0, -10.0     # position 2: far apart, but not the prefix's
-    verifier = Verifier.__new__(Verifier)
-    verifier._next_token_logits = lambda *_: logits
-    check = verifier.near_ties("bf16", "params/bfloat16", np.zeros((2, 3, 4, 4), np.float32))
+    check = near_ties(None, None, np.zeros((2, 3, 4, 4), np.float32), TOLERANCE["bf16"],
+                      next_token_logits=lambda *_: logits)
     accepted, note = check(got, want)
     assert accepted and note == "ids identical up to near-ties: row 1 at token 2 (margin 0)", note
     logits[0, 1, 4] = 5.0                              # position 1 now tells 4 from 9 clearly

@@ -54,16 +54,15 @@ def test_readings_beams_are_accepted_only_when_the_reference_scores_them_alike()
     """Row 1's beams differ: accepted when the reference rescoring puts the artifact's beams
     within tolerance of its own, rank by rank; refused when it rates them clearly worse, and
     when a prompt differs."""
-    from capibara_export.export.verify import Verifier
+    from capibara_export.export.verify import TOLERANCE
+    from model.tie_checks import beam_ties
 
     want = np.array([[[1, 5, 6, 2], [1, 5, 7, 2]], [[1, 5, 6, 2], [1, 8, 6, 2]]])
     got = want.copy()
     got[1, 1, 1] = 9
     scores = {}
-    verifier = Verifier.__new__(Verifier)
-    verifier.options = type("O", (), {"prompt_len": 1})()
-    verifier._beam_scores = lambda _p, _r, _img, ids, _n: scores[ids.tobytes() == got[1].tobytes()]
-    check = verifier.beam_ties("bf16", "params/bfloat16", np.zeros((2, 4, 8), np.float32))
+    check = beam_ties(None, None, np.zeros((2, 4, 8), np.float32), 1, TOLERANCE["bf16"],
+                      beam_scores=lambda _img, ids: scores[ids.tobytes() == got[1].tobytes()])
     scores.update({True: np.array([-1.00, -1.21]), False: np.array([-1.00, -1.20])})
     accepted, note = check(got, want)
     assert accepted and note.startswith("ids identical up to near-tie beams") and "row 1" in note, note

@@ -15,10 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # lowest first; a module belongs to the first floor one of whose prefixes it starts with
 FLOORS = (
+    ("modelapi",),                       # the model interface, logical axes, int8 values, the bad-input error
     ("model",),
     ("sharding",),
     ("capibara_export.errors", "capibara_export.interrupts", "capibara_export.compiler_options",
-     "capibara_export.environment", "capibara_export.bundle_error", "capibara_export.data"),
+     "capibara_export.environment", "capibara_export.bundle_error", "capibara_export.data",
+     "capibara_export.families"),        # the registry: the only pipeline module that imports model/
     ("capibara_export.analysis",),       # HLO, roofline, hotspots, selection: pure, reads dicts
     ("capibara_export.matrix",),         # targets, programs, compile, cache, records, the build folder, driver
     ("capibara_export.export",),         # bundles: formats, manifest, trust, verify, serve
@@ -31,7 +33,7 @@ FLOORS = (
 
 def modules() -> dict[str, Path]:
     found = {}
-    for package in ("capibara_export", "model", "sharding"):
+    for package in ("capibara_export", "model", "modelapi", "sharding"):
         for path in (ROOT / package).rglob("*.py"):
             parts = path.relative_to(ROOT).with_suffix("").parts
             found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
@@ -84,6 +86,19 @@ def test_every_import_goes_to_the_same_floor_or_down():
     upward = sorted(f"{a} (floor {floor_of(a)}) imports {b} (floor {floor_of(b)})"
                     for a, targets in graph().items() for b in targets if floor_of(b) > floor_of(a))
     assert upward == []
+
+
+def test_the_pipeline_reads_models_only_through_their_family():
+    """Only the registration of the built-in models (capibara_export/families.py) imports a
+    model package; build, analysis, selection, plan search, export, verify, serving and the
+    sharding plans read a model through modelapi.family.ModelFamily (docs/models.md)."""
+    deps = graph()
+    pipeline = [name for name in deps if name.split(".")[0] in ("capibara_export", "sharding")]
+    assert len(pipeline) > 90
+    reaching = sorted(f"{name} imports {target}" for name in pipeline for target in deps[name]
+                      if target.split(".")[0] == "model")
+    assert reaching == ["capibara_export.families imports model.family"]
+    assert "modelapi.family" in deps["capibara_export.matrix.programs"]
 
 
 def test_no_module_imports_come_back_in_a_circle():

@@ -158,6 +158,7 @@ def test_per_layer_storage_splits_values_names_and_specs_together(config):
     dropped from values, int8 scales, logical names and PartitionSpecs alike (only the text
     kernels move to out-in); joining gives the canonical tree back."""
     from sharding.plans import load_plans
+    from model.family import FAMILY
     from sharding.storage import stored_params, stored_specs, stored_template
 
     params = init_params(TINY, 0)
@@ -180,16 +181,16 @@ def test_per_layer_storage_splits_values_names_and_specs_together(config):
     assert canonical(config) == TINY
 
     policy = get_policy("int8-weights")
-    stored = stored_params(params, config, policy)
-    assert _shapes(stored) == _shapes(stored_template(config, policy))
+    stored = stored_params(FAMILY, params, config, policy)
+    assert _shapes(stored) == _shapes(stored_template(FAMILY, config, policy))
     q = stored["text_decoder"]["blocks"][1]["mlp"]["fc1"]["kernel"]
     whole = store(params, logical_names(TINY), policy)["text_decoder"]["blocks"]["mlp"]["fc1"]["kernel"]
     layer1 = (np.swapaxes(whole.q[1], 0, 1), np.swapaxes(whole.scale[1], 0, 1)) \
         if config.text.kernel_layout == "out-in" else (whole.q[1], whole.scale[1])
     np.testing.assert_array_equal(q.q, layer1[0])
     np.testing.assert_array_equal(q.scale, layer1[1])
-    specs = stored_specs(load_plans()["fsdp-tp"], config, policy)
-    canon = stored_specs(load_plans()["fsdp-tp"], canonical(config), policy)
+    specs = stored_specs(FAMILY, load_plans()["fsdp-tp"], config, policy)
+    canon = stored_specs(FAMILY, load_plans()["fsdp-tp"], canonical(config), policy)
     layer_spec = specs["text_decoder"]["blocks"][0]["mlp"]["fc1"]["kernel"].q
     canon_spec = canon["text_decoder"]["blocks"]["mlp"]["fc1"]["kernel"].q
     padded = tuple(canon_spec) + (None,) * (3 - len(canon_spec))

@@ -28,7 +28,6 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from model.axes import TOWERS
 from sharding.plans import ShardingPlan
 from sharding.precision import get_policy
 
@@ -63,10 +62,12 @@ def _same_rules(a: ShardingPlan, b: ShardingPlan) -> bool:
 
 
 def propose(analysis: dict, plans: dict[str, ShardingPlan], hardware: Hardware, round_no: int = 1,
-            known: list[ShardingPlan] = ()) -> list[Proposal]:
+            known: list[ShardingPlan] = (), scopes: tuple[str, ...] = ()) -> list[Proposal]:
     """Plans worth compiling, most promising first. `plans`: those of the compiled units (the
     building blocks); `known`: plans the user could have asked for (shipped, plan files). A
-    proposal whose rules repeat one of either is dropped: the user chose which to compile."""
+    proposal whose rules repeat one of either is dropped: the user chose which to compile.
+    `scopes`: the model's scopes a plan may give rules of their own (its family's), the only
+    top-level scopes a tower mix puts on different plans."""
     everything = [*plans.values(), *known]
     groups: dict[tuple, list[tuple[str, dict]]] = defaultdict(list)
     for uid, a in analysis["units"].items():
@@ -80,7 +81,7 @@ def propose(analysis: dict, plans: dict[str, ShardingPlan], hardware: Hardware, 
         if not units:
             continue
         fastest = min(units, key=lambda x: x[1]["roofline"]["latency_s"])
-        for made in (_tower_mix(group, units, fastest, plans, hardware), _relieve_gathers(fastest, plans)):
+        for made in (_tower_mix(group, units, fastest, plans, hardware, scopes), _relieve_gathers(fastest, plans)):
             if made is None or any(_same_rules(made[0], p) for p in everything):
                 continue
             plan, origin, gain = made
@@ -95,9 +96,10 @@ def propose(analysis: dict, plans: dict[str, ShardingPlan], hardware: Hardware, 
 
 
 def _tower_mix(group: tuple, units: list[tuple[str, dict]], fastest: tuple[str, dict],
-               plans: dict[str, ShardingPlan], hardware: Hardware) -> tuple[ShardingPlan, dict, float] | None:
-    """Each tower on the plan whose compiled figures make it cheapest there."""
-    towers = [t["scope"] for t in fastest[1]["hotspots"]["towers"] if t["scope"] in TOWERS]
+               plans: dict[str, ShardingPlan], hardware: Hardware,
+               scopes: tuple[str, ...]) -> tuple[ShardingPlan, dict, float] | None:
+    """Each tower (scope) on the plan whose compiled figures make it cheapest there."""
+    towers = [t["scope"] for t in fastest[1]["hotspots"]["towers"] if t["scope"] in scopes]
     if len(towers) < 2 or len(units) < 2:
         return None
     dtype = get_policy(group[1]).compute_dtype

@@ -16,18 +16,16 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from model import BlipConfig
-from model.layout import canonical
 from sharding.plans import ShardingPlan
 from sharding.precision import get_policy
 from sharding.storage import stored_params, stored_specs
 
-from .. import compiler_options
+from .. import compiler_options, families
 from ..bundle_error import BundleError
 from ..matrix import executable_format
 from ..matrix.cache import jax_cache_disabled
 from ..matrix.driver import ExecutableSource, config_hash
-from ..matrix.programs import NEEDS_TOWER, SEMIOTIC_ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
+from ..matrix.programs import ProgramError, ProgramOptions
 from ..matrix.records import toolchain
 from ..matrix.serving import (describe, flat_shardings, flatten, input_names, output_names, partition_spec_json,
                               serving_function, sharded_jit)
@@ -42,7 +40,7 @@ from .readme import render_readme
 @dataclass
 class ExportRequest:
     build_folder: Path
-    config: BlipConfig
+    config: object                    # the build's model config (its family: families.for_config)
     params: dict                      # float parameters (nested), e.g. from a checkpoint
     weights: str                      # where they came from, said in the manifest
     precisions: tuple[str, ...]
@@ -55,7 +53,7 @@ class ExportRequest:
     options: ProgramOptions = field(default_factory=ProgramOptions)
     saved_model: bool = True
     processor_from: Path | None = None   # a checkpoint folder holding the tokenizer; None: synthetic
-    entries: tuple[str, ...] | None = None  # portable exports to write (default: every entry the towers allow)
+    entries: tuple[str, ...] | None = None  # portable exports to write (default: every entry the family exports)
     sign_key: Path | None = None           # ed25519 private key (PEM) that signs the manifest
     # write the compiled programs (executables, sharded exports) of selections refused on this
     # hardware (analysis/selection.py): only when the precisions were named (--export-precisions)
@@ -77,9 +75,10 @@ def storage_form(precision: str) -> str:
     return "int8-weights" if policy.int8_weights else policy.param_dtype
 
 
-def _entries(cfg: BlipConfig) -> list[str]:
-    """Portable exports: the serving entries and the semiotic module's, for the towers present."""
-    return [e for e in SERVING_ENTRIES + SEMIOTIC_ENTRIES if cfg.has(NEEDS_TOWER.get(e, "caption"))]
+def _entries(cfg) -> list[str]:
+    """Portable exports: the entries the config's family exports (BLIP: the serving entries and
+    the semiotic module's, for the towers present)."""
+    return list(families.for_config(cfg).exported_entries(cfg))
 
 
 def _artifact(bundle: Path, path: Path, kind: str, **info) -> dict:
@@ -90,6 +89,7 @@ def _artifact(bundle: Path, path: Path, kind: str, **info) -> dict:
 def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _: None) -> Path:
     started = time.perf_counter()
     cfg = req.config
+    family = families.for_config(cfg)
     unknown = sorted(set(req.entries or ()) - set(_entries(cfg)))
     if unknown:
         raise ProgramError(f"--export-entries {','.join(unknown)}: not an entry of this model; "
@@ -105,7 +105,7 @@ def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _
             if form in stored:
                 continue
             progress(f"parameters ({form})")
-            flat = flatten(stored_params(req.params, cfg, get_policy(precision)))
+            flat = flatten(stored_params(family, req.params, cfg, get_policy(precision)))
             stored[form] = flat
             folder = bundle / "params" / form
             params_io.save(folder, flat)
@@ -128,11 +128,13 @@ def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _
                 artifacts.append(_artifact(
                     bundle, path, "jax.export", entry=entry, precision=precision,
                     params=f"params/{storage_form(precision)}", platforms=list(exported.platforms), batch="b",
-                    inputs=describe(input_names(entry, serving.inputs), exported.in_avals[len(serving.flat_params):]),
-                    outputs=_outputs(entry, exported)))
+                    inputs=describe(input_names(serving.signature, serving.inputs),
+                                    exported.in_avals[len(serving.flat_params):]),
+                    outputs=_outputs(serving.signature, exported)))
             if req.saved_model:
-                servings = {e: serving_function(cfg, e, policy, 1, req.options) for e in saved_model.SIGNATURES
-                            if e in _entries(cfg) and (req.entries is None or e in req.entries)}
+                servings = {e: serving_function(cfg, e, policy, 1, req.options)
+                            for e in saved_model.signature_entries(family, _entries(cfg))
+                            if req.entries is None or e in req.entries}
                 if servings:
                     progress(f"SavedModel {precision}")
                     # TF Serving's layout: a model's base path holds numbered versions
@@ -151,22 +153,23 @@ def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _
         for sel in chosen:
             artifacts += _selected_unit(req, bundle, sel, progress)
 
-        progress("tokenizer and image processor")
-        folder = bundle / "processor"
-        source = write_processor(folder, cfg, req.processor_from)
-        artifacts.append(_artifact(bundle, folder, "processor", source=source))
+        if family.write_assets is not None:
+            progress("tokenizer and image processor")
+            folder = bundle / "processor"
+            source = family.write_assets(folder, cfg, req.processor_from, PROCESSOR_FILES)
+            artifacts.append(_artifact(bundle, folder, "processor", source=source))
         schema.write_documents(bundle)
 
         manifest = {
             "schema": mf.SCHEMA, "schema_version": mf.SCHEMA_VERSION,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "for": "serving teams running the Mnemosyne semiotic model (BLIP layout: captioning, image-text "
-                   "matching, contrastive similarity)",
+            "for": family.description,
             "toolchain": toolchain(),
             "target": req.target,
             "mesh": {**req.mesh_info, "devices": int(req.mesh.devices.size)},
-            "model": {"name": cfg.name, "config": cfg.to_dict(), "hash": config_hash(cfg), "towers": list(cfg.towers),
-                      "weights": req.weights, "options": asdict(req.options)},
+            "model": {"name": cfg.name, "config": family.config_to_dict(cfg), "hash": config_hash(cfg),
+                      **family.manifest_fields(cfg), "weights": req.weights, "options": asdict(req.options),
+                      **_family_fields(family)},
             "compatibility": compatibility.window(toolchain()["jaxlib"]),
             "selection": req.selection,
             "plans": {name: plan.to_dict() for name, plan in req.plans.items()},
@@ -185,30 +188,13 @@ def export_bundle(req: ExportRequest, progress: Callable[[str], None] = lambda _
     return Path(req.build_folder) / "bundle"
 
 
-def _outputs(entry: str, exported, shardings=None) -> list[dict]:
+def _outputs(entry, exported, shardings=None) -> list[dict]:
     example = jax.tree_util.tree_unflatten(exported.out_tree, list(exported.out_avals))
     return describe(output_names(entry, example), exported.out_avals, shardings)
 
 
-def write_processor(folder: Path, cfg: BlipConfig, checkpoint: Path | None) -> str:
-    """The tokenizer and image processor serving needs: the checkpoint's own, or a synthetic
-    vocabulary for random weights (documented as such)."""
-    import shutil
-
-    from model.processor import write_synthetic_processor
-
-    folder.mkdir(parents=True, exist_ok=True)
-    if checkpoint is not None and (Path(checkpoint) / "tokenizer_config.json").is_file():
-        for name in PROCESSOR_FILES:
-            if (Path(checkpoint) / name).is_file():
-                shutil.copy2(Path(checkpoint) / name, folder / name)
-        return f"copied from {Path(checkpoint).resolve()}"
-    write_synthetic_processor(folder, cfg)
-    return "synthetic vocabulary (random weights or a checkpoint without a tokenizer): decoded text is meaningless"
-
-
 def _param_specs(req: ExportRequest, precision: str, plan_name: str) -> dict:
-    return stored_specs(req.plans[plan_name], req.config, get_policy(precision))
+    return stored_specs(families.for_config(req.config), req.plans[plan_name], req.config, get_policy(precision))
 
 
 def _selected_unit(req: ExportRequest, bundle: Path, sel: dict, progress: Callable[[str], None]) -> list[dict]:
@@ -228,9 +214,9 @@ def _selected_unit(req: ExportRequest, bundle: Path, sel: dict, progress: Callab
     path.parent.mkdir(parents=True, exist_ok=True)
     stablehlo.save(exported, path)
     _, input_shardings, output_shardings = flat_shardings(serving, plan, req.mesh)
-    inputs = describe(input_names(entry, serving.inputs), jax.tree.leaves(serving.inputs),
+    inputs = describe(input_names(serving.signature, serving.inputs), jax.tree.leaves(serving.inputs),
                       jax.tree.leaves(input_shardings))
-    outputs = _outputs(entry, exported, jax.tree.leaves(output_shardings))
+    outputs = _outputs(serving.signature, exported, jax.tree.leaves(output_shardings))
     out = [_artifact(bundle, path, "jax.export-sharded", **common, platforms=list(exported.platforms),
                      inputs=inputs, outputs=outputs)]
     kept = req.executables(unit_id)
@@ -265,19 +251,29 @@ def _analysis_summary(unit: dict) -> dict:
                                             "dcn": float(networks.get("dcn", 0.0))}}
 
 
-def float_params(cfg: BlipConfig, checkpoint: str | None, random_seed: int | None) -> tuple[dict, str]:
-    """The weights to export: a checkpoint's, or random ones when explicitly asked for."""
-    if checkpoint:
-        from model.hf import load_checkpoint
+def _family_fields(family) -> dict:
+    """The manifest's record of a family other than BLIP (bundles of BLIP name none, as before)."""
+    if family is families.DEFAULT:
+        return {}
+    module = families.module_of(family)
+    return {"family": family.name, **({"module": module} if module else {})}
 
-        loaded_cfg, params = load_checkpoint(checkpoint)   # canonical layout, as every checkpoint
-        canon = canonical(cfg)
-        if loaded_cfg.towers != canon.towers or loaded_cfg.vision != canon.vision or loaded_cfg.text != canon.text:
+
+def float_params(cfg, checkpoint: str | None, random_seed: int | None) -> tuple[dict, str]:
+    """The weights to export: a checkpoint's, or random ones when explicitly asked for."""
+    family = families.for_config(cfg)
+    canon = family.canonical(cfg)
+    if checkpoint:
+        if family.load_checkpoint is None:
+            raise ProgramError(f"--checkpoint: model {family.name} loads no checkpoints; use --random-weights")
+        loaded_cfg, params = family.load_checkpoint(checkpoint)   # canonical layout, as every checkpoint
+        unnamed = lambda c: {k: v for k, v in family.config_to_dict(c).items() if k != "name"}  # noqa: E731
+        if unnamed(loaded_cfg) != unnamed(canon):
             raise ProgramError(f"{checkpoint}: checkpoint layout differs from the build's model config")
         return jax.tree.map(jnp.asarray, params), f"checkpoint {Path(checkpoint).resolve()}"
     if random_seed is None:
         raise ProgramError("export needs weights: pass --checkpoint DIR, or --random-weights for a bundle whose "
                            "outputs are meaningless (for testing the serving path)")
-    from model.random_params import init_params
-
-    return init_params(canonical(cfg), random_seed), f"random (seed {random_seed}): outputs are meaningless"
+    if family.init_params is None:
+        raise ProgramError(f"--random-weights: model {family.name} makes no random parameters; pass --checkpoint")
+    return family.init_params(canon, random_seed), f"random (seed {random_seed}): outputs are meaningless"

@@ -64,16 +64,27 @@ def _header(m: dict) -> list[str]:
         "",
         "Every program takes the parameters as one flat dict (`params/<storage>/`, an orbax checkpoint; "
         "`manifest.json` lists its arrays) and then its inputs, in the order and with the shapes the manifest "
-        "lists (`inputs`, `outputs`: name, shape, dtype; `b` is the batch). pixel_values come from the "
-        "processor below (bicubic resize, CLIP mean/std, NCHW, float32). The caption prompt is "
-        f"{m['model']['options']['prompt_len']} token(s) (`[BOS]` = {m['model']['config']['text']['bos_token_id']} "
-        "for an unprompted caption), with `prompt_mask` (1 per token, 0 for right padding: prompts of different "
-        "lengths in one batch give the tokens of transformers' `generate(input_ids, attention_mask=...)`); caption "
-        "outputs are the prompt then "
-        f"{m['model']['options']['max_new_tokens']} new token ids, PAD after [SEP]. score and text programs take "
-        f"{m['model']['options']['text_len']}-token right-padded `input_ids` with an `attention_mask`.",
+        "lists (`inputs`, `outputs`: name, shape, dtype; `b` is the batch)." + _blip_convention(m),
         "",
     ]
+
+
+def _is_blip(m: dict) -> bool:
+    """A bundle of the semiotic (BLIP) model: its recipes feed images and captions."""
+    return m["model"].get("family", "blip") == "blip"
+
+
+def _blip_convention(m: dict) -> str:
+    if not _is_blip(m):
+        return ""
+    return (" pixel_values come from the "
+            "processor below (bicubic resize, CLIP mean/std, NCHW, float32). The caption prompt is "
+            f"{m['model']['options']['prompt_len']} token(s) (`[BOS]` = {m['model']['config']['text']['bos_token_id']} "
+            "for an unprompted caption), with `prompt_mask` (1 per token, 0 for right padding: prompts of different "
+            "lengths in one batch give the tokens of transformers' `generate(input_ids, attention_mask=...)`); caption "
+            "outputs are the prompt then "
+            f"{m['model']['options']['max_new_tokens']} new token ids, PAD after [SEP]. score and text programs take "
+            f"{m['model']['options']['text_len']}-token right-padded `input_ids` with an `attention_mask`.")
 
 
 def _on_the_slice(m: dict, sharded: dict) -> list[str]:
@@ -212,14 +223,35 @@ def _tf_serving(m: dict, arts: list[dict]) -> list[str]:
             "```", ""]
 
 
+def _first_rows_program(arts: list[dict], kind: str) -> dict | None:
+    """The recipe's program of `kind`: BLIP's encode_image or caption, else the first whose
+    inputs are all batched rows (the recipe feeds them zeros of the manifest's shapes)."""
+    of_kind = [a for a in arts if a["kind"] == kind]
+    preferred = [a for a in of_kind if a["entry"] in ("encode_image", "caption")]
+    rows = [a for a in of_kind if all(i["shape"] and i["shape"][0] == a["batch"] for i in a["inputs"])]
+    return (preferred or rows or [None])[0]
+
+
 def render_readme(manifest: dict) -> str:
     m = manifest
     arts = m["artifacts"]
-    size = m["model"]["config"]["vision"]["image_size"]
-    bos = m["model"]["config"]["text"]["bos_token_id"]
+    config = m["model"]["config"]
+    size = config["vision"]["image_size"] if _is_blip(m) else None
+    bos = config["text"]["bos_token_id"] if _is_blip(m) else config.get("bos_token_id", 0)
     lines = _header(m)
     lines += ["## Recipes", "", "Run each from this folder.", ""]
     export = next((a for a in arts if a["kind"] == "jax.export" and a["entry"] == "caption"), None)
+    portable = _first_rows_program([{**a, "batch": "b"} for a in arts], "jax.export")
+    if not _is_blip(m) and portable:
+        lines += ["### A portable jax.export program (any single CPU, GPU or TPU device)", ""] + _block(
+            "import json, os, jax, numpy as np, orbax.checkpoint as ocp",
+            "m = json.load(open('manifest.json'))",
+            f"art = next(a for a in m['artifacts'] if a['path'] == '{portable['path']}')",
+            "params = ocp.StandardCheckpointer().restore(os.path.abspath(art['params']))",
+            "exp = jax.export.deserialize(bytearray(open(art['path'], 'rb').read()))",
+            "value = lambda t: (np.ones if t['name'].endswith('mask') else np.zeros)([2, *t['shape'][1:]], t['dtype'])",
+            "out = exp.call(params, *[value(t) for t in art['inputs']])",
+            "print([o['name'] for o in art['outputs']], jax.tree.map(np.shape, out))")
     if export:
         lines += ["### A portable jax.export program (any single CPU, GPU or TPU device)", ""] + _block(
             "import json, os, jax, numpy as np, orbax.checkpoint as ocp",
@@ -232,7 +264,8 @@ def render_readme(manifest: dict) -> str:
             "mask = np.ones((2, 1), np.int32)                 # 1 for prompt tokens, 0 for padding",
             "ids = exp.call(params, pixels, prompt, mask)",
             "print([o['name'] for o in art['outputs']], ids.shape)")
-    lines += _decode_step_recipe(m, size, bos)
+    if _is_blip(m):
+        lines += _decode_step_recipe(m, size, bos)
     saved = next((a for a in arts if a["kind"] == "saved_model"), None)
     if saved:
         sig = next(s for s in saved["signatures"] if s["name"] == saved["default_signature"])
@@ -243,7 +276,7 @@ def render_readme(manifest: dict) -> str:
             maker = "tf.ones" if t["name"].endswith(("mask", "input_ids")) else "tf.zeros"
             return f"{t['name']}={maker}({shape}, tf.{t['dtype']})"
         feeds = ", ".join(feed(t) for t in sig["inputs"])
-        lines += ["### The TF SavedModel (TF Serving: `serving_default` is the caption signature)", ""] + _block(
+        lines += [f"### The TF SavedModel (TF Serving: `serving_default` is the {sig['entry']} signature)", ""] + _block(
             "import tensorflow as tf",
             f"sm = tf.saved_model.load('{saved['path']}')",
             "print(sorted(sm.signatures))",
@@ -252,14 +285,14 @@ def render_readme(manifest: dict) -> str:
         lines += [f"Warmup requests for every signature at batch sizes {saved['warmup']['batch_sizes']} are in "
                   f"`{saved['path']}/{saved['warmup']['path']}`.", ""]
         lines += _tf_serving(m, arts)
-    lines += ["### The tokenizer and image processor", ""] + _block(
-        "from PIL import Image",
-        "from transformers import BlipProcessor",
-        "proc = BlipProcessor.from_pretrained('processor')",
-        "batch = proc(images=Image.new('RGB', (640, 480)), text='a picture of', return_tensors='np')",
-        "print(batch['pixel_values'].shape)")
-    sharded = next((a for a in arts if a["kind"] == "jax.export-sharded" and a["entry"] in ("encode_image", "caption")),
-                   None)
+    if any(a["kind"] == "processor" for a in arts) and _is_blip(m):
+        lines += ["### The tokenizer and image processor", ""] + _block(
+            "from PIL import Image",
+            "from transformers import BlipProcessor",
+            "proc = BlipProcessor.from_pretrained('processor')",
+            "batch = proc(images=Image.new('RGB', (640, 480)), text='a picture of', return_tensors='np')",
+            "print(batch['pixel_values'].shape)")
+    sharded = _first_rows_program(arts, "jax.export-sharded")
     cpu_flag = [f"os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count={m['mesh']['devices']}')"
                 "  # a CPU bundle: simulated devices"] if m["mesh"]["platform"] == "cpu" else []
     mesh_lines = [
@@ -287,7 +320,7 @@ def render_readme(manifest: dict) -> str:
             "print(art['entry'], out.shape, out.sharding.spec)")
     if sharded:
         lines += _on_the_slice(m, sharded)
-    exe = next((a for a in arts if a["kind"] == "executable" and a["entry"] in ("encode_image", "caption")), None)
+    exe = _first_rows_program(arts, "executable")
     if exe:
         lines += ["### A serialized executable (plain JAX; signed bundles only)", "",
                   "JAX's `deserialize_and_load` unpickles the payload with no restriction: use it only on a bundle "

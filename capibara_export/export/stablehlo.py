@@ -17,9 +17,9 @@ from pathlib import Path
 import jax
 from jax import export
 
-from model import portable_kernels
 from sharding.plans import ShardingPlan
 
+from ..families import for_config
 from ..matrix.programs import traced_afresh
 from ..matrix.serving import ServingFunction, sharded_jit
 
@@ -28,7 +28,8 @@ PLATFORMS = ("tpu", "cpu", "cuda")
 
 def export_portable(serving: ServingFunction) -> export.Exported:
     batch = export.symbolic_shape("b")[0]
-    with portable_kernels():   # on a GPU host too: artifacts for every platform hold no GPU-only kernel
+    # on a GPU host too: artifacts for every platform hold no GPU-only kernel
+    with for_config(serving.program.config).portable():
         return export.export(jax.jit(traced_afresh(serving.fn)), platforms=PLATFORMS)(*serving.abstract(batch))
 
 
@@ -39,7 +40,7 @@ def sharded_platforms(platform: str) -> tuple[str, ...]:
 def export_sharded(serving: ServingFunction, plan: ShardingPlan, mesh, platform: str) -> export.Exported:
 
     jitted, _, abstract = sharded_jit(serving, plan, mesh)
-    with jax.set_mesh(mesh), plan.activated(), portable_kernels():
+    with jax.set_mesh(mesh), plan.activated(), for_config(serving.program.config).portable():
         return export.export(jitted, platforms=sharded_platforms(platform))(*abstract)
 
 

@@ -22,21 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from model import BlipConfig
-from model.state import bind
 from sharding.plans import ShardingPlan
 from sharding.precision import get_policy
 from sharding.storage import stored_specs, stored_template
 
-from .. import interrupts
+from .. import families, interrupts
 from ..bundle_error import BundleError
 from ..matrix.folder import ordered_shape
 from ..matrix.programs import ProgramOptions, place
-from ..matrix.serving import INPUT_NAMES, example_inputs, flatten, serving_function, unflatten
+from ..matrix.serving import example_inputs, flatten, serving_function, unflatten
 from . import executables, saved_model, stablehlo
 from . import manifest as mf
 from . import params as params_io
@@ -97,11 +94,12 @@ class Verifier:
         self.bundle = Path(bundle)
         self.opened = open_bundle(self.bundle, policy)
         self.manifest = self.opened.manifest
-        self.config = BlipConfig.from_dict(self.manifest["model"]["config"])
+        self.family = families.for_record(self.manifest["model"])
+        self.config = self.family.config_from_dict(self.manifest["model"]["config"])
         self.options = ProgramOptions(**self.manifest["model"]["options"])
         self._params: dict[str, dict] = {}
         self._reference: dict[tuple, object] = {}
-        self._tie_logits: dict[tuple, np.ndarray] = {}   # near_ties: diverging rows' logits, by their inputs
+        self._tie_checks: dict[tuple, object] = {}   # by (entry, precision, params, batch): they cache logits
 
     def params(self, rel: str) -> dict:
         if rel not in self._params:
@@ -143,7 +141,7 @@ class Verifier:
                        f"needs {n} devices, {len(cpus)} here")
         mesh = jax.sharding.Mesh(np.array(cpus[:n]).reshape(tuple(shape.values())), tuple(shape))
         plan = ShardingPlan.from_dict(self.manifest["plans"][plan_name])
-        specs = flatten(stored_specs(plan, self.config, get_policy(a["precisions"][0])))
+        specs = flatten(stored_specs(self.family, plan, self.config, get_policy(a["precisions"][0])))
         flat = self.params(a["path"])
         shardings = {k: NamedSharding(mesh, specs[k]) for k in flat}
         host_bytes = {k: n * int(np.prod(shardings[k].shard_shape(v.shape))) * v.dtype.itemsize for k, v in flat.items()}
@@ -164,12 +162,10 @@ class Verifier:
                    note if ok else "values or placement differ")
 
     def check_processor(self, a: dict) -> list[Row]:
-        from model.processor import Preprocessor
-
-        pre = Preprocessor.from_folder(mf.confined(self.bundle, a["path"]), self.config)
-        ids, _ = pre.texts(["a picture"], 8)
-        return [Row(a["path"], "load", None, None, "pass", f"tokenizer of {len(pre.tokenizer)} tokens, "
-                                                            f"images to {self.config.vision.image_size}px")]
+        if self.family.check_assets is None:
+            return [Row(a["path"], "load", None, None, "FAIL", f"model {self.family.name} writes no processor")]
+        note = self.family.check_assets(mf.confined(self.bundle, a["path"]), self.config)
+        return [Row(a["path"], "load", None, None, "pass", note)]
 
     def check_export(self, a: dict) -> list[Row]:
         exported = stablehlo.load(mf.confined(self.bundle, a["path"]))
@@ -177,90 +173,8 @@ class Verifier:
         got = exported.call(self.params(a["params"]), *inputs)
         return _compare(a["path"], jax.tree.map(np.asarray, got), want, a["precision"], self._ties_for(a, VERIFY_BATCH))
 
-    def near_ties(self, precision: str, params_rel: str, pixels: np.ndarray):
-        """A check that accepts caption rows whose first differing token was a near tie: the
-        reference's logits for the two tokens within the precision's tolerance, where bf16
-        rounding in another compiler legitimately picks either. Anything else fails."""
-        def check(got: np.ndarray, want: np.ndarray) -> tuple[bool, str]:
-            rows = np.nonzero((got != want).any(axis=1))[0]
-            firsts = [int(np.argmax(got[row] != want[row])) for row in rows]
-            if 0 in firsts:
-                return False, f"row {rows[firsts.index(0)]} differs in its prompt"
-            logits = self._next_token_logits(precision, params_rel, pixels[rows], want[rows])
-            notes = []
-            for i, (row, k) in enumerate(zip(rows, firsts)):
-                at = logits[i, k - 1]   # what the prefix want[row, :k] predicts
-                margin = abs(float(at[want[row, k]] - at[got[row, k]]))
-                limit = TOLERANCE[precision] * max(1.0, float(np.abs(at).max()))
-                if margin > limit:
-                    return False, f"row {row} diverges at token {k} with logit margin {margin:.3g} > {limit:.3g}"
-                notes.append(f"row {row} at token {k} (margin {margin:.2g})")
-            return True, "ids identical up to near-ties: " + ", ".join(notes)
-        return check
-
-    def _next_token_logits(self, precision: str, params_rel: str, pixels: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """The reference's f32 next-token logits at every position of `ids` (rows, T, V), in one
-        compiled call: the decoder is causal, so position k-1 holds what the prefix ids[:, :k]
-        alone predicts. Cached: every caption artifact of a bundle diverges on the same rows."""
-        key = (precision, params_rel, hashlib.sha256(pixels.tobytes() + ids.tobytes()).hexdigest(), ids.shape)
-        if key not in self._tie_logits:
-            config, template = self.config, self._template(precision)
-
-            def logits(flat, pixels, ids):
-                model = bind(config, unflatten(flat, template), jnp.float32)
-                return model.caption_logits(pixels, ids, jnp.ones_like(ids))
-            self._tie_logits[key] = np.asarray(jax.jit(logits)(self.params(params_rel), pixels, ids))
-        return self._tie_logits[key]
-
-    def beam_ties(self, precision: str, params_rel: str, image_embeds: np.ndarray):
-        """A check for readings (beam search): rows whose beams differ are accepted when, rescored
-        by the reference in f32, the artifact's beams score as the reference's own do, rank by
-        rank, within the precision's tolerance (a search that took the other side of a near tie
-        finds sequences the model rates equally). Anything else fails."""
-        prompt_len = self.options.prompt_len
-
-        def check(got: np.ndarray, want: np.ndarray) -> tuple[bool, str]:
-            rows = np.nonzero((got != want).reshape(got.shape[0], -1).any(axis=1))[0]
-            if any((got[r, :, :prompt_len] != want[r, :, :prompt_len]).any() for r in rows):
-                return False, "a row differs in its prompt"
-            notes = []
-            for r in rows:
-                mine = self._beam_scores(precision, params_rel, image_embeds[r], got[r], prompt_len)
-                theirs = self._beam_scores(precision, params_rel, image_embeds[r], want[r], prompt_len)
-                gap = float(np.max(np.abs(np.sort(mine) - np.sort(theirs))))
-                limit = TOLERANCE[precision] * max(1.0, float(np.max(np.abs(theirs))))
-                if gap > limit:
-                    return False, (f"row {r}'s beams score {np.round(mine, 4).tolist()} under the reference, its "
-                                   f"own {np.round(theirs, 4).tolist()} (gap {gap:.3g} > {limit:.3g})")
-                notes.append(f"row {r} (score gap {gap:.2g})")
-            return True, "ids identical up to near-tie beams scoring alike under the reference: " + ", ".join(notes)
-        return check
-
-    def _beam_scores(self, precision: str, params_rel: str, image_pd: np.ndarray, ids_kt: np.ndarray,
-                     prompt_len: int) -> np.ndarray:
-        """Each beam's length-normalised log-probability (as model/generate.beam_search scores it:
-        generated tokens up to and including [SEP]) under the reference's f32 teacher forcing."""
-        config, template = self.config, self._template(precision)
-        k = ids_kt.shape[0]
-
-        def logits(flat, image, ids):
-            model = bind(config, unflatten(flat, template), jnp.float32)
-            return model.decoder_logits(ids, jnp.ones_like(ids), image)
-        out = jax.jit(logits)(self.params(params_rel), np.repeat(image_pd[None], k, axis=0), ids_kt)
-        logp = np.asarray(jax.nn.log_softmax(out.astype(jnp.float32), axis=-1))
-        sep, scores = config.text.sep_token_id, []
-        for beam in range(k):
-            total, length = 0.0, 0
-            for t in range(prompt_len, ids_kt.shape[1]):
-                total += float(logp[beam, t - 1, ids_kt[beam, t]])
-                length += 1
-                if ids_kt[beam, t] == sep:
-                    break
-            scores.append(total / max(length, 1))
-        return np.array(scores)
-
     def _template(self, precision: str) -> dict:
-        return stored_template(self.config, get_policy(precision))
+        return stored_template(self.family, self.config, get_policy(precision))
 
     def check_saved_model(self, a: dict) -> list[Row]:
         rows = []
@@ -270,8 +184,8 @@ class Verifier:
         for sig in a["signatures"]:
             signature, entry = sig["name"], sig["entry"]
             inputs, want = self.reference(entry, a["precision"], params_rel, VERIFY_BATCH)
-            got = saved_model.run(loaded, signature, dict(zip(INPUT_NAMES[entry], inputs)))
-            if entry == "score":
+            got = saved_model.run(loaded, signature, dict(zip(self.family.entry(entry).inputs, inputs)))
+            if isinstance(want, dict):
                 got = {k: got[k] for k in want}
             else:
                 got = next(iter(got.values()))
@@ -291,13 +205,17 @@ class Verifier:
         return self._ties(a["entry"], a["precision"], a["params"], inputs)
 
     def _ties(self, entry: str, precision: str, params_rel: str, inputs):
-        """The near-tie check for an entry that searches over tokens (greedy caption from pixels,
-        beam-searched readings from image embeddings); None where ids must match exactly."""
-        if entry == "caption":
-            return self.near_ties(precision, params_rel, inputs[0])
-        if entry == "readings":
-            return self.beam_ties(precision, params_rel, np.asarray(inputs[0]))
-        return None
+        """The family's near-tie check for an entry that generates tokens; None where ids must
+        match exactly."""
+        if self.family.tie_check is None:
+            return None
+        key = (entry, precision, params_rel, hashlib.sha256(b"".join(
+            np.ascontiguousarray(x).tobytes() for x in jax.tree.leaves(inputs))).hexdigest())
+        if key not in self._tie_checks:
+            params = unflatten(self.params(params_rel), self._template(precision))
+            self._tie_checks[key] = self.family.tie_check(self.config, self.options, entry, params, inputs,
+                                                          TOLERANCE[precision])
+        return self._tie_checks[key]
 
     def check_executable(self, a: dict) -> list[Row]:
         refused = self.opened.executables_refused()

@@ -29,9 +29,9 @@ from pathlib import Path
 from .records import CompileRecord, code_version, toolchain
 
 
-def cache_key(record_unit: dict, model_config: dict, plan: dict, mesh: dict) -> str:
+def cache_key(record_unit: dict, model_config: dict, plan: dict, mesh: dict, model_module: str | None = None) -> str:
     return key_of({"unit": record_unit, "model": model_config, "plan": {k: plan[k] for k in ("params", "activations")},
-                   "devices": mesh, "code": code_version(), "toolchain": toolchain()})
+                   "devices": mesh, "code": code_version(model_module), "toolchain": toolchain()})
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

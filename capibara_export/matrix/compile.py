@@ -20,13 +20,11 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from model import BlipConfig
-from model.state import abstract_params, logical_names
 from sharding.plans import ShardingPlan
 from sharding.precision import get_policy
 from sharding.validity import check
 
-from .. import compiler_options
+from .. import compiler_options, families
 from ..analysis.hardware import MEMORY_FRACTION, GiB, Hardware
 from . import executable_format
 from .programs import Program, ProgramError, ProgramOptions, in_specs
@@ -121,7 +119,7 @@ def out_of_memory_reason(message: str) -> tuple[str, int | None]:
     return f"needs {_gib(need)} of {_gib(have)} per device (TPU compiler: {message})", int(need)
 
 
-def compile_unit(cfg: BlipConfig, unit: Unit, plan: ShardingPlan, mesh, hardware: Hardware,
+def compile_unit(cfg, unit: Unit, plan: ShardingPlan, mesh, hardware: Hardware,
                  options: ProgramOptions) -> tuple[CompileRecord, Compiled | None]:
     record = CompileRecord(unit=unit, status="invalid", plan_description=plan.description, hardware=hardware.name)
     try:
@@ -131,7 +129,9 @@ def compile_unit(cfg: BlipConfig, unit: Unit, plan: ShardingPlan, mesh, hardware
         record.reason = str(err)
         return record, None
     record.analytic_flops = int(program.analytic_flops)
-    validity = check(plan, logical_names(cfg), abstract_params(cfg), program.axis_sizes, dict(mesh.shape))
+    family = families.for_config(cfg)
+    validity = check(plan, family.logical_names(cfg), family.abstract_params(cfg), program.axis_sizes,
+                     dict(mesh.shape), family.name, family.scopes, family.logical_axes)
     if not validity.ok:
         record.reason = validity.reason
         return record, None

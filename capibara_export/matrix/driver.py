@@ -12,24 +12,21 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from jax.sharding import Mesh
 
-from model import BlipConfig, get_preset
-from model.config import KERNEL_LAYOUTS, LAYER_STORAGES
-from model.hf import checkpoint_config
-from model.layout import for_platform
+from modelapi.family import ModelFamily
 from sharding.plans import ShardingPlan, load_plans, select_plans
 from sharding.precision import DEFAULT_PRECISIONS, get_policy
 
-from .. import interrupts
+from .. import families, interrupts
 from ..analysis.calibration import calibrated
 from ..analysis.hardware import Hardware
 from .cache import DerivedCache, ResultCache, cache_key
 from .compile import Compiled, compile_unit, serialized
-from .programs import ENTRIES, SERVING_ENTRIES, ProgramError, ProgramOptions
+from .programs import ProgramError, ProgramOptions
 from .records import CompileRecord, Unit, toolchain, write_records
 from .staging import check_folder_name, check_output_folder, ensure_replaceable, folder_lock, staged_folder
 from .targets import DEFAULT_TARGET, Target, describe, get_target, hardware_for, make_mesh
@@ -41,17 +38,18 @@ DEFAULT_BATCHES = (32,)
 
 @dataclass(frozen=True)
 class BuildRequest:
-    """What a build compiles: the target and mesh, the model (a preset or a checkpoint), and the
-    entries, plans, precisions and batch sizes of its matrix; where it writes and whether it may
-    use the result cache; and how many rounds of hotspot-derived plans it adds."""
+    """What a build compiles: the target and mesh, the model (a preset or a checkpoint, of a
+    built-in family or of a user's `--model-module`), and the entries, plans, precisions and
+    batch sizes of its matrix; where it writes and whether it may use the result cache; and
+    how many rounds of hotspot-derived plans it adds."""
     target: str = DEFAULT_TARGET
     mesh: tuple[int, int] = (4, 8)
     model: str = "base"
     checkpoint: str | None = None
-    entries: tuple[str, ...] = SERVING_ENTRIES
+    entries: tuple[str, ...] = ()          # empty: the model family's serving entries
     plans: tuple[str, ...] = ()            # empty: every plan known (shipped + plan files)
     plan_files: tuple[str, ...] = ()
-    precisions: tuple[str, ...] = DEFAULT_PRECISIONS
+    precisions: tuple[str, ...] = ()       # empty: the default precisions the family offers
     batches: tuple[int, ...] = DEFAULT_BATCHES
     options: ProgramOptions = field(default_factory=ProgramOptions)
     out: Path = DEFAULT_OUT
@@ -61,6 +59,21 @@ class BuildRequest:
     layer_storage: str = "auto"            # all towers' layers: auto (the platform's choice), stacked, per-layer
     derive_rounds: int = 1                 # rounds of plans proposed by the hotspots (plan_search.py); 0: none
     derive_budget: int = 4                 # at most this many derived units in all rounds
+    model_module: str | None = None        # package.module:ATTR, a modelapi.family.ModelFamily
+
+    def family(self) -> ModelFamily:
+        """The model family: the --model-module's, the checkpoint's, or the one with the preset."""
+        if self.model_module:
+            return families.load_module(self.model_module)
+        if self.checkpoint:
+            return families.for_checkpoint(self.checkpoint)
+        return families.for_preset(self.model)
+
+    def resolved(self) -> BuildRequest:
+        """This request with the family's defaults written out (entries, precisions)."""
+        family = self.family()
+        return replace(self, entries=self.entries or family.serving_entries,
+                       precisions=self.precisions or tuple(p for p in DEFAULT_PRECISIONS if p in family.precisions))
 
     def folder_name(self) -> str:
         """The build folder's name inside `out`: `--name`, else MODEL-TARGET-DATAxMODEL."""
@@ -76,7 +89,7 @@ class BuildResult:
     """A finished build: its folder, the model config, every unit's record, the programs compiled
     in this run, the mesh, the hardware constants and the plans it used."""
     folder: Path
-    config: BlipConfig
+    config: object
     records: list[CompileRecord]
     compiled: dict[str, Compiled]           # units compiled in this run (not cache hits), by unit id
     mesh: object
@@ -95,31 +108,43 @@ class BuildResult:
         return out
 
 
-def model_config(request: BuildRequest) -> BlipConfig:
+def model_config(request: BuildRequest):
     """The preset, or the config.json of --checkpoint (whose weights must also be there), in
-    the canonical kernel layout, as checkpoints hold it."""
-    return checkpoint_config(request.checkpoint) if request.checkpoint else get_preset(request.model)
+    the canonical layout, as checkpoints hold it."""
+    family = request.family()
+    if not request.checkpoint:
+        return family.preset(request.model)
+    if family.checkpoint_config is None:
+        raise ProgramError(f"--checkpoint: model {family.name} loads no checkpoints; use a preset "
+                           f"({', '.join(sorted(family.presets))}) with --random-weights")
+    return family.checkpoint_config(request.checkpoint)
 
 
-def program_config(request: BuildRequest, platform: str) -> BlipConfig:
-    """The model as this build's programs take it: `model_config` in the serving layout of the
-    devices it compiles for (model/layout.py), with the kernel layout and layer storage the
-    request names instead of `auto`."""
+def program_config(request: BuildRequest, platform: str):
+    """The model as this build's programs take it: `model_config` in the serving form of the
+    devices it compiles for (BLIP: model/layout.py), with the kernel layout and layer storage
+    the request names instead of `auto`."""
     chosen = lambda value: None if value == "auto" else value  # noqa: E731
-    return for_platform(model_config(request), platform, chosen(request.kernel_layout), chosen(request.layer_storage))
+    return request.family().for_platform(model_config(request), platform, chosen(request.kernel_layout),
+                                         chosen(request.layer_storage))
 
 
 def validate(request: BuildRequest) -> None:
     """Reject bad names before any compile: one clear error each."""
+    family = request.family()
     for entry in request.entries:
-        if entry not in ENTRIES:
-            raise ProgramError(f"unknown entry {entry!r}; choose from {', '.join(ENTRIES)}")
+        family.entry(entry)
     for precision in request.precisions:
         get_policy(precision)
-    if request.kernel_layout not in ("auto", *KERNEL_LAYOUTS):
-        raise ProgramError(f"--kernel-layout {request.kernel_layout}: choose auto, {', '.join(KERNEL_LAYOUTS)}")
-    if request.layer_storage not in ("auto", *LAYER_STORAGES):
-        raise ProgramError(f"--layer-storage {request.layer_storage}: choose auto, {', '.join(LAYER_STORAGES)}")
+        if precision not in family.precisions:
+            raise ProgramError(f"--precision {precision}: model {family.name} offers "
+                               f"{', '.join(family.precisions)}")
+    if request.kernel_layout not in ("auto", *family.kernel_layouts):
+        raise ProgramError(f"--kernel-layout {request.kernel_layout}: choose auto"
+                           + "".join(f", {k}" for k in family.kernel_layouts))
+    if request.layer_storage not in ("auto", *family.layer_storages):
+        raise ProgramError(f"--layer-storage {request.layer_storage}: choose auto"
+                           + "".join(f", {k}" for k in family.layer_storages))
     if any(b <= 0 for b in request.batches):
         raise ProgramError(f"--batch sizes must be positive, got {list(request.batches)}")
     check_folder_name(request.name)
@@ -127,16 +152,25 @@ def validate(request: BuildRequest) -> None:
     ensure_replaceable(Path(request.out) / request.folder_name())
 
 
-def config_hash(cfg: BlipConfig) -> str:
-    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+def keyed_config(cfg) -> dict:
+    """What names a config in hashes and cache keys: BLIP's dict as it always was (so its
+    records and caches stay as they were), any other family's with the family's name, since
+    two families' configs may be the same dict."""
+    family = families.for_config(cfg)
+    as_dict = family.config_to_dict(cfg)
+    return as_dict if family is families.DEFAULT else {"family": family.name, "config": as_dict}
 
 
-def make_unit(request: BuildRequest, cfg: BlipConfig, entry: str, plan: str, precision: str, batch: int) -> Unit:
+def config_hash(cfg) -> str:
+    return hashlib.sha256(json.dumps(keyed_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_unit(request: BuildRequest, cfg, entry: str, plan: str, precision: str, batch: int) -> Unit:
     return Unit(request.target, f"{request.mesh[0]}x{request.mesh[1]}", request.model_name(), config_hash(cfg),
                 entry, plan, precision, batch, asdict(request.options))
 
 
-def units(request: BuildRequest, cfg: BlipConfig, plans: list[ShardingPlan]) -> list[Unit]:
+def units(request: BuildRequest, cfg, plans: list[ShardingPlan]) -> list[Unit]:
     return [make_unit(request, cfg, entry, plan.name, precision, batch)
             for entry in request.entries for plan in plans for precision in request.precisions
             for batch in request.batches]
@@ -179,6 +213,7 @@ def run_build(request: BuildRequest, progress: ProgressFn | None = None,
     needs the usual `if __name__ == "__main__":` guard (multiprocessing imports the script).
     """
     started = time.perf_counter()
+    request = request.resolved()
     validate(request)
     if jobs is not None and jobs < 1:
         raise ProgramError(f"--jobs {jobs}: give a positive number of worker processes (1: compile in this process)")
@@ -193,7 +228,7 @@ def run_build(request: BuildRequest, progress: ProgressFn | None = None,
         return _build(request, plans, target, mesh, cfg, progress, finish, started, jobs)
 
 
-def _build(request: BuildRequest, plans: list[ShardingPlan], target: Target, mesh: Mesh, cfg: BlipConfig,
+def _build(request: BuildRequest, plans: list[ShardingPlan], target: Target, mesh: Mesh, cfg,
            progress: ProgressFn | None, finish: Callable[[Path, BuildResult], None] | None, started: float,
            jobs: int | None) -> BuildResult:
     # a CPU host or a local GPU is measured (once per machine, cached); TPU entries are published figures
@@ -211,15 +246,17 @@ def _build(request: BuildRequest, plans: list[ShardingPlan], target: Target, mes
     texts: dict[str, dict[str, str]] = {}
     plan_of = {p.name: p for p in plans}
     platform = mesh.devices.flat[0].platform
+    family = families.for_config(cfg)
 
     def compile_all(batch: list[Unit], origins: dict[str, dict] | None = None) -> None:
-        keys = [cache_key(u.to_dict(), cfg.to_dict(), plan_of[u.plan].to_dict(), mesh_info) for u in batch]
+        keys = [cache_key(u.to_dict(), keyed_config(cfg), plan_of[u.plan].to_dict(), mesh_info, request.model_module)
+                for u in batch]
         hits = [cache.get(key) for key in keys]
         misses = [(u, key) for u, key, hit in zip(batch, keys, hits) if hit is None]
         workers = resolve_jobs(jobs, platform, len(misses))
         if workers > 1:
             with CompilePool(workers, request.target, request.mesh, platform, mesh.devices.size, cfg,
-                             hardware, request.options) as pool:
+                             hardware, request.options, request.model_module) as pool:
                 pending = {u.id: pool.submit(u, plan_of[u.plan], key, mesh_info, (origins or {}).get(u.plan),
                                              analyses is not None) for u, key in misses}
                 try:
@@ -281,7 +318,8 @@ def _build(request: BuildRequest, plans: list[ShardingPlan], target: Target, mes
         write_records(staging / "records.jsonl", records)
         (staging / "build.json").write_text(json.dumps({
             "request": {**asdict(request), "out": str(request.out)},
-            "model_config": cfg.to_dict(), "model_hash": config_hash(cfg),
+            "model_config": family.config_to_dict(cfg), "model_hash": config_hash(cfg),
+            "model_family": family.name, "model_module": families.module_of(family),
             "target": asdict(target), "mesh": mesh_info, "hardware": asdict(hardware),
             "plans": {p.name: p.to_dict() for p in plan_of.values()}, "toolchain": toolchain(),
         }, indent=2, default=str))
@@ -311,7 +349,7 @@ def _build(request: BuildRequest, plans: list[ShardingPlan], target: Target, mes
     return result
 
 
-def derived_units(request: BuildRequest, cfg: BlipConfig, staging: Path, hardware: Hardware,
+def derived_units(request: BuildRequest, cfg, staging: Path, hardware: Hardware,
                   plan_of: dict[str, ShardingPlan], round_no: int, budget: int) -> list[tuple[Unit, dict]]:
     """The units of the plans the hotspots propose (plan_search.py), within the unit budget;
     each new plan is added to `plan_of`. Reads the analysis of what is compiled so far
@@ -325,7 +363,7 @@ def derived_units(request: BuildRequest, cfg: BlipConfig, staging: Path, hardwar
     out: list[tuple[Unit, dict]] = []
     known = [p.for_mesh(tuple(analysis["build"]["mesh"]["axis_names"]))
              for p in load_plans(list(request.plan_files)).values()]
-    for proposal in propose(analysis, plan_of, hardware, round_no, known):
+    for proposal in propose(analysis, plan_of, hardware, round_no, known, families.for_config(cfg).scopes):
         if len(out) + len(proposal.groups) > budget:
             continue
         plan_of[proposal.plan.name] = proposal.plan

@@ -17,7 +17,7 @@ import stat
 import zlib
 from pathlib import Path
 
-from model.errors import UserError
+from modelapi.errors import UserError
 
 from .records import CompileRecord
 
@@ -110,17 +110,25 @@ def read_build(folder: Path) -> dict:
     return build
 
 
+def recorded_model(build: dict) -> dict:
+    """build.json's model as families.for_record reads it: its family (BLIP when a folder
+    written before families names none), the user module it came from, and its config."""
+    return {"family": build.get("model_family", "blip"),
+            "module": build.get("model_module") or build["request"].get("model_module"),
+            "config": build["model_config"]}
+
+
 def build_parts(build: dict, folder: Path):
     """(model config, hardware, program options, plans) that build.json describes."""
-    from model import BlipConfig
     from sharding.plans import ShardingPlan
 
     from ..analysis.hardware import Hardware
+    from ..families import config_from_record
     from .programs import ProgramOptions
 
     path = Path(folder) / "build.json"
     parts = {}
-    for name, make in (("model_config", lambda: BlipConfig.from_dict(build["model_config"])),
+    for name, make in (("model_config", lambda: config_from_record(recorded_model(build))),
                        ("hardware", lambda: Hardware(**build["hardware"])),
                        ("request.options", lambda: ProgramOptions(**build["request"]["options"])),
                        ("plans", lambda: {k: ShardingPlan.from_dict(v) for k, v in build["plans"].items()})):

@@ -39,16 +39,26 @@ def toolchain() -> dict[str, str]:
 
 
 @lru_cache(maxsize=1)
-def code_version() -> str:
-    """Hash of every source file that shapes a compiled program: model, sharding and the
-    pipeline's program and compile code. Any edit there invalidates the result cache."""
+def code_version(model_module: str | None = None) -> str:
+    """Hash of every source file that shapes a compiled program: the model interface, the
+    built-in models, sharding and the pipeline's program and compile code, and the file of a
+    user's --model-module. Any edit there invalidates the result cache."""
     root = Path(__file__).resolve().parents[2]
-    files = sorted([*root.glob("model/*.py"), *root.glob("sharding/*.py"), *root.glob("sharding/*.toml"),
-                    *(Path(__file__).resolve().parent / f for f in ("programs.py", "compile.py", "targets.py"))])
+    here = Path(__file__).resolve().parent
+    files = sorted([*root.glob("modelapi/*.py"), *root.glob("model/**/*.py"), *root.glob("sharding/*.py"),
+                    *root.glob("sharding/*.toml"), root / "capibara_export" / "families.py",
+                    *(here / f for f in ("programs.py", "serving.py", "compile.py", "targets.py"))])
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.relative_to(root).as_posix().encode())
         digest.update(f.read_bytes())
+    if model_module:
+        import importlib.util
+
+        spec = importlib.util.find_spec(model_module.split(":")[0])
+        digest.update(model_module.encode())
+        if spec is not None and spec.origin and Path(spec.origin).is_file():
+            digest.update(Path(spec.origin).read_bytes())
     return digest.hexdigest()[:16]
 
 

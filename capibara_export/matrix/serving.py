@@ -1,5 +1,6 @@
 """Serving functions: each entry program with the flat parameter dict as first argument,
-its inputs named, and the abstract arguments for a fixed or symbolic batch.
+its inputs named by the model family's signature, and the abstract arguments for a fixed
+or symbolic batch.
 
 Every exported format (jax.export, SavedModel, serialized executables) is made from these,
 so all of them share one calling convention, written once here and in the manifest. The
@@ -7,7 +8,8 @@ build compiles exactly these functions (compile.py), which is why they live with
 matrix and not with the export: the export reads them, the matrix never reads the export.
 
 The flat parameter dict ("vision/blocks/qkv/kernel": array; int8 weights as
-".../kernel.int8" and ".../kernel.scale") is every program's first argument.
+".../kernel.int8" and ".../kernel.scale") is every program's first argument. An entry's
+input and output names and batch axes are its family's `Entry` (modelapi/family.py).
 """
 
 from __future__ import annotations
@@ -19,39 +21,14 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from model import BlipConfig
-from model.quant import QArray
+from modelapi.family import Entry
+from modelapi.quant import QArray
 from sharding.plans import ShardingPlan
 from sharding.precision import PrecisionPolicy
 from sharding.storage import stored_template
 
+from ..families import for_config
 from .programs import Program, ProgramOptions, build_program, in_specs, out_specs, traced_afresh
-
-INPUT_NAMES = {
-    "encode_image": ("pixel_values",),
-    "caption": ("pixel_values", "prompt_ids", "prompt_mask"),
-    "score": ("pixel_values", "input_ids", "attention_mask"),
-    "decode_step": ("input_ids", "position", "cache"),
-    "caption_image": ("image_embeds", "prompt_ids"),
-    "readings": ("image_embeds", "prompt_ids"),
-    "score_image": ("image_embeds", "input_ids", "attention_mask"),
-    "image_features": ("image_embeds",),
-    "text_features": ("input_ids", "attention_mask"),
-}
-# The name of an entry's output, or of each element when it returns a tuple; dict outputs
-# are named by their keys (`describe_outputs`), in JAX's flattening order.
-OUTPUT_ROOTS = {
-    "encode_image": "image_embeds",
-    "caption": "token_ids",
-    "score": None,
-    "decode_step": ("logits", "cache"),
-    "caption_image": "token_ids",
-    "readings": ("token_ids", "log_probs"),
-    "score_image": None,
-    "image_features": "image_features",
-    "text_features": "text_features",
-}
-
 
 # ------------------------------------------------------------------ the flat parameter dict
 SEP = "/"
@@ -102,19 +79,19 @@ def describe(names: list[str], avals, shardings=None) -> list[dict]:
     return out
 
 
-def input_names(entry: str, inputs) -> list[str]:
-    """One name per flattened input leaf (the cache's leaves by key)."""
+def input_names(entry: Entry, inputs) -> list[str]:
+    """One name per flattened input leaf (a tree input's leaves by key)."""
     names = []
-    for name, arg in zip(INPUT_NAMES[entry], inputs):
+    for name, arg in zip(entry.inputs, inputs):
         leaves = jax.tree_util.tree_flatten_with_path(arg)[0]
         names += [name + (jax.tree_util.keystr(path, simple=True, separator="/") and "/" +
                           jax.tree_util.keystr(path, simple=True, separator="/")) for path, _ in leaves]
     return names
 
 
-def output_names(entry: str, out_tree_example) -> list[str]:
+def output_names(entry: Entry, out_tree_example) -> list[str]:
     """One name per flattened output leaf, in JAX's order."""
-    root = OUTPUT_ROOTS[entry]
+    root = entry.outputs
     names = []
     for path, _ in jax.tree_util.tree_flatten_with_path(out_tree_example)[0]:
         keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
@@ -129,6 +106,7 @@ def output_names(entry: str, out_tree_example) -> list[str]:
 @dataclass
 class ServingFunction:
     entry: str
+    signature: Entry
     policy: PrecisionPolicy
     program: Program
     fn: Callable                 # fn(flat_params, *inputs)
@@ -146,51 +124,34 @@ class ServingFunction:
             return jax.ShapeDtypeStruct(tuple(shape), s.dtype)
 
         inputs = []
-        for name, arg in zip(INPUT_NAMES[self.entry], self.inputs):
-            if name == "position":
-                inputs.append(arg)
-            elif name == "cache":  # (layers, batch, ...)
-                inputs.append(jax.tree.map(lambda s: swap(s, 1), arg))
-            else:
-                inputs.append(swap(arg, 0))
+        for i, arg in enumerate(self.inputs):
+            axis = self.signature.batch_axis(i)
+            inputs.append(arg if axis is None else jax.tree.map(lambda s, a=axis: swap(s, a), arg))
         return (self.flat_params, *inputs)
 
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self.signature.inputs
 
-def serving_function(cfg: BlipConfig, entry: str, policy: PrecisionPolicy, batch: int,
+
+def serving_function(cfg, entry: str, policy: PrecisionPolicy, batch: int,
                      options: ProgramOptions = ProgramOptions()) -> ServingFunction:
     program = build_program(cfg, entry, policy, batch, options)
-    template = stored_template(cfg, policy)
+    family = for_config(cfg)
+    template = stored_template(family, cfg, policy)
 
     def fn(flat_params, *inputs):
         return program.fn(unflatten(flat_params, template), *inputs)
 
     flat = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flatten(template).items()}
-    return ServingFunction(entry, policy, program, fn, flat, tuple(program.args[1:]))
+    return ServingFunction(entry, family.entry(entry), policy, program, fn, flat, tuple(program.args[1:]))
 
 
 def example_inputs(serving: ServingFunction, batch: int, seed: int = 0) -> tuple:
-    """Fixed, reproducible inputs for an entry (the ones `verify` compares on)."""
+    """Fixed, reproducible inputs for an entry (the ones `verify` compares on), made by its family."""
     cfg = serving.program.config
-    rng = np.random.default_rng(seed)
     _, *inputs = serving.abstract(batch)
-    out = []
-    for name, spec in zip(INPUT_NAMES[serving.entry], inputs):
-        if name in ("pixel_values", "image_embeds"):
-            out.append(rng.normal(size=spec.shape).astype(np.float32))
-        elif name == "prompt_ids":
-            out.append(np.full(spec.shape, cfg.text.bos_token_id, np.int32))
-        elif name == "prompt_mask":
-            out.append(np.ones(spec.shape, np.int32))
-        elif name == "input_ids":
-            out.append(rng.integers(5, min(cfg.text.vocab_size, 100), size=spec.shape).astype(np.int32))
-        elif name == "attention_mask":
-            lengths = rng.integers(max(spec.shape[1] // 2, 1), spec.shape[1] + 1, size=(spec.shape[0], 1))
-            out.append((np.arange(spec.shape[1])[None] < lengths).astype(np.int32))
-        elif name == "position":
-            out.append(np.int32(1))  # the step after a one-token prompt
-        else:  # cache
-            out.append(jax.tree.map(lambda s: (0.5 * rng.normal(size=s.shape)).astype(s.dtype), spec))
-    return tuple(out)
+    return tuple(for_config(cfg).example_inputs(cfg, serving.entry, tuple(inputs), np.random.default_rng(seed)))
 
 
 # ------------------------------------------------------------------ under a plan

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from model.errors import UserError
+from modelapi.errors import UserError
 
 from .. import compiler_options
 from ..analysis.hardware import CPU_PLACEHOLDER, HARDWARE, Hardware, for_device_kind

@@ -28,8 +28,7 @@ import signal
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from model import BlipConfig
-from model.errors import UserError
+from modelapi.errors import UserError
 from sharding.plans import ShardingPlan
 
 from ..analysis.hardware import Hardware
@@ -84,8 +83,8 @@ def outcome(future: Future) -> Kept:
 _state: dict = {}
 
 
-def _start_worker(target: str, mesh_shape: tuple[int, int], cpu_devices: int, cfg: BlipConfig,
-                  hardware: Hardware, options: ProgramOptions) -> None:
+def _start_worker(target: str, mesh_shape: tuple[int, int], cpu_devices: int, cfg, hardware: Hardware,
+                  options: ProgramOptions, model_module: str | None = None) -> None:
     # Ctrl-C reaches the whole process group; the build's process decides what it means
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from .. import environment
@@ -94,6 +93,9 @@ def _start_worker(target: str, mesh_shape: tuple[int, int], cpu_devices: int, cf
     from .targets import get_target, make_mesh
 
     mesh = make_mesh(get_target(target), mesh_shape)
+    if model_module:   # a user's family: registered here too, so its configs find it
+        from .. import families
+        families.load_module(model_module)
     _state.update(cfg=cfg, mesh=mesh, hardware=hardware, options=options)
 
 
@@ -123,11 +125,12 @@ class CompilePool:
     """`jobs` worker processes compiling units for one build's target, mesh and model."""
 
     def __init__(self, jobs: int, target: str, mesh_shape: tuple[int, int], mesh_platform: str,
-                 cpu_devices: int, cfg: BlipConfig, hardware: Hardware, options: ProgramOptions):
+                 cpu_devices: int, cfg, hardware: Hardware, options: ProgramOptions, model_module: str | None = None):
         self.jobs = jobs
         self._pool = ProcessPoolExecutor(
             max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-            initargs=(target, mesh_shape, cpu_devices if mesh_platform == "cpu" else 0, cfg, hardware, options))
+            initargs=(target, mesh_shape, cpu_devices if mesh_platform == "cpu" else 0, cfg, hardware, options,
+                      model_module))
 
     def submit(self, unit: Unit, plan: ShardingPlan, key: str, mesh_info: dict, origin: dict | None,
                analyse: bool) -> Future:

@@ -6,7 +6,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.errors import UserError
+from modelapi.errors import UserError
 
 SHIPPED = Path(__file__).resolve().parent.parent / "data" / "cultural_codes.toml"
 

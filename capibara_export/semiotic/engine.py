@@ -16,13 +16,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from model import BlipConfig
-from model.layout import for_platform
-from model.processor import Preprocessor
 from sharding.precision import get_policy
 from sharding.storage import stored_params
 
-from .. import compiler_options
+from .. import compiler_options, families
 from ..export import manifest as mf
 from ..export import params as params_io
 from ..export import stablehlo
@@ -47,8 +44,8 @@ class ProgramStats:
 @dataclass
 class Engine:
     name: str
-    config: BlipConfig
-    preprocessor: Preprocessor
+    config: object                 # BLIP's config (model/config.py), read through its family
+    preprocessor: object           # BLIP's Preprocessor (the family's open_processor)
     options: ProgramOptions
     precision: str = "fp32"
     batch_sizes: tuple[int, ...] = BATCH_SIZES
@@ -119,12 +116,13 @@ class CheckpointEngine(Engine):
     """Jit-compiled serving functions over parameters held in memory: canonical `params`
     stored once in this platform's serving layout and layer storage (model/layout.py)."""
 
-    def __init__(self, name: str, config: BlipConfig, params: dict, preprocessor: Preprocessor,
-                 options: ProgramOptions, precision: str = "fp32", batch_sizes=BATCH_SIZES):
-        config = for_platform(config, jax.default_backend())
+    def __init__(self, name: str, config, params: dict, preprocessor, options: ProgramOptions,
+                 precision: str = "fp32", batch_sizes=BATCH_SIZES):
+        family = families.for_config(config)
+        config = family.for_platform(config, jax.default_backend())
         super().__init__(name, config, preprocessor, options, precision, tuple(batch_sizes))
         policy = get_policy(precision)
-        self._flat = jax.device_put(flatten(stored_params(params, config, policy)))
+        self._flat = jax.device_put(flatten(stored_params(family, params, config, policy)))
         self._compiled: dict[tuple[str, int], object] = {}
 
     def _call(self, entry, batch, inputs):
@@ -144,7 +142,8 @@ class BundleEngine(Engine):
         opened = open_bundle(bundle, policy)
         opened.refuse_if_tampered()  # any artifact failing its checks: not the bundle its author made
         manifest = opened.manifest
-        config = BlipConfig.from_dict(manifest["model"]["config"])
+        family = families.for_record(manifest["model"])
+        config = family.config_from_dict(manifest["model"]["config"])
         exports = {(a["entry"], a["precision"]): a for a in manifest["artifacts"] if a["kind"] == "jax.export"}
         available = sorted({p for _, p in exports})
         if not available:
@@ -165,7 +164,7 @@ class BundleEngine(Engine):
         params_path = opened.path(opened.artifact(params_rel))
         processor_path = opened.path(processor)
         super().__init__(f"bundle:{bundle.resolve()}:{precision}", config,
-                         Preprocessor.from_folder(processor_path, config),
+                         family.open_processor(processor_path, config),
                          ProgramOptions(**manifest["model"]["options"]), precision, tuple(batch_sizes))
         self.bundle, self.manifest = bundle, manifest
         self._exports = paths

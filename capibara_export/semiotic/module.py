@@ -27,17 +27,17 @@ from pathlib import Path
 
 import numpy as np
 
-from model import get_preset
-from model.errors import UserError
-from model.hf import load_checkpoint
-from model.processor import Preprocessor, write_synthetic_processor
-from model.random_params import init_params
+from modelapi.errors import UserError
 
+from .. import families
 from ..export.trust import TrustPolicy
 from ..matrix.programs import ProgramOptions
 from .codes import Code, load_codes
 from .engine import BundleEngine, CheckpointEngine, Engine
 from .images import ImageInput, load_image
+
+# the semiotic module is BLIP's application: captions, readings and scores of one image
+BLIP = families.get("blip")
 from .metrics import Metrics
 
 ITC_TEMPERATURE = 0.07  # BLIP's contrastive temperature at initialisation
@@ -80,9 +80,9 @@ class MnemosyneSemioModule:
         options = options or ProgramOptions(text_len=32)
         engines = []
         for folder in folders:
-            cfg, params = load_checkpoint(folder)
+            cfg, params = BLIP.load_checkpoint(folder)
             engines.append(CheckpointEngine(f"checkpoint:{Path(folder).resolve()}", cfg, params,
-                                            Preprocessor.from_folder(folder, cfg), options, precision))
+                                            BLIP.open_processor(folder, cfg), options, precision))
         return cls._from_engines(engines)
 
     @classmethod
@@ -97,12 +97,12 @@ class MnemosyneSemioModule:
     def random(cls, preset: str = "tiny", seed: int = 0, precision: str = "fp32",
                options: ProgramOptions | None = None) -> MnemosyneSemioModule:
         """Random weights, for testing the serving path only (it warns: outputs are meaningless)."""
-        cfg = get_preset(preset)
+        cfg = BLIP.preset(preset)
         with tempfile.TemporaryDirectory(prefix="capibara-processor-") as folder:
             # the processor reads its files on construction; nothing is left behind in /tmp
-            write_synthetic_processor(Path(folder), cfg)
-            preprocessor = Preprocessor.from_folder(Path(folder), cfg)
-        engine = CheckpointEngine(f"random:{preset}:{seed}", cfg, init_params(cfg, seed),
+            BLIP.write_assets(Path(folder), cfg, None, ())
+            preprocessor = BLIP.open_processor(Path(folder), cfg)
+        engine = CheckpointEngine(f"random:{preset}:{seed}", cfg, BLIP.init_params(cfg, seed),
                                   preprocessor, options or ProgramOptions(text_len=32), precision)
         return cls(engine, engine, random_weights=True)
 

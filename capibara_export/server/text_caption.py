@@ -93,9 +93,11 @@ def open_view(opened: OpenedBundle, models: list[ModelSpec]) -> tuple[CaptionTex
     processor = next((a for a in opened.manifest["artifacts"] if a["kind"] == "processor"), None)
     if processor is None:
         return None, f"{NAME}: not served: the bundle has no processor/"
-    from model import BlipConfig
-    from model.processor import Preprocessor
+    from .. import families
 
-    config = BlipConfig.from_dict(opened.manifest["model"]["config"])
-    preprocessor = Preprocessor.from_folder(opened.path(processor), config)
+    family = families.for_record(opened.manifest["model"])
+    if family.open_processor is None:
+        return None, f"{NAME}: not served: model {family.name} has no processor"
+    config = family.config_from_dict(opened.manifest["model"]["config"])
+    preprocessor = family.open_processor(opened.path(processor), config)
     return CaptionText(caption, preprocessor, config.text.pad_token_id), None
