@@ -14,6 +14,7 @@ LONGEST_FIRST = (   # 2026-11-28, second run: --durations (docs/performance.md, 
     "tests/test_sharded_equivalence.py",  # every valid plan run on 32 simulated devices
     "tests/test_tpu_bundle.py",           # 8- and 2-process serving
     "tests/test_analysis.py",             # base on every serving plan, compiled for tpu-v4-64
+    "tests/test_model_families.py",       # gpt2-tiny and a user model: build, bundle, verify (8 processes)
     "tests/test_export_base.py",          # the base bundle
     "tests/test_parity.py",
     "tests/test_semiotic.py",

@@ -17,10 +17,11 @@ from modelapi.errors import UserError
 from modelapi.family import ModelFamily
 
 from model.family import FAMILY as BLIP
+from model.gpt2.family import FAMILY as GPT2
 from sharding.plans import add_axes
 
 DEFAULT = BLIP
-_BUILTIN: tuple[ModelFamily, ...] = (BLIP,)
+_BUILTIN: tuple[ModelFamily, ...] = (BLIP, GPT2)
 _registered: dict[str, ModelFamily] = {f.name: f for f in _BUILTIN}
 _modules: dict[str, str] = {}          # family name → the --model-module it came from
 MODULE_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")

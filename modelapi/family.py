@@ -3,7 +3,7 @@
 Build, analysis, selection, plan search, export, verify and serving read a model only
 through a `ModelFamily` (docs/models.md). A family names its configs and presets, makes
 its parameters abstractly (nothing materialised), and builds each entry as a `Program`: a
-pure function of (params, *inputs) with abstract inputs for a batch size and the logical
+pure function of (params, inputs...) with abstract inputs for a batch size and the logical
 axis names of every input and output. The sharding plans map those names to a mesh; the
 model never sees one.
 

@@ -4,6 +4,7 @@ against hand-derived expectations, hotspot classification, selection and the rep
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import re
 import subprocess
 import sys
@@ -283,3 +284,19 @@ def test_report_units_ticks_and_empty_panels_say_what_they_show():
     assert "matmuls 4.0x" in redundancy_reason(unit, 32) and "(batch over data)" in redundancy_reason(unit, 32)
     unit["flops"]["redundancy"] = 1.2
     assert redundancy_reason(unit, 32) is None
+
+
+def test_the_build_records_are_what_they_were_before_models_became_families(base_build):
+    """tests/golden/records_base_encode_caption_bf16.json is this build's records.jsonl made at
+    fb56d16, before the pipeline read BLIP through modelapi.family: the same units, statuses,
+    HLO hashes, memory, costs and reasons. Only timings, the cache flag and the two source
+    hashes (code_version, cache_key, which change with any edit by design) are left out."""
+    volatile = ("lower_s", "compile_s", "cached", "cache_key", "code_version")
+    folder, _ = base_build
+    records = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
+    got = sorted(({k: v for k, v in r.items() if k not in volatile} for r in records),
+                 key=lambda r: json.dumps(r["unit"], sort_keys=True))
+    golden = json.loads((Path(__file__).parent / "golden" / "records_base_encode_caption_bf16.json").read_text())
+    assert [r["unit"] for r in got] == [r["unit"] for r in golden]
+    for mine, before in zip(got, golden):
+        assert mine == before, mine["unit_id"]

@@ -45,8 +45,18 @@ def test_a_plan_may_give_a_tower_rules_of_its_own():
     assert not any(any(s) for s in _leaves(specs["text_decoder"]))                       # the plan's own
     assert type(plan).from_dict(plan.to_dict()) == plan
     assert "towers" not in load_plans()["dp"].to_dict()   # shipped plans record (and cache) as before
-    with pytest.raises(PlanError, match="unknown tower 'lm_head' in towers; known: vision, text_decoder"):
-        parse_plans("[p]\n[p.towers.lm_head]\nparams = {}\n", "test")
+    # a scope the model lacks: the plan parses (another model may have it) and is invalid for this one
+    from model.family import FAMILY
+    from sharding.validity import check
+
+    foreign = parse_plans("[p]\n[p.towers.lm_head]\nparams = {}\n", "test")["p"]
+    cfg = get_preset("tiny")
+    validity = check(foreign, FAMILY.logical_names(cfg), FAMILY.abstract_params(cfg), cfg.axis_sizes(),
+                     {"data": 4, "model": 8}, "blip", FAMILY.scopes)
+    assert validity.reason == ("plan gives rules to scope 'lm_head', which model blip does not have "
+                               "(its scopes: vision, text_decoder, text_encoder)")
+    with pytest.raises(PlanError, match="tower 'lm/head' is not a scope name"):
+        parse_plans("[p]\n[p.towers.\"lm/head\"]\nparams = {}\n", "test")
     with pytest.raises(PlanError, match="unknown logical axis 'width' in towers.vision.params"):
         parse_plans("[p]\n[p.towers.vision]\nparams = { width = 'model' }\n", "test")
 

@@ -1,0 +1,166 @@
+"""Models other than BLIP through the same pipeline: GPT-2 (a built-in family, with parity
+against transformers) and a user's model loaded with --model-module (tests/user_model.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.gpt2.config import PRESETS, Gpt2Config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args, timeout=900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "capibara_export", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def _summary(proc: subprocess.CompletedProcess) -> str:
+    return (proc.stdout + proc.stderr)[-3000:]
+
+
+# ------------------------------------------------------------------ GPT-2 against transformers
+@pytest.fixture(scope="module")
+def gpt2_checkpoint(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = PRESETS["gpt2-tiny"]
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(**{k: v for k, v in cfg.to_hf_dict().items()
+                                       if k not in ("architectures", "model_type")})).eval()
+    folder = tmp_path_factory.mktemp("gpt2-tiny")
+    hf.save_pretrained(folder)
+    return hf, folder
+
+
+@pytest.mark.torch
+def test_gpt2_logits_and_greedy_tokens_match_transformers(gpt2_checkpoint):
+    """Left-padded prompts: every real position's logits within 1e-4 of GPT2LMHeadModel's, and
+    generate's ids equal to GPT2LMHeadModel.generate(do_sample=False) token for token."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from model.gpt2.hf import load_checkpoint
+    from model.gpt2.programs import greedy
+    from model.gpt2.state import bind
+
+    hf, folder = gpt2_checkpoint
+    cfg, params = load_checkpoint(folder)
+    assert isinstance(cfg, Gpt2Config) and cfg.width == 64 and cfg.depth == 2
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 7))
+    mask = np.ones_like(ids)
+    mask[1, :2] = 0
+    mask[2, :1] = 0
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)   # what generate passes for left padding
+    with torch.no_grad():
+        want = hf(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)).logits
+    got = np.asarray(bind(cfg, params).logits(jnp.asarray(ids, jnp.int32), jnp.asarray(mask)))
+    error = np.abs(want.numpy() - got)[mask.astype(bool)].max()
+    assert error <= 1e-4, error
+
+    hf.generation_config.eos_token_id = None   # no early stop: generate runs a static number of steps
+    hf.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        want_ids = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=8,
+                               do_sample=False).numpy()
+    got_ids = jax.jit(lambda p, i, m: greedy(bind(cfg, p), i, m, 8))(params, jnp.asarray(ids, jnp.int32),
+                                                                     jnp.asarray(mask, jnp.int32))
+    np.testing.assert_array_equal(np.asarray(got_ids), want_ids)
+
+
+def test_a_gpt2_config_it_does_not_implement_is_refused_with_the_field_named(tmp_path):
+    from model.gpt2.hf import checkpoint_config
+    from model.hf import CheckpointError
+
+    raw = {**PRESETS["gpt2-tiny"].to_hf_dict(), "activation_function": "relu"}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="activation_function='relu' is not implemented"):
+        checkpoint_config(tmp_path)
+
+
+@pytest.mark.slow
+def test_gpt2_tiny_builds_exports_and_verifies_on_the_default_target(tmp_path):
+    """The issue's command: every entry x plan x precision on tpu-v4-64, a selection, a bundle
+    that verifies alone and across 8 local processes laid out as the slice's 8 hosts."""
+    out = tmp_path / "out"
+    built = cli("build", "--mesh", "4x8", "--model", "gpt2-tiny", "--export", "--random-weights",
+                "--out", str(out), "--quiet")
+    assert built.returncode == 0, _summary(built)
+    folder = out / "gpt2-tiny-tpu-v4-64-4x8"
+    records = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
+    assert {r["unit"]["entry"] for r in records} == {"prefill", "decode_step", "generate"}
+    assert sum(r["status"] == "ok" for r in records) >= 54
+    selection = json.loads((folder / "selection.json").read_text())["selections"]
+    assert {s["entry"] for s in selection if s["plan"]} == {"prefill", "decode_step", "generate"}
+    analysis = json.loads((folder / "analysis.json").read_text())["units"]
+    for a in analysis.values():   # the model's own FLOP count agrees with the compiled program's
+        if a["status"] == "ok":
+            assert a["flops"]["global_matmul"] == pytest.approx(a["analytic"]["flops"], rel=0.10), a["unit"]
+    manifest = json.loads((folder / "bundle" / "manifest.json").read_text())
+    assert manifest["model"]["family"] == "gpt2" and "towers" not in manifest["model"]
+    sm = next(a for a in manifest["artifacts"] if a["kind"] == "saved_model")
+    assert [s["entry"] for s in sm["signatures"]] == ["generate", "generate"]
+    for extra in ((), ("--processes", "8")):
+        checked = cli("verify", str(folder / "bundle"), "--allow-unsigned-executables", "--json", *extra)
+        assert checked.returncode == 0, _summary(checked)
+        rows = [json.loads(line) for line in checked.stdout.splitlines() if line.startswith("{")]
+        assert not any(r["result"] in ("FAIL", "error") for r in rows)
+        assert sum(r["result"] == "pass" for r in rows) >= (27 if not extra else 42)
+
+
+# ------------------------------------------------------------------ a user's model
+@pytest.mark.slow
+def test_a_model_from_a_test_file_is_built_exported_and_verified_with_model_module(tmp_path):
+    out = tmp_path / "out"
+    built = cli("build", "--mesh", "4x8", "--model-module", "tests.user_model:FAMILY", "--export",
+                "--random-weights", "--out", str(out), "--quiet")
+    assert built.returncode == 0, _summary(built)
+    folder = out / "mlp-tiny-tpu-v4-64-4x8"
+    records = {r["unit"]["plan"] + "/" + r["unit"]["precision"]: r
+               for r in map(json.loads, (folder / "records.jsonl").read_text().splitlines())}
+    assert {r["unit"]["entry"] for r in records.values()} == {"classify"}
+    assert {r["unit"]["precision"] for r in records.values()} == {"fp32", "bf16"}   # the precisions it offers
+    assert records["fsdp-tp/fp32"]["status"] == "ok"
+    build = json.loads((folder / "build.json").read_text())
+    assert build["model_family"] == "mlp" and build["model_module"] == "tests.user_model:FAMILY"
+    manifest = json.loads((folder / "bundle" / "manifest.json").read_text())
+    assert manifest["model"]["module"] == "tests.user_model:FAMILY"
+    assert not any(a["kind"] == "processor" for a in manifest["artifacts"])
+    checked = cli("verify", str(folder / "bundle"), "--allow-unsigned-executables", "--json")
+    assert checked.returncode == 0, _summary(checked)
+    rows = [json.loads(line) for line in checked.stdout.splitlines() if line.startswith("{")]
+    passed = {r["artifact"] for r in rows if r["result"] == "pass"}
+    assert "stablehlo/classify-fp32.jaxexport" in passed and "saved_model/bf16/1:serving_default" in passed
+    assert not any(r["result"] in ("FAIL", "error") for r in rows)
+
+
+def test_a_plan_naming_an_axis_only_another_model_has_is_invalid_for_blip_with_the_reason():
+    import tests.user_model  # noqa: F401  (its family declares `classes`)
+    from capibara_export import families
+    from model import get_preset
+    from sharding.plans import parse_plans
+    from sharding.validity import check
+
+    families.register(tests.user_model.FAMILY, "tests.user_model:FAMILY")
+    plan = parse_plans("[by-class]\nparams = { classes = 'model' }\n", "test")["by-class"]
+    blip, cfg = families.get("blip"), get_preset("tiny")
+    validity = check(plan, blip.logical_names(cfg), blip.abstract_params(cfg), cfg.axis_sizes(),
+                     {"data": 4, "model": 8}, "blip", blip.scopes, blip.logical_axes)
+    assert not validity.ok and validity.reason.startswith("plan maps logical axis 'classes', which model blip "
+                                                          "does not have")
+
+
+def test_a_model_module_that_is_not_importable_is_one_clear_error(tmp_path):
+    proc = cli("build", "--mesh", "4x8", "--model-module", "no_such_pkg.models:FAMILY", "--out", str(tmp_path))
+    assert proc.returncode == 2
+    assert "--model-module no_such_pkg.models:FAMILY: cannot import no_such_pkg.models" in proc.stderr
+    assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
