@@ -164,3 +164,32 @@ def test_a_model_module_that_is_not_importable_is_one_clear_error(tmp_path):
     assert proc.returncode == 2
     assert "--model-module no_such_pkg.models:FAMILY: cannot import no_such_pkg.models" in proc.stderr
     assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
+
+
+def test_gpt2_generate_accepts_a_diverging_row_only_at_a_near_tie_of_the_reference():
+    """verify's check for generate: the reference's own ids pass; a row whose first differing
+    token the reference clearly ruled out, or whose prompt differs, fails with the reason."""
+    import jax
+    import jax.numpy as jnp
+
+    from model.gpt2.family import FAMILY
+    from model.gpt2.programs import greedy
+    from model.gpt2.state import bind, init_params
+
+    cfg = PRESETS["gpt2-tiny"]
+    params = init_params(cfg, 0)
+    prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 3)).astype(np.int32)
+    mask = np.ones_like(prompt)
+    want = np.asarray(jax.jit(lambda p, i, m: greedy(bind(cfg, p), i, m, 4))(params, prompt, mask))
+    check = FAMILY.tie_check(cfg, None, "generate", params, (prompt, mask), 2e-2)
+    assert FAMILY.tie_check(cfg, None, "prefill", params, (prompt,), 2e-2) is None
+    logits = np.asarray(bind(cfg, params).logits(jnp.asarray(want), jnp.ones_like(want)))
+    at = logits[1, 3]                                   # what the prompt of row 1 predicts next
+    worst = int(np.argmin(at))                          # a token the reference rules out
+    got = want.copy()
+    got[1, 4] = worst
+    accepted, note = check(got, want)
+    assert not accepted and note.startswith("row 1 diverges at token 4 with logit margin"), note
+    prompt_changed = want.copy()
+    prompt_changed[0, 1] = (want[0, 1] + 1) % cfg.vocab_size
+    assert check(prompt_changed, want) == (False, "a row differs in its prompt")

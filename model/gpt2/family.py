@@ -8,6 +8,7 @@ import numpy as np
 
 from modelapi.family import Entry, ModelFamily
 
+from ..tie_checks import judge_divergences
 from .config import PRESETS, Gpt2Config
 from .hf import checkpoint_config, load_checkpoint
 from .model import SCOPE
@@ -31,15 +32,7 @@ def tie_check(cfg: Gpt2Config, options, entry: str, params: dict, inputs: tuple,
         full_mask = np.concatenate([mask[rows], np.ones((len(rows), want.shape[1] - p), mask.dtype)], axis=1)
         logits = np.asarray(jax.jit(lambda q, ids, m: bind(cfg, q, jnp.float32).logits(ids, m))(
             params, want[rows], full_mask))
-        notes = []
-        for i, (r, k) in enumerate(zip(rows, firsts)):
-            at = logits[i, k - 1]
-            margin = abs(float(at[want[r, k]] - at[got[r, k]]))
-            limit = tolerance * max(1.0, float(np.abs(at).max()))
-            if margin > limit:
-                return False, f"row {r} diverges at token {k} with logit margin {margin:.3g} > {limit:.3g}"
-            notes.append(f"row {r} at token {k} (margin {margin:.2g})")
-        return True, "ids identical up to near-ties: " + ", ".join(notes)
+        return judge_divergences(rows, firsts, logits, got, want, tolerance)
     return check
 
 
