@@ -193,3 +193,39 @@ def test_gpt2_generate_accepts_a_diverging_row_only_at_a_near_tie_of_the_referen
     prompt_changed = want.copy()
     prompt_changed[0, 1] = (want[0, 1] + 1) % cfg.vocab_size
     assert check(prompt_changed, want) == (False, "a row differs in its prompt")
+
+
+@pytest.mark.slow
+def test_gpt2_generate_is_served_live_across_two_processes(tmp_path):
+    """gpt2-tiny's generate on a 2-host slice (v4 2x2x2 megacore), served by the live server:
+    left-padded prompts sent with tritonclient over KServe v2 HTTP come back as the bundle's
+    portable program computes them."""
+    import tritonclient.http as tritonclient_http
+
+    from tests.live_slice import LiveSlice, Reference
+
+    built = cli("build", "--model", "gpt2-tiny", "--random-weights", "--topology", "v4:2x2x2", "--chip-config",
+                "megacore", "--mesh", "2x4", "--export", "--entries", "generate", "--plans", "dp", "--precisions",
+                "fp32", "--batch", "8", "--derive-rounds", "0", "--max-new-tokens", "4", "--prompt-len", "3",
+                "--no-saved-model", "--out", str(tmp_path / "out"), "--quiet")
+    assert built.returncode == 0, _summary(built)
+    (folder,) = [p for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")]
+    server = LiveSlice(folder / "bundle", tmp_path / "logs")
+    try:
+        server.start()
+        status, models = server.get("/v2/models/generate")
+        assert status == 200 and [t["name"] for t in models["inputs"]] == ["prompt_ids", "prompt_mask"], models
+        mask = np.array([[1, 1, 1], [0, 1, 1], [0, 0, 1]], np.int32)
+        ids = (np.random.default_rng(3).integers(0, 256, (3, 3)) * mask).astype(np.int32)
+        client = tritonclient_http.InferenceServerClient(server.http, connection_timeout=60, network_timeout=60)
+        given = []
+        for name, value in (("prompt_ids", ids), ("prompt_mask", mask)):
+            t = tritonclient_http.InferInput(name, list(value.shape), "INT32")
+            t.set_data_from_numpy(value, binary_data=True)
+            given.append(t)
+        got = client.infer("generate", given).as_numpy("token_ids")
+        want = Reference(folder / "bundle")("generate", {"prompt_ids": ids, "prompt_mask": mask})["token_ids"]
+        assert got.shape == (3, 7)
+        np.testing.assert_array_equal(got, want)
+    finally:
+        server.kill()
