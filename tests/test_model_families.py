@@ -195,37 +195,60 @@ def test_gpt2_generate_accepts_a_diverging_row_only_at_a_near_tie_of_the_referen
     assert check(prompt_changed, want) == (False, "a row differs in its prompt")
 
 
-@pytest.mark.slow
-def test_gpt2_generate_is_served_live_across_two_processes(tmp_path):
-    """gpt2-tiny's generate on a 2-host slice (v4 2x2x2 megacore), served by the live server:
-    left-padded prompts sent with tritonclient over KServe v2 HTTP come back as the bundle's
-    portable program computes them."""
+def _two_host_bundle(tmp_path: Path, *model_args: str, entry: str) -> Path:
+    """A bundle of `entry` for a 2-host slice (v4 2x2x2 megacore: 2 processes x 4 devices), dp, fp32, batch 8."""
+    built = cli("build", *model_args, "--random-weights", "--topology", "v4:2x2x2", "--chip-config", "megacore",
+                "--mesh", "2x4", "--export", "--entries", entry, "--plans", "dp", "--precisions", "fp32",
+                "--batch", "8", "--derive-rounds", "0", "--max-new-tokens", "4", "--prompt-len", "3",
+                "--no-saved-model", "--out", str(tmp_path / "out"), "--quiet")
+    assert built.returncode == 0, _summary(built)
+    (folder,) = [p for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")]
+    return folder / "bundle"
+
+
+def _served(bundle: Path, logs: Path, model: str, inputs: dict[str, np.ndarray], dtypes: dict[str, str]) -> dict:
+    """Start the live server on both hosts, send one KServe v2 request with tritonclient, and
+    return its outputs beside what the bundle's portable program computes for the same inputs."""
     import tritonclient.http as tritonclient_http
 
     from tests.live_slice import LiveSlice, Reference
 
-    built = cli("build", "--model", "gpt2-tiny", "--random-weights", "--topology", "v4:2x2x2", "--chip-config",
-                "megacore", "--mesh", "2x4", "--export", "--entries", "generate", "--plans", "dp", "--precisions",
-                "fp32", "--batch", "8", "--derive-rounds", "0", "--max-new-tokens", "4", "--prompt-len", "3",
-                "--no-saved-model", "--out", str(tmp_path / "out"), "--quiet")
-    assert built.returncode == 0, _summary(built)
-    (folder,) = [p for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")]
-    server = LiveSlice(folder / "bundle", tmp_path / "logs")
+    server = LiveSlice(bundle, logs)
     try:
         server.start()
-        status, models = server.get("/v2/models/generate")
-        assert status == 200 and [t["name"] for t in models["inputs"]] == ["prompt_ids", "prompt_mask"], models
-        mask = np.array([[1, 1, 1], [0, 1, 1], [0, 0, 1]], np.int32)
-        ids = (np.random.default_rng(3).integers(0, 256, (3, 3)) * mask).astype(np.int32)
+        status, meta = server.get(f"/v2/models/{model}")
+        assert status == 200 and [t["name"] for t in meta["inputs"]] == list(inputs), meta
         client = tritonclient_http.InferenceServerClient(server.http, connection_timeout=60, network_timeout=60)
         given = []
-        for name, value in (("prompt_ids", ids), ("prompt_mask", mask)):
-            t = tritonclient_http.InferInput(name, list(value.shape), "INT32")
-            t.set_data_from_numpy(value, binary_data=True)
-            given.append(t)
-        got = client.infer("generate", given).as_numpy("token_ids")
-        want = Reference(folder / "bundle")("generate", {"prompt_ids": ids, "prompt_mask": mask})["token_ids"]
-        assert got.shape == (3, 7)
-        np.testing.assert_array_equal(got, want)
+        for name, value in inputs.items():
+            tensor = tritonclient_http.InferInput(name, list(value.shape), dtypes[name])
+            tensor.set_data_from_numpy(value, binary_data=True)
+            given.append(tensor)
+        result = client.infer(model, given)
+        got = {o["name"]: result.as_numpy(o["name"]) for o in result.get_response()["outputs"]}
     finally:
         server.kill()
+    return got, Reference(bundle)(model, inputs)
+
+
+@pytest.mark.slow
+def test_gpt2_generate_is_served_live_across_two_processes(tmp_path):
+    """gpt2-tiny's generate served by the live server: left-padded prompts come back as the
+    bundle's portable program computes them."""
+    bundle = _two_host_bundle(tmp_path, "--model", "gpt2-tiny", entry="generate")
+    mask = np.array([[1, 1, 1], [0, 1, 1], [0, 0, 1]], np.int32)
+    ids = (np.random.default_rng(3).integers(0, 256, (3, 3)) * mask).astype(np.int32)
+    got, want = _served(bundle, tmp_path / "logs", "generate", {"prompt_ids": ids, "prompt_mask": mask},
+                        {"prompt_ids": "INT32", "prompt_mask": "INT32"})
+    assert got["token_ids"].shape == (3, 7)
+    np.testing.assert_array_equal(got["token_ids"], want["token_ids"])
+
+
+@pytest.mark.slow
+def test_the_test_file_model_is_served_live_with_model_module(tmp_path):
+    """The server imports the bundle's recorded --model-module and serves classify."""
+    bundle = _two_host_bundle(tmp_path, "--model-module", "tests.user_model:FAMILY", entry="classify")
+    features = np.random.default_rng(4).standard_normal((5, 64)).astype(np.float32)
+    got, want = _served(bundle, tmp_path / "logs", "classify", {"features": features}, {"features": "FP32"})
+    assert got["logits"].shape == (5, 16)
+    np.testing.assert_allclose(got["logits"], want["logits"], rtol=2e-4, atol=2e-5)
