@@ -46,7 +46,7 @@ def prepare(target: str | None = None, cpu_devices: int | None = None) -> None:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if cpu_devices:
         if cpu_devices > MAX_SIMULATED_CPU_DEVICES:
-            from modelapi.errors import UserError   # model (and JAX) load only on the refusal
+            from modelapi.errors import UserError   # imported only on the refusal
 
             raise UserError(f"{cpu_devices} simulated CPU devices: the `cpu` target simulates at most "
                             f"{MAX_SIMULATED_CPU_DEVICES} on one host; use a smaller --mesh, or a TPU --target "

@@ -1,9 +1,9 @@
 """The errors that mean "bad input" or "the machine cannot take the output": reported as one
 line and exit code 2, no traceback.
 
-Every package's bad-input error subclasses `model.errors.UserError`. The base is looked up
+Every package's bad-input error subclasses `modelapi.errors.UserError`. The base is looked up
 among the modules already imported, never imported here: a UserError can only have been
-raised once model/errors.py is loaded, and a bad option is refused before JAX, torch,
+raised once modelapi/errors.py is loaded, and a bad option is refused before JAX, torch,
 transformers or TensorFlow load (the eager imports cost ~7 s per refusal).
 """
 
@@ -14,8 +14,8 @@ import sys
 
 
 def is_user_error(err: BaseException) -> bool:
-    """A UserError (model/errors.py: every package's bad-input error) or a missing file."""
-    base = sys.modules.get("model.errors")   # not loaded yet: nothing can have raised a UserError
+    """A UserError (modelapi/errors.py: every package's bad-input error) or a missing file."""
+    base = sys.modules.get("modelapi.errors")   # not loaded yet: nothing can have raised a UserError
     return isinstance(err, FileNotFoundError) or (base is not None and isinstance(err, base.UserError))
 
 

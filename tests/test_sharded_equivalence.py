@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from capibara_export.matrix.programs import SERVING_ENTRIES, build_program, in_specs, lower, place
+from capibara_export.matrix.programs import build_program, in_specs, lower, place
+from model.family import FAMILY
 from capibara_export.matrix.targets import get_target, make_mesh
 from model import get_preset
 from model.random_params import init_params
@@ -79,7 +80,7 @@ def _assert_captions_equal_up_to_ties(ours, ref, params, precision, pixels):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8-weights"])
-@pytest.mark.parametrize("entry", SERVING_ENTRIES)
+@pytest.mark.parametrize("entry", FAMILY.serving_entries)
 def test_every_valid_plan_matches_the_unsharded_program(entry, precision, mesh, float_params):
     policy = get_policy(precision)
     program = build_program(CFG, entry, policy, BATCH)
