@@ -254,11 +254,17 @@ def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
 
 def checkpoint_config(folder: str | Path) -> BlipConfig:
     """The config of a checkpoint folder, after checking the folder and its weights file exist."""
+    return read_checkpoint_config(folder, BlipConfig.from_hf)
+
+
+def read_checkpoint_config(folder: str | Path, read):
+    """`read(folder)`'s config of a Hugging Face checkpoint folder (any model family's), after
+    checking the folder exists and holds safetensors weights; every problem a CheckpointError."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder does not exist")
     try:
-        cfg = BlipConfig.from_hf(folder)
+        cfg = read(folder)
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
     if not ((folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()):

@@ -14,8 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from ..config import ConfigError
-from ..hf import CheckpointError, check_shapes, read_safetensors
+from ..hf import CheckpointError, check_shapes, read_checkpoint_config, read_safetensors
 from .config import Gpt2Config
 from .model import SCOPE
 from .state import abstract_params
@@ -23,17 +22,7 @@ from .state import abstract_params
 
 def checkpoint_config(folder: str | Path) -> Gpt2Config:
     """The config of a checkpoint folder, after checking the folder and its weights file exist."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: checkpoint folder does not exist")
-    try:
-        cfg = Gpt2Config.from_hf(folder)
-    except ConfigError as err:
-        raise CheckpointError(str(err)) from None
-    if not ((folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()):
-        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json "
-                              "(save it with save_pretrained(safe_serialization=True))")
-    return cfg
+    return read_checkpoint_config(folder, Gpt2Config.from_hf)
 
 
 def params_from_hf_tensors(cfg: Gpt2Config, tensors: dict[str, np.ndarray], source: str = "checkpoint") -> dict:
